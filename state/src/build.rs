@@ -1,0 +1,109 @@
+//! What a build is asked to do, as journaled: the request without any credential.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The identity of one build: a UUIDv7, so that byte order is creation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BuildId(Uuid);
+
+impl BuildId {
+    /// A fresh id, ordered after every id made before it by this clock.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The 16 bytes used as the key prefix of this build's records.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    /// Rebuilds an id from its key bytes.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
+}
+
+impl Default for BuildId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for BuildId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// The text given is not a build id.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a build id (expected a UUID such as 0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12)")]
+pub struct ParseBuildIdError(String);
+
+impl FromStr for BuildId {
+    type Err = ParseBuildIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| ParseBuildIdError(s.to_owned()))
+    }
+}
+
+/// Where a build's image comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildSource {
+    /// An existing image, by reference (`BuildSourceReference`).
+    Reference {
+        /// The reference as the client gave it.
+        reference: String,
+    },
+    /// A Dockerfile in a git repository (`BuildSourceDockerfile` with a git initializer).
+    Dockerfile(DockerfileSource),
+}
+
+/// A Dockerfile build context taken from git, without credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerfileSource {
+    /// The repository to clone.
+    pub remote_uri: String,
+    /// What to check out.
+    pub target: GitCloneTarget,
+    /// The Dockerfile, relative to the checkout.
+    pub dockerfile_path: String,
+    /// The build context, relative to the checkout.
+    pub context_path: String,
+    /// The client's version tag of the Dockerfile (part of the cache key).
+    pub dockerfile_version: String,
+}
+
+/// Which revision of a git repository a Dockerfile build uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GitCloneTarget {
+    /// The remote's default branch.
+    RemoteHead,
+    /// A commit by hash.
+    Commit(String),
+    /// A branch of the remote.
+    Branch(String),
+}
+
+/// The journaled part of a build request: everything needed to run it again, and no credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    /// Where the image comes from.
+    pub source: BuildSource,
+    /// Build even if the workspace image exists.
+    pub force_rebuild: bool,
+    /// Who asked, as the client said.
+    pub triggered_by: String,
+    /// The supervisor image the client named (kept for compatibility; mk3 ignores it too).
+    pub supervisor_ref: String,
+    /// Whether the request carried per-request registry credentials, which are never journaled:
+    /// a resumed build that needs them must ask for them again.
+    pub had_request_auth: bool,
+}

@@ -1,0 +1,187 @@
+//! Journal records and their on-disk encoding: one format-version byte, then the record in
+//! bincode 2 (serde). A record never holds a credential.
+
+use serde::{Deserialize, Serialize};
+
+use crate::build::BuildSpec;
+use crate::machine::Event;
+
+/// The encoding written today. Readers reject any other version by name instead of guessing.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// One entry of a build's append-only journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// The build was accepted. Always the first record of a build.
+    Created {
+        /// The request, without credentials.
+        spec: BuildSpec,
+        /// The resolved base image (`name@sha256:…` or mk3's Dockerfile hash ref).
+        base_ref: String,
+        /// The workspace image this build makes.
+        workspace_ref: String,
+        /// When the build was accepted, ms since the epoch.
+        at_ms: i64,
+    },
+    /// The build moved along one edge of the state machine.
+    Transition {
+        /// What happened.
+        event: Event,
+        /// When, ms since the epoch.
+        at_ms: i64,
+    },
+    /// Bytes of the build log, starting at `offset` in the whole log.
+    Log {
+        /// Where these bytes start in the build's log.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// A stored record could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The value was empty: not even a version byte.
+    #[error("empty record: no format-version byte")]
+    Empty,
+    /// Written by a format this build of the service does not know.
+    #[error(
+        "record format version {found} is unknown (this binary reads version {FORMAT_VERSION}); was the store written by a newer image-builder?"
+    )]
+    UnknownVersion {
+        /// The version byte found.
+        found: u8,
+    },
+    /// The bytes after the version byte are not a record.
+    #[error("record does not decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    /// Bytes were left after the record.
+    #[error("record has {0} trailing bytes")]
+    Trailing(usize),
+    /// The record could not be encoded.
+    #[error("record does not encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+}
+
+/// Encodes any serde value behind the format-version byte.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    let mut out = vec![FORMAT_VERSION];
+    bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
+    Ok(out)
+}
+
+/// Decodes a value written by [`encode`], checking the version byte first.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
+    let (&version, body) = bytes.split_first().ok_or(Error::Empty)?;
+    if version != FORMAT_VERSION {
+        return Err(Error::UnknownVersion { found: version });
+    }
+    let (value, used) = bincode::serde::decode_from_slice(body, bincode::config::standard())?;
+    if used != body.len() {
+        return Err(Error::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
+impl Record {
+    /// The stored form of this record.
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        encode(self)
+    }
+
+    /// Reads a stored record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::build::{BuildSource, DockerfileSource, GitCloneTarget};
+
+    fn spec() -> BuildSpec {
+        BuildSpec {
+            source: BuildSource::Dockerfile(DockerfileSource {
+                remote_uri: "file:///repo".into(),
+                target: GitCloneTarget::Branch("main".into()),
+                dockerfile_path: "Dockerfile".into(),
+                context_path: ".".into(),
+                dockerfile_version: "1".into(),
+            }),
+            force_rebuild: true,
+            triggered_by: "me".into(),
+            supervisor_ref: String::new(),
+            had_request_auth: false,
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let records = [
+            Record::Created {
+                spec: spec(),
+                base_ref: "b".into(),
+                workspace_ref: "w".into(),
+                at_ms: 7,
+            },
+            Record::Transition {
+                event: Event::Failed {
+                    reason: "boom".into(),
+                },
+                at_ms: 9,
+            },
+            Record::Log {
+                offset: 3,
+                data: b"hello\n".to_vec(),
+            },
+        ];
+        for r in records {
+            let bytes = r.encode().unwrap();
+            assert_eq!(bytes[0], FORMAT_VERSION);
+            assert_eq!(Record::decode(&bytes).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn unknown_version_is_a_clear_error() {
+        let mut bytes = Record::Log {
+            offset: 0,
+            data: vec![1],
+        }
+        .encode()
+        .unwrap();
+        bytes[0] = 9;
+        let err = Record::decode(&bytes).unwrap_err();
+        assert!(matches!(err, Error::UnknownVersion { found: 9 }));
+        assert!(err.to_string().contains("version 9 is unknown"));
+    }
+
+    #[test]
+    fn empty_and_truncated_values_are_errors() {
+        assert!(matches!(Record::decode(&[]), Err(Error::Empty)));
+        let bytes = Record::Log {
+            offset: 0,
+            data: vec![1, 2, 3],
+        }
+        .encode()
+        .unwrap();
+        assert!(Record::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn logs_round_trip(offset in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let r = Record::Log { offset, data };
+            prop_assert_eq!(Record::decode(&r.encode().unwrap()).unwrap(), r);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Record::decode(&bytes);
+        }
+    }
+}
