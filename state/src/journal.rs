@@ -9,7 +9,7 @@
 //! Written-but-not-yet-durable data is never visible: readers take a shared lock that the
 //! committer holds exclusively from its write until its sync returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
@@ -92,11 +92,37 @@ struct Shared {
     generation: watch::Sender<u64>,
 }
 
-/// The durable journal of every build. Cheap to clone.
+/// The durable journal of every build. Cheap to clone; the store closes when the last clone
+/// is dropped (after the committer has finished every queued commit).
 #[derive(Clone)]
 pub struct Journal {
+    committer: Arc<Committer>,
     shared: Arc<Shared>,
-    commits: mpsc::Sender<Commit>,
+}
+
+/// The committer thread's queue; dropping it drains the queue and joins the thread.
+struct Committer {
+    queue: Option<mpsc::Sender<Commit>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn send(&self, commit: Commit) -> Result<()> {
+        self.queue
+            .as_ref()
+            .ok_or(Error::Closed)?
+            .send(commit)
+            .map_err(|_| Error::Closed)
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Journal {
@@ -116,12 +142,16 @@ impl Journal {
         });
         repair_summaries(&*shared.store)?;
         let (commits, queue) = mpsc::channel();
-        let committer = Arc::clone(&shared);
-        std::thread::Builder::new()
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
             .name("journal-commit".into())
-            .spawn(move || commit_loop(&committer, &queue))
+            .spawn(move || commit_loop(&for_thread, &queue))
             .map_err(|e| Error::Store(Arc::new(store::Error::Sled(sled::Error::Io(e)))))?;
-        Ok(Self { shared, commits })
+        let committer = Arc::new(Committer {
+            queue: Some(commits),
+            thread: Some(thread),
+        });
+        Ok(Self { committer, shared })
     }
 
     /// Records a new build. Resolves once durable.
@@ -225,9 +255,7 @@ impl Journal {
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
         batch.summaries.push((id, summary));
         let (done, wait) = oneshot::channel();
-        self.commits
-            .send(Commit { batch, done })
-            .map_err(|_| Error::Closed)?;
+        self.committer.send(Commit { batch, done })?;
         Ok(wait)
     }
 
@@ -305,13 +333,97 @@ impl Journal {
     /// Waits until everything appended before this call is durable (an empty commit).
     pub async fn barrier(&self) -> Result<()> {
         let (done, wait) = oneshot::channel();
-        self.commits
-            .send(Commit {
-                batch: WriteBatch::default(),
-                done,
-            })
-            .map_err(|_| Error::Closed)?;
+        self.committer.send(Commit {
+            batch: WriteBatch::default(),
+            done,
+        })?;
         wait.await.unwrap_or(Err(Error::Closed))
+    }
+}
+
+impl Journal {
+    /// Follows a build's durable records from `from_seq` on: what is stored now, then each
+    /// record as it becomes durable, ending after the record that puts the build in a final
+    /// phase. No gap, no duplicate, and a slow follower holds up nobody.
+    pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
+        Follower {
+            journal: self.clone(),
+            commits: self.commits(),
+            id,
+            from_seq,
+            read_seq: 0,
+            view: None,
+            buffer: VecDeque::new(),
+            ended: false,
+        }
+    }
+}
+
+/// A reader that tails one build's journal; see [`Journal::follow`].
+pub struct Follower {
+    journal: Journal,
+    commits: watch::Receiver<u64>,
+    id: BuildId,
+    from_seq: u64,
+    read_seq: u64,
+    view: Option<BuildView>,
+    buffer: VecDeque<(u64, Record)>,
+    ended: bool,
+}
+
+impl Follower {
+    /// The next record, waiting for it if need be; `None` once the build has ended and every
+    /// record was returned. The first call fails with [`Error::NotFound`] for an unknown build.
+    pub async fn next(&mut self) -> Option<Result<(u64, Record)>> {
+        loop {
+            if let Some(record) = self.buffer.pop_front() {
+                return Some(Ok(record));
+            }
+            if self.ended {
+                return None;
+            }
+            // Mark the current generation seen before reading, so a commit that lands after
+            // the read wakes us.
+            self.commits.borrow_and_update();
+            let records = match self.journal.records(self.id, self.read_seq) {
+                Ok(records) => records,
+                Err(e) => return Some(Err(e)),
+            };
+            if records.is_empty() {
+                if self.view.is_none() {
+                    self.ended = true;
+                    return Some(Err(Error::NotFound(self.id)));
+                }
+                if self.commits.changed().await.is_err() {
+                    return Some(Err(Error::Closed));
+                }
+                continue;
+            }
+            for (seq, record) in records {
+                let id = self.id;
+                let folded = match &mut self.view {
+                    None => BuildView::fold(id, [(seq, &record)]).map(|v| self.view = Some(v)),
+                    Some(view) => view.apply(seq, &record),
+                };
+                if let Err(source) = folded {
+                    self.ended = true;
+                    return Some(Err(Error::Fold { id, source }));
+                }
+                self.read_seq = seq + 1;
+                if seq >= self.from_seq {
+                    self.buffer.push_back((seq, record));
+                }
+                if self.view.as_ref().is_some_and(|v| v.phase().is_final()) {
+                    self.ended = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The build as folded from every record read so far.
+    pub fn view(&self) -> Option<&BuildView> {
+        self.view.as_ref()
     }
 }
 
@@ -548,7 +660,44 @@ mod tests {
             assert_eq!(view.log_len, 20);
             assert_eq!(view.next_seq, 11);
         }
-        // 32 builds × 11 appends, but far fewer syncs.
+        // 32 builds x 11 appends, but far fewer syncs.
         assert!(*journal.commits().borrow() < 352);
+    }
+
+    #[tokio::test]
+    async fn a_follower_sees_every_record_once_then_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let id = BuildId::new();
+        journal.create(id, spec(), "b".into(), "w".into()).await.unwrap();
+        journal.log(id, b"early\n".to_vec()).await.unwrap();
+        let mut follower = journal.follow(id, 0);
+        let writer = {
+            let journal = journal.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    journal.log(id, format!("{i}\n").into_bytes()).await.unwrap();
+                }
+                journal.transition(id, Event::Failed { reason: "r".into() }).await.unwrap();
+            })
+        };
+        let mut seqs = Vec::new();
+        while let Some(next) = follower.next().await {
+            seqs.push(next.unwrap().0);
+        }
+        writer.await.unwrap();
+        assert_eq!(seqs, (0..53).collect::<Vec<u64>>());
+        assert_eq!(follower.view().unwrap().phase(), Phase::Failed);
+
+        let mut late = journal.follow(id, 50);
+        let mut tail = Vec::new();
+        while let Some(next) = late.next().await {
+            tail.push(next.unwrap().0);
+        }
+        assert_eq!(tail, [50, 51, 52]);
+
+        let mut unknown = journal.follow(BuildId::new(), 0);
+        assert!(matches!(unknown.next().await, Some(Err(Error::NotFound(_)))));
+        assert!(unknown.next().await.is_none());
     }
 }
