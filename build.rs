@@ -1,1 +1,15 @@
-fn main() {}
+//! Generates the gRPC code for `proto/` at build time, with a vendored protoc unless `PROTOC`
+//! names one.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment yet.
+        unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    }
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["proto/imgbuilder.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,1 +1,15 @@
+//! image-builder: a durable, mk3-compatible workspace image builder.
+//!
+//! The service speaks gitpod's `builder.ImageBuilder` protocol and runs every build as a
+//! journaled state machine (see the `image-builder-state` crate). `ARCHITECTURE.md` is the map.
 
+pub mod api;
+pub mod config;
+pub mod executor;
+pub mod orchestrator;
+pub mod proto;
+pub mod refs;
+pub mod registry;
+pub mod server;
+pub mod telemetry;
+pub mod testkit;

@@ -71,8 +71,10 @@ pub enum BuildSource {
 pub struct DockerfileSource {
     /// The repository to clone.
     pub remote_uri: String,
-    /// What to check out.
-    pub target: GitCloneTarget,
+    /// How `clone_target` is to be read.
+    pub target_mode: CloneTargetMode,
+    /// The commit or branch to check out, as the client gave it (part of the cache key).
+    pub clone_target: String,
     /// The Dockerfile, relative to the checkout.
     pub dockerfile_path: String,
     /// The build context, relative to the checkout.
@@ -81,15 +83,17 @@ pub struct DockerfileSource {
     pub dockerfile_version: String,
 }
 
-/// Which revision of a git repository a Dockerfile build uses.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum GitCloneTarget {
+/// How the clone target of a Dockerfile build is read (mk3's `CloneTargetMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloneTargetMode {
     /// The remote's default branch.
     RemoteHead,
     /// A commit by hash.
-    Commit(String),
+    RemoteCommit,
     /// A branch of the remote.
-    Branch(String),
+    RemoteBranch,
+    /// A branch created locally.
+    LocalBranch,
 }
 
 /// The journaled part of a build request: everything needed to run it again, and no credential.

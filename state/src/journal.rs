@@ -669,16 +669,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
         let id = BuildId::new();
-        journal.create(id, spec(), "b".into(), "w".into()).await.unwrap();
+        journal
+            .create(id, spec(), "b".into(), "w".into())
+            .await
+            .unwrap();
         journal.log(id, b"early\n".to_vec()).await.unwrap();
         let mut follower = journal.follow(id, 0);
         let writer = {
             let journal = journal.clone();
             tokio::spawn(async move {
                 for i in 0..50 {
-                    journal.log(id, format!("{i}\n").into_bytes()).await.unwrap();
+                    journal
+                        .log(id, format!("{i}\n").into_bytes())
+                        .await
+                        .unwrap();
                 }
-                journal.transition(id, Event::Failed { reason: "r".into() }).await.unwrap();
+                journal
+                    .transition(id, Event::Failed { reason: "r".into() })
+                    .await
+                    .unwrap();
             })
         };
         let mut seqs = Vec::new();
@@ -697,7 +706,10 @@ mod tests {
         assert_eq!(tail, [50, 51, 52]);
 
         let mut unknown = journal.follow(BuildId::new(), 0);
-        assert!(matches!(unknown.next().await, Some(Err(Error::NotFound(_)))));
+        assert!(matches!(
+            unknown.next().await,
+            Some(Err(Error::NotFound(_)))
+        ));
         assert!(unknown.next().await.is_none());
     }
 }

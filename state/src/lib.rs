@@ -13,7 +13,7 @@ pub mod record;
 pub mod store;
 pub mod view;
 
-pub use build::{BuildId, BuildSource, BuildSpec, DockerfileSource, GitCloneTarget};
+pub use build::{BuildId, BuildSource, BuildSpec, CloneTargetMode, DockerfileSource};
 pub use journal::Journal;
 pub use machine::{Event, Phase};
 pub use record::Record;

@@ -101,13 +101,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::build::{BuildSource, DockerfileSource, GitCloneTarget};
+    use crate::build::{BuildSource, CloneTargetMode, DockerfileSource};
 
     fn spec() -> BuildSpec {
         BuildSpec {
             source: BuildSource::Dockerfile(DockerfileSource {
                 remote_uri: "file:///repo".into(),
-                target: GitCloneTarget::Branch("main".into()),
+                target_mode: CloneTargetMode::RemoteBranch,
+                clone_target: "main".into(),
                 dockerfile_path: "Dockerfile".into(),
                 context_path: ".".into(),
                 dockerfile_version: "1".into(),

@@ -1,0 +1,255 @@
+//! `builder.ImageBuilder`, mk3's service, over the orchestrator.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use image_builder_state::{BuildId, Phase, Record, now_ms};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::convert;
+use crate::orchestrator::{Error, Orchestrator, Submitted};
+use crate::proto::builder as pb;
+use crate::proto::builder::image_builder_server::ImageBuilder;
+
+/// How many messages a stream buffers for a slow client before its feeder waits. The feeder
+/// reads from the journal, so waiting holds up nobody else.
+const STREAM_BUFFER: usize = 64;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// mk3's gRPC service.
+#[derive(Clone)]
+pub struct ImageBuilderService {
+    orchestrator: Orchestrator,
+}
+
+impl ImageBuilderService {
+    /// The service over `orchestrator`.
+    pub fn new(orchestrator: Orchestrator) -> Self {
+        Self { orchestrator }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> pb::image_builder_server::ImageBuilderServer<Self> {
+        pb::image_builder_server::ImageBuilderServer::new(self)
+    }
+}
+
+/// Runs `feed` as a task writing into a bounded stream; the task ends when the client goes.
+fn feed_stream<T, F>(
+    name: &'static str,
+    feed: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
+) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(feed(tx).instrument(tracing::debug_span!("stream", rpc = name)));
+    Box::pin(ReceiverStream::new(rx))
+}
+
+fn parse_build_id(text: &str) -> Result<BuildId, Status> {
+    text.parse()
+        .map_err(|e: image_builder_state::build::ParseBuildIdError| {
+            Status::invalid_argument(format!("build_id: {e}"))
+        })
+}
+
+#[tonic::async_trait]
+impl ImageBuilder for ImageBuilderService {
+    #[tracing::instrument(skip_all, fields(rpc = "ResolveBaseImage"))]
+    async fn resolve_base_image(
+        &self,
+        request: Request<pb::ResolveBaseImageRequest>,
+    ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
+        let req = request.into_inner();
+        let resolved = self.orchestrator.resolve_base(req.r#ref.trim()).await?;
+        Ok(Response::new(pb::ResolveBaseImageResponse {
+            r#ref: resolved,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ResolveWorkspaceImage"))]
+    async fn resolve_workspace_image(
+        &self,
+        request: Request<pb::ResolveWorkspaceImageRequest>,
+    ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
+        let req = request.into_inner();
+        let source = convert::source(req.source.as_ref())?;
+        let refs = self.orchestrator.resolve_refs(&source).await?;
+        let exists = self
+            .orchestrator
+            .lookup(&refs.workspace_ref)
+            .await?
+            .is_some();
+        let status = if exists {
+            pb::BuildStatus::DoneSuccess
+        } else {
+            pb::BuildStatus::Unknown
+        };
+        Ok(Response::new(pb::ResolveWorkspaceImageResponse {
+            r#ref: refs.workspace_ref,
+            status: status as i32,
+            base_ref: refs.base_ref,
+        }))
+    }
+
+    type BuildStream = ResponseStream<pb::BuildResponse>;
+
+    #[tracing::instrument(skip_all, fields(rpc = "Build", build_id))]
+    async fn build(
+        &self,
+        request: Request<pb::BuildRequest>,
+    ) -> Result<Response<Self::BuildStream>, Status> {
+        let req = request.into_inner();
+        let spec = convert::build_spec(&req)?;
+        let submitted = self.orchestrator.submit(spec).await?;
+        let (id, joined, base_ref, workspace_ref, created_at_ms) = match submitted {
+            Submitted::CacheHit {
+                base_ref,
+                workspace_ref,
+            } => {
+                let done = pb::BuildResponse {
+                    r#ref: workspace_ref.clone(),
+                    status: pb::BuildStatus::DoneSuccess as i32,
+                    message: "the workspace image exists already (cache hit)".into(),
+                    base_ref: base_ref.clone(),
+                    info: Some(pb::BuildInfo {
+                        r#ref: workspace_ref,
+                        status: pb::BuildStatus::DoneSuccess as i32,
+                        started_at: now_ms() / 1000,
+                        base_ref,
+                        build_id: String::new(),
+                        log_info: None,
+                    }),
+                };
+                let stream: Self::BuildStream = Box::pin(futures::stream::iter([Ok(done)]));
+                return Ok(Response::new(stream));
+            }
+            Submitted::Running {
+                id,
+                joined,
+                base_ref,
+                workspace_ref,
+                created_at_ms,
+            } => (id, joined, base_ref, workspace_ref, created_at_ms),
+        };
+        tracing::Span::current().record("build_id", tracing::field::display(id));
+        tracing::info!(joined, "build stream opened");
+        let info = move |status: pb::BuildStatus| pb::BuildInfo {
+            r#ref: workspace_ref.clone(),
+            status: status as i32,
+            started_at: created_at_ms / 1000,
+            base_ref: base_ref.clone(),
+            build_id: id.to_string(),
+            log_info: None,
+        };
+        let orchestrator = self.orchestrator.clone();
+        let stream = feed_stream("Build", move |tx| async move {
+            let response = |status: pb::BuildStatus, message: String| {
+                let info = info(status);
+                pb::BuildResponse {
+                    r#ref: info.r#ref.clone(),
+                    status: status as i32,
+                    message,
+                    base_ref: info.base_ref.clone(),
+                    info: Some(info),
+                }
+            };
+            let message = if joined {
+                format!("joined the running build {id} of this workspace image")
+            } else {
+                format!("build {id} started")
+            };
+            if tx
+                .send(Ok(response(pb::BuildStatus::Running, message)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut follower = orchestrator.follow(id, 0);
+            while let Some(next) = follower.next().await {
+                if let Err(e) = next {
+                    let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                    return;
+                }
+            }
+            let Some(view) = follower.view() else { return };
+            let last = match view.phase() {
+                Phase::Done => response(
+                    pb::BuildStatus::DoneSuccess,
+                    format!("workspace image {} is ready", view.workspace_ref),
+                ),
+                phase => response(
+                    pb::BuildStatus::DoneFailure,
+                    match &view.failure {
+                        Some(reason) if phase == Phase::Cancelled => {
+                            format!("build cancelled: {reason}")
+                        }
+                        Some(reason) => reason.clone(),
+                        None => format!("build ended in phase {phase}"),
+                    },
+                ),
+            };
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(Response::new(stream))
+    }
+
+    type LogsStream = ResponseStream<pb::LogsResponse>;
+
+    #[tracing::instrument(skip_all, fields(rpc = "Logs", build_id))]
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = request.into_inner();
+        let id = if !req.build_id.trim().is_empty() {
+            parse_build_id(req.build_id.trim())?
+        } else if !req.build_ref.trim().is_empty() {
+            self.orchestrator.find_by_ref(req.build_ref.trim())?
+        } else {
+            return Err(Status::invalid_argument(
+                "name the build: set build_id, or build_ref (the workspace image ref)",
+            ));
+        };
+        // Answer NotFound as the call's status, not inside the stream.
+        self.orchestrator.view(id)?;
+        tracing::Span::current().record("build_id", tracing::field::display(id));
+        let orchestrator = self.orchestrator.clone();
+        let stream = feed_stream("Logs", move |tx| async move {
+            let mut follower = orchestrator.follow(id, 0);
+            while let Some(next) = follower.next().await {
+                let item = match next {
+                    Ok((_, Record::Log { data, .. })) => Ok(pb::LogsResponse { content: data }),
+                    Ok(_) => continue,
+                    Err(e) => Err(Status::from(Error::from(e))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc = "ListBuilds"))]
+    async fn list_builds(
+        &self,
+        _request: Request<pb::ListBuildsRequest>,
+    ) -> Result<Response<pb::ListBuildsResponse>, Status> {
+        let builds = self
+            .orchestrator
+            .list()?
+            .iter()
+            .map(convert::build_info)
+            .collect();
+        Ok(Response::new(pb::ListBuildsResponse { builds }))
+    }
+}

@@ -1,0 +1,9 @@
+//! The gRPC edge. Protobuf types stop here: requests are turned into domain types on the way
+//! in, results into protobuf on the way out, and errors into `tonic::Status` in one place
+//! ([`status`]).
+
+mod convert;
+pub mod image_builder;
+mod status;
+
+pub use image_builder::ImageBuilderService;

@@ -1,0 +1,79 @@
+//! The one place errors become gRPC status codes, with mk3's codes where mk3 had them.
+//! Nothing maps to `Unknown`.
+
+use tonic::{Code, Status};
+
+use crate::orchestrator::{self, StepError};
+use crate::registry;
+
+impl From<orchestrator::Error> for Status {
+    fn from(err: orchestrator::Error) -> Self {
+        let code = match &err {
+            orchestrator::Error::InvalidRequest(_) => Code::InvalidArgument,
+            orchestrator::Error::NotFound(_) => Code::NotFound,
+            orchestrator::Error::Step(StepError::Registry(e)) => registry_code(e),
+            orchestrator::Error::Step(StepError::Unsupported(_)) => Code::InvalidArgument,
+            orchestrator::Error::Journal(_) => Code::Internal,
+            orchestrator::Error::JoinFailed => Code::Aborted,
+            orchestrator::Error::ShuttingDown => Code::Unavailable,
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %err, "request failed on an internal error");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+fn registry_code(err: &registry::Error) -> Code {
+    match err {
+        registry::Error::BadReference { .. } => Code::InvalidArgument,
+        registry::Error::NotFound { .. } => Code::NotFound,
+        registry::Error::Unauthorized { .. } => Code::Unauthenticated,
+        registry::Error::Denied { .. } => Code::PermissionDenied,
+        registry::Error::RateLimited { .. } | registry::Error::Unavailable { .. } => {
+            Code::Unavailable
+        }
+        registry::Error::Invalid { .. } => Code::FailedPrecondition,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_faults_get_mk3_codes() {
+        let cases = [
+            (
+                registry::Error::NotFound { what: "x".into() },
+                Code::NotFound,
+            ),
+            (
+                registry::Error::Unauthorized {
+                    registry: "r".into(),
+                    what: "x".into(),
+                },
+                Code::Unauthenticated,
+            ),
+            (
+                registry::Error::RateLimited {
+                    registry: "r".into(),
+                    what: "x".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                registry::Error::BadReference {
+                    reference: "::".into(),
+                    detail: "d".into(),
+                },
+                Code::InvalidArgument,
+            ),
+        ];
+        for (err, code) in cases {
+            let status = Status::from(orchestrator::Error::Step(err.into()));
+            assert_eq!(status.code(), code);
+            assert!(!status.message().is_empty());
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The service configuration: a JSON file with mk3's key names, validated at start. Unknown
+//! keys and bad values stop the process with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON does not fit the schema; `key` is the path to the offending key.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key, or `.` for the whole document.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Repository that Dockerfile builds push their base images to (required), e.g.
+    /// `registry.example.com/base-images`.
+    pub base_image_repository: String,
+    /// Repository that workspace images are pushed to (required).
+    pub workspace_image_repository: String,
+    /// Registries (`host:port`) spoken to over plain HTTP. Default: none.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Where the gRPC API listens. Default `127.0.0.1:8080`; port 0 picks a free port.
+    #[serde(default = "default_grpc_address")]
+    pub grpc_address: SocketAddr,
+    /// Where Prometheus metrics are served at `/metrics`. Default `127.0.0.1:9500`.
+    #[serde(default = "default_metrics_address")]
+    pub metrics_address: SocketAddr,
+    /// Directory of the build store. Default `./image-builder-data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_grpc_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9500))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("image-builder-data")
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates a config document.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            // serde names an unknown or missing key in its message; the path is its parent.
+            Error::Invalid {
+                key,
+                message: strip_position(&inner.to_string()),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        validate_repository("baseImageRepository", &self.base_image_repository)?;
+        validate_repository("workspaceImageRepository", &self.workspace_image_repository)?;
+        for (i, host) in self.insecure_registries.iter().enumerate() {
+            validate_host(&format!("insecureRegistries[{i}]"), host)?;
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("dataDir", "must name a directory"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A repository is a reference without tag or digest: `host[:port]/path`.
+fn validate_repository(key: &str, value: &str) -> Result<(), Error> {
+    let parsed: oci_client::Reference = value
+        .parse()
+        .map_err(|e| invalid(key, format!("{value:?} is not an image repository: {e}")))?;
+    let tagged = value
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains(':'));
+    if tagged || parsed.digest().is_some() {
+        return Err(invalid(
+            key,
+            format!(
+                "{value:?} must be a repository without tag or digest, e.g. registry.example.com/workspace-images"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_host(key: &str, value: &str) -> Result<(), Error> {
+    let (host, port) = match value.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+    if !host_ok || !port_ok || value.contains('/') {
+        return Err(invalid(
+            key,
+            format!("{value:?} is not host:port (e.g. 127.0.0.1:5000)"),
+        ));
+    }
+    Ok(())
+}
+
+/// serde_json appends " at line L column C"; the key path says more to a person.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"baseImageRepository": "127.0.0.1:5000/base", "workspaceImageRepository": "127.0.0.1:5000/ws"}"#;
+
+    #[test]
+    fn defaults_fill_what_is_not_given() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.grpc_address.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.metrics_address.to_string(), "127.0.0.1:9500");
+        assert!(c.insecure_registries.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace('}', r#", "grpcAdress": "127.0.0.1:1"}"#);
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("grpcAdress"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (r#""grpcAddress": "localhost""#, "grpcAddress"),
+            (
+                r#""insecureRegistries": ["http://x/"]"#,
+                "insecureRegistries[0]",
+            ),
+            (r#""metricsAddress": 5"#, "metricsAddress"),
+        ];
+        for (pair, key) in cases {
+            let text = MINIMAL.replace('}', &format!(", {pair}}}"));
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{pair}: {err}");
+        }
+        let tagged =
+            r#"{"baseImageRepository": "r/base:latest", "workspaceImageRepository": "r/ws"}"#;
+        let err = Config::parse(tagged).unwrap_err().to_string();
+        assert!(err.contains("baseImageRepository"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = Config::parse(r#"{"baseImageRepository": "r/base"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workspaceImageRepository"), "{err}");
+    }
+}

@@ -1,0 +1,331 @@
+//! The orchestrator: the only place that sequences build steps.
+//!
+//! A request is resolved to its base and workspace refs, answered from the cache when the
+//! workspace image exists, joined to the running build of the same workspace ref (single
+//! flight), or journaled as a new build and handed to a task that drives it to a final phase.
+//! At start every unfinished build is resumed from its last journaled phase.
+
+mod log;
+mod steps;
+mod task;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use image_builder_state::journal::{self, Follower};
+use image_builder_state::view::Summary;
+use image_builder_state::{BuildId, BuildSource, BuildSpec, BuildView, Journal};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use log::BuildLog;
+pub use steps::{Build, CheckCache, Push, Resolve, StepError, Steps};
+
+use crate::refs::{self, DockerfileKey};
+use crate::telemetry::Metrics;
+
+/// Why the orchestrator could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or asks for something unsupported.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No build matches.
+    #[error("{0}")]
+    NotFound(String),
+    /// A step failed while answering the request.
+    #[error(transparent)]
+    Step(#[from] StepError),
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] journal::Error),
+    /// The build this request joined could not be recorded.
+    #[error("the build this request joined could not be recorded; try again")]
+    JoinFailed,
+    /// The service is stopping and takes no new builds.
+    #[error("the service is shutting down and accepts no new builds; try again shortly")]
+    ShuttingDown,
+}
+
+/// The repositories builds push to.
+#[derive(Debug, Clone)]
+pub struct Repositories {
+    /// Where Dockerfile builds put base images.
+    pub base: String,
+    /// Where workspace images go.
+    pub workspace: String,
+}
+
+/// What became of a build request.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// The workspace image exists; no build was started.
+    CacheHit {
+        /// The base image.
+        base_ref: String,
+        /// The existing workspace image.
+        workspace_ref: String,
+    },
+    /// A build is under way: a new one, or one this request joined.
+    Running {
+        /// The build.
+        id: BuildId,
+        /// True when another request started it.
+        joined: bool,
+        /// The base image.
+        base_ref: String,
+        /// The workspace image being made.
+        workspace_ref: String,
+        /// When the build was accepted, ms since the epoch.
+        created_at_ms: i64,
+    },
+}
+
+/// The refs a source resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedRefs {
+    /// The base image.
+    pub base_ref: String,
+    /// The workspace image.
+    pub workspace_ref: String,
+}
+
+/// A build in flight for a workspace ref; `created` turns true once its record is durable.
+#[derive(Clone)]
+struct Flight {
+    id: BuildId,
+    created: watch::Receiver<bool>,
+}
+
+struct Inner {
+    journal: Journal,
+    steps: Steps,
+    repos: Repositories,
+    metrics: Arc<Metrics>,
+    flights: Mutex<HashMap<String, Flight>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Accepts builds and drives them. Cheap to clone.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+impl Orchestrator {
+    /// An orchestrator over `journal`, carrying builds out with `steps`.
+    pub fn new(journal: Journal, steps: Steps, repos: Repositories, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                journal,
+                steps,
+                repos,
+                metrics,
+                flights: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The journal, for reading builds.
+    pub fn journal(&self) -> &Journal {
+        &self.inner.journal
+    }
+
+    /// Resumes every unfinished build from its last journaled phase. Returns how many.
+    pub fn resume_unfinished(&self) -> Result<usize, Error> {
+        let unfinished = self.inner.journal.unfinished()?;
+        let count = unfinished.len();
+        for view in unfinished {
+            let (_, created) = watch::channel(true);
+            self.lock_flights().insert(
+                view.workspace_ref.clone(),
+                Flight {
+                    id: view.id,
+                    created,
+                },
+            );
+            tracing::info!(build_id = %view.id, phase = %view.phase(), "resuming build");
+            self.spawn(view, true);
+        }
+        Ok(count)
+    }
+
+    /// Resolves a reference to its pinned base ref (`ResolveBaseImage`).
+    pub async fn resolve_base(&self, reference: &str) -> Result<String, Error> {
+        if reference.trim().is_empty() {
+            return Err(Error::InvalidRequest(
+                "ref is empty: name an image, e.g. alpine:3.20".into(),
+            ));
+        }
+        Ok(self.inner.steps.resolver.resolve(reference).await?)
+    }
+
+    /// The refs a source resolves to (asks the registry for reference sources).
+    pub async fn resolve_refs(&self, source: &BuildSource) -> Result<ResolvedRefs, Error> {
+        let base_ref = match source {
+            BuildSource::Reference { reference } => self.resolve_base(reference).await?,
+            BuildSource::Dockerfile(d) => refs::dockerfile_base_ref(
+                &self.inner.repos.base,
+                &DockerfileKey {
+                    clone_target: &d.clone_target,
+                    context_path: &d.context_path,
+                    dockerfile_path: &d.dockerfile_path,
+                    dockerfile_version: &d.dockerfile_version,
+                    remote_uri: &d.remote_uri,
+                },
+            ),
+        };
+        let workspace_ref = refs::workspace_ref(&self.inner.repos.workspace, &base_ref);
+        Ok(ResolvedRefs {
+            base_ref,
+            workspace_ref,
+        })
+    }
+
+    /// The manifest digest of an image, if the registry has it.
+    pub async fn lookup(&self, reference: &str) -> Result<Option<String>, Error> {
+        Ok(self.inner.steps.cache.lookup(reference).await?)
+    }
+
+    /// Accepts a build request: a cache hit, a join, or a new durable build.
+    pub async fn submit(&self, spec: BuildSpec) -> Result<Submitted, Error> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let ResolvedRefs {
+            base_ref,
+            workspace_ref,
+        } = self.resolve_refs(&spec.source).await?;
+        if !spec.force_rebuild && self.lookup(&workspace_ref).await?.is_some() {
+            self.inner.metrics.cache_hit();
+            return Ok(Submitted::CacheHit {
+                base_ref,
+                workspace_ref,
+            });
+        }
+        let (flight, leader) = {
+            let mut flights = self.lock_flights();
+            match flights.get(&workspace_ref) {
+                Some(flight) => (flight.clone(), None),
+                None => {
+                    let (created, rx) = watch::channel(false);
+                    let flight = Flight {
+                        id: BuildId::new(),
+                        created: rx,
+                    };
+                    flights.insert(workspace_ref.clone(), flight.clone());
+                    (flight, Some(created))
+                }
+            }
+        };
+        let id = flight.id;
+        let Some(created) = leader else {
+            let mut rx = flight.created;
+            rx.wait_for(|c| *c).await.map_err(|_| Error::JoinFailed)?;
+            let view = self.inner.journal.view(id)?;
+            let created_at_ms = view.map(|v| v.created_at_ms).unwrap_or_default();
+            return Ok(Submitted::Running {
+                id,
+                joined: true,
+                base_ref,
+                workspace_ref,
+                created_at_ms,
+            });
+        };
+        match self
+            .inner
+            .journal
+            .create(id, spec, base_ref.clone(), workspace_ref.clone())
+            .await
+        {
+            Ok(view) => {
+                let _ = created.send(true);
+                self.inner.metrics.build_started();
+                tracing::info!(build_id = %id, %workspace_ref, "build accepted");
+                let created_at_ms = view.created_at_ms;
+                self.spawn(view, false);
+                Ok(Submitted::Running {
+                    id,
+                    joined: false,
+                    base_ref,
+                    workspace_ref,
+                    created_at_ms,
+                })
+            }
+            Err(e) => {
+                self.inner.forget_flight(&workspace_ref, id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The newest build of a workspace ref.
+    pub fn find_by_ref(&self, workspace_ref: &str) -> Result<BuildId, Error> {
+        self.inner
+            .journal
+            .summaries()?
+            .into_iter()
+            .find(|s| s.workspace_ref == workspace_ref)
+            .map(|s| s.id)
+            .ok_or_else(|| Error::NotFound(format!("no build of workspace image {workspace_ref}")))
+    }
+
+    /// Every build, newest first.
+    pub fn list(&self) -> Result<Vec<Summary>, Error> {
+        Ok(self.inner.journal.summaries()?)
+    }
+
+    /// Follows a build's durable records from `from_seq` until it ends.
+    pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
+        self.inner.journal.follow(id, from_seq)
+    }
+
+    /// The durable view of a build.
+    pub fn view(&self, id: BuildId) -> Result<BuildView, Error> {
+        self.inner
+            .journal
+            .view(id)?
+            .ok_or_else(|| Error::NotFound(format!("build {id} does not exist")))
+    }
+
+    /// Stops taking builds, lets running steps stop at their next await point (they resume at
+    /// the next start), and waits for the build tasks up to `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?grace, "build tasks did not stop in time");
+        }
+    }
+
+    fn spawn(&self, view: BuildView, resumed: bool) {
+        let inner = Arc::clone(&self.inner);
+        self.inner.tasks.spawn(task::drive(inner, view, resumed));
+    }
+
+    fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
+        self.inner.lock_flights()
+    }
+}
+
+impl Inner {
+    fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the flight of `workspace_ref` if it is still build `id`'s.
+    fn forget_flight(&self, workspace_ref: &str, id: BuildId) {
+        let mut flights = self.lock_flights();
+        if flights.get(workspace_ref).is_some_and(|f| f.id == id) {
+            flights.remove(workspace_ref);
+        }
+    }
+}

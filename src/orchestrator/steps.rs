@@ -1,0 +1,61 @@
+//! The four steps a build takes, as traits, so the orchestrator never touches a registry or a
+//! builder itself. Every step must be safe to run twice: a crash can interrupt it anywhere and
+//! a restart runs it again.
+
+use async_trait::async_trait;
+use image_builder_state::BuildView;
+
+use super::log::BuildLog;
+use crate::registry;
+
+/// A step failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StepError {
+    /// The registry said no, or could not be reached.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    /// The request asks for something this service does not do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Finds the base image of a reference source.
+#[async_trait]
+pub trait Resolve: Send + Sync {
+    /// Resolves `reference` to its pinned form, `registry/repository@sha256:…`.
+    async fn resolve(&self, reference: &str) -> Result<String, StepError>;
+}
+
+/// Looks images up in the registry (the cache check, and confirming a base image).
+#[async_trait]
+pub trait CheckCache: Send + Sync {
+    /// The manifest digest of `reference`, or `None` when the registry does not have it.
+    async fn lookup(&self, reference: &str) -> Result<Option<String>, StepError>;
+}
+
+/// Makes the base image of a build exist.
+#[async_trait]
+pub trait Build: Send + Sync {
+    /// Builds `build.base_ref` (or confirms there is nothing to build), logging as it goes.
+    async fn build(&self, build: &BuildView, log: &BuildLog) -> Result<(), StepError>;
+}
+
+/// Puts the workspace image in place.
+#[async_trait]
+pub trait Push: Send + Sync {
+    /// Copies `from` to `to` and returns the manifest digest `to` has afterwards.
+    async fn push(&self, from: &str, to: &str, log: &BuildLog) -> Result<String, StepError>;
+}
+
+/// The adapters a build is carried out with.
+#[derive(Clone)]
+pub struct Steps {
+    /// Resolves reference sources.
+    pub resolver: std::sync::Arc<dyn Resolve>,
+    /// Looks images up.
+    pub cache: std::sync::Arc<dyn CheckCache>,
+    /// Builds base images.
+    pub builder: std::sync::Arc<dyn Build>,
+    /// Copies base images to workspace refs.
+    pub pusher: std::sync::Arc<dyn Push>,
+}

@@ -1,0 +1,13 @@
+//! Code generated from `proto/` at build time. Only `api/` (and clients such as tests) use it.
+
+/// gitpod's content-service initializers (`initializer.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod contentservice {
+    tonic::include_proto!("contentservice");
+}
+
+/// mk3's `builder` package (`imgbuilder.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod builder {
+    tonic::include_proto!("builder");
+}

@@ -1,0 +1,282 @@
+//! The registry adapter: resolves references to digests, looks up images, and copies an image
+//! from one reference to another, over oci-client. The only module that speaks the OCI
+//! distribution protocol.
+
+mod error;
+mod steps;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+pub use error::Error;
+
+/// Media types we accept when resolving: single-platform manifests and indexes.
+const RESOLVE_MEDIA_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// Media types we copy: single-platform manifests (the base ref is always one).
+const COPY_MEDIA_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE];
+
+/// Where a copy reports what it does, one line at a time (the build log).
+#[async_trait]
+pub trait Progress: Send + Sync {
+    /// Records one line of progress.
+    async fn line(&self, text: String);
+}
+
+/// A registry client for every registry the service talks to.
+pub struct Registry {
+    client: Client,
+}
+
+/// The parts of a manifest a copy needs.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestBlobs {
+    #[serde(default)]
+    media_type: Option<String>,
+    config: OciDescriptor,
+    #[serde(default)]
+    layers: Vec<OciDescriptor>,
+}
+
+/// The parts of an index resolution needs.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestKind {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<Vec<oci_client::manifest::ImageIndexEntry>>,
+}
+
+/// Parses a reference the docker way (`alpine` is `docker.io/library/alpine:latest`).
+pub fn parse_reference(reference: &str) -> Result<Reference, Error> {
+    reference
+        .parse()
+        .map_err(|e: oci_client::ParseError| Error::BadReference {
+            reference: reference.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
+/// `registry/repository@digest`: the pinned form mk3 answers with.
+fn pinned(reference: &Reference, digest: &str) -> String {
+    format!(
+        "{}/{}@{}",
+        reference.registry(),
+        reference.repository(),
+        digest
+    )
+}
+
+impl Registry {
+    /// A client that speaks plain HTTP to `insecure_registries` and HTTPS to the rest.
+    pub fn new(insecure_registries: &[String]) -> Self {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(120)),
+            ..Default::default()
+        };
+        Self {
+            client: Client::new(config),
+        }
+    }
+
+    fn fail(
+        reference: &Reference,
+        what: &str,
+        err: oci_client::errors::OciDistributionError,
+    ) -> Error {
+        Error::classify(reference.registry(), what, err)
+    }
+
+    /// Resolves a reference to `registry/repository@sha256:…`; an index resolves to its
+    /// linux/amd64 manifest.
+    pub async fn resolve(&self, reference: &str) -> Result<String, Error> {
+        let image = parse_reference(reference)?;
+        let what = format!("image {reference}");
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(&image, &RegistryAuth::Anonymous, RESOLVE_MEDIA_TYPES)
+            .await
+            .map_err(|e| Self::fail(&image, &what, e))?;
+        let kind: ManifestKind = serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
+            registry: image.registry().to_owned(),
+            what: what.clone(),
+            detail: format!("manifest is not JSON: {e}"),
+        })?;
+        let is_index = kind.manifests.is_some()
+            || matches!(
+                kind.media_type.as_deref(),
+                Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE)
+            );
+        if !is_index {
+            return Ok(pinned(&image, &digest));
+        }
+        let entries = kind.manifests.unwrap_or_default();
+        let chosen = linux_amd64_resolver(&entries).ok_or_else(|| Error::NotFound {
+            what: format!("a linux/amd64 image in the index {reference}"),
+        })?;
+        Ok(pinned(&image, &chosen))
+    }
+
+    /// The manifest digest of an image, or `None` if the registry does not have it.
+    pub async fn lookup(&self, reference: &str) -> Result<Option<String>, Error> {
+        let image = parse_reference(reference)?;
+        match self
+            .client
+            .fetch_manifest_digest(&image, &RegistryAuth::Anonymous)
+            .await
+        {
+            Ok(digest) => Ok(Some(digest)),
+            Err(e) => match Self::fail(&image, &format!("image {reference}"), e) {
+                Error::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Copies the image `from` (a single-platform manifest) to `to`, then confirms `to` exists
+    /// with the same manifest digest, which it returns. Safe to run again after an
+    /// interruption: blobs already present are skipped.
+    pub async fn copy(
+        &self,
+        from: &str,
+        to: &str,
+        progress: &dyn Progress,
+    ) -> Result<String, Error> {
+        let source = parse_reference(from)?;
+        let target = parse_reference(to)?;
+        let what = format!("image {from}");
+        let (manifest, digest) = self
+            .client
+            .pull_manifest_raw(&source, &RegistryAuth::Anonymous, COPY_MEDIA_TYPES)
+            .await
+            .map_err(|e| Self::fail(&source, &what, e))?;
+        let blobs: ManifestBlobs =
+            serde_json::from_slice(&manifest).map_err(|e| Error::Invalid {
+                registry: source.registry().to_owned(),
+                what: what.clone(),
+                detail: format!("manifest does not list config and layers: {e}"),
+            })?;
+        let same_registry = source.registry() == target.registry();
+        let all: Vec<&OciDescriptor> = std::iter::once(&blobs.config)
+            .chain(&blobs.layers)
+            .collect();
+        for (i, blob) in all.iter().enumerate() {
+            self.copy_blob(
+                &source,
+                &target,
+                blob,
+                same_registry,
+                (i + 1, all.len()),
+                progress,
+            )
+            .await?;
+        }
+        let media_type = blobs
+            .media_type
+            .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
+        let content_type = media_type.parse().map_err(|_| Error::Invalid {
+            registry: source.registry().to_owned(),
+            what: what.clone(),
+            detail: format!("media type {media_type:?} is not a header value"),
+        })?;
+        self.client
+            .push_manifest_raw(&target, manifest, content_type)
+            .await
+            .map_err(|e| Self::fail(&target, &format!("manifest of {to}"), e))?;
+        progress
+            .line(format!("pushed manifest {digest} to {to}"))
+            .await;
+        match self.lookup(to).await? {
+            Some(found) if found == digest => Ok(digest),
+            Some(found) => Err(Error::Invalid {
+                registry: target.registry().to_owned(),
+                what: format!("image {to}"),
+                detail: format!("after the push it has digest {found}, expected {digest}"),
+            }),
+            None => Err(Error::NotFound {
+                what: format!("image {to} right after pushing it"),
+            }),
+        }
+    }
+
+    async fn copy_blob(
+        &self,
+        source: &Reference,
+        target: &Reference,
+        blob: &OciDescriptor,
+        same_registry: bool,
+        (n, of): (usize, usize),
+        progress: &dyn Progress,
+    ) -> Result<(), Error> {
+        let what = format!("blob {}", blob.digest);
+        let present = self
+            .client
+            .blob_exists(target, &blob.digest)
+            .await
+            .map_err(|e| Self::fail(target, &what, e))?;
+        if present {
+            progress
+                .line(format!("blob {n}/{of} {} already present", blob.digest))
+                .await;
+            return Ok(());
+        }
+        if same_registry {
+            match self.client.mount_blob(target, source, &blob.digest).await {
+                Ok(()) => {
+                    progress
+                        .line(format!(
+                            "blob {n}/{of} {} mounted from {}",
+                            blob.digest,
+                            source.repository()
+                        ))
+                        .await;
+                    return Ok(());
+                }
+                // A registry may refuse a mount and offer an upload instead: copy the bytes.
+                Err(e) => {
+                    tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming")
+                }
+            }
+        }
+        progress
+            .line(format!(
+                "blob {n}/{of} {} copying {} bytes from {}",
+                blob.digest,
+                blob.size,
+                source.registry()
+            ))
+            .await;
+        let stream = self
+            .client
+            .pull_blob_stream(source, blob)
+            .await
+            .map_err(|e| Self::fail(source, &what, e))?;
+        let size = u64::try_from(blob.size).ok();
+        self.client
+            .push_blob_stream(target, stream.map_err(Into::into), &blob.digest, size)
+            .await
+            .map_err(|e| Self::fail(target, &what, e))?;
+        progress
+            .line(format!("blob {n}/{of} {} copied", blob.digest))
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! The registry as the orchestrator's resolve, cache-check and push steps.
+
+use async_trait::async_trait;
+
+use super::Registry;
+use crate::orchestrator::{BuildLog, CheckCache, Push, Resolve, StepError};
+
+#[async_trait]
+impl Resolve for Registry {
+    async fn resolve(&self, reference: &str) -> Result<String, StepError> {
+        Ok(Registry::resolve(self, reference).await?)
+    }
+}
+
+#[async_trait]
+impl CheckCache for Registry {
+    async fn lookup(&self, reference: &str) -> Result<Option<String>, StepError> {
+        Ok(Registry::lookup(self, reference).await?)
+    }
+}
+
+#[async_trait]
+impl Push for Registry {
+    async fn push(&self, from: &str, to: &str, log: &BuildLog) -> Result<String, StepError> {
+        Ok(self.copy(from, to, log).await?)
+    }
+}

@@ -1,0 +1,97 @@
+//! `image-builder run`: wires config, journal, adapters, orchestrator and the gRPC and metrics
+//! endpoints together, resumes unfinished builds, serves until SIGINT or SIGTERM, then drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use image_builder_state::Journal;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ImageBuilderService;
+use crate::config::Config;
+use crate::executor::LocalExecutor;
+use crate::orchestrator::{Orchestrator, Repositories, Steps};
+use crate::registry::Registry;
+use crate::telemetry::{self, Metrics};
+
+/// How long running steps get to stop after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The subdirectory of `dataDir` that holds the journal.
+pub const STORE_DIR: &str = "store";
+
+/// Runs the service until a shutdown signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create dataDir {}", config.data_dir.display()))?;
+    let store = config.data_dir.join(STORE_DIR);
+    let journal = Journal::open(&store)
+        .with_context(|| format!("cannot open the build store in {}", store.display()))?;
+    let registry = Arc::new(Registry::new(&config.insecure_registries));
+    let steps = Steps {
+        resolver: registry.clone(),
+        cache: registry.clone(),
+        builder: Arc::new(LocalExecutor),
+        pusher: registry,
+    };
+    let repos = Repositories {
+        base: config.base_image_repository.clone(),
+        workspace: config.workspace_image_repository.clone(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let orchestrator = Orchestrator::new(journal, steps, repos, Arc::clone(&metrics));
+
+    let grpc = telemetry::bind("gRPC", config.grpc_address).await?;
+    let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;
+    // Resume before serving, so a Build call for a resumed build's image joins it.
+    let resumed = orchestrator.resume_unfinished()?;
+    tracing::info!(
+        grpc_address = %grpc.local_addr()?,
+        metrics_address = %metrics_listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        resumed,
+        "image-builder serving"
+    );
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let metrics_task = tokio::spawn(telemetry::serve_metrics(
+        metrics_listener,
+        metrics,
+        shutdown.clone(),
+    ));
+    tonic::transport::Server::builder()
+        .add_service(ImageBuilderService::new(orchestrator.clone()).into_server())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .context("the gRPC server failed")?;
+    tracing::info!("shutting down: draining builds");
+    orchestrator.shutdown(SHUTDOWN_GRACE).await;
+    shutdown.cancel();
+    let _ = metrics_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the service");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}

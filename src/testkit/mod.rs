@@ -1,0 +1,38 @@
+//! Real parts to run the service against, for the integration tests, the benchmarks and the
+//! demo: Debian's `docker-registry` on loopback, small base images made with umoci and pushed
+//! with skopeo, and the service binary as a child process. The service never uses this module.
+//!
+//! Child processes are started from one long-lived thread with `PR_SET_PDEATHSIG`, so they die
+//! with the process that started them, even when it is killed.
+
+mod image;
+mod process;
+mod registry;
+mod service;
+
+pub use image::{BaseImage, push_image, skopeo_inspect};
+pub use process::free_port;
+pub use registry::LocalRegistry;
+pub use service::Service;
+
+/// A testkit operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command could not be started or failed.
+    #[error("{command}: {detail}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What happened.
+        detail: String,
+    },
+    /// File system or socket trouble.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Something did not become ready in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// Results of the testkit.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,204 @@
+//! The `image-builder` binary as a child process: started with a config, killed, restarted.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::process::spawn;
+use super::{Error, Result};
+use crate::proto::builder::image_builder_client::ImageBuilderClient;
+
+/// A running (or stopped) service process with its config and data directory.
+pub struct Service {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    grpc_address: String,
+    metrics_address: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Service {
+    /// Writes `config` (a JSON object; `dataDir`, `grpcAddress` and `metricsAddress` default to
+    /// a temp dir and free ports) and starts `binary run --config` with it.
+    pub fn start(binary: &Path, mut config: serde_json::Value) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("image-builder-")
+            .tempdir()?;
+        if let Some(map) = config.as_object_mut() {
+            map.entry("dataDir")
+                .or_insert_with(|| dir.path().join("data").display().to_string().into());
+            map.entry("grpcAddress")
+                .or_insert_with(|| "127.0.0.1:0".into());
+            map.entry("metricsAddress")
+                .or_insert_with(|| "127.0.0.1:0".into());
+        }
+        std::fs::write(dir.path().join("config.json"), config.to_string())?;
+        let mut service = Self {
+            binary: binary.to_owned(),
+            dir,
+            child: None,
+            grpc_address: String::new(),
+            metrics_address: String::new(),
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        service.launch()?;
+        Ok(service)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("IMAGE_BUILDER_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = spawn(command)?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| Error::Timeout("no stderr".into()))?;
+        let (ready, announced) = mpsc::channel();
+        let log = Arc::clone(&self.log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.contains("image-builder serving") {
+                    let _ = ready.send(line.clone());
+                }
+                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let line = announced
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| {
+                let _ = child.kill();
+                Error::Timeout(format!(
+                    "image-builder did not start within 60 s; its output:\n{}",
+                    self.log()
+                ))
+            })?;
+        self.grpc_address = field(&line, "grpc_address").unwrap_or_default();
+        self.metrics_address = field(&line, "metrics_address").unwrap_or_default();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The config file the service runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.json")
+    }
+
+    /// The service's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `http://HOST:PORT` of the gRPC API.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_address)
+    }
+
+    /// `http://HOST:PORT/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.metrics_address)
+    }
+
+    /// A connected mk3 client.
+    pub async fn client(&self) -> Result<ImageBuilderClient<Channel>> {
+        ImageBuilderClient::connect(self.grpc_url())
+            .await
+            .map_err(|e| Error::Command {
+                command: format!("connect {}", self.grpc_url()),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Everything the service wrote to stderr, across restarts.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no chance to flush or drain.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (SIGKILL after 30 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Starts the service again on the same config and data directory (new ports).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of `name=value` in a tracing fmt line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let line = strip_ansi(line);
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    let value: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    Some(value)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
