@@ -19,6 +19,10 @@ use crate::telemetry::{self, Metrics};
 /// How long running steps get to stop after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long open gRPC streams get to finish after a shutdown signal. Build and Logs streams of
+/// builds that stop for the restart would wait forever; their clients reconnect and resume.
+const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
 /// The subdirectory of `dataDir` that holds the journal.
 pub const STORE_DIR: &str = "store";
 
@@ -62,17 +66,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         shutdown.clone(),
     ));
-    tonic::transport::Server::builder()
+    let stop_builds = {
+        let orchestrator = orchestrator.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: stopping intake and build steps");
+            orchestrator.shutdown(SHUTDOWN_GRACE).await;
+        })
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(ImageBuilderService::new(orchestrator.clone()).into_server())
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc),
             shutdown.clone().cancelled_owned(),
-        )
-        .await
-        .context("the gRPC server failed")?;
-    tracing::info!("shutting down: draining builds");
-    orchestrator.shutdown(SHUTDOWN_GRACE).await;
-    shutdown.cancel();
+        );
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served.context("the gRPC server failed")?,
+        () = drain_deadline => tracing::info!(
+            ?DRAIN_GRACE,
+            "closing gRPC streams still open after the drain period"
+        ),
+    }
+    let _ = stop_builds.await;
     let _ = metrics_task.await;
     tracing::info!("stopped");
     Ok(())
