@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::TryStreamExt;
 use image_builder_state::Journal;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +79,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .add_service(ImageBuilderService::new(orchestrator.clone()).into_server())
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
+            // tonic sets TCP_NODELAY only on listeners it binds itself; without it every
+            // small response waits out delayed ACKs (~40 ms).
+            TcpListenerStream::new(grpc).map_ok(|stream| {
+                let _ = stream.set_nodelay(true);
+                stream
+            }),
             shutdown.clone().cancelled_owned(),
         );
     let drain_deadline = async {

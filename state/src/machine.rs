@@ -228,7 +228,7 @@ impl Machine {
     /// A new build, in Resolving.
     pub fn new() -> Self {
         Self {
-            inner: Lifecycle::default().state_machine(),
+            inner: Lifecycle.state_machine(),
         }
     }
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what image-builder's demo and tests need on a fresh Debian machine: the registry,
+# buildah, skopeo, umoci, busybox-static and git from Debian's packages. protoc is vendored by
+# the build (protoc-bin-vendored), so no system package is needed for it. Idempotent.
+set -euo pipefail
+
+need=()
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v buildah >/dev/null || need+=(buildah)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v umoci >/dev/null || need+=(umoci)
+[[ -x /bin/busybox ]] || need+=(busybox-static)
+command -v git >/dev/null || need+=(git)
+
+if ((${#need[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo is missing: install a Rust toolchain (rustup) first" >&2; exit 1; }
