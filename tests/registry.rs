@@ -1,0 +1,133 @@
+//! The registry adapter against a real registry: index resolution and copies.
+
+use async_trait::async_trait;
+use image_builder::registry::{self, Progress, Registry};
+use image_builder::testkit::{self, BaseImage, LocalRegistry};
+use oci_client::Reference;
+use oci_client::client::{Client, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+
+struct Lines(std::sync::Mutex<Vec<String>>);
+
+#[async_trait]
+impl Progress for Lines {
+    async fn line(&self, text: String) {
+        self.0.lock().unwrap().push(text);
+    }
+}
+
+fn digest_of(reference: &str) -> String {
+    testkit::skopeo_inspect(reference).unwrap()["Digest"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_index_resolves_to_its_linux_amd64_manifest() {
+    let local = LocalRegistry::start().unwrap();
+    let addr = local.addr().to_owned();
+    let amd64 = testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        &addr,
+        "multi/busybox:amd64",
+    )
+    .unwrap();
+    let other = testkit::push_image(
+        &BaseImage::busybox(1024).unwrap(),
+        &addr,
+        "multi/busybox:arm64",
+    )
+    .unwrap();
+    let (amd64_digest, other_digest) = (digest_of(&amd64), digest_of(&other));
+    // An index listing the arm64 entry first, so picking the first entry would be wrong.
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": other_digest, "size": 1,
+             "platform": {"architecture": "arm64", "os": "linux"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd64_digest, "size": 1,
+             "platform": {"architecture": "amd64", "os": "linux"}}
+        ]
+    });
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(vec![addr.clone()]),
+        ..Default::default()
+    });
+    let target: Reference = format!("{addr}/multi/busybox:1").parse().unwrap();
+    client
+        .store_auth_if_needed(target.registry(), &RegistryAuth::Anonymous)
+        .await;
+    client
+        .push_manifest_raw(
+            &target,
+            serde_json::to_vec(&index).unwrap(),
+            "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let registry = Registry::new(&[addr.clone()]);
+    let resolved = registry
+        .resolve(&format!("{addr}/multi/busybox:1"))
+        .await
+        .unwrap();
+    assert_eq!(resolved, format!("{addr}/multi/busybox@{amd64_digest}"));
+    // A plain manifest resolves to itself, tag dropped.
+    let plain = registry.resolve(&amd64).await.unwrap();
+    assert_eq!(plain, format!("{addr}/multi/busybox@{amd64_digest}"));
+}
+
+#[tokio::test]
+async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
+    let local = LocalRegistry::start().unwrap();
+    let addr = local.addr().to_owned();
+    let base =
+        testkit::push_image(&BaseImage::busybox(0).unwrap(), &addr, "src/busybox:1").unwrap();
+    let registry = Registry::new(&[addr.clone()]);
+    let pinned = registry.resolve(&base).await.unwrap();
+    let to = format!("{addr}/dst/workspace:abc");
+
+    let lines = Lines(Default::default());
+    let digest = registry.copy(&pinned, &to, &lines).await.unwrap();
+    assert_eq!(digest, digest_of(&base));
+    assert_eq!(digest_of(&to), digest);
+    let first = lines.0.lock().unwrap().clone();
+    assert!(
+        first.iter().any(|l| l.contains("mounted from src/busybox")),
+        "{first:?}"
+    );
+
+    // Running the step again (as after a crash) finds every blob present and succeeds.
+    let again = Lines(Default::default());
+    assert_eq!(registry.copy(&pinned, &to, &again).await.unwrap(), digest);
+    let second = again.0.lock().unwrap().clone();
+    assert!(
+        second
+            .iter()
+            .filter(|l| l.contains("already present"))
+            .count()
+            >= 2,
+        "{second:?}"
+    );
+
+    assert_eq!(
+        registry
+            .lookup(&format!("{addr}/dst/workspace:missing"))
+            .await
+            .unwrap(),
+        None
+    );
+    let err = registry
+        .resolve(&format!("{addr}/src/busybox:missing"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, registry::Error::NotFound { .. }), "{err}");
+    // Nothing listens on port 1: a transient fault, not a verdict.
+    let err = Registry::new(&["127.0.0.1:1".into()])
+        .resolve("127.0.0.1:1/x:y")
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}
