@@ -68,7 +68,7 @@ async fn an_index_resolves_to_its_linux_amd64_manifest() {
         .await
         .unwrap();
 
-    let registry = Registry::new(&[addr.clone()]);
+    let registry = Registry::new(std::slice::from_ref(&addr));
     let resolved = registry
         .resolve(&format!("{addr}/multi/busybox:1"))
         .await
@@ -85,7 +85,7 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     let addr = local.addr().to_owned();
     let base =
         testkit::push_image(&BaseImage::busybox(0).unwrap(), &addr, "src/busybox:1").unwrap();
-    let registry = Registry::new(&[addr.clone()]);
+    let registry = Registry::new(std::slice::from_ref(&addr));
     let pinned = registry.resolve(&base).await.unwrap();
     let to = format!("{addr}/dst/workspace:abc");
 
