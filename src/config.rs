@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -45,9 +46,32 @@ pub struct Config {
     /// Where Prometheus metrics are served at `/metrics`. Default `127.0.0.1:9500`.
     #[serde(default = "default_metrics_address")]
     pub metrics_address: SocketAddr,
-    /// Directory of the build store. Default `./image-builder-data`.
+    /// Directory of the build store, build work directories and buildah's storage. Default
+    /// `./image-builder-data`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// How long a build may run once admitted, e.g. `"90s"`, `"60m"`. Default `60m` (mk3's).
+    #[serde(default = "default_build_timeout", with = "humantime_serde")]
+    pub build_timeout: Duration,
+    /// Builds that run at once; the rest wait in the journal as queued, in order. Default 4.
+    #[serde(default = "default_max_concurrent_builds")]
+    pub max_concurrent_builds: usize,
+    /// Bytes of log kept per build; past it a truncation marker is written and the build goes
+    /// on. Default 16 MiB.
+    #[serde(default = "default_max_log_bytes")]
+    pub max_log_bytes: u64,
+}
+
+fn default_build_timeout() -> Duration {
+    Duration::from_secs(60 * 60)
+}
+
+fn default_max_concurrent_builds() -> usize {
+    4
+}
+
+fn default_max_log_bytes() -> u64 {
+    16 << 20
 }
 
 fn default_grpc_address() -> SocketAddr {
@@ -96,6 +120,15 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("dataDir", "must name a directory"));
+        }
+        if self.build_timeout.is_zero() {
+            return Err(invalid("buildTimeout", "must be longer than zero, e.g. \"60m\""));
+        }
+        if self.max_concurrent_builds == 0 {
+            return Err(invalid("maxConcurrentBuilds", "must be at least 1"));
+        }
+        if self.max_log_bytes < 1024 {
+            return Err(invalid("maxLogBytes", "must be at least 1024"));
         }
         Ok(())
     }
@@ -167,6 +200,9 @@ mod tests {
         assert_eq!(c.grpc_address.to_string(), "127.0.0.1:8080");
         assert_eq!(c.metrics_address.to_string(), "127.0.0.1:9500");
         assert!(c.insecure_registries.is_empty());
+        assert_eq!(c.build_timeout, Duration::from_secs(3600));
+        let c = Config::parse(&MINIMAL.replace('}', r#", "buildTimeout": "90s"}"#)).unwrap();
+        assert_eq!(c.build_timeout, Duration::from_secs(90));
     }
 
     #[test]
@@ -185,6 +221,9 @@ mod tests {
                 "insecureRegistries[0]",
             ),
             (r#""metricsAddress": 5"#, "metricsAddress"),
+            (r#""buildTimeout": "soon""#, "buildTimeout"),
+            (r#""maxConcurrentBuilds": 0"#, "maxConcurrentBuilds"),
+            (r#""maxLogBytes": -1"#, "maxLogBytes"),
         ];
         for (pair, key) in cases {
             let text = MINIMAL.replace('}', &format!(", {pair}}}"));

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod context;
 pub mod executor;
 pub mod orchestrator;
 pub mod proto;

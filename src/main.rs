@@ -36,6 +36,9 @@ enum Commands {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     image_builder::telemetry::init_tracing();
+    // Named crash points for tests (see orchestrator/task.rs), from the FAILPOINTS variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

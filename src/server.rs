@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ImageBuilderService;
 use crate::config::Config;
+use crate::context::GitCheckouts;
 use crate::executor::LocalExecutor;
-use crate::orchestrator::{Orchestrator, Repositories, Steps};
+use crate::executor::buildah::Buildah;
+use crate::orchestrator::{Limits, Orchestrator, Repositories, Steps};
 use crate::registry::Registry;
 use crate::telemetry::{self, Metrics};
 
@@ -27,6 +29,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(3);
 /// The subdirectory of `dataDir` that holds the journal.
 pub const STORE_DIR: &str = "store";
 
+/// The subdirectory of `dataDir` that holds per-build work directories (git checkouts).
+pub const WORK_DIR: &str = "work";
+
+/// The subdirectory of `dataDir` that holds buildah's storage and registries configuration.
+pub const BUILDAH_DIR: &str = "buildah";
+
 /// Runs the service until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -35,18 +43,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let journal = Journal::open(&store)
         .with_context(|| format!("cannot open the build store in {}", store.display()))?;
     let registry = Arc::new(Registry::new(&config.insecure_registries));
+    let buildah = Buildah::new(config.data_dir.join(BUILDAH_DIR), &config.insecure_registries)?;
+    let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
     let steps = Steps {
         resolver: registry.clone(),
         cache: registry.clone(),
-        builder: Arc::new(LocalExecutor),
+        builder: Arc::new(LocalExecutor::new(checkouts, buildah)),
         pusher: registry,
+    };
+    let limits = Limits {
+        build_timeout: config.build_timeout,
+        max_concurrent_builds: config.max_concurrent_builds,
+        max_log_bytes: config.max_log_bytes,
     };
     let repos = Repositories {
         base: config.base_image_repository.clone(),
         workspace: config.workspace_image_repository.clone(),
     };
     let metrics = Arc::new(Metrics::new());
-    let orchestrator = Orchestrator::new(journal, steps, repos, Arc::clone(&metrics));
+    let orchestrator = Orchestrator::new(journal, steps, repos, limits, Arc::clone(&metrics));
 
     let grpc = telemetry::bind("gRPC", config.grpc_address).await?;
     let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;

@@ -4,7 +4,8 @@
 use image_builder_state::view::Summary;
 use image_builder_state::{BuildSource, BuildSpec, CloneTargetMode, DockerfileSource, Phase};
 
-use crate::orchestrator::Error;
+use crate::context::{self, GitCredentials};
+use crate::orchestrator::{BuildSecrets, Error};
 use crate::proto::builder as pb;
 use crate::proto::contentservice as cs;
 
@@ -71,37 +72,68 @@ fn dockerfile(f: &pb::BuildSourceDockerfile) -> Result<DockerfileSource, Error> 
             )));
         }
     };
-    Ok(DockerfileSource {
+    let source = DockerfileSource {
         remote_uri: git.remote_uri.clone(),
         target_mode,
         clone_target: git.clone_taget.clone(),
         dockerfile_path: f.dockerfile_path.clone(),
         context_path: f.context_path.clone(),
         dockerfile_version: f.dockerfile_version.clone(),
-    })
+        git_auth: git_credentials(git)?.is_some(),
+    };
+    context::validate_paths(&source).map_err(|e| Error::InvalidRequest(format!("source.file.{e}")))?;
+    Ok(source)
 }
 
-/// The journaled spec of a Build request (credentials are left behind here).
-pub fn build_spec(req: &pb::BuildRequest) -> Result<BuildSpec, Error> {
-    let source = source(req.source.as_ref())?;
-    if matches!(source, BuildSource::Dockerfile(_)) {
-        return Err(Error::InvalidRequest(
-            "Dockerfile sources (source.file) are not supported by this version of image-builder yet; build from an image with source.ref".into(),
-        ));
+/// The git credentials of a git initializer, if it has any.
+fn git_credentials(git: &cs::GitInitializer) -> Result<Option<GitCredentials>, Error> {
+    let Some(config) = git.config.as_ref() else {
+        return Ok(None);
+    };
+    match cs::GitAuthMethod::try_from(config.authentication) {
+        Ok(cs::GitAuthMethod::NoAuth) => Ok(None),
+        Ok(cs::GitAuthMethod::BasicAuth) => Ok(Some(GitCredentials {
+            user: config.auth_user.clone(),
+            password: config.auth_password.clone(),
+        })),
+        Ok(cs::GitAuthMethod::BasicAuthOts) => Err(Error::InvalidRequest(
+            "source.file.source.git.config.authentication BASIC_AUTH_OTS is not supported; use BASIC_AUTH".into(),
+        )),
+        Err(_) => Err(Error::InvalidRequest(format!(
+            "source.file.source.git.config.authentication {} is not a GitAuthMethod",
+            config.authentication
+        ))),
     }
-    Ok(BuildSpec {
+}
+
+/// The journaled spec of a Build request, and the secrets that must stay out of the journal.
+pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets), Error> {
+    let source = source(req.source.as_ref())?;
+    let git = match req.source.as_ref().and_then(|s| s.from.as_ref()) {
+        Some(pb::build_source::From::File(f)) => match f.source.as_ref().and_then(|i| i.spec.as_ref()) {
+            Some(cs::workspace_initializer::Spec::Git(git)) => git_credentials(git)?,
+            _ => None,
+        },
+        _ => None,
+    };
+    let spec = BuildSpec {
         source,
         force_rebuild: req.force_rebuild,
         triggered_by: req.triggered_by.clone(),
         supervisor_ref: req.supervisor_ref.clone(),
         had_request_auth: req.auth.is_some(),
-    })
+    };
+    Ok((spec, BuildSecrets { git }))
 }
 
 /// mk3's status of a build in a phase.
 pub fn status(phase: Phase) -> pb::BuildStatus {
     match phase {
-        Phase::Resolving | Phase::CheckingCache | Phase::Building | Phase::Pushing => {
+        Phase::Queued
+        | Phase::Resolving
+        | Phase::CheckingCache
+        | Phase::Building
+        | Phase::Pushing => {
             pb::BuildStatus::Running
         }
         Phase::Done => pb::BuildStatus::DoneSuccess,

@@ -106,8 +106,8 @@ impl ImageBuilder for ImageBuilderService {
         request: Request<pb::BuildRequest>,
     ) -> Result<Response<Self::BuildStream>, Status> {
         let req = request.into_inner();
-        let spec = convert::build_spec(&req)?;
-        let submitted = self.orchestrator.submit(spec).await?;
+        let (spec, secrets) = convert::build_request(&req)?;
+        let submitted = self.orchestrator.submit(spec, secrets).await?;
         let (id, joined, base_ref, workspace_ref, created_at_ms) = match submitted {
             Submitted::CacheHit {
                 base_ref,

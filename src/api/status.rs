@@ -3,6 +3,7 @@
 
 use tonic::{Code, Status};
 
+use crate::context;
 use crate::orchestrator::{self, StepError};
 use crate::registry;
 
@@ -13,6 +14,12 @@ impl From<orchestrator::Error> for Status {
             orchestrator::Error::NotFound(_) => Code::NotFound,
             orchestrator::Error::Step(StepError::Registry(e)) => registry_code(e),
             orchestrator::Error::Step(StepError::Unsupported(_)) => Code::InvalidArgument,
+            orchestrator::Error::Step(StepError::Context(context::Error::Escape { .. })) => {
+                Code::InvalidArgument
+            }
+            orchestrator::Error::Step(
+                StepError::Context(_) | StepError::Builder(_) | StepError::CredentialsLost(_),
+            ) => Code::FailedPrecondition,
             orchestrator::Error::Journal(_) => Code::Internal,
             orchestrator::Error::JoinFailed => Code::Aborted,
             orchestrator::Error::ShuttingDown => Code::Unavailable,

@@ -2,8 +2,10 @@
 //!
 //! A request is resolved to its base and workspace refs, answered from the cache when the
 //! workspace image exists, joined to the running build of the same workspace ref (single
-//! flight), or journaled as a new build and handed to a task that drives it to a final phase.
-//! At start every unfinished build is resumed from its last journaled phase.
+//! flight), or journaled as a new build. New builds wait as Queued until the concurrency limit
+//! admits them, in order; then a task drives each to a final phase. At start every unfinished
+//! build is resumed from its last journaled phase (running ones are admitted before queued
+//! ones).
 
 mod log;
 mod steps;
@@ -16,12 +18,12 @@ use std::time::Duration;
 use image_builder_state::journal::{self, Follower};
 use image_builder_state::view::Summary;
 use image_builder_state::{BuildId, BuildSource, BuildSpec, BuildView, Journal};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use log::BuildLog;
-pub use steps::{Build, CheckCache, Push, Resolve, StepError, Steps};
+pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
 use crate::refs::{self, DockerfileKey};
 use crate::telemetry::Metrics;
@@ -83,6 +85,23 @@ pub enum Submitted {
     },
 }
 
+/// Limits on builds, from the config.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a build may run once admitted.
+    pub build_timeout: Duration,
+    /// Builds that run at once.
+    pub max_concurrent_builds: usize,
+    /// Bytes of log kept per build.
+    pub max_log_bytes: u64,
+}
+
+/// A build waiting for a slot.
+struct Admission {
+    view: BuildView,
+    resumed: bool,
+}
+
 /// The refs a source resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedRefs {
@@ -103,8 +122,11 @@ struct Inner {
     journal: Journal,
     steps: Steps,
     repos: Repositories,
+    limits: Limits,
     metrics: Arc<Metrics>,
     flights: Mutex<HashMap<String, Flight>>,
+    secrets: Mutex<HashMap<BuildId, BuildSecrets>>,
+    admissions: mpsc::UnboundedSender<Admission>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -116,19 +138,31 @@ pub struct Orchestrator {
 }
 
 impl Orchestrator {
-    /// An orchestrator over `journal`, carrying builds out with `steps`.
-    pub fn new(journal: Journal, steps: Steps, repos: Repositories, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                journal,
-                steps,
-                repos,
-                metrics,
-                flights: Mutex::new(HashMap::new()),
-                shutdown: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-            }),
-        }
+    /// An orchestrator over `journal`, carrying builds out with `steps`. Must be called
+    /// within a tokio runtime: it starts the admission task.
+    pub fn new(
+        journal: Journal,
+        steps: Steps,
+        repos: Repositories,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (admissions, queue) = mpsc::unbounded_channel();
+        let slots = Arc::new(Semaphore::new(limits.max_concurrent_builds));
+        let inner = Arc::new(Inner {
+            journal,
+            steps,
+            repos,
+            limits,
+            metrics,
+            flights: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
+            admissions,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        tokio::spawn(admit(Arc::downgrade(&inner), queue, slots));
+        Self { inner }
     }
 
     /// The journal, for reading builds.
@@ -138,7 +172,10 @@ impl Orchestrator {
 
     /// Resumes every unfinished build from its last journaled phase. Returns how many.
     pub fn resume_unfinished(&self) -> Result<usize, Error> {
-        let unfinished = self.inner.journal.unfinished()?;
+        let mut unfinished = self.inner.journal.unfinished()?;
+        // Builds that were running get their slots back before queued ones; each group keeps
+        // creation order (the sort is stable).
+        unfinished.sort_by_key(|v| v.phase() == image_builder_state::Phase::Queued);
         let count = unfinished.len();
         for view in unfinished {
             let (_, created) = watch::channel(true);
@@ -192,8 +229,9 @@ impl Orchestrator {
         Ok(self.inner.steps.cache.lookup(reference).await?)
     }
 
-    /// Accepts a build request: a cache hit, a join, or a new durable build.
-    pub async fn submit(&self, spec: BuildSpec) -> Result<Submitted, Error> {
+    /// Accepts a build request: a cache hit, a join, or a new durable build. `secrets` stay
+    /// in memory for the build's steps and are never journaled.
+    pub async fn submit(&self, spec: BuildSpec, secrets: BuildSecrets) -> Result<Submitted, Error> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -244,6 +282,11 @@ impl Orchestrator {
             .await
         {
             Ok(view) => {
+                self.inner
+                    .secrets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, secrets);
                 let _ = created.send(true);
                 self.inner.metrics.build_started();
                 tracing::info!(build_id = %id, %workspace_ref, "build accepted");
@@ -306,9 +349,11 @@ impl Orchestrator {
         }
     }
 
+    /// Queues a build for a slot; the admission task starts it when one is free.
     fn spawn(&self, view: BuildView, resumed: bool) {
-        let inner = Arc::clone(&self.inner);
-        self.inner.tasks.spawn(task::drive(inner, view, resumed));
+        if self.inner.admissions.send(Admission { view, resumed }).is_err() {
+            tracing::error!("the admission task is gone; the build resumes at next start");
+        }
     }
 
     fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
@@ -316,7 +361,42 @@ impl Orchestrator {
     }
 }
 
+/// Admits queued builds in order, one per free slot, and starts their tasks.
+async fn admit(
+    inner: std::sync::Weak<Inner>,
+    mut queue: mpsc::UnboundedReceiver<Admission>,
+    slots: Arc<Semaphore>,
+) {
+    while let Some(Admission { view, resumed }) = queue.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        let tasks = inner.tasks.clone();
+        tasks.spawn(task::drive(inner, view, resumed, slot));
+    }
+}
+
 impl Inner {
+    /// The in-memory secrets of a build (empty after a restart).
+    fn secrets_of(&self, id: BuildId) -> BuildSecrets {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Forgets what a build kept in memory once it has ended.
+    fn forget(&self, workspace_ref: &str, id: BuildId) {
+        self.forget_flight(workspace_ref, id);
+        self.secrets.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
     fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -3,13 +3,15 @@
 //! a restart runs it again.
 
 use async_trait::async_trait;
-use image_builder_state::BuildView;
+use image_builder_state::{BuildId, BuildView};
 
 use super::log::BuildLog;
+use crate::context::{self, GitCredentials};
+use crate::executor::buildah;
 use crate::registry;
 
 /// A step failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// The registry said no, or could not be reached.
     #[error(transparent)]
@@ -17,6 +19,22 @@ pub enum StepError {
     /// The request asks for something this service does not do.
     #[error("{0}")]
     Unsupported(String),
+    /// The build context could not be checked out.
+    #[error(transparent)]
+    Context(#[from] context::Error),
+    /// The builder failed.
+    #[error(transparent)]
+    Builder(#[from] buildah::Error),
+    /// The build needs credentials that were not kept (they never are, across a restart).
+    #[error("{0}")]
+    CredentialsLost(String),
+}
+
+/// What a build needs but the journal must never hold. In memory only: lost on restart.
+#[derive(Debug, Clone, Default)]
+pub struct BuildSecrets {
+    /// Credentials for cloning the build context.
+    pub git: Option<GitCredentials>,
 }
 
 /// Finds the base image of a reference source.
@@ -36,8 +54,16 @@ pub trait CheckCache: Send + Sync {
 /// Makes the base image of a build exist.
 #[async_trait]
 pub trait Build: Send + Sync {
-    /// Builds `build.base_ref` (or confirms there is nothing to build), logging as it goes.
-    async fn build(&self, build: &BuildView, log: &BuildLog) -> Result<(), StepError>;
+    /// Builds and pushes `build.base_ref` (or confirms there is nothing to build), logging as
+    /// it goes.
+    async fn build(&self, build: &BuildView, secrets: &BuildSecrets, log: &BuildLog) -> Result<(), StepError>;
+
+    /// Stops whatever an earlier run of this build left behind (a builder orphaned by a crash,
+    /// a half-made work directory). Returns how many processes were stopped.
+    async fn stop_leftovers(&self, id: BuildId) -> usize;
+
+    /// Removes what a finished build leaves on this machine.
+    async fn clean(&self, id: BuildId);
 }
 
 /// Puts the workspace image in place.

@@ -1,82 +1,115 @@
 //! The task that drives one build: run the step of the current phase, journal the event it
 //! produced, repeat until a final phase. The journal decides whether an edge exists.
+//!
+//! Failpoints (the `fail` crate, configured with the `FAILPOINTS` environment variable when the
+//! `failpoints` feature is on) sit on both sides of every transition:
+//! `transition.<event>.before` and `transition.<event>.after`, e.g.
+//! `FAILPOINTS=transition.resolved.after=pause` holds a build just after it entered
+//! CheckingCache, for a test to kill the process there.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use image_builder_state::{BuildSource, BuildView, Event, Phase, now_ms};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::{BuildLog, Inner, StepError};
 
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
-pub(super) async fn drive(inner: Arc<Inner>, view: BuildView, resumed: bool) {
+/// `slot` is its place under the concurrency limit, held until the task ends.
+pub(super) async fn drive(inner: Arc<Inner>, view: BuildView, resumed: bool, slot: OwnedSemaphorePermit) {
     let span = tracing::info_span!("build", build_id = %view.id);
-    run(inner, view, resumed).instrument(span).await
+    run(inner, view, resumed).instrument(span).await;
+    drop(slot);
+}
+
+/// Evaluates a named failpoint; a `pause` or `sleep` action blocks this worker only.
+fn failpoint(name: &str) {
+    #[cfg(feature = "failpoints")]
+    tokio::task::block_in_place(|| fail::fail_point!(name));
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
 }
 
 async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     let id = view.id;
-    let log = BuildLog::new(inner.journal.clone(), id);
+    let log = BuildLog::new(inner.journal.clone(), id, view.log_len, inner.limits.max_log_bytes);
     if resumed {
         log.line(format!(
             "image-builder restarted; resuming this build at its last recorded step ({})",
             view.phase()
         ))
         .await;
+        let stopped = inner.steps.builder.stop_leftovers(id).await;
+        if stopped > 0 {
+            log.line(format!("stopped {stopped} builder processes left running by the previous run"))
+                .await;
+        }
     }
+    let secrets = inner.secrets_of(id);
     while !view.phase().is_final() {
-        let event = tokio::select! {
-            biased;
-            () = inner.shutdown.cancelled() => {
-                tracing::info!(phase = %view.phase(), "stopping for shutdown; the build resumes at next start");
-                return;
+        let event = if view.phase() == Phase::Queued {
+            Event::Admitted
+        } else {
+            let deadline = deadline(&inner, &view);
+            tokio::select! {
+                biased;
+                () = inner.shutdown.cancelled() => {
+                    tracing::info!(phase = %view.phase(), "stopping for shutdown; the build resumes at next start");
+                    return;
+                }
+                () = tokio::time::sleep(deadline) => Event::Failed {
+                    reason: format!(
+                        "the build exceeded its time limit of {} (buildTimeout) while {}",
+                        humantime_serde::re::humantime::format_duration(inner.limits.build_timeout),
+                        phase_action(view.phase())
+                    ),
+                },
+                event = step(&inner, &view, &secrets, &log) => event,
             }
-            event = step(&inner, &view, &log) => event,
         };
         if let Event::Failed { reason } = &event {
             log.line(format!("build failed: {reason}")).await;
         }
+        let name = event.name();
+        failpoint(&format!("transition.{name}.before"));
         view = match inner.journal.transition(id, event).await {
             Ok(view) => view,
             Err(e) => {
                 // Nothing more can be recorded; the build stays where the journal has it and
                 // resumes at the next start.
                 tracing::error!(error = %e, "cannot journal the build's next transition; stopping it");
-                inner.forget_flight(&view.workspace_ref, id);
+                inner.forget(&view.workspace_ref, id);
                 return;
             }
         };
         tracing::info!(phase = %view.phase(), "build moved");
+        failpoint(&format!("transition.{name}.after"));
     }
+    inner.steps.builder.clean(id).await;
     let seconds = (now_ms() - view.created_at_ms).max(0) as f64 / 1000.0;
-    inner
-        .metrics
-        .build_done(view.phase() == Phase::Done, seconds);
-    inner.forget_flight(&view.workspace_ref, id);
+    inner.metrics.build_done(view.phase() == Phase::Done, seconds);
+    inner.forget(&view.workspace_ref, id);
+}
+
+/// Time left before the build's limit, counted from its admission (which survives restarts).
+fn deadline(inner: &Inner, view: &BuildView) -> Duration {
+    let admitted = view.entered_at_ms(Phase::Resolving).unwrap_or(view.created_at_ms);
+    let limit = inner.limits.build_timeout.as_millis() as i64;
+    Duration::from_millis((admitted + limit - now_ms()).max(0) as u64)
 }
 
 /// Runs the step of the build's current phase and says what happened.
-async fn step(inner: &Inner, view: &BuildView, log: &BuildLog) -> Event {
+async fn step(inner: &Inner, view: &BuildView, secrets: &super::BuildSecrets, log: &BuildLog) -> Event {
     let phase = view.phase();
     let outcome = match phase {
         Phase::Resolving => resolve(inner, view, log).await,
         Phase::CheckingCache => check_cache(inner, view, log).await,
-        Phase::Building => {
-            log.line(format!("building base image {}", view.base_ref))
-                .await;
-            inner
-                .steps
-                .builder
-                .build(view, log)
-                .await
-                .map(|()| Event::Built)
-        }
+        Phase::Building => build(inner, view, secrets, log).await,
         Phase::Pushing => {
-            log.line(format!(
-                "copying {} to {}",
-                view.base_ref, view.workspace_ref
-            ))
-            .await;
+            log.line(format!("copying {} to {}", view.base_ref, view.workspace_ref))
+                .await;
             let pushed = inner
                 .steps
                 .pusher
@@ -84,7 +117,7 @@ async fn step(inner: &Inner, view: &BuildView, log: &BuildLog) -> Event {
                 .await;
             pushed.map(|digest| Event::Pushed { digest })
         }
-        Phase::Done | Phase::Failed | Phase::Cancelled => unreachable_final(phase),
+        Phase::Queued | Phase::Done | Phase::Failed | Phase::Cancelled => unreachable_here(phase),
     };
     outcome.unwrap_or_else(|e| Event::Failed {
         reason: format!("{} failed: {e}", phase_action(phase)),
@@ -101,16 +134,12 @@ async fn resolve(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Even
                     Ok(Event::Resolved)
                 }
                 None => Ok(Event::Failed {
-                    reason: format!(
-                        "base image {} no longer exists in its registry",
-                        view.base_ref
-                    ),
+                    reason: format!("base image {} no longer exists in its registry", view.base_ref),
                 }),
             }
         }
         BuildSource::Dockerfile(_) => {
-            log.line(format!("base image will be {}", view.base_ref))
-                .await;
+            log.line(format!("base image will be {}", view.base_ref)).await;
             Ok(Event::Resolved)
         }
     }
@@ -124,26 +153,41 @@ async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<
     }
     match inner.steps.cache.lookup(&view.workspace_ref).await? {
         Some(digest) => {
-            log.line(format!(
-                "workspace image {} exists ({digest})",
-                view.workspace_ref
-            ))
-            .await;
+            log.line(format!("workspace image {} exists ({digest})", view.workspace_ref))
+                .await;
             Ok(Event::CacheHit)
         }
         None => {
-            log.line(format!(
-                "workspace image {} does not exist yet",
-                view.workspace_ref
-            ))
-            .await;
+            log.line(format!("workspace image {} does not exist yet", view.workspace_ref))
+                .await;
             Ok(Event::CacheMiss)
         }
     }
 }
 
+async fn build(
+    inner: &Inner,
+    view: &BuildView,
+    secrets: &super::BuildSecrets,
+    log: &BuildLog,
+) -> Result<Event, StepError> {
+    if matches!(view.spec.source, BuildSource::Dockerfile(_)) && !view.spec.force_rebuild {
+        if let Some(digest) = inner.steps.cache.lookup(&view.base_ref).await? {
+            log.line(format!(
+                "base image {} exists already ({digest}); skipping the build",
+                view.base_ref
+            ))
+            .await;
+            return Ok(Event::Built);
+        }
+    }
+    inner.steps.builder.build(view, secrets, log).await?;
+    Ok(Event::Built)
+}
+
 fn phase_action(phase: Phase) -> &'static str {
     match phase {
+        Phase::Queued => "waiting for a build slot",
         Phase::Resolving => "resolving the base image",
         Phase::CheckingCache => "checking for an existing workspace image",
         Phase::Building => "building the base image",
@@ -152,9 +196,7 @@ fn phase_action(phase: Phase) -> &'static str {
     }
 }
 
-/// The loop never runs a step in a final phase.
-fn unreachable_final(phase: Phase) -> Result<Event, StepError> {
-    Err(StepError::Unsupported(format!(
-        "no step runs in final phase {phase}"
-    )))
+/// The loop admits queued builds itself and never runs a step in a final phase.
+fn unreachable_here(phase: Phase) -> Result<Event, StepError> {
+    Err(StepError::Unsupported(format!("no step runs in phase {phase}")))
 }

@@ -81,6 +81,8 @@ pub struct DockerfileSource {
     pub context_path: String,
     /// The client's version tag of the Dockerfile (part of the cache key).
     pub dockerfile_version: String,
+    /// Whether the request carried git credentials (kept in memory only, never journaled).
+    pub git_auth: bool,
 }
 
 /// How the clone target of a Dockerfile build is read (mk3's `CloneTargetMode`).

@@ -561,6 +561,7 @@ mod tests {
                 .create(id, spec(), "b".into(), "w".into())
                 .await
                 .unwrap();
+            journal.transition(id, Event::Admitted).await.unwrap();
             journal.transition(id, Event::Resolved).await.unwrap();
             assert_eq!(journal.log(id, b"one\n".to_vec()).await.unwrap(), 0);
             assert_eq!(journal.log(id, b"two\n".to_vec()).await.unwrap(), 4);
@@ -607,15 +608,15 @@ mod tests {
                 workspace_ref: "w".into(),
                 at_ms: 1,
             };
-            let resolved = Record::Transition {
-                event: Event::Resolved,
+            let admitted = Record::Transition {
+                event: Event::Admitted,
                 at_ms: 2,
             };
             let view = BuildView::fold(id, [(0, &created)]).unwrap();
             let mut batch = WriteBatch::default();
             batch.records.push((id, 0, created.encode().unwrap()));
-            batch.records.push((id, 1, resolved.encode().unwrap()));
-            // The summary says Resolving at seq 0: one record behind.
+            batch.records.push((id, 1, admitted.encode().unwrap()));
+            // The summary says Queued at seq 0: one record behind.
             batch
                 .summaries
                 .push((id, record::encode(&view.summary()).unwrap()));
@@ -628,7 +629,7 @@ mod tests {
         let journal = Journal::open(dir.path()).unwrap();
         let summaries = journal.summaries().unwrap();
         assert_eq!(summaries.len(), 1, "orphan summary dropped");
-        assert_eq!(summaries[0].phase, Phase::CheckingCache);
+        assert_eq!(summaries[0].phase, Phase::Resolving);
         assert_eq!(summaries[0].last_seq, 1);
     }
 

@@ -2,15 +2,16 @@
 //! event in a state is rejected, so an illegal transition cannot be journaled.
 //!
 //! ```text
-//!   Resolving ──Resolved──▶ CheckingCache ──CacheHit──────────────────────────▶ Done
+//!   Queued ──Admitted──▶ Resolving ──Resolved──▶ CheckingCache ──CacheHit──────────────────────────▶ Done
 //!                                │                                              ▲
 //!                                └──CacheMiss──▶ Building ──Built──▶ Pushing ──Pushed
 //!
 //!   any working state ──Failed──▶ Failed        any working state ──Cancelled──▶ Cancelled
 //! ```
 //!
-//! Working states are Resolving, CheckingCache, Building and Pushing; Done, Failed and
-//! Cancelled are final and accept no event.
+//! Working states are Queued, Resolving, CheckingCache, Building and Pushing; Done, Failed and
+//! Cancelled are final and accept no event. A build waits in Queued until the concurrency limit
+//! admits it.
 
 use serde::{Deserialize, Serialize};
 use statig::prelude::*;
@@ -18,6 +19,8 @@ use statig::prelude::*;
 /// Something that happened to a build; applying it moves the build along one edge.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
+    /// The concurrency limit let the build start.
+    Admitted,
     /// The source resolved to a base image and a workspace ref.
     Resolved,
     /// The workspace image already exists and no rebuild was asked for.
@@ -47,6 +50,7 @@ impl Event {
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
+            Event::Admitted => "admitted",
             Event::Resolved => "resolved",
             Event::CacheHit => "cache_hit",
             Event::CacheMiss => "cache_miss",
@@ -61,6 +65,8 @@ impl Event {
 /// Where a build is in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
+    /// Waiting for a build slot.
+    Queued,
     /// Finding the base image.
     Resolving,
     /// Looking for the workspace image in the registry.
@@ -84,7 +90,8 @@ impl Phase {
     }
 
     /// Every phase, in lifecycle order.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
+        Phase::Queued,
         Phase::Resolving,
         Phase::CheckingCache,
         Phase::Building,
@@ -97,6 +104,7 @@ impl Phase {
     /// The phase's name as people read it.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Queued => "queued",
             Phase::Resolving => "resolving",
             Phase::CheckingCache => "checking_cache",
             Phase::Building => "building",
@@ -133,10 +141,18 @@ pub struct Lifecycle;
 pub struct Rejected(bool);
 
 #[state_machine(
-    initial = "State::resolving()",
+    initial = "State::queued()",
     state(derive(Clone, Debug, PartialEq, Eq))
 )]
 impl Lifecycle {
+    #[state(superstate = "working")]
+    fn queued(event: &Event) -> Outcome<State> {
+        match event {
+            Event::Admitted => Transition(State::resolving()),
+            _ => Super,
+        }
+    }
+
     #[state(superstate = "working")]
     fn resolving(event: &Event) -> Outcome<State> {
         match event {
@@ -225,7 +241,7 @@ impl std::fmt::Debug for Machine {
 }
 
 impl Machine {
-    /// A new build, in Resolving.
+    /// A new build, in Queued.
     pub fn new() -> Self {
         Self {
             inner: Lifecycle.state_machine(),
@@ -235,6 +251,7 @@ impl Machine {
     /// The current phase.
     pub fn phase(&self) -> Phase {
         match self.inner.state() {
+            State::Queued {} => Phase::Queued,
             State::Resolving {} => Phase::Resolving,
             State::CheckingCache {} => Phase::CheckingCache,
             State::Building {} => Phase::Building,
@@ -276,7 +293,8 @@ mod tests {
     #[test]
     fn happy_path_reaches_done() {
         let mut m = Machine::new();
-        assert_eq!(m.phase(), Phase::Resolving);
+        assert_eq!(m.phase(), Phase::Queued);
+        assert_eq!(m.apply(&Event::Admitted), Ok(Phase::Resolving));
         assert_eq!(m.apply(&Event::Resolved), Ok(Phase::CheckingCache));
         assert_eq!(m.apply(&Event::CacheMiss), Ok(Phase::Building));
         assert_eq!(m.apply(&Event::Built), Ok(Phase::Pushing));
@@ -289,6 +307,7 @@ mod tests {
     #[test]
     fn cache_hit_skips_the_build() {
         let mut m = Machine::new();
+        m.apply(&Event::Admitted).unwrap();
         m.apply(&Event::Resolved).unwrap();
         assert_eq!(m.apply(&Event::CacheHit), Ok(Phase::Done));
     }
@@ -296,10 +315,15 @@ mod tests {
     #[test]
     fn illegal_edges_are_rejected_and_leave_the_phase() {
         let mut m = Machine::new();
+        let err = m.apply(&Event::Resolved).unwrap_err();
+        assert_eq!(err.phase, Phase::Queued);
+        assert_eq!(err.event, "resolved");
+        m.apply(&Event::Admitted).unwrap();
         let err = m.apply(&Event::Built).unwrap_err();
         assert_eq!(err.phase, Phase::Resolving);
         assert_eq!(err.event, "built");
         assert_eq!(m.phase(), Phase::Resolving);
+        assert!(m.apply(&Event::Admitted).is_err(), "admitted only once");
     }
 
     #[test]
@@ -319,11 +343,12 @@ mod tests {
 
     #[test]
     fn every_working_phase_can_fail_and_be_cancelled() {
-        let paths: [&[Event]; 4] = [
+        let paths: [&[Event]; 5] = [
             &[],
-            &[Event::Resolved],
-            &[Event::Resolved, Event::CacheMiss],
-            &[Event::Resolved, Event::CacheMiss, Event::Built],
+            &[Event::Admitted],
+            &[Event::Admitted, Event::Resolved],
+            &[Event::Admitted, Event::Resolved, Event::CacheMiss],
+            &[Event::Admitted, Event::Resolved, Event::CacheMiss, Event::Built],
         ];
         for path in paths {
             for (end, phase) in [

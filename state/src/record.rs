@@ -112,6 +112,7 @@ mod tests {
                 dockerfile_path: "Dockerfile".into(),
                 context_path: ".".into(),
                 dockerfile_version: "1".into(),
+                git_auth: true,
             }),
             force_rebuild: true,
             triggered_by: "me".into(),

@@ -108,7 +108,7 @@ impl BuildView {
             workspace_ref: workspace_ref.clone(),
             created_at_ms: *at_ms,
             phases: vec![PhaseEntry {
-                phase: Phase::Resolving,
+                phase: Phase::Queued,
                 at_ms: *at_ms,
             }],
             failure: None,
@@ -191,6 +191,11 @@ impl BuildView {
         self.machine.phase()
     }
 
+    /// When the build entered `phase` last, if it did.
+    pub fn entered_at_ms(&self, phase: Phase) -> Option<i64> {
+        self.phases.iter().rev().find(|p| p.phase == phase).map(|p| p.at_ms)
+    }
+
     /// When the build reached a final phase, if it has.
     pub fn finished_at_ms(&self) -> Option<i64> {
         self.phase()
@@ -265,6 +270,7 @@ mod tests {
 
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
+            Just(Event::Admitted),
             Just(Event::Resolved),
             Just(Event::CacheHit),
             Just(Event::CacheMiss),

@@ -1,0 +1,123 @@
+//! buildah as the local builder: `bud` with vfs storage and chroot isolation (works as root
+//! without a container runtime), its storage under the data dir, then `push` to the base ref.
+
+use std::path::{Path, PathBuf};
+
+use image_builder_state::BuildId;
+use tokio::process::Command;
+
+use super::process::{self, Finished};
+use crate::context::BuildContext;
+use crate::orchestrator::BuildLog;
+
+/// buildah failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// buildah could not be started.
+    #[error("cannot run buildah: {0} (is it installed? the README's setup installs it)")]
+    Start(std::io::Error),
+    /// buildah ran and failed; its last lines say why.
+    #[error("buildah {action} failed ({status}): {tail}")]
+    Failed {
+        /// `bud` or `push`.
+        action: &'static str,
+        /// The exit status.
+        status: String,
+        /// buildah's last lines.
+        tail: String,
+    },
+    /// The registries configuration could not be written.
+    #[error("cannot write {path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A buildah with its own storage.
+#[derive(Debug, Clone)]
+pub struct Buildah {
+    dir: PathBuf,
+}
+
+impl Buildah {
+    /// A buildah keeping its storage in `dir`, speaking plain HTTP to `insecure_registries`.
+    pub fn new(dir: PathBuf, insecure_registries: &[String]) -> Result<Self, Error> {
+        let buildah = Self { dir };
+        let conf = buildah.registries_conf();
+        let mut text = String::from(
+            "# Written by image-builder at start from insecureRegistries.\n\
+             unqualified-search-registries = [\"docker.io\"]\n\
+             short-name-mode = \"permissive\"\n",
+        );
+        for host in insecure_registries {
+            text.push_str(&format!("\n[[registry]]\nlocation = {host:?}\ninsecure = true\n"));
+        }
+        std::fs::create_dir_all(&buildah.dir)
+            .and_then(|()| std::fs::write(&conf, text))
+            .map_err(|source| Error::Config { path: conf, source })?;
+        Ok(buildah)
+    }
+
+    fn registries_conf(&self) -> PathBuf {
+        self.dir.join("registries.conf")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("buildah");
+        cmd.env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
+            .env("BUILDAH_ISOLATION", "chroot")
+            .env("LC_ALL", "C")
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(["--storage-driver", "vfs"]);
+        cmd
+    }
+
+    /// Builds the context into the local image `tag`, logging buildah's output line by line.
+    pub async fn build(&self, id: BuildId, context: &BuildContext, tag: &str, log: &BuildLog) -> Result<(), Error> {
+        let mut cmd = self.command();
+        cmd.args(["bud", "--isolation", "chroot", "--layers=false", "--format", "docker", "-f"])
+            .arg(&context.dockerfile)
+            .args(["-t", tag])
+            .arg(&context.context);
+        self.run(cmd, "bud", id, log).await
+    }
+
+    /// Pushes the local image `tag` to the registry under the same name.
+    pub async fn push(&self, id: BuildId, tag: &str, log: &BuildLog) -> Result<(), Error> {
+        let mut cmd = self.command();
+        cmd.args(["push", tag, &format!("docker://{tag}")]);
+        self.run(cmd, "push", id, log).await
+    }
+
+    /// Removes the local image `tag` (the pushed copy is what counts); failures only logged.
+    pub async fn remove(&self, tag: &str) {
+        let mut cmd = self.command();
+        cmd.args(["rmi", "--force", tag]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if let Err(e) = cmd.status().await {
+            tracing::warn!(%tag, error = %e, "cannot remove a built image from buildah's storage");
+        }
+    }
+
+    async fn run(&self, cmd: Command, action: &'static str, id: BuildId, log: &BuildLog) -> Result<(), Error> {
+        let Finished { status, tail } = process::run_logged(cmd, id, log).await.map_err(Error::Start)?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(Error::Failed {
+            action,
+            status: status.to_string(),
+            tail: tail.join(" / "),
+        })
+    }
+
+    /// Where buildah keeps its storage.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

@@ -1,0 +1,125 @@
+//! Child processes of a build (git, buildah): their output goes line by line into the build
+//! log as it is produced, and they are marked so that they can be found and stopped, whether
+//! the step is dropped (timeout, cancel, shutdown) or the service crashed and restarted.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{ExitStatus, Stdio};
+
+use futures::StreamExt;
+use image_builder_state::BuildId;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::Command;
+use tokio_stream::wrappers::SplitStream;
+
+use crate::orchestrator::BuildLog;
+
+/// Environment variable every build process carries, naming its build.
+pub const BUILD_ID_ENV: &str = "IMAGE_BUILDER_BUILD_ID";
+
+/// Output lines kept for error messages.
+const TAIL_LINES: usize = 6;
+
+/// How a process ended, with its last output lines for the error message.
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit status.
+    pub status: ExitStatus,
+    /// The last lines it printed (stdout and stderr together).
+    pub tail: Vec<String>,
+}
+
+/// Kills a build's processes when dropped, unless the process ended on its own.
+struct StopOnDrop {
+    id: BuildId,
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let stopped = stop_build_processes(self.id);
+            tracing::info!(build_id = %self.id, stopped, "stopped the build's processes");
+        }
+    }
+}
+
+/// Runs `cmd` for build `id`, appending each output line to `log` as it comes.
+pub async fn run_logged(mut cmd: Command, id: BuildId, log: &BuildLog) -> std::io::Result<Finished> {
+    cmd.env(BUILD_ID_ENV, id.to_string())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut guard = StopOnDrop { id, armed: true };
+    let stdout = child.stdout.take().map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
+    let stderr = child.stderr.take().map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
+    let mut lines = futures::stream::select(
+        futures::stream::iter(stdout).flatten(),
+        futures::stream::iter(stderr).flatten(),
+    );
+    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
+    while let Some(line) = lines.next().await {
+        let Ok(line) = line else { break };
+        let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text.clone());
+        log.line(text).await;
+    }
+    let status = child.wait().await?;
+    guard.armed = false;
+    Ok(Finished {
+        status,
+        tail: tail.into_iter().filter(|l| !l.trim().is_empty()).collect(),
+    })
+}
+
+/// Finds every process of build `id` (those carrying its marker, and all their descendants)
+/// and kills it. Returns how many were signalled. Used after a crash, when the builder of a
+/// resumed build may still be running, orphaned.
+pub fn stop_build_processes(id: BuildId) -> usize {
+    let marker = format!("{BUILD_ID_ENV}={id}");
+    let mut parents: HashMap<i32, Vec<i32>> = HashMap::new();
+    let mut marked = Vec::new();
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Some(ppid) = parent_of(pid) {
+            parents.entry(ppid).or_default().push(pid);
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+            marked.push(pid);
+        }
+    }
+    let mut doomed = HashSet::new();
+    let mut stack = marked;
+    while let Some(pid) = stack.pop() {
+        if doomed.insert(pid) {
+            stack.extend(parents.get(&pid).into_iter().flatten());
+        }
+    }
+    for &pid in &doomed {
+        // SAFETY: kill(2) with a pid we just found; at worst the process is already gone.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    doomed.len()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
