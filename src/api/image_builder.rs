@@ -52,6 +52,25 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
+/// so a listener that lost its stream continues where it was without a duplicate.
+pub const LOG_OFFSET_METADATA: &str = "x-image-builder-log-offset";
+
+fn log_offset(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
+    let Some(value) = metadata.get(LOG_OFFSET_METADATA) else {
+        return Ok(0);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {value:?}"
+            ))
+        })
+}
+
 fn parse_build_id(text: &str) -> Result<BuildId, Status> {
     text.parse()
         .map_err(|e: image_builder_state::build::ParseBuildIdError| {
@@ -208,6 +227,7 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let from_byte = log_offset(request.metadata())?;
         let req = request.into_inner();
         let id = if !req.build_id.trim().is_empty() {
             parse_build_id(req.build_id.trim())?
@@ -226,7 +246,16 @@ impl ImageBuilder for ImageBuilderService {
             let mut follower = orchestrator.follow(id, 0);
             while let Some(next) = follower.next().await {
                 let item = match next {
-                    Ok((_, Record::Log { data, .. })) => Ok(pb::LogsResponse { content: data }),
+                    Ok((_, Record::Log { offset, data })) => {
+                        let end = offset + data.len() as u64;
+                        if end <= from_byte {
+                            continue;
+                        }
+                        let skip = from_byte.saturating_sub(offset) as usize;
+                        Ok(pb::LogsResponse {
+                            content: data[skip..].to_vec(),
+                        })
+                    }
                     Ok(_) => continue,
                     Err(e) => Err(Status::from(Error::from(e))),
                 };

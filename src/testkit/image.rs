@@ -117,3 +117,26 @@ pub fn skopeo_inspect(reference: &str) -> Result<serde_json::Value> {
         detail: format!("output is not JSON: {e}"),
     })
 }
+
+/// Reads a file out of an image in a registry (plain HTTP): skopeo copies it to an OCI layout,
+/// umoci unpacks it.
+pub fn read_file_from_image(reference: &str, file: &str) -> Result<Vec<u8>> {
+    let dir = tempfile::Builder::new().prefix("image-read-").tempdir()?;
+    let layout = dir.path().join("layout");
+    let bundle = dir.path().join("bundle");
+    run(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            &format!("docker://{reference}"),
+            &format!("oci:{}:x", layout.display()),
+        ],
+    )?;
+    run(
+        "umoci",
+        &["unpack", "--rootless", "--image", &format!("{}:x", layout.display()), path(&bundle)],
+    )?;
+    Ok(std::fs::read(bundle.join("rootfs").join(file.trim_start_matches('/')))?)
+}

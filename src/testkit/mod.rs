@@ -1,16 +1,18 @@
 //! Real parts to run the service against, for the integration tests, the benchmarks and the
 //! demo: Debian's `docker-registry` on loopback, small base images made with umoci and pushed
-//! with skopeo, and the service binary as a child process. The service never uses this module.
+//! with skopeo, git repositories as build contexts, and the service binary as a child process. The service never uses this module.
 //!
 //! Child processes are started from one long-lived thread with `PR_SET_PDEATHSIG`, so they die
 //! with the process that started them, even when it is killed.
 
+mod git;
 mod image;
 mod process;
 mod registry;
 mod service;
 
-pub use image::{BaseImage, push_image, skopeo_inspect};
+pub use git::GitRepo;
+pub use image::{BaseImage, push_image, read_file_from_image, skopeo_inspect};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use service::Service;

@@ -20,12 +20,19 @@ pub struct Service {
     grpc_address: String,
     metrics_address: String,
     log: Arc<Mutex<String>>,
+    env: Vec<(String, String)>,
 }
 
 impl Service {
     /// Writes `config` (a JSON object; `dataDir`, `grpcAddress` and `metricsAddress` default to
     /// a temp dir and free ports) and starts `binary run --config` with it.
-    pub fn start(binary: &Path, mut config: serde_json::Value) -> Result<Self> {
+    pub fn start(binary: &Path, config: serde_json::Value) -> Result<Self> {
+        let mut service = Self::start_stopped(binary, config)?;
+        service.launch()?;
+        Ok(service)
+    }
+
+    fn start_stopped(binary: &Path, mut config: serde_json::Value) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("image-builder-")
             .tempdir()?;
@@ -38,16 +45,15 @@ impl Service {
                 .or_insert_with(|| "127.0.0.1:0".into());
         }
         std::fs::write(dir.path().join("config.json"), config.to_string())?;
-        let mut service = Self {
+        Ok(Self {
             binary: binary.to_owned(),
             dir,
             child: None,
             grpc_address: String::new(),
             metrics_address: String::new(),
             log: Arc::new(Mutex::new(String::new())),
-        };
-        service.launch()?;
-        Ok(service)
+            env: Vec::new(),
+        })
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -61,6 +67,8 @@ impl Service {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("IMAGE_BUILDER_LOG_FORMAT")
+            .env_remove("FAILPOINTS")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = spawn(command)?;
@@ -166,6 +174,20 @@ impl Service {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.launch()
+    }
+
+    /// Sets the environment of the next (re)start, e.g. `FAILPOINTS`; the previous one is
+    /// dropped.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Starts the service with `env` set for the first start only (see [`Service::set_env`]).
+    pub fn start_with_env(binary: &Path, config: serde_json::Value, env: &[(&str, &str)]) -> Result<Self> {
+        let mut service = Self::start_stopped(binary, config)?;
+        service.set_env(env);
+        service.launch()?;
+        Ok(service)
     }
 }
 

@@ -122,3 +122,86 @@ pub async fn metric(service: &Service, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A Build request for a Dockerfile in a git repository.
+pub fn dockerfile_build(
+    uri: &str,
+    mode: image_builder::proto::contentservice::CloneTargetMode,
+    target: &str,
+    dockerfile: &str,
+    context: &str,
+) -> pb::BuildRequest {
+    use image_builder::proto::contentservice as cs;
+    pb::BuildRequest {
+        source: Some(pb::BuildSource {
+            from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
+                source: Some(cs::WorkspaceInitializer {
+                    spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                        remote_uri: uri.into(),
+                        target_mode: mode as i32,
+                        clone_taget: target.into(),
+                        ..Default::default()
+                    })),
+                }),
+                dockerfile_version: "1".into(),
+                dockerfile_path: dockerfile.into(),
+                context_path: context.into(),
+            })),
+        }),
+        triggered_by: "tests".into(),
+        ..Default::default()
+    }
+}
+
+/// A Dockerfile build of the repository's default branch, `Dockerfile` at the root.
+pub fn head_build(uri: &str) -> pb::BuildRequest {
+    dockerfile_build(
+        uri,
+        image_builder::proto::contentservice::CloneTargetMode::RemoteHead,
+        "",
+        "Dockerfile",
+        ".",
+    )
+}
+
+/// Waits on a Logs stream until a line contains `needle`; returns what was read.
+pub async fn wait_for_log(
+    client: &mut ImageBuilderClient<Channel>,
+    build_id: &str,
+    needle: &str,
+) -> String {
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            build_id: build_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let chunk = stream
+            .message()
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("the log ended without {needle:?}:\n{seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk.content));
+    }
+    seen
+}
+
+/// Pids of live processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}

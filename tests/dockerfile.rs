@@ -1,0 +1,234 @@
+//! Dockerfile builds from git, for real: local git repositories, buildah, the registry.
+
+mod common;
+
+use common::*;
+use image_builder::proto::builder as pb;
+use image_builder::proto::contentservice::CloneTargetMode;
+use image_builder::testkit::{self, GitRepo, Service};
+use tonic::Code;
+
+fn dockerfile(base: &str, run: &str) -> String {
+    format!("FROM {base}\nCOPY greeting.txt /greeting.txt\nRUN {run}\n")
+}
+
+#[tokio::test]
+async fn a_dockerfile_with_run_and_copy_builds_from_each_kind_of_git_target() {
+    let shared = shared();
+    let run = "echo 'line one' && echo 'line two' && echo 'line three' >&2 && cat /greeting.txt > /ran.txt && echo built-by-run >> /ran.txt";
+    let repo = GitRepo::new(&[("Dockerfile", &dockerfile(&shared.base, run)), ("greeting.txt", "hello from main\n")]).unwrap();
+    let first_commit = repo.head().unwrap();
+    repo.commit(&[("greeting.txt", "hello again\n")], "second").unwrap();
+    repo.branch("feature").unwrap();
+    repo.commit(&[("greeting.txt", "hello from feature\n")], "feature").unwrap();
+    repo.switch("main").unwrap();
+
+    let service = service("dockerfile");
+    let mut client = service.client().await.unwrap();
+    let cases = [
+        (CloneTargetMode::RemoteHead, "", "hello again\n"),
+        (CloneTargetMode::RemoteBranch, "feature", "hello from feature\n"),
+        (CloneTargetMode::RemoteCommit, first_commit.as_str(), "hello from main\n"),
+    ];
+    for (mode, target, greeting) in cases {
+        let request = dockerfile_build(&repo.uri(), mode, target, "Dockerfile", ".");
+        let responses = build_all(&mut client, request.clone()).await.unwrap();
+        let last = responses.last().unwrap();
+        let id = build_id(&responses[0]);
+        let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+        assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{mode:?}: {last:?}\n{log}");
+        // buildah's own output, line by line, in the journaled log.
+        for line in ["STEP 3/3: RUN", "line one\n", "line two\n", "line three\n", "cloning"] {
+            assert!(log.contains(line), "{mode:?}: {line:?} missing from\n{log}");
+        }
+        assert!(
+            last.base_ref.starts_with(&format!("{}/dockerfile/base:", shared.registry.addr())),
+            "{}",
+            last.base_ref
+        );
+        let ran = testkit::read_file_from_image(&last.r#ref, "/ran.txt").unwrap();
+        assert_eq!(String::from_utf8(ran).unwrap(), format!("{greeting}built-by-run\n"), "{mode:?}");
+
+        let again = build_all(&mut client, request).await.unwrap();
+        assert_eq!(again.len(), 1, "second build of the same source is a cache hit");
+    }
+    // The work directories are gone once builds end.
+    let work = service.data_dir().join("work");
+    let left: Vec<_> = std::fs::read_dir(&work).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn failures_end_in_done_failure_with_the_builders_own_words() {
+    let shared = shared();
+    let failing = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "echo about-to-fail && exit 3")),
+        ("greeting.txt", "hi\n"),
+    ])
+    .unwrap();
+    failing.commit_symlink("Escape", "/etc/hostname").unwrap();
+    let service = service("failures");
+    let mut client = service.client().await.unwrap();
+
+    let cases = [
+        (head_build(&failing.uri()), "buildah bud failed", "about-to-fail\n"),
+        (
+            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteHead, "", "nope/Dockerfile", "."),
+            "the Dockerfile \"nope/Dockerfile\" does not exist",
+            "cloning",
+        ),
+        (head_build("file:///nonexistent/repository"), "git clone failed", "does not exist"),
+        (
+            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteBranch, "no-such-branch", "Dockerfile", "."),
+            "git clone failed",
+            "no-such-branch",
+        ),
+        (
+            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteHead, "", "Escape", "."),
+            "leaves the repository",
+            "cloning",
+        ),
+    ];
+    for (request, message, log_line) in cases {
+        let responses = build_all(&mut client, request).await.unwrap();
+        let last = responses.last().unwrap();
+        assert_eq!(status(last), pb::BuildStatus::DoneFailure, "{last:?}");
+        assert!(last.message.contains(message), "{:?} lacks {message:?}", last.message);
+        let log = String::from_utf8(logs_all(&mut client, &build_id(&responses[0])).await.unwrap()).unwrap();
+        assert!(log.contains(log_line), "log lacks {log_line:?}:\n{log}");
+        if message.starts_with("buildah") {
+            assert!(log.contains("Error: building at STEP"), "buildah's own error line:\n{log}");
+        }
+        assert!(log.contains("build failed: "), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn requests_that_escape_or_use_other_initializers_are_invalid() {
+    use image_builder::proto::contentservice as cs;
+    let service = service("invalid");
+    let mut client = service.client().await.unwrap();
+    for (dockerfile, context) in [("../Dockerfile", "."), ("/etc/Dockerfile", "."), ("Dockerfile", "a/../../b")] {
+        let request = dockerfile_build("file:///x", CloneTargetMode::RemoteHead, "", dockerfile, context);
+        let err = build_all(&mut client, request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{dockerfile} {context}: {err:?}");
+        assert!(err.message().contains("leaves the repository"), "{}", err.message());
+    }
+    let mut snapshot = head_build("file:///x");
+    if let Some(pb::build_source::From::File(f)) = snapshot.source.as_mut().and_then(|s| s.from.as_mut()) {
+        f.source = Some(cs::WorkspaceInitializer {
+            spec: Some(cs::workspace_initializer::Spec::Snapshot(cs::SnapshotInitializer::default())),
+        });
+    }
+    let err = build_all(&mut client, snapshot).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("snapshot initializer"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn an_existing_base_image_skips_the_build() {
+    let shared = shared();
+    let repo = GitRepo::new(&[("Dockerfile", &dockerfile(&shared.base, "echo built")), ("greeting.txt", "x\n")]).unwrap();
+    // Two services share the base repository but not the workspace repository.
+    let mut first_config = config(shared.registry.addr(), "skip");
+    first_config["workspaceImageRepository"] = format!("{}/skip/ws-one", shared.registry.addr()).into();
+    let mut second_config = first_config.clone();
+    second_config["workspaceImageRepository"] = format!("{}/skip/ws-two", shared.registry.addr()).into();
+    let one = Service::start(binary(), first_config).unwrap();
+    let two = Service::start(binary(), second_config).unwrap();
+    let mut c1 = one.client().await.unwrap();
+    let mut c2 = two.client().await.unwrap();
+    let r1 = build_all(&mut c1, head_build(&repo.uri())).await.unwrap();
+    assert_eq!(status(r1.last().unwrap()), pb::BuildStatus::DoneSuccess);
+    let r2 = build_all(&mut c2, head_build(&repo.uri())).await.unwrap();
+    assert_eq!(status(r2.last().unwrap()), pb::BuildStatus::DoneSuccess);
+    assert_eq!(r1.last().unwrap().base_ref, r2.last().unwrap().base_ref);
+    let log = String::from_utf8(logs_all(&mut c2, &build_id(&r2[0])).await.unwrap()).unwrap();
+    assert!(log.contains("exists already") && log.contains("skipping the build"), "{log}");
+    assert!(!log.contains("STEP 1/"), "buildah did not run:\n{log}");
+}
+
+#[tokio::test]
+async fn a_build_past_its_time_limit_fails_and_its_builder_is_stopped() {
+    let shared = shared();
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "echo sleeping && sleep 211")),
+        ("greeting.txt", "x\n"),
+    ])
+    .unwrap();
+    let mut config = config(shared.registry.addr(), "timeout");
+    config["buildTimeout"] = "4s".into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let responses = build_all(&mut client, head_build(&repo.uri())).await.unwrap();
+    let last = responses.last().unwrap();
+    assert_eq!(status(last), pb::BuildStatus::DoneFailure);
+    assert!(last.message.contains("time limit of 4s"), "{}", last.message);
+    assert!(processes_with("sleep 211").is_empty(), "the RUN step was stopped");
+}
+
+#[tokio::test]
+async fn a_long_log_is_truncated_with_a_marker_and_the_build_goes_on() {
+    let shared = shared();
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "for i in $(seq 1 400); do echo noisy-line-$i; done")),
+        ("greeting.txt", "x\n"),
+    ])
+    .unwrap();
+    let mut config = config(shared.registry.addr(), "logcap");
+    config["maxLogBytes"] = 4096.into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let responses = build_all(&mut client, head_build(&repo.uri())).await.unwrap();
+    assert_eq!(status(responses.last().unwrap()), pb::BuildStatus::DoneSuccess);
+    let log = String::from_utf8(logs_all(&mut client, &build_id(&responses[0])).await.unwrap()).unwrap();
+    assert!(log.len() <= 4096, "{}", log.len());
+    assert_eq!(log.matches("log truncated here").count(), 1, "{log}");
+    assert!(log.ends_with("later output is dropped, the build goes on\n"), "{log}");
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_queues_builds_in_order() {
+    let shared = shared();
+    let repos: Vec<GitRepo> = (0..3)
+        .map(|i| {
+            GitRepo::new(&[
+                ("Dockerfile", &dockerfile(&shared.base, &format!("echo build-{i} && sleep 1"))),
+                ("greeting.txt", "x\n"),
+            ])
+            .unwrap()
+        })
+        .collect();
+    let mut config = config(shared.registry.addr(), "queue");
+    config["maxConcurrentBuilds"] = 1.into();
+    let mut service = Service::start(binary(), config).unwrap();
+    let mut ids = Vec::new();
+    let mut calls = Vec::new();
+    for repo in &repos {
+        let mut client = service.client().await.unwrap();
+        let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+        ids.push(build_id(&stream.message().await.unwrap().unwrap()));
+        calls.push(tokio::spawn(async move {
+            let mut last = None;
+            while let Some(r) = stream.message().await.unwrap() {
+                last = Some(r);
+            }
+            last.unwrap()
+        }));
+    }
+    for call in calls {
+        assert_eq!(status(&call.await.unwrap()), pb::BuildStatus::DoneSuccess);
+    }
+    // The journal says when each build was admitted and when it ended.
+    service.stop();
+    let journal = image_builder_state::Journal::open(&service.data_dir().join("store")).unwrap();
+    let mut spans = Vec::new();
+    for id in &ids {
+        let view = journal.view(id.parse().unwrap()).unwrap().unwrap();
+        let admitted = view.entered_at_ms(image_builder_state::Phase::Resolving).unwrap();
+        spans.push((admitted, view.finished_at_ms().unwrap()));
+    }
+    for pair in spans.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "admitted in order, one at a time: {spans:?}");
+    }
+}
