@@ -1,0 +1,127 @@
+//! Crash anywhere, lose nothing: the service is killed with SIGKILL in each working state of a
+//! Dockerfile build, restarted, and each build ends as it would have without the crash, under
+//! the same build id, with one line in its log saying it was resumed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use image_builder::proto::builder as pb;
+use image_builder::testkit::{self, BaseImage, GitRepo, LocalRegistry, Service};
+
+const RESUMED: &str = "image-builder restarted; resuming this build at its last recorded step";
+
+fn repo(base: &str, run: &str) -> GitRepo {
+    GitRepo::new(&[
+        ("Dockerfile", &format!("FROM {base}\nRUN {run} && echo ran > /ran.txt\n")),
+        ("README", "context\n"),
+    ])
+    .unwrap()
+}
+
+/// Waits until the service's own log has a line with `needle`.
+async fn wait_for_service_log(service: &Service, needle: &str) {
+    for _ in 0..600 {
+        if service.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the service never logged {needle:?}:\n{}", service.log());
+}
+
+/// After the restart: the build ends done_success under `id`, alone, resumed once from
+/// `phase`, and its image has the file its RUN step wrote.
+async fn assert_resumed_to_success(service: &mut Service, id: &str, phase: &str) -> String {
+    service.set_env(&[]);
+    service.restart().unwrap();
+    let mut client = service.client().await.unwrap();
+    let log = String::from_utf8(logs_all(&mut client, id).await.unwrap()).unwrap();
+    assert_eq!(log.matches(RESUMED).count(), 1, "{log}");
+    assert!(log.contains(&format!("{RESUMED} ({phase})")), "{log}");
+    let list = client.list_builds(pb::ListBuildsRequest {}).await.unwrap().into_inner();
+    assert_eq!(list.builds.len(), 1, "{:?}", list.builds);
+    let build = &list.builds[0];
+    assert_eq!(build.build_id, id);
+    assert_eq!(build.status, pb::BuildStatus::DoneSuccess as i32, "{log}");
+    let ran = testkit::read_file_from_image(&build.r#ref, "/ran.txt").unwrap();
+    assert_eq!(ran, b"ran\n");
+    log
+}
+
+/// Starts a build with a failpoint pausing it right after `event`, kills the service there.
+async fn crash_after(event: &str, phase_logged: &str, phase: &str, name: &str) {
+    let shared = shared();
+    let repo = repo(&shared.base, "echo building");
+    let failpoint = format!("transition.{event}.after=pause");
+    let mut service = Service::start_with_env(
+        binary(),
+        config(shared.registry.addr(), name),
+        &[("FAILPOINTS", &failpoint)],
+    )
+    .unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let id = build_id(&stream.message().await.unwrap().unwrap());
+    wait_for_service_log(&service, &format!("build moved phase={phase_logged}")).await;
+    service.kill();
+    assert_resumed_to_success(&mut service, &id, phase).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_in_resolving() {
+    crash_after("admitted", "resolving", "resolving", "crash-resolving").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_in_checking_cache() {
+    crash_after("resolved", "checking_cache", "checking_cache", "crash-cache").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
+    let shared = shared();
+    let repo = repo(&shared.base, "echo sleeping-now && sleep 7");
+    let mut service = service("crash-building");
+    let mut client = service.client().await.unwrap();
+    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let id = build_id(&stream.message().await.unwrap().unwrap());
+    wait_for_log(&mut client, &id, "sleeping-now\n").await;
+    service.kill();
+    let orphans = processes_with("sleep 7");
+    assert!(!orphans.is_empty(), "the RUN step outlived the service, as after a real crash");
+
+    let log = assert_resumed_to_success(&mut service, &id, "building").await;
+    assert!(log.contains("builder processes left running by the previous run"), "{log}");
+    for pid in orphans {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "orphan {pid} was stopped");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_in_pushing_mid_upload() {
+    // Base images in one registry, workspace images in another: the copy streams every byte.
+    let source = LocalRegistry::start().unwrap();
+    let big = BaseImage::busybox(96 << 20).unwrap();
+    let base = testkit::push_image(&big, source.addr(), "big/busybox:1").unwrap();
+    let target = LocalRegistry::start().unwrap();
+    let repo = repo(&base, "echo small-change");
+    let config = serde_json::json!({
+        "baseImageRepository": format!("{}/crash-push/base", source.addr()),
+        "workspaceImageRepository": format!("{}/crash-push/workspace", target.addr()),
+        "insecureRegistries": [source.addr(), target.addr()],
+    });
+    let mut service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let seen = wait_for_log(&mut client, &id, "bytes from").await;
+    assert!(seen.contains("copying"), "{seen}");
+    service.kill();
+    let log = assert_resumed_to_success(&mut service, &id, "pushing").await;
+    assert!(log.starts_with(&seen), "the log before the crash is kept byte for byte");
+}
