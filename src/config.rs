@@ -122,7 +122,10 @@ impl Config {
             return Err(invalid("dataDir", "must name a directory"));
         }
         if self.build_timeout.is_zero() {
-            return Err(invalid("buildTimeout", "must be longer than zero, e.g. \"60m\""));
+            return Err(invalid(
+                "buildTimeout",
+                "must be longer than zero, e.g. \"60m\"",
+            ));
         }
         if self.max_concurrent_builds == 0 {
             return Err(invalid("maxConcurrentBuilds", "must be at least 1"));

@@ -43,7 +43,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let journal = Journal::open(&store)
         .with_context(|| format!("cannot open the build store in {}", store.display()))?;
     let registry = Arc::new(Registry::new(&config.insecure_registries));
-    let buildah = Buildah::new(config.data_dir.join(BUILDAH_DIR), &config.insecure_registries)?;
+    let buildah = Buildah::new(
+        config.data_dir.join(BUILDAH_DIR),
+        &config.insecure_registries,
+    )?;
     let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
     let steps = Steps {
         resolver: registry.clone(),

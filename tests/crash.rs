@@ -14,7 +14,10 @@ const RESUMED: &str = "image-builder restarted; resuming this build at its last 
 
 fn repo(base: &str, run: &str) -> GitRepo {
     GitRepo::new(&[
-        ("Dockerfile", &format!("FROM {base}\nRUN {run} && echo ran > /ran.txt\n")),
+        (
+            "Dockerfile",
+            &format!("FROM {base}\nRUN {run} && echo ran > /ran.txt\n"),
+        ),
         ("README", "context\n"),
     ])
     .unwrap()
@@ -33,14 +36,36 @@ async fn wait_for_service_log(service: &Service, needle: &str) {
 
 /// After the restart: the build ends done_success under `id`, alone, resumed once from
 /// `phase`, and its image has the file its RUN step wrote.
-async fn assert_resumed_to_success(service: &mut Service, id: &str, phase: &str) -> String {
+async fn assert_resumed_to_success(
+    service: &mut Service,
+    id: &str,
+    phase: &str,
+    rejoin: Option<pb::BuildRequest>,
+) -> String {
     service.set_env(&[]);
     service.restart().unwrap();
     let mut client = service.client().await.unwrap();
+    if let Some(request) = rejoin {
+        // A client coming back while the resumed build runs joins it.
+        let responses = build_all(&mut client, request).await.unwrap();
+        assert_eq!(build_id(&responses[0]), id, "{responses:?}");
+        assert!(
+            responses[0].message.contains("joined the running build"),
+            "{responses:?}"
+        );
+        assert_eq!(
+            status(responses.last().unwrap()),
+            pb::BuildStatus::DoneSuccess
+        );
+    }
     let log = String::from_utf8(logs_all(&mut client, id).await.unwrap()).unwrap();
     assert_eq!(log.matches(RESUMED).count(), 1, "{log}");
     assert!(log.contains(&format!("{RESUMED} ({phase})")), "{log}");
-    let list = client.list_builds(pb::ListBuildsRequest {}).await.unwrap().into_inner();
+    let list = client
+        .list_builds(pb::ListBuildsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.builds.len(), 1, "{:?}", list.builds);
     let build = &list.builds[0];
     assert_eq!(build.build_id, id);
@@ -62,11 +87,15 @@ async fn crash_after(event: &str, phase_logged: &str, phase: &str, name: &str) {
     )
     .unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let mut stream = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
     let id = build_id(&stream.message().await.unwrap().unwrap());
     wait_for_service_log(&service, &format!("build moved phase={phase_logged}")).await;
     service.kill();
-    assert_resumed_to_success(&mut service, &id, phase).await;
+    assert_resumed_to_success(&mut service, &id, phase, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,7 +105,13 @@ async fn killed_in_resolving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_in_checking_cache() {
-    crash_after("resolved", "checking_cache", "checking_cache", "crash-cache").await;
+    crash_after(
+        "resolved",
+        "checking_cache",
+        "checking_cache",
+        "crash-cache",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,15 +120,27 @@ async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
     let repo = repo(&shared.base, "echo sleeping-now && sleep 7");
     let mut service = service("crash-building");
     let mut client = service.client().await.unwrap();
-    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let mut stream = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
     let id = build_id(&stream.message().await.unwrap().unwrap());
     wait_for_log(&mut client, &id, "sleeping-now\n").await;
     service.kill();
     let orphans = processes_with("sleep 7");
-    assert!(!orphans.is_empty(), "the RUN step outlived the service, as after a real crash");
+    assert!(
+        !orphans.is_empty(),
+        "the RUN step outlived the service, as after a real crash"
+    );
 
-    let log = assert_resumed_to_success(&mut service, &id, "building").await;
-    assert!(log.contains("builder processes left running by the previous run"), "{log}");
+    let log =
+        assert_resumed_to_success(&mut service, &id, "building", Some(head_build(&repo.uri())))
+            .await;
+    assert!(
+        log.contains("builder processes left running by the previous run"),
+        "{log}"
+    );
     for pid in orphans {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
@@ -117,11 +164,18 @@ async fn killed_in_pushing_mid_upload() {
     });
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+    let mut stream = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
     let id = build_id(&stream.message().await.unwrap().unwrap());
     let seen = wait_for_log(&mut client, &id, "bytes from").await;
     assert!(seen.contains("copying"), "{seen}");
     service.kill();
-    let log = assert_resumed_to_success(&mut service, &id, "pushing").await;
-    assert!(log.starts_with(&seen), "the log before the crash is kept byte for byte");
+    let log = assert_resumed_to_success(&mut service, &id, "pushing", None).await;
+    assert!(
+        log.starts_with(&seen),
+        "the log before the crash is kept byte for byte"
+    );
 }

@@ -16,19 +16,33 @@ fn dockerfile(base: &str, run: &str) -> String {
 async fn a_dockerfile_with_run_and_copy_builds_from_each_kind_of_git_target() {
     let shared = shared();
     let run = "echo 'line one' && echo 'line two' && echo 'line three' >&2 && cat /greeting.txt > /ran.txt && echo built-by-run >> /ran.txt";
-    let repo = GitRepo::new(&[("Dockerfile", &dockerfile(&shared.base, run)), ("greeting.txt", "hello from main\n")]).unwrap();
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, run)),
+        ("greeting.txt", "hello from main\n"),
+    ])
+    .unwrap();
     let first_commit = repo.head().unwrap();
-    repo.commit(&[("greeting.txt", "hello again\n")], "second").unwrap();
+    repo.commit(&[("greeting.txt", "hello again\n")], "second")
+        .unwrap();
     repo.branch("feature").unwrap();
-    repo.commit(&[("greeting.txt", "hello from feature\n")], "feature").unwrap();
+    repo.commit(&[("greeting.txt", "hello from feature\n")], "feature")
+        .unwrap();
     repo.switch("main").unwrap();
 
     let service = service("dockerfile");
     let mut client = service.client().await.unwrap();
     let cases = [
         (CloneTargetMode::RemoteHead, "", "hello again\n"),
-        (CloneTargetMode::RemoteBranch, "feature", "hello from feature\n"),
-        (CloneTargetMode::RemoteCommit, first_commit.as_str(), "hello from main\n"),
+        (
+            CloneTargetMode::RemoteBranch,
+            "feature",
+            "hello from feature\n",
+        ),
+        (
+            CloneTargetMode::RemoteCommit,
+            first_commit.as_str(),
+            "hello from main\n",
+        ),
     ];
     for (mode, target, greeting) in cases {
         let request = dockerfile_build(&repo.uri(), mode, target, "Dockerfile", ".");
@@ -36,25 +50,46 @@ async fn a_dockerfile_with_run_and_copy_builds_from_each_kind_of_git_target() {
         let last = responses.last().unwrap();
         let id = build_id(&responses[0]);
         let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
-        assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{mode:?}: {last:?}\n{log}");
+        assert_eq!(
+            status(last),
+            pb::BuildStatus::DoneSuccess,
+            "{mode:?}: {last:?}\n{log}"
+        );
         // buildah's own output, line by line, in the journaled log.
-        for line in ["STEP 3/3: RUN", "line one\n", "line two\n", "line three\n", "cloning"] {
+        for line in [
+            "STEP 3/3: RUN",
+            "line one\n",
+            "line two\n",
+            "line three\n",
+            "cloning",
+        ] {
             assert!(log.contains(line), "{mode:?}: {line:?} missing from\n{log}");
         }
         assert!(
-            last.base_ref.starts_with(&format!("{}/dockerfile/base:", shared.registry.addr())),
+            last.base_ref
+                .starts_with(&format!("{}/dockerfile/base:", shared.registry.addr())),
             "{}",
             last.base_ref
         );
         let ran = testkit::read_file_from_image(&last.r#ref, "/ran.txt").unwrap();
-        assert_eq!(String::from_utf8(ran).unwrap(), format!("{greeting}built-by-run\n"), "{mode:?}");
+        assert_eq!(
+            String::from_utf8(ran).unwrap(),
+            format!("{greeting}built-by-run\n"),
+            "{mode:?}"
+        );
 
         let again = build_all(&mut client, request).await.unwrap();
-        assert_eq!(again.len(), 1, "second build of the same source is a cache hit");
+        assert_eq!(
+            again.len(),
+            1,
+            "second build of the same source is a cache hit"
+        );
     }
     // The work directories are gone once builds end.
     let work = service.data_dir().join("work");
-    let left: Vec<_> = std::fs::read_dir(&work).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
 
@@ -62,7 +97,10 @@ async fn a_dockerfile_with_run_and_copy_builds_from_each_kind_of_git_target() {
 async fn failures_end_in_done_failure_with_the_builders_own_words() {
     let shared = shared();
     let failing = GitRepo::new(&[
-        ("Dockerfile", &dockerfile(&shared.base, "echo about-to-fail && exit 3")),
+        (
+            "Dockerfile",
+            &dockerfile(&shared.base, "echo about-to-fail && exit 3"),
+        ),
         ("greeting.txt", "hi\n"),
     ])
     .unwrap();
@@ -71,20 +109,46 @@ async fn failures_end_in_done_failure_with_the_builders_own_words() {
     let mut client = service.client().await.unwrap();
 
     let cases = [
-        (head_build(&failing.uri()), "buildah bud failed", "about-to-fail\n"),
         (
-            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteHead, "", "nope/Dockerfile", "."),
+            head_build(&failing.uri()),
+            "buildah bud failed",
+            "about-to-fail\n",
+        ),
+        (
+            dockerfile_build(
+                &failing.uri(),
+                CloneTargetMode::RemoteHead,
+                "",
+                "nope/Dockerfile",
+                ".",
+            ),
             "the Dockerfile \"nope/Dockerfile\" does not exist",
             "cloning",
         ),
-        (head_build("file:///nonexistent/repository"), "git clone failed", "does not exist"),
         (
-            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteBranch, "no-such-branch", "Dockerfile", "."),
+            head_build("file:///nonexistent/repository"),
+            "git clone failed",
+            "does not exist",
+        ),
+        (
+            dockerfile_build(
+                &failing.uri(),
+                CloneTargetMode::RemoteBranch,
+                "no-such-branch",
+                "Dockerfile",
+                ".",
+            ),
             "git clone failed",
             "no-such-branch",
         ),
         (
-            dockerfile_build(&failing.uri(), CloneTargetMode::RemoteHead, "", "Escape", "."),
+            dockerfile_build(
+                &failing.uri(),
+                CloneTargetMode::RemoteHead,
+                "",
+                "Escape",
+                ".",
+            ),
             "leaves the repository",
             "cloning",
         ),
@@ -93,11 +157,23 @@ async fn failures_end_in_done_failure_with_the_builders_own_words() {
         let responses = build_all(&mut client, request).await.unwrap();
         let last = responses.last().unwrap();
         assert_eq!(status(last), pb::BuildStatus::DoneFailure, "{last:?}");
-        assert!(last.message.contains(message), "{:?} lacks {message:?}", last.message);
-        let log = String::from_utf8(logs_all(&mut client, &build_id(&responses[0])).await.unwrap()).unwrap();
+        assert!(
+            last.message.contains(message),
+            "{:?} lacks {message:?}",
+            last.message
+        );
+        let log = String::from_utf8(
+            logs_all(&mut client, &build_id(&responses[0]))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         assert!(log.contains(log_line), "log lacks {log_line:?}:\n{log}");
         if message.starts_with("buildah") {
-            assert!(log.contains("Error: building at STEP"), "buildah's own error line:\n{log}");
+            assert!(
+                log.contains("Error: building at STEP"),
+                "buildah's own error line:\n{log}"
+            );
         }
         assert!(log.contains("build failed: "), "{log}");
     }
@@ -108,32 +184,64 @@ async fn requests_that_escape_or_use_other_initializers_are_invalid() {
     use image_builder::proto::contentservice as cs;
     let service = service("invalid");
     let mut client = service.client().await.unwrap();
-    for (dockerfile, context) in [("../Dockerfile", "."), ("/etc/Dockerfile", "."), ("Dockerfile", "a/../../b")] {
-        let request = dockerfile_build("file:///x", CloneTargetMode::RemoteHead, "", dockerfile, context);
+    for (dockerfile, context) in [
+        ("../Dockerfile", "."),
+        ("/etc/Dockerfile", "."),
+        ("Dockerfile", "a/../../b"),
+    ] {
+        let request = dockerfile_build(
+            "file:///x",
+            CloneTargetMode::RemoteHead,
+            "",
+            dockerfile,
+            context,
+        );
         let err = build_all(&mut client, request).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{dockerfile} {context}: {err:?}");
-        assert!(err.message().contains("leaves the repository"), "{}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{dockerfile} {context}: {err:?}"
+        );
+        assert!(
+            err.message().contains("leaves the repository"),
+            "{}",
+            err.message()
+        );
     }
     let mut snapshot = head_build("file:///x");
-    if let Some(pb::build_source::From::File(f)) = snapshot.source.as_mut().and_then(|s| s.from.as_mut()) {
+    if let Some(pb::build_source::From::File(f)) =
+        snapshot.source.as_mut().and_then(|s| s.from.as_mut())
+    {
         f.source = Some(cs::WorkspaceInitializer {
-            spec: Some(cs::workspace_initializer::Spec::Snapshot(cs::SnapshotInitializer::default())),
+            spec: Some(cs::workspace_initializer::Spec::Snapshot(
+                cs::SnapshotInitializer::default(),
+            )),
         });
     }
     let err = build_all(&mut client, snapshot).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("snapshot initializer"), "{}", err.message());
+    assert!(
+        err.message().contains("snapshot initializer"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]
 async fn an_existing_base_image_skips_the_build() {
     let shared = shared();
-    let repo = GitRepo::new(&[("Dockerfile", &dockerfile(&shared.base, "echo built")), ("greeting.txt", "x\n")]).unwrap();
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "echo built")),
+        ("greeting.txt", "x\n"),
+    ])
+    .unwrap();
     // Two services share the base repository but not the workspace repository.
     let mut first_config = config(shared.registry.addr(), "skip");
-    first_config["workspaceImageRepository"] = format!("{}/skip/ws-one", shared.registry.addr()).into();
+    first_config["workspaceImageRepository"] =
+        format!("{}/skip/ws-one", shared.registry.addr()).into();
     let mut second_config = first_config.clone();
-    second_config["workspaceImageRepository"] = format!("{}/skip/ws-two", shared.registry.addr()).into();
+    second_config["workspaceImageRepository"] =
+        format!("{}/skip/ws-two", shared.registry.addr()).into();
     let one = Service::start(binary(), first_config).unwrap();
     let two = Service::start(binary(), second_config).unwrap();
     let mut c1 = one.client().await.unwrap();
@@ -144,7 +252,10 @@ async fn an_existing_base_image_skips_the_build() {
     assert_eq!(status(r2.last().unwrap()), pb::BuildStatus::DoneSuccess);
     assert_eq!(r1.last().unwrap().base_ref, r2.last().unwrap().base_ref);
     let log = String::from_utf8(logs_all(&mut c2, &build_id(&r2[0])).await.unwrap()).unwrap();
-    assert!(log.contains("exists already") && log.contains("skipping the build"), "{log}");
+    assert!(
+        log.contains("exists already") && log.contains("skipping the build"),
+        "{log}"
+    );
     assert!(!log.contains("STEP 1/"), "buildah did not run:\n{log}");
 }
 
@@ -152,7 +263,10 @@ async fn an_existing_base_image_skips_the_build() {
 async fn a_build_past_its_time_limit_fails_and_its_builder_is_stopped() {
     let shared = shared();
     let repo = GitRepo::new(&[
-        ("Dockerfile", &dockerfile(&shared.base, "echo sleeping && sleep 211")),
+        (
+            "Dockerfile",
+            &dockerfile(&shared.base, "echo sleeping && sleep 211"),
+        ),
         ("greeting.txt", "x\n"),
     ])
     .unwrap();
@@ -160,18 +274,33 @@ async fn a_build_past_its_time_limit_fails_and_its_builder_is_stopped() {
     config["buildTimeout"] = "4s".into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let responses = build_all(&mut client, head_build(&repo.uri())).await.unwrap();
+    let responses = build_all(&mut client, head_build(&repo.uri()))
+        .await
+        .unwrap();
     let last = responses.last().unwrap();
     assert_eq!(status(last), pb::BuildStatus::DoneFailure);
-    assert!(last.message.contains("time limit of 4s"), "{}", last.message);
-    assert!(processes_with("sleep 211").is_empty(), "the RUN step was stopped");
+    assert!(
+        last.message.contains("time limit of 4s"),
+        "{}",
+        last.message
+    );
+    assert!(
+        processes_with("sleep 211").is_empty(),
+        "the RUN step was stopped"
+    );
 }
 
 #[tokio::test]
 async fn a_long_log_is_truncated_with_a_marker_and_the_build_goes_on() {
     let shared = shared();
     let repo = GitRepo::new(&[
-        ("Dockerfile", &dockerfile(&shared.base, "for i in $(seq 1 400); do echo noisy-line-$i; done")),
+        (
+            "Dockerfile",
+            &dockerfile(
+                &shared.base,
+                "for i in $(seq 1 400); do echo noisy-line-$i; done",
+            ),
+        ),
         ("greeting.txt", "x\n"),
     ])
     .unwrap();
@@ -179,12 +308,25 @@ async fn a_long_log_is_truncated_with_a_marker_and_the_build_goes_on() {
     config["maxLogBytes"] = 4096.into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let responses = build_all(&mut client, head_build(&repo.uri())).await.unwrap();
-    assert_eq!(status(responses.last().unwrap()), pb::BuildStatus::DoneSuccess);
-    let log = String::from_utf8(logs_all(&mut client, &build_id(&responses[0])).await.unwrap()).unwrap();
+    let responses = build_all(&mut client, head_build(&repo.uri()))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(responses.last().unwrap()),
+        pb::BuildStatus::DoneSuccess
+    );
+    let log = String::from_utf8(
+        logs_all(&mut client, &build_id(&responses[0]))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert!(log.len() <= 4096, "{}", log.len());
     assert_eq!(log.matches("log truncated here").count(), 1, "{log}");
-    assert!(log.ends_with("later output is dropped, the build goes on\n"), "{log}");
+    assert!(
+        log.ends_with("later output is dropped, the build goes on\n"),
+        "{log}"
+    );
 }
 
 #[tokio::test]
@@ -193,7 +335,10 @@ async fn the_concurrency_limit_queues_builds_in_order() {
     let repos: Vec<GitRepo> = (0..3)
         .map(|i| {
             GitRepo::new(&[
-                ("Dockerfile", &dockerfile(&shared.base, &format!("echo build-{i} && sleep 1"))),
+                (
+                    "Dockerfile",
+                    &dockerfile(&shared.base, &format!("echo build-{i} && sleep 1")),
+                ),
                 ("greeting.txt", "x\n"),
             ])
             .unwrap()
@@ -206,7 +351,11 @@ async fn the_concurrency_limit_queues_builds_in_order() {
     let mut calls = Vec::new();
     for repo in &repos {
         let mut client = service.client().await.unwrap();
-        let mut stream = client.build(head_build(&repo.uri())).await.unwrap().into_inner();
+        let mut stream = client
+            .build(head_build(&repo.uri()))
+            .await
+            .unwrap()
+            .into_inner();
         ids.push(build_id(&stream.message().await.unwrap().unwrap()));
         calls.push(tokio::spawn(async move {
             let mut last = None;
@@ -225,10 +374,15 @@ async fn the_concurrency_limit_queues_builds_in_order() {
     let mut spans = Vec::new();
     for id in &ids {
         let view = journal.view(id.parse().unwrap()).unwrap().unwrap();
-        let admitted = view.entered_at_ms(image_builder_state::Phase::Resolving).unwrap();
+        let admitted = view
+            .entered_at_ms(image_builder_state::Phase::Resolving)
+            .unwrap();
         spans.push((admitted, view.finished_at_ms().unwrap()));
     }
     for pair in spans.windows(2) {
-        assert!(pair[1].0 >= pair[0].1, "admitted in order, one at a time: {spans:?}");
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "admitted in order, one at a time: {spans:?}"
+        );
     }
 }

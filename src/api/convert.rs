@@ -81,7 +81,8 @@ fn dockerfile(f: &pb::BuildSourceDockerfile) -> Result<DockerfileSource, Error> 
         dockerfile_version: f.dockerfile_version.clone(),
         git_auth: git_credentials(git)?.is_some(),
     };
-    context::validate_paths(&source).map_err(|e| Error::InvalidRequest(format!("source.file.{e}")))?;
+    context::validate_paths(&source)
+        .map_err(|e| Error::InvalidRequest(format!("source.file.{e}")))?;
     Ok(source)
 }
 
@@ -110,10 +111,12 @@ fn git_credentials(git: &cs::GitInitializer) -> Result<Option<GitCredentials>, E
 pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets), Error> {
     let source = source(req.source.as_ref())?;
     let git = match req.source.as_ref().and_then(|s| s.from.as_ref()) {
-        Some(pb::build_source::From::File(f)) => match f.source.as_ref().and_then(|i| i.spec.as_ref()) {
-            Some(cs::workspace_initializer::Spec::Git(git)) => git_credentials(git)?,
-            _ => None,
-        },
+        Some(pb::build_source::From::File(f)) => {
+            match f.source.as_ref().and_then(|i| i.spec.as_ref()) {
+                Some(cs::workspace_initializer::Spec::Git(git)) => git_credentials(git)?,
+                _ => None,
+            }
+        }
         _ => None,
     };
     let spec = BuildSpec {
@@ -133,9 +136,7 @@ pub fn status(phase: Phase) -> pb::BuildStatus {
         | Phase::Resolving
         | Phase::CheckingCache
         | Phase::Building
-        | Phase::Pushing => {
-            pb::BuildStatus::Running
-        }
+        | Phase::Pushing => pb::BuildStatus::Running,
         Phase::Done => pb::BuildStatus::DoneSuccess,
         Phase::Failed | Phase::Cancelled => pb::BuildStatus::DoneFailure,
     }

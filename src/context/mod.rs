@@ -162,27 +162,41 @@ impl GitCheckouts {
         match source.target_mode {
             CloneTargetMode::RemoteHead => {
                 let mut cmd = git(credentials);
-                cmd.args(["clone", "--depth", "1", "--", &source.remote_uri]).arg(dir_arg);
+                cmd.args(["clone", "--depth", "1", "--", &source.remote_uri])
+                    .arg(dir_arg);
                 run_git(cmd, "clone", id, log).await?;
             }
             CloneTargetMode::RemoteBranch | CloneTargetMode::LocalBranch => {
                 let mut cmd = git(credentials);
-                cmd.args(["clone", "--depth", "1", "--branch", target, "--", &source.remote_uri])
-                    .arg(dir_arg);
+                cmd.args([
+                    "clone",
+                    "--depth",
+                    "1",
+                    "--branch",
+                    target,
+                    "--",
+                    &source.remote_uri,
+                ])
+                .arg(dir_arg);
                 run_git(cmd, "clone", id, log).await?;
             }
             CloneTargetMode::RemoteCommit => {
                 let mut cmd = git(credentials);
-                cmd.args(["clone", "--no-checkout", "--", &source.remote_uri]).arg(dir_arg);
+                cmd.args(["clone", "--no-checkout", "--", &source.remote_uri])
+                    .arg(dir_arg);
                 run_git(cmd, "clone", id, log).await?;
                 let mut cmd = git(None);
-                cmd.arg("-C").arg(dir_arg).args(["checkout", "--quiet", "--detach", target]);
+                cmd.arg("-C")
+                    .arg(dir_arg)
+                    .args(["checkout", "--quiet", "--detach", target]);
                 run_git(cmd, "checkout", id, log).await?;
             }
         }
         // The remote URL may carry credentials; the checkout must not keep them.
         let mut cmd = git(None);
-        cmd.arg("-C").arg(dir_arg).args(["remote", "remove", "origin"]);
+        cmd.arg("-C")
+            .arg(dir_arg)
+            .args(["remote", "remove", "origin"]);
         run_git(cmd, "remote remove", id, log).await?;
         resolve(&dir, source)
     }
@@ -195,22 +209,32 @@ fn git(credentials: Option<&GitCredentials>) -> Command {
         .env("GIT_ASKPASS", "/bin/false")
         .env("LC_ALL", "C");
     if let Some(c) = credentials {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.password));
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.password));
         cmd.env("GIT_CONFIG_COUNT", "1")
             .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {token}"));
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {token}"),
+            );
     }
     cmd
 }
 
-async fn run_git(cmd: Command, action: &'static str, id: BuildId, log: &BuildLog) -> Result<(), Error> {
-    let Finished { status, tail } = process::run_logged(cmd, id, log)
-        .await
-        .map_err(|e| Error::Git {
-            action,
-            status: "not started".into(),
-            tail: e.to_string(),
-        })?;
+async fn run_git(
+    cmd: Command,
+    action: &'static str,
+    id: BuildId,
+    log: &BuildLog,
+) -> Result<(), Error> {
+    let Finished { status, tail } =
+        process::run_logged(cmd, id, log)
+            .await
+            .map_err(|e| Error::Git {
+                action,
+                status: "not started".into(),
+                tail: e.to_string(),
+            })?;
     if status.success() {
         return Ok(());
     }
@@ -251,7 +275,10 @@ fn resolve(root: &Path, source: &DockerfileSource) -> Result<BuildContext, Error
     let context = inside("context_path", &source.context_path)?
         .filter(|p| p.is_dir())
         .ok_or_else(|| Error::NoContext(source.context_path.clone()))?;
-    Ok(BuildContext { dockerfile, context })
+    Ok(BuildContext {
+        dockerfile,
+        context,
+    })
 }
 
 #[cfg(test)]
@@ -274,7 +301,11 @@ mod tests {
     fn paths_that_leave_on_their_face_are_refused() {
         assert!(validate_paths(&source("Dockerfile", ".")).is_ok());
         assert!(validate_paths(&source("sub/Dockerfile", "sub")).is_ok());
-        for (d, c) in [("/etc/passwd", "."), ("../Dockerfile", "."), ("Dockerfile", "a/../../b")] {
+        for (d, c) in [
+            ("/etc/passwd", "."),
+            ("../Dockerfile", "."),
+            ("Dockerfile", "a/../../b"),
+        ] {
             let err = validate_paths(&source(d, c)).unwrap_err();
             assert!(matches!(err, Error::Escape { .. }), "{d} {c}: {err}");
         }
@@ -291,10 +322,22 @@ mod tests {
         std::os::unix::fs::symlink("/", root.join("rootctx")).unwrap();
         let ok = resolve(&root, &source("Dockerfile", "ctx")).unwrap();
         assert!(ok.dockerfile.ends_with("repo/Dockerfile"));
-        assert!(matches!(resolve(&root, &source("Evil", ".")), Err(Error::Escape { .. })));
-        assert!(matches!(resolve(&root, &source("Dockerfile", "rootctx")), Err(Error::Escape { .. })));
-        assert!(matches!(resolve(&root, &source("Missing", ".")), Err(Error::NoDockerfile(_))));
-        let creds = GitCredentials { user: "u".into(), password: "p".into() };
+        assert!(matches!(
+            resolve(&root, &source("Evil", ".")),
+            Err(Error::Escape { .. })
+        ));
+        assert!(matches!(
+            resolve(&root, &source("Dockerfile", "rootctx")),
+            Err(Error::Escape { .. })
+        ));
+        assert!(matches!(
+            resolve(&root, &source("Missing", ".")),
+            Err(Error::NoDockerfile(_))
+        ));
+        let creds = GitCredentials {
+            user: "u".into(),
+            password: "p".into(),
+        };
         assert_eq!(format!("{creds:?}"), "GitCredentials(<redacted>)");
     }
 }

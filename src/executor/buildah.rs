@@ -53,7 +53,9 @@ impl Buildah {
              short-name-mode = \"permissive\"\n",
         );
         for host in insecure_registries {
-            text.push_str(&format!("\n[[registry]]\nlocation = {host:?}\ninsecure = true\n"));
+            text.push_str(&format!(
+                "\n[[registry]]\nlocation = {host:?}\ninsecure = true\n"
+            ));
         }
         std::fs::create_dir_all(&buildah.dir)
             .and_then(|()| std::fs::write(&conf, text))
@@ -79,12 +81,26 @@ impl Buildah {
     }
 
     /// Builds the context into the local image `tag`, logging buildah's output line by line.
-    pub async fn build(&self, id: BuildId, context: &BuildContext, tag: &str, log: &BuildLog) -> Result<(), Error> {
+    pub async fn build(
+        &self,
+        id: BuildId,
+        context: &BuildContext,
+        tag: &str,
+        log: &BuildLog,
+    ) -> Result<(), Error> {
         let mut cmd = self.command();
-        cmd.args(["bud", "--isolation", "chroot", "--layers=false", "--format", "docker", "-f"])
-            .arg(&context.dockerfile)
-            .args(["-t", tag])
-            .arg(&context.context);
+        cmd.args([
+            "bud",
+            "--isolation",
+            "chroot",
+            "--layers=false",
+            "--format",
+            "docker",
+            "-f",
+        ])
+        .arg(&context.dockerfile)
+        .args(["-t", tag])
+        .arg(&context.context);
         self.run(cmd, "bud", id, log).await
     }
 
@@ -98,14 +114,24 @@ impl Buildah {
     /// Removes the local image `tag` (the pushed copy is what counts); failures only logged.
     pub async fn remove(&self, tag: &str) {
         let mut cmd = self.command();
-        cmd.args(["rmi", "--force", tag]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.args(["rmi", "--force", tag])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         if let Err(e) = cmd.status().await {
             tracing::warn!(%tag, error = %e, "cannot remove a built image from buildah's storage");
         }
     }
 
-    async fn run(&self, cmd: Command, action: &'static str, id: BuildId, log: &BuildLog) -> Result<(), Error> {
-        let Finished { status, tail } = process::run_logged(cmd, id, log).await.map_err(Error::Start)?;
+    async fn run(
+        &self,
+        cmd: Command,
+        action: &'static str,
+        id: BuildId,
+        log: &BuildLog,
+    ) -> Result<(), Error> {
+        let Finished { status, tail } = process::run_logged(cmd, id, log)
+            .await
+            .map_err(Error::Start)?;
         if status.success() {
             return Ok(());
         }

@@ -28,7 +28,12 @@ impl LocalExecutor {
 
 #[async_trait]
 impl Build for LocalExecutor {
-    async fn build(&self, build: &BuildView, secrets: &BuildSecrets, log: &BuildLog) -> Result<(), StepError> {
+    async fn build(
+        &self,
+        build: &BuildView,
+        secrets: &BuildSecrets,
+        log: &BuildLog,
+    ) -> Result<(), StepError> {
         let source = match &build.spec.source {
             BuildSource::Reference { .. } => {
                 log.line(format!(
@@ -49,8 +54,11 @@ impl Build for LocalExecutor {
             .checkouts
             .checkout(build.id, source, secrets.git.as_ref(), log)
             .await?;
-        log.line(format!("building {} with buildah", build.base_ref)).await;
-        self.buildah.build(build.id, &context, &build.base_ref, log).await?;
+        log.line(format!("building {} with buildah", build.base_ref))
+            .await;
+        self.buildah
+            .build(build.id, &context, &build.base_ref, log)
+            .await?;
         log.line(format!("pushing {}", build.base_ref)).await;
         self.buildah.push(build.id, &build.base_ref, log).await?;
         self.buildah.remove(&build.base_ref).await;

@@ -44,7 +44,11 @@ impl Drop for StopOnDrop {
 }
 
 /// Runs `cmd` for build `id`, appending each output line to `log` as it comes.
-pub async fn run_logged(mut cmd: Command, id: BuildId, log: &BuildLog) -> std::io::Result<Finished> {
+pub async fn run_logged(
+    mut cmd: Command,
+    id: BuildId,
+    log: &BuildLog,
+) -> std::io::Result<Finished> {
     cmd.env(BUILD_ID_ENV, id.to_string())
         .process_group(0)
         .stdin(Stdio::null())
@@ -53,8 +57,14 @@ pub async fn run_logged(mut cmd: Command, id: BuildId, log: &BuildLog) -> std::i
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut guard = StopOnDrop { id, armed: true };
-    let stdout = child.stdout.take().map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
-    let stderr = child.stderr.take().map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
     let mut lines = futures::stream::select(
         futures::stream::iter(stdout).flatten(),
         futures::stream::iter(stderr).flatten(),
@@ -62,7 +72,9 @@ pub async fn run_logged(mut cmd: Command, id: BuildId, log: &BuildLog) -> std::i
     let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
     while let Some(line) = lines.next().await {
         let Ok(line) = line else { break };
-        let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+        let text = String::from_utf8_lossy(&line)
+            .trim_end_matches('\r')
+            .to_owned();
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
@@ -89,7 +101,11 @@ pub fn stop_build_processes(id: BuildId) -> usize {
         return 0;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid == me {
@@ -99,7 +115,10 @@ pub fn stop_build_processes(id: BuildId) -> usize {
             parents.entry(ppid).or_default().push(pid);
         }
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
             marked.push(pid);
         }
     }

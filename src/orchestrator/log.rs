@@ -10,8 +10,7 @@ use image_builder_state::{BuildId, Journal};
 use crate::registry::Progress;
 
 /// The line written once when a build's log reaches its size limit.
-pub const TRUNCATION_MARKER: &str =
-    "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
+pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
 
 #[derive(Debug)]
 struct Budget {

@@ -351,7 +351,12 @@ impl Orchestrator {
 
     /// Queues a build for a slot; the admission task starts it when one is free.
     fn spawn(&self, view: BuildView, resumed: bool) {
-        if self.inner.admissions.send(Admission { view, resumed }).is_err() {
+        if self
+            .inner
+            .admissions
+            .send(Admission { view, resumed })
+            .is_err()
+        {
             tracing::error!("the admission task is gone; the build resumes at next start");
         }
     }
@@ -394,7 +399,10 @@ impl Inner {
     /// Forgets what a build kept in memory once it has ended.
     fn forget(&self, workspace_ref: &str, id: BuildId) {
         self.forget_flight(workspace_ref, id);
-        self.secrets.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {

@@ -56,7 +56,12 @@ pub trait CheckCache: Send + Sync {
 pub trait Build: Send + Sync {
     /// Builds and pushes `build.base_ref` (or confirms there is nothing to build), logging as
     /// it goes.
-    async fn build(&self, build: &BuildView, secrets: &BuildSecrets, log: &BuildLog) -> Result<(), StepError>;
+    async fn build(
+        &self,
+        build: &BuildView,
+        secrets: &BuildSecrets,
+        log: &BuildLog,
+    ) -> Result<(), StepError>;
 
     /// Stops whatever an earlier run of this build left behind (a builder orphaned by a crash,
     /// a half-made work directory). Returns how many processes were stopped.

@@ -18,7 +18,12 @@ use super::{BuildLog, Inner, StepError};
 
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
 /// `slot` is its place under the concurrency limit, held until the task ends.
-pub(super) async fn drive(inner: Arc<Inner>, view: BuildView, resumed: bool, slot: OwnedSemaphorePermit) {
+pub(super) async fn drive(
+    inner: Arc<Inner>,
+    view: BuildView,
+    resumed: bool,
+    slot: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!("build", build_id = %view.id);
     run(inner, view, resumed).instrument(span).await;
     drop(slot);
@@ -34,7 +39,12 @@ fn failpoint(name: &str) {
 
 async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     let id = view.id;
-    let log = BuildLog::new(inner.journal.clone(), id, view.log_len, inner.limits.max_log_bytes);
+    let log = BuildLog::new(
+        inner.journal.clone(),
+        id,
+        view.log_len,
+        inner.limits.max_log_bytes,
+    );
     if resumed {
         log.line(format!(
             "image-builder restarted; resuming this build at its last recorded step ({})",
@@ -43,8 +53,10 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
         .await;
         let stopped = inner.steps.builder.stop_leftovers(id).await;
         if stopped > 0 {
-            log.line(format!("stopped {stopped} builder processes left running by the previous run"))
-                .await;
+            log.line(format!(
+                "stopped {stopped} builder processes left running by the previous run"
+            ))
+            .await;
         }
     }
     let secrets = inner.secrets_of(id);
@@ -89,27 +101,39 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     }
     inner.steps.builder.clean(id).await;
     let seconds = (now_ms() - view.created_at_ms).max(0) as f64 / 1000.0;
-    inner.metrics.build_done(view.phase() == Phase::Done, seconds);
+    inner
+        .metrics
+        .build_done(view.phase() == Phase::Done, seconds);
     inner.forget(&view.workspace_ref, id);
 }
 
 /// Time left before the build's limit, counted from its admission (which survives restarts).
 fn deadline(inner: &Inner, view: &BuildView) -> Duration {
-    let admitted = view.entered_at_ms(Phase::Resolving).unwrap_or(view.created_at_ms);
+    let admitted = view
+        .entered_at_ms(Phase::Resolving)
+        .unwrap_or(view.created_at_ms);
     let limit = inner.limits.build_timeout.as_millis() as i64;
     Duration::from_millis((admitted + limit - now_ms()).max(0) as u64)
 }
 
 /// Runs the step of the build's current phase and says what happened.
-async fn step(inner: &Inner, view: &BuildView, secrets: &super::BuildSecrets, log: &BuildLog) -> Event {
+async fn step(
+    inner: &Inner,
+    view: &BuildView,
+    secrets: &super::BuildSecrets,
+    log: &BuildLog,
+) -> Event {
     let phase = view.phase();
     let outcome = match phase {
         Phase::Resolving => resolve(inner, view, log).await,
         Phase::CheckingCache => check_cache(inner, view, log).await,
         Phase::Building => build(inner, view, secrets, log).await,
         Phase::Pushing => {
-            log.line(format!("copying {} to {}", view.base_ref, view.workspace_ref))
-                .await;
+            log.line(format!(
+                "copying {} to {}",
+                view.base_ref, view.workspace_ref
+            ))
+            .await;
             let pushed = inner
                 .steps
                 .pusher
@@ -134,12 +158,16 @@ async fn resolve(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Even
                     Ok(Event::Resolved)
                 }
                 None => Ok(Event::Failed {
-                    reason: format!("base image {} no longer exists in its registry", view.base_ref),
+                    reason: format!(
+                        "base image {} no longer exists in its registry",
+                        view.base_ref
+                    ),
                 }),
             }
         }
         BuildSource::Dockerfile(_) => {
-            log.line(format!("base image will be {}", view.base_ref)).await;
+            log.line(format!("base image will be {}", view.base_ref))
+                .await;
             Ok(Event::Resolved)
         }
     }
@@ -153,13 +181,19 @@ async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<
     }
     match inner.steps.cache.lookup(&view.workspace_ref).await? {
         Some(digest) => {
-            log.line(format!("workspace image {} exists ({digest})", view.workspace_ref))
-                .await;
+            log.line(format!(
+                "workspace image {} exists ({digest})",
+                view.workspace_ref
+            ))
+            .await;
             Ok(Event::CacheHit)
         }
         None => {
-            log.line(format!("workspace image {} does not exist yet", view.workspace_ref))
-                .await;
+            log.line(format!(
+                "workspace image {} does not exist yet",
+                view.workspace_ref
+            ))
+            .await;
             Ok(Event::CacheMiss)
         }
     }
@@ -171,15 +205,16 @@ async fn build(
     secrets: &super::BuildSecrets,
     log: &BuildLog,
 ) -> Result<Event, StepError> {
-    if matches!(view.spec.source, BuildSource::Dockerfile(_)) && !view.spec.force_rebuild {
-        if let Some(digest) = inner.steps.cache.lookup(&view.base_ref).await? {
-            log.line(format!(
-                "base image {} exists already ({digest}); skipping the build",
-                view.base_ref
-            ))
-            .await;
-            return Ok(Event::Built);
-        }
+    if matches!(view.spec.source, BuildSource::Dockerfile(_))
+        && !view.spec.force_rebuild
+        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref).await?
+    {
+        log.line(format!(
+            "base image {} exists already ({digest}); skipping the build",
+            view.base_ref
+        ))
+        .await;
+        return Ok(Event::Built);
     }
     inner.steps.builder.build(view, secrets, log).await?;
     Ok(Event::Built)
@@ -198,5 +233,7 @@ fn phase_action(phase: Phase) -> &'static str {
 
 /// The loop admits queued builds itself and never runs a step in a final phase.
 fn unreachable_here(phase: Phase) -> Result<Event, StepError> {
-    Err(StepError::Unsupported(format!("no step runs in phase {phase}")))
+    Err(StepError::Unsupported(format!(
+        "no step runs in phase {phase}"
+    )))
 }

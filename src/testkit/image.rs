@@ -136,7 +136,15 @@ pub fn read_file_from_image(reference: &str, file: &str) -> Result<Vec<u8>> {
     )?;
     run(
         "umoci",
-        &["unpack", "--rootless", "--image", &format!("{}:x", layout.display()), path(&bundle)],
+        &[
+            "unpack",
+            "--rootless",
+            "--image",
+            &format!("{}:x", layout.display()),
+            path(&bundle),
+        ],
     )?;
-    Ok(std::fs::read(bundle.join("rootfs").join(file.trim_start_matches('/')))?)
+    Ok(std::fs::read(
+        bundle.join("rootfs").join(file.trim_start_matches('/')),
+    )?)
 }

@@ -179,11 +179,18 @@ impl Service {
     /// Sets the environment of the next (re)start, e.g. `FAILPOINTS`; the previous one is
     /// dropped.
     pub fn set_env(&mut self, env: &[(&str, &str)]) {
-        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Starts the service with `env` set for the first start only (see [`Service::set_env`]).
-    pub fn start_with_env(binary: &Path, config: serde_json::Value, env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start_with_env(
+        binary: &Path,
+        config: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut service = Self::start_stopped(binary, config)?;
         service.set_env(env);
         service.launch()?;

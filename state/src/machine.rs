@@ -348,7 +348,12 @@ mod tests {
             &[Event::Admitted],
             &[Event::Admitted, Event::Resolved],
             &[Event::Admitted, Event::Resolved, Event::CacheMiss],
-            &[Event::Admitted, Event::Resolved, Event::CacheMiss, Event::Built],
+            &[
+                Event::Admitted,
+                Event::Resolved,
+                Event::CacheMiss,
+                Event::Built,
+            ],
         ];
         for path in paths {
             for (end, phase) in [

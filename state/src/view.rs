@@ -193,7 +193,11 @@ impl BuildView {
 
     /// When the build entered `phase` last, if it did.
     pub fn entered_at_ms(&self, phase: Phase) -> Option<i64> {
-        self.phases.iter().rev().find(|p| p.phase == phase).map(|p| p.at_ms)
+        self.phases
+            .iter()
+            .rev()
+            .find(|p| p.phase == phase)
+            .map(|p| p.at_ms)
     }
 
     /// When the build reached a final phase, if it has.
