@@ -1,7 +1,8 @@
 //! `image-builder demo`: the main job on a fresh machine. Starts Debian's docker-registry on
 //! loopback, pushes a small busybox image to it, starts this binary's `run` on a generated
-//! config, builds a workspace image through the gRPC API, and prints its status, its log, the
-//! build list, a second (cached) build and skopeo's view of the result.
+//! config, builds a workspace image from the image and one from a Dockerfile in a local git
+//! repository (buildah), through the gRPC API, and prints their status, their logs, the build
+//! list, a second (cached) build and skopeo's view of the result.
 
 use anyhow::Context;
 use image_builder::proto::builder as pb;
@@ -13,16 +14,56 @@ fn status_name(status: i32) -> &'static str {
         .unwrap_or("?")
 }
 
-async fn build(
-    client: &mut pb::image_builder_client::ImageBuilderClient<tonic::transport::Channel>,
-    reference: &str,
-) -> anyhow::Result<String> {
+type Client = pb::image_builder_client::ImageBuilderClient<tonic::transport::Channel>;
+
+fn ref_source(reference: &str) -> pb::BuildSource {
+    pb::BuildSource {
+        from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
+            r#ref: reference.into(),
+        })),
+    }
+}
+
+fn git_source(uri: &str) -> pb::BuildSource {
+    use image_builder::proto::contentservice as cs;
+    pb::BuildSource {
+        from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
+            source: Some(cs::WorkspaceInitializer {
+                spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                    remote_uri: uri.into(),
+                    target_mode: cs::CloneTargetMode::RemoteBranch as i32,
+                    clone_taget: "main".into(),
+                    ..Default::default()
+                })),
+            }),
+            dockerfile_version: "1".into(),
+            dockerfile_path: "Dockerfile".into(),
+            context_path: ".".into(),
+        })),
+    }
+}
+
+async fn print_logs(client: &mut Client, build_id: &str) -> anyhow::Result<()> {
+    let mut logs = client
+        .logs(pb::LogsRequest {
+            build_id: build_id.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(chunk) = logs.message().await? {
+        text.extend(chunk.content);
+    }
+    for line in String::from_utf8_lossy(&text).lines() {
+        println!("  | {line}");
+    }
+    Ok(())
+}
+
+async fn build(client: &mut Client, source: pb::BuildSource) -> anyhow::Result<String> {
     let request = pb::BuildRequest {
-        source: Some(pb::BuildSource {
-            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
-                r#ref: reference.into(),
-            })),
-        }),
+        source: Some(source),
         triggered_by: "demo".into(),
         ..Default::default()
     };
@@ -74,20 +115,24 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
     );
     let mut client = service.client().await?;
 
-    println!("== Build {base}");
-    let build_id = build(&mut client, &base).await?;
-
+    println!("== Build from the image {base}");
+    let build_id = build(&mut client, ref_source(&base)).await?;
     println!("== Logs of build {build_id}");
-    let mut logs = client
-        .logs(pb::LogsRequest {
-            build_id: build_id.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while let Some(chunk) = logs.message().await? {
-        print!("  | {}", String::from_utf8_lossy(&chunk.content));
-    }
+    print_logs(&mut client, &build_id).await?;
+
+    println!("== Build from a Dockerfile in a local git repository (buildah)");
+    let repo = testkit::GitRepo::new(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nCOPY motd /etc/motd\nRUN echo \"built by image-builder\" >> /etc/motd && cat /etc/motd\n"
+            ),
+        ),
+        ("motd", "hello from the demo\n"),
+    ])?;
+    let dockerfile_build_id = build(&mut client, git_source(&repo.uri())).await?;
+    println!("== Logs of build {dockerfile_build_id}");
+    print_logs(&mut client, &dockerfile_build_id).await?;
 
     println!("== ListBuilds");
     let list = client
@@ -98,9 +143,10 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         println!("  {} {:<13} {}", b.build_id, status_name(b.status), b.r#ref);
     }
 
-    println!("== Build {base} again (expect a cache hit)");
-    build(&mut client, &base).await?;
+    println!("== Build from the image {base} again (expect a cache hit)");
+    build(&mut client, ref_source(&base)).await?;
 
+    // Newest first: the Dockerfile build.
     let workspace_ref = list
         .builds
         .first()
@@ -115,6 +161,11 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
             .as_array()
             .map(Vec::len)
             .unwrap_or_default()
+    );
+    let motd = testkit::read_file_from_image(&workspace_ref, "/etc/motd")?;
+    println!(
+        "  /etc/motd in the workspace image: {:?}",
+        String::from_utf8_lossy(&motd)
     );
 
     if keep {
