@@ -386,3 +386,86 @@ async fn the_concurrency_limit_queues_builds_in_order() {
         );
     }
 }
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn git_credentials_are_used_for_the_clone_and_never_written() {
+    use image_builder::proto::contentservice as cs;
+    let shared = shared();
+    let marker = "pw-marker-7f3a9c";
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "echo private")),
+        ("greeting.txt", "x\n"),
+    ])
+    .unwrap();
+    let remote = testkit::GitHttpServer::start(&repo, "builder", marker).unwrap();
+    let with_auth = |password: &str| {
+        let mut request = head_build(&remote.uri());
+        if let Some(pb::build_source::From::File(f)) =
+            request.source.as_mut().and_then(|s| s.from.as_mut())
+            && let Some(cs::workspace_initializer::Spec::Git(git)) =
+                f.source.as_mut().and_then(|s| s.spec.as_mut())
+        {
+            git.config = Some(cs::GitConfig {
+                authentication: cs::GitAuthMethod::BasicAuth as i32,
+                auth_user: "builder".into(),
+                auth_password: password.into(),
+                ..Default::default()
+            });
+        }
+        request
+    };
+    let service = service("gitauth");
+    let mut client = service.client().await.unwrap();
+
+    let denied = build_all(&mut client, head_build(&remote.uri()))
+        .await
+        .unwrap();
+    assert_eq!(status(denied.last().unwrap()), pb::BuildStatus::DoneFailure);
+    assert!(
+        denied.last().unwrap().message.contains("git clone failed"),
+        "{:?}",
+        denied.last()
+    );
+
+    let built = build_all(&mut client, with_auth(marker)).await.unwrap();
+    let id = build_id(&built[0]);
+    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    assert_eq!(
+        status(built.last().unwrap()),
+        pb::BuildStatus::DoneSuccess,
+        "{log}"
+    );
+    assert!(log.contains("private\n"), "{log}");
+
+    for text in [log, service.log(), format!("{built:?}{denied:?}")] {
+        assert!(!text.contains(marker), "the password leaked:\n{text}");
+    }
+    let leaked = files_containing(&service.data_dir(), marker.as_bytes());
+    assert!(leaked.is_empty(), "the password is at rest in {leaked:?}");
+}

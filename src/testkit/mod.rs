@@ -6,12 +6,14 @@
 //! with the process that started them, even when it is killed.
 
 mod git;
+mod git_http;
 mod image;
 mod process;
 mod registry;
 mod service;
 
 pub use git::GitRepo;
+pub use git_http::GitHttpServer;
 pub use image::{BaseImage, push_image, read_file_from_image, skopeo_inspect};
 pub use process::free_port;
 pub use registry::LocalRegistry;

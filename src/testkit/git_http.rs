@@ -1,0 +1,66 @@
+//! A private git remote over HTTP with basic auth (git http-backend behind a small Python
+//! server), for tests of git credentials.
+
+use std::process::{Child, Command, Stdio};
+
+use super::Result;
+use super::git::GitRepo;
+use super::process::{free_port, run, spawn, wait_for_port};
+
+const SERVER: &str = include_str!("git_http_server.py");
+
+/// Serves a bare copy of a repository at `http://127.0.0.1:PORT/repo.git`.
+pub struct GitHttpServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl GitHttpServer {
+    /// Serves `repo` to clients that authenticate as `user` / `password`.
+    pub fn start(repo: &GitRepo, user: &str, password: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("git-http-").tempdir()?;
+        let bare = dir.path().join("repo.git");
+        run(
+            "git",
+            &[
+                "clone",
+                "--quiet",
+                "--bare",
+                repo.path().to_str().unwrap_or_default(),
+                bare.to_str().unwrap_or_default(),
+            ],
+        )?;
+        let script = dir.path().join("server.py");
+        std::fs::write(&script, SERVER)?;
+        let port = free_port()?;
+        let mut command = Command::new("python3");
+        command
+            .arg(&script)
+            .arg(dir.path())
+            .arg(port.to_string())
+            .arg(user)
+            .arg(password)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = spawn(command)?;
+        wait_for_port(&format!("127.0.0.1:{port}"), "git http server", &mut child)?;
+        Ok(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// The clone URL.
+    pub fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}/repo.git", self.port)
+    }
+}
+
+impl Drop for GitHttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
