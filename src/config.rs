@@ -60,6 +60,22 @@ pub struct Config {
     /// on. Default 16 MiB.
     #[serde(default = "default_max_log_bytes")]
     pub max_log_bytes: u64,
+    /// Time one step may spend retrying transient registry faults (5xx, 429, resets,
+    /// timeouts) with exponential backoff. Default `60s`.
+    #[serde(default = "default_registry_retry_budget", with = "humantime_serde")]
+    pub registry_retry_budget: Duration,
+    /// Longest wait for a registry's answer (connecting, each read); past it the request is a
+    /// transient fault. Default `60s`.
+    #[serde(default = "default_registry_timeout", with = "humantime_serde")]
+    pub registry_timeout: Duration,
+}
+
+fn default_registry_retry_budget() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_registry_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_build_timeout() -> Duration {
@@ -129,6 +145,12 @@ impl Config {
         }
         if self.max_concurrent_builds == 0 {
             return Err(invalid("maxConcurrentBuilds", "must be at least 1"));
+        }
+        if self.registry_timeout.is_zero() {
+            return Err(invalid(
+                "registryTimeout",
+                "must be longer than zero, e.g. \"60s\"",
+            ));
         }
         if self.max_log_bytes < 1024 {
             return Err(invalid("maxLogBytes", "must be at least 1024"));

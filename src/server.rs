@@ -16,7 +16,7 @@ use crate::context::GitCheckouts;
 use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
 use crate::orchestrator::{Limits, Orchestrator, Repositories, Steps};
-use crate::registry::Registry;
+use crate::registry::{Registry, RetryPolicy};
 use crate::telemetry::{self, Metrics};
 
 /// How long running steps get to stop after a shutdown signal.
@@ -42,7 +42,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = config.data_dir.join(STORE_DIR);
     let journal = Journal::open(&store)
         .with_context(|| format!("cannot open the build store in {}", store.display()))?;
-    let registry = Arc::new(Registry::new(&config.insecure_registries));
+    let retry = RetryPolicy {
+        budget: config.registry_retry_budget,
+        ..RetryPolicy::default()
+    };
+    let registry = Arc::new(Registry::with_policy(
+        &config.insecure_registries,
+        retry,
+        config.registry_timeout,
+    ));
     let buildah = Buildah::new(
         config.data_dir.join(BUILDAH_DIR),
         &config.insecure_registries,

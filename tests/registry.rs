@@ -1,7 +1,7 @@
 //! The registry adapter against a real registry: index resolution and copies.
 
 use async_trait::async_trait;
-use image_builder::registry::{self, Progress, Registry};
+use image_builder::registry::{self, Progress, Registry, Untracked};
 use image_builder::testkit::{self, BaseImage, LocalRegistry};
 use oci_client::Reference;
 use oci_client::client::{Client, ClientConfig, ClientProtocol};
@@ -70,12 +70,12 @@ async fn an_index_resolves_to_its_linux_amd64_manifest() {
 
     let registry = Registry::new(std::slice::from_ref(&addr));
     let resolved = registry
-        .resolve(&format!("{addr}/multi/busybox:1"))
+        .resolve(&format!("{addr}/multi/busybox:1"), &Untracked)
         .await
         .unwrap();
     assert_eq!(resolved, format!("{addr}/multi/busybox@{amd64_digest}"));
     // A plain manifest resolves to itself, tag dropped.
-    let plain = registry.resolve(&amd64).await.unwrap();
+    let plain = registry.resolve(&amd64, &Untracked).await.unwrap();
     assert_eq!(plain, format!("{addr}/multi/busybox@{amd64_digest}"));
 }
 
@@ -86,7 +86,7 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     let base =
         testkit::push_image(&BaseImage::busybox(0).unwrap(), &addr, "src/busybox:1").unwrap();
     let registry = Registry::new(std::slice::from_ref(&addr));
-    let pinned = registry.resolve(&base).await.unwrap();
+    let pinned = registry.resolve(&base, &Untracked).await.unwrap();
     let to = format!("{addr}/dst/workspace:abc");
 
     let lines = Lines(Default::default());
@@ -114,20 +114,39 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
 
     assert_eq!(
         registry
-            .lookup(&format!("{addr}/dst/workspace:missing"))
+            .lookup(&format!("{addr}/dst/workspace:missing"), &Untracked)
             .await
             .unwrap(),
         None
     );
     let err = registry
-        .resolve(&format!("{addr}/src/busybox:missing"))
+        .resolve(&format!("{addr}/src/busybox:missing"), &Untracked)
         .await
         .unwrap_err();
     assert!(matches!(err, registry::Error::NotFound { .. }), "{err}");
-    // Nothing listens on port 1: a transient fault, not a verdict.
-    let err = Registry::new(&["127.0.0.1:1".into()])
-        .resolve("127.0.0.1:1/x:y")
-        .await
-        .unwrap_err();
-    assert!(err.is_transient(), "{err}");
+    // Nothing listens on port 1: a transient fault, retried until the budget is spent.
+    let policy = registry::RetryPolicy {
+        budget: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let closed = Registry::with_policy(
+        &["127.0.0.1:1".into()],
+        policy,
+        std::time::Duration::from_secs(1),
+    );
+    let lines = Lines(Default::default());
+    let err = closed.resolve("127.0.0.1:1/x:y", &lines).await.unwrap_err();
+    let registry::Error::RetriesExhausted { attempts, .. } = &err else {
+        panic!("expected the budget to run out: {err}");
+    };
+    assert!(*attempts >= 3, "{err}");
+    assert!(err.root().is_transient(), "{err}");
+    assert!(err.to_string().contains("registryRetryBudget"), "{err}");
+    let retries = lines.0.lock().unwrap().clone();
+    assert_eq!(
+        retries.len() as u32,
+        attempts - 1,
+        "one line per retry: {retries:?}"
+    );
+    assert!(retries[0].contains("retrying in"), "{retries:?}");
 }

@@ -32,7 +32,7 @@ impl From<orchestrator::Error> for Status {
 }
 
 fn registry_code(err: &registry::Error) -> Code {
-    match err {
+    match err.root() {
         registry::Error::BadReference { .. } => Code::InvalidArgument,
         registry::Error::NotFound { .. } => Code::NotFound,
         registry::Error::Unauthorized { .. } => Code::Unauthenticated,
@@ -41,6 +41,7 @@ fn registry_code(err: &registry::Error) -> Code {
             Code::Unavailable
         }
         registry::Error::Invalid { .. } => Code::FailedPrecondition,
+        registry::Error::RetriesExhausted { .. } => Code::Unavailable,
     }
 }
 

@@ -26,6 +26,7 @@ pub use log::BuildLog;
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
 use crate::refs::{self, DockerfileKey};
+use crate::registry::Untracked;
 use crate::telemetry::Metrics;
 
 /// Why the orchestrator could not do what was asked.
@@ -199,7 +200,12 @@ impl Orchestrator {
                 "ref is empty: name an image, e.g. alpine:3.20".into(),
             ));
         }
-        Ok(self.inner.steps.resolver.resolve(reference).await?)
+        Ok(self
+            .inner
+            .steps
+            .resolver
+            .resolve(reference, &Untracked)
+            .await?)
     }
 
     /// The refs a source resolves to (asks the registry for reference sources).
@@ -226,7 +232,7 @@ impl Orchestrator {
 
     /// The manifest digest of an image, if the registry has it.
     pub async fn lookup(&self, reference: &str) -> Result<Option<String>, Error> {
-        Ok(self.inner.steps.cache.lookup(reference).await?)
+        Ok(self.inner.steps.cache.lookup(reference, &Untracked).await?)
     }
 
     /// Accepts a build request: a cache hit, a join, or a new durable build. `secrets` stay

@@ -8,7 +8,7 @@ use image_builder_state::{BuildId, BuildView};
 use super::log::BuildLog;
 use crate::context::{self, GitCredentials};
 use crate::executor::buildah;
-use crate::registry;
+use crate::registry::{self, Progress};
 
 /// A step failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +40,21 @@ pub struct BuildSecrets {
 /// Finds the base image of a reference source.
 #[async_trait]
 pub trait Resolve: Send + Sync {
-    /// Resolves `reference` to its pinned form, `registry/repository@sha256:…`.
-    async fn resolve(&self, reference: &str) -> Result<String, StepError>;
+    /// Resolves `reference` to its pinned form, `registry/repository@sha256:…`, reporting
+    /// retries to `progress`.
+    async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, StepError>;
 }
 
 /// Looks images up in the registry (the cache check, and confirming a base image).
 #[async_trait]
 pub trait CheckCache: Send + Sync {
-    /// The manifest digest of `reference`, or `None` when the registry does not have it.
-    async fn lookup(&self, reference: &str) -> Result<Option<String>, StepError>;
+    /// The manifest digest of `reference`, or `None` when the registry does not have it,
+    /// reporting retries to `progress`.
+    async fn lookup(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+    ) -> Result<Option<String>, StepError>;
 }
 
 /// Makes the base image of a build exist.

@@ -152,7 +152,7 @@ async fn resolve(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Even
     match &view.spec.source {
         BuildSource::Reference { reference } => {
             log.line(format!("resolving base image {reference}")).await;
-            match inner.steps.cache.lookup(&view.base_ref).await? {
+            match inner.steps.cache.lookup(&view.base_ref, log).await? {
                 Some(_) => {
                     log.line(format!("base image is {}", view.base_ref)).await;
                     Ok(Event::Resolved)
@@ -179,7 +179,7 @@ async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<
             .await;
         return Ok(Event::CacheMiss);
     }
-    match inner.steps.cache.lookup(&view.workspace_ref).await? {
+    match inner.steps.cache.lookup(&view.workspace_ref, log).await? {
         Some(digest) => {
             log.line(format!(
                 "workspace image {} exists ({digest})",
@@ -207,7 +207,7 @@ async fn build(
 ) -> Result<Event, StepError> {
     if matches!(view.spec.source, BuildSource::Dockerfile(_))
         && !view.spec.force_rebuild
-        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref).await?
+        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref, log).await?
     {
         log.line(format!(
             "base image {} exists already ({digest}); skipping the build",

@@ -43,6 +43,16 @@ pub enum Error {
         /// What was accessed.
         what: String,
     },
+    /// Transient faults went on past the retry budget.
+    #[error("gave up after {attempts} attempts within the registry retry budget of {} (registryRetryBudget); last fault: {last}", humantime_serde::re::humantime::format_duration(*budget))]
+    RetriesExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The budget.
+        budget: std::time::Duration,
+        /// The last fault.
+        last: Box<Error>,
+    },
     /// A transient fault: 5xx, connection refused or reset, timeout.
     #[error("registry {registry} is unavailable while accessing {what}: {detail}")]
     Unavailable {
@@ -69,6 +79,14 @@ impl Error {
     /// True for faults that may pass if the request is made again later.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::RateLimited { .. } | Error::Unavailable { .. })
+    }
+
+    /// The fault behind a [`Error::RetriesExhausted`], or the error itself.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::RetriesExhausted { last, .. } => last.root(),
+            other => other,
+        }
     }
 
     /// Sorts an oci-client error by what it means for the caller.

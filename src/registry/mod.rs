@@ -3,6 +3,7 @@
 //! distribution protocol.
 
 mod error;
+mod retry;
 mod steps;
 
 use async_trait::async_trait;
@@ -15,8 +16,11 @@ use oci_client::manifest::{
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
+use std::time::Duration;
 
 pub use error::Error;
+use retry::Resource;
+pub use retry::RetryPolicy;
 
 /// Media types we accept when resolving: single-platform manifests and indexes.
 const RESOLVE_MEDIA_TYPES: &[&str] = &[
@@ -36,9 +40,22 @@ pub trait Progress: Send + Sync {
     async fn line(&self, text: String);
 }
 
+/// Progress that goes to the service's own log only (requests outside any build).
+pub struct Untracked;
+
+#[async_trait]
+impl Progress for Untracked {
+    async fn line(&self, text: String) {
+        tracing::info!("{text}");
+    }
+}
+
 /// A registry client for every registry the service talks to.
 pub struct Registry {
     client: Client,
+    http: reqwest::Client,
+    insecure: Vec<String>,
+    retry: RetryPolicy,
 }
 
 /// The parts of a manifest a copy needs.
@@ -83,17 +100,40 @@ fn pinned(reference: &Reference, digest: &str) -> String {
 }
 
 impl Registry {
-    /// A client that speaks plain HTTP to `insecure_registries` and HTTPS to the rest.
+    /// A client that speaks plain HTTP to `insecure_registries` and HTTPS to the rest, with
+    /// default retries and timeouts.
     pub fn new(insecure_registries: &[String]) -> Self {
+        Self::with_policy(
+            insecure_registries,
+            RetryPolicy::default(),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// A client with the given retry policy; `timeout` bounds each wait for a registry's
+    /// answer (connecting, and each read), so a stalled registry is a transient fault.
+    pub fn with_policy(
+        insecure_registries: &[String],
+        retry: RetryPolicy,
+        timeout: Duration,
+    ) -> Self {
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
-            connect_timeout: Some(std::time::Duration::from_secs(10)),
-            read_timeout: Some(std::time::Duration::from_secs(120)),
+            connect_timeout: Some(timeout.min(Duration::from_secs(10))),
+            read_timeout: Some(timeout),
             ..Default::default()
         };
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
         Self {
             client: Client::new(config),
+            http,
+            insecure: insecure_registries.to_vec(),
+            retry,
         }
     }
 
@@ -106,9 +146,17 @@ impl Registry {
     }
 
     /// Resolves a reference to `registry/repository@sha256:…`; an index resolves to its
-    /// linux/amd64 manifest.
-    pub async fn resolve(&self, reference: &str) -> Result<String, Error> {
+    /// linux/amd64 manifest. Transient faults are retried.
+    pub async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, Error> {
         let image = parse_reference(reference)?;
+        self.retrying(Resource::Manifest(&image), progress, || {
+            self.resolve_once(&image, reference)
+        })
+        .await
+    }
+
+    async fn resolve_once(&self, image: &Reference, reference: &str) -> Result<String, Error> {
+        let image = image.clone();
         let what = format!("image {reference}");
         let (bytes, digest) = self
             .client
@@ -136,8 +184,25 @@ impl Registry {
     }
 
     /// The manifest digest of an image, or `None` if the registry does not have it.
-    pub async fn lookup(&self, reference: &str) -> Result<Option<String>, Error> {
+    /// Transient faults are retried.
+    pub async fn lookup(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+    ) -> Result<Option<String>, Error> {
         let image = parse_reference(reference)?;
+        self.retrying(Resource::Manifest(&image), progress, || {
+            self.lookup_once(&image, reference)
+        })
+        .await
+    }
+
+    async fn lookup_once(
+        &self,
+        image: &Reference,
+        reference: &str,
+    ) -> Result<Option<String>, Error> {
+        let image = image.clone();
         match self
             .client
             .fetch_manifest_digest(&image, &RegistryAuth::Anonymous)
@@ -164,10 +229,13 @@ impl Registry {
         let target = parse_reference(to)?;
         let what = format!("image {from}");
         let (manifest, digest) = self
-            .client
-            .pull_manifest_raw(&source, &RegistryAuth::Anonymous, COPY_MEDIA_TYPES)
-            .await
-            .map_err(|e| Self::fail(&source, &what, e))?;
+            .retrying(Resource::Manifest(&source), progress, || async {
+                self.client
+                    .pull_manifest_raw(&source, &RegistryAuth::Anonymous, COPY_MEDIA_TYPES)
+                    .await
+                    .map_err(|e| Self::fail(&source, &what, e))
+            })
+            .await?;
         let blobs: ManifestBlobs =
             serde_json::from_slice(&manifest).map_err(|e| Error::Invalid {
                 registry: source.registry().to_owned(),
@@ -179,32 +247,33 @@ impl Registry {
             .chain(&blobs.layers)
             .collect();
         for (i, blob) in all.iter().enumerate() {
-            self.copy_blob(
-                &source,
-                &target,
-                blob,
-                same_registry,
-                (i + 1, all.len()),
-                progress,
-            )
+            let n = (i + 1, all.len());
+            self.retrying(Resource::Blob(&source, &blob.digest), progress, || {
+                self.copy_blob(&source, &target, blob, same_registry, n, progress)
+            })
             .await?;
         }
         let media_type = blobs
             .media_type
             .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
-        let content_type = media_type.parse().map_err(|_| Error::Invalid {
-            registry: source.registry().to_owned(),
-            what: what.clone(),
-            detail: format!("media type {media_type:?} is not a header value"),
-        })?;
-        self.client
-            .push_manifest_raw(&target, manifest, content_type)
-            .await
-            .map_err(|e| Self::fail(&target, &format!("manifest of {to}"), e))?;
+        let content_type: reqwest::header::HeaderValue =
+            media_type.parse().map_err(|_| Error::Invalid {
+                registry: source.registry().to_owned(),
+                what: what.clone(),
+                detail: format!("media type {media_type:?} is not a header value"),
+            })?;
+        let manifest = bytes::Bytes::from(manifest);
+        self.retrying(Resource::Manifest(&target), progress, || async {
+            self.client
+                .push_manifest_raw(&target, manifest.clone(), content_type.clone())
+                .await
+                .map_err(|e| Self::fail(&target, &format!("manifest of {to}"), e))
+        })
+        .await?;
         progress
             .line(format!("pushed manifest {digest} to {to}"))
             .await;
-        match self.lookup(to).await? {
+        match self.lookup(to, progress).await? {
             Some(found) if found == digest => Ok(digest),
             Some(found) => Err(Error::Invalid {
                 registry: target.registry().to_owned(),

@@ -2,20 +2,25 @@
 
 use async_trait::async_trait;
 
+use super::Progress;
 use super::Registry;
 use crate::orchestrator::{BuildLog, CheckCache, Push, Resolve, StepError};
 
 #[async_trait]
 impl Resolve for Registry {
-    async fn resolve(&self, reference: &str) -> Result<String, StepError> {
-        Ok(Registry::resolve(self, reference).await?)
+    async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, StepError> {
+        Ok(Registry::resolve(self, reference, progress).await?)
     }
 }
 
 #[async_trait]
 impl CheckCache for Registry {
-    async fn lookup(&self, reference: &str) -> Result<Option<String>, StepError> {
-        Ok(Registry::lookup(self, reference).await?)
+    async fn lookup(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+    ) -> Result<Option<String>, StepError> {
+        Ok(Registry::lookup(self, reference, progress).await?)
     }
 }
 
