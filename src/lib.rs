@@ -10,6 +10,7 @@ pub mod executor;
 pub mod orchestrator;
 pub mod proto;
 pub mod refs;
+pub mod scenario;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

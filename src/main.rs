@@ -31,6 +31,28 @@ enum Commands {
         #[arg(long)]
         keep: bool,
     },
+    /// Scenario-driven integration tests (see scenarios/README.md).
+    Scenario {
+        #[command(subcommand)]
+        command: ScenarioCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScenarioCommand {
+    /// Play scenario files against a service this command starts (or --target).
+    Run {
+        /// Scenario files (YAML).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Play against an already running service (host:port); steps that need to control
+        /// the service process or a fault proxy are skipped.
+        #[arg(long, value_name = "ADDR")]
+        target: Option<String>,
+        /// With --target: the registry (host:port, plain HTTP) to push base images to.
+        #[arg(long, value_name = "ADDR", requires = "target")]
+        registry: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +74,19 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!("{e}")),
         },
         Commands::Demo { keep } => runtime.block_on(demo::run(keep)),
+        Commands::Scenario {
+            command: ScenarioCommand::Run { files, target, registry },
+        } => {
+            let options = image_builder::scenario::Options {
+                binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("image-builder")),
+                target,
+                registry,
+            };
+            match runtime.block_on(image_builder::scenario::run_files(&files, &options)) {
+                0 => Ok(()),
+                failed => Err(anyhow::anyhow!("{failed} scenario(s) failed")),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

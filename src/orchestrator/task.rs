@@ -32,7 +32,11 @@ pub(super) async fn drive(
 /// Evaluates a named failpoint; a `pause` or `sleep` action blocks this worker only.
 fn failpoint(name: &str) {
     #[cfg(feature = "failpoints")]
-    tokio::task::block_in_place(|| fail::fail_point!(name));
+    if fail::list().iter().any(|(point, _)| point == name) {
+        // Scenario runners wait for this line before they act (kill the process, say).
+        tracing::info!(failpoint = %name, "failpoint reached");
+        tokio::task::block_in_place(|| fail::fail_point!(name));
+    }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
 }

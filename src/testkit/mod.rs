@@ -5,6 +5,7 @@
 //! Child processes are started from one long-lived thread with `PR_SET_PDEATHSIG`, so they die
 //! with the process that started them, even when it is killed.
 
+mod fault_proxy;
 mod git;
 mod git_http;
 mod image;
@@ -12,6 +13,7 @@ mod process;
 mod registry;
 mod service;
 
+pub use fault_proxy::{Fault, FaultKind, FaultProxy};
 pub use git::GitRepo;
 pub use git_http::GitHttpServer;
 pub use image::{BaseImage, push_image, read_file_from_image, skopeo_inspect};
