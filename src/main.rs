@@ -75,7 +75,12 @@ fn main() -> ExitCode {
         },
         Commands::Demo { keep } => runtime.block_on(demo::run(keep)),
         Commands::Scenario {
-            command: ScenarioCommand::Run { files, target, registry },
+            command:
+                ScenarioCommand::Run {
+                    files,
+                    target,
+                    registry,
+                },
         } => {
             let options = image_builder::scenario::Options {
                 binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("image-builder")),

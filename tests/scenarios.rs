@@ -20,7 +20,11 @@ fn main() {
     let trials = files
         .into_iter()
         .map(|file| {
-            let name = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let name = file
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             Trial::test(name, move || play(&file))
         })
         .collect();

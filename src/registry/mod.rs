@@ -262,7 +262,6 @@ impl Registry {
                 what: what.clone(),
                 detail: format!("media type {media_type:?} is not a header value"),
             })?;
-        let manifest = bytes::Bytes::from(manifest);
         self.retrying(Resource::Manifest(&target), progress, || async {
             self.client
                 .push_manifest_raw(&target, manifest.clone(), content_type.clone())

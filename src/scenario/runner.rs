@@ -105,8 +105,9 @@ pub async fn run_file(path: &Path, options: &Options) -> Report {
     let name = path.display().to_string();
     let scenario = match std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {name}: {e}"))
-        .and_then(|text| model::parse(&text).map_err(|e| format!("{name} is not a valid scenario: {e}")))
-    {
+        .and_then(|text| {
+            model::parse(&text).map_err(|e| format!("{name} is not a valid scenario: {e}"))
+        }) {
         Ok(scenario) => scenario,
         Err(e) => {
             return Report {
@@ -149,7 +150,9 @@ pub async fn run(scenario: Scenario, options: &Options) -> Report {
                 }
             }
         };
-        report.steps.push((i + 1, step.kind(), outcome, started.elapsed()));
+        report
+            .steps
+            .push((i + 1, step.kind(), outcome, started.elapsed()));
     }
     if failed && let Some(service) = &world.service {
         let log = service.log();
@@ -165,7 +168,9 @@ pub async fn run(scenario: Scenario, options: &Options) -> Report {
 }
 
 fn parse_status(text: &str) -> Result<pb::BuildStatus, String> {
-    pb::BuildStatus::from_str_name(text).ok_or_else(|| format!("{text:?} is not a BuildStatus (done_success, done_failure, running, unknown)"))
+    pb::BuildStatus::from_str_name(text).ok_or_else(|| {
+        format!("{text:?} is not a BuildStatus (done_success, done_failure, running, unknown)")
+    })
 }
 
 impl World {
@@ -182,21 +187,43 @@ impl World {
         };
         let proxy = match (env.proxy, &options.target) {
             (ProxyMode::None, _) | (_, Some(_)) => None,
-            _ => Some(FaultProxy::start(&registry_addr).await.map_err(|e| format!("fault proxy: {e}"))?),
+            _ => Some(
+                FaultProxy::start(&registry_addr)
+                    .await
+                    .map_err(|e| format!("fault proxy: {e}"))?,
+            ),
         };
-        let proxy_addr = proxy.as_ref().map(|p| p.addr().to_owned()).unwrap_or_default();
-        let via_base = if proxy.is_some() { &proxy_addr } else { &registry_addr };
-        let via_workspace = if env.proxy == ProxyMode::All { &proxy_addr } else { &registry_addr };
+        let proxy_addr = proxy
+            .as_ref()
+            .map(|p| p.addr().to_owned())
+            .unwrap_or_default();
+        let via_base = if proxy.is_some() {
+            &proxy_addr
+        } else {
+            &registry_addr
+        };
+        let via_workspace = if env.proxy == ProxyMode::All {
+            &proxy_addr
+        } else {
+            &registry_addr
+        };
         let mut vars = vec![
             ("${registry}".to_owned(), registry_addr.clone()),
             ("${proxy}".to_owned(), proxy_addr.clone()),
         ];
         for image in &env.base_images {
-            ensure!(!registry_addr.is_empty(), "base images need a registry: pass --registry with --target");
-            let made = BaseImage::busybox(image.payload_mb << 20).map_err(|e| format!("base image {}: {e}", image.name))?;
+            ensure!(
+                !registry_addr.is_empty(),
+                "base images need a registry: pass --registry with --target"
+            );
+            let made = BaseImage::busybox(image.payload_mb << 20)
+                .map_err(|e| format!("base image {}: {e}", image.name))?;
             testkit::push_image(&made, &registry_addr, &format!("base/{}:1", image.name))
                 .map_err(|e| format!("push base image {}: {e}", image.name))?;
-            vars.push((format!("${{base.{}}}", image.name), format!("{via_base}/base/{}:1", image.name)));
+            vars.push((
+                format!("${{base.{}}}", image.name),
+                format!("{via_base}/base/{}:1", image.name),
+            ));
         }
         let mut repos = HashMap::new();
         for spec in &env.git {
@@ -205,8 +232,12 @@ impl World {
                 .iter()
                 .map(|(path, content)| (path.clone(), expand(&vars, content)))
                 .collect();
-            let borrowed: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
-            let repo = GitRepo::new(&borrowed).map_err(|e| format!("git repository {}: {e}", spec.name))?;
+            let borrowed: Vec<(&str, &str)> = files
+                .iter()
+                .map(|(p, c)| (p.as_str(), c.as_str()))
+                .collect();
+            let repo = GitRepo::new(&borrowed)
+                .map_err(|e| format!("git repository {}: {e}", spec.name))?;
             vars.push((format!("${{git.{}}}", spec.name), repo.uri()));
             repos.insert(spec.name.clone(), repo);
         }
@@ -224,8 +255,12 @@ impl World {
                 for (key, value) in &env.config {
                     config[key] = value.clone();
                 }
-                let service = Service::start_with_env(&options.binary, config, &[("FAILPOINTS", &env.failpoints)])
-                    .map_err(|e| format!("service: {e}"))?;
+                let service = Service::start_with_env(
+                    &options.binary,
+                    config,
+                    &[("FAILPOINTS", &env.failpoints)],
+                )
+                .map_err(|e| format!("service: {e}"))?;
                 let url = service.grpc_url();
                 (Some(service), url)
             }
@@ -250,11 +285,15 @@ impl World {
     }
 
     fn service(&mut self) -> Result<&mut Service, String> {
-        self.service.as_mut().ok_or_else(|| "no service process to control".to_owned())
+        self.service
+            .as_mut()
+            .ok_or_else(|| "no service process to control".to_owned())
     }
 
     fn proxy(&self) -> Result<&FaultProxy, String> {
-        self.proxy.as_ref().ok_or_else(|| "the scenario has no fault proxy: set environment.proxy".to_owned())
+        self.proxy
+            .as_ref()
+            .ok_or_else(|| "the scenario has no fault proxy: set environment.proxy".to_owned())
     }
 
     /// Build names behind a build or group name.
@@ -266,16 +305,30 @@ impl World {
         Ok(vec![name.to_owned()])
     }
 
-    fn source(&self, reference: Option<&str>, dockerfile: Option<&DockerfileSpec>, version: Option<&str>) -> Result<pb::BuildSource, String> {
+    fn source(
+        &self,
+        reference: Option<&str>,
+        dockerfile: Option<&DockerfileSpec>,
+        version: Option<&str>,
+    ) -> Result<pb::BuildSource, String> {
         let from = match (reference, dockerfile) {
-            (Some(r), None) => pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: expand(&self.vars, r) }),
+            (Some(r), None) => pb::build_source::From::Ref(pb::BuildSourceReference {
+                r#ref: expand(&self.vars, r),
+            }),
             (None, Some(d)) => {
-                let repo = self.repos.get(&d.repo).ok_or_else(|| format!("no git repository named {:?}", d.repo))?;
+                let repo = self
+                    .repos
+                    .get(&d.repo)
+                    .ok_or_else(|| format!("no git repository named {:?}", d.repo))?;
                 let mode = match d.mode.as_str() {
                     "head" => cs::CloneTargetMode::RemoteHead,
                     "branch" => cs::CloneTargetMode::RemoteBranch,
                     "commit" => cs::CloneTargetMode::RemoteCommit,
-                    other => return Err(format!("dockerfile.mode {other:?} is not head, branch or commit")),
+                    other => {
+                        return Err(format!(
+                            "dockerfile.mode {other:?} is not head, branch or commit"
+                        ));
+                    }
                 };
                 pb::build_source::From::File(pb::BuildSourceDockerfile {
                     source: Some(cs::WorkspaceInitializer {
@@ -286,7 +339,9 @@ impl World {
                             ..Default::default()
                         })),
                     }),
-                    dockerfile_version: version.map(str::to_owned).unwrap_or_else(|| d.version.clone()),
+                    dockerfile_version: version
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| d.version.clone()),
                     dockerfile_path: d.path.clone(),
                     context_path: d.context.clone(),
                 })
@@ -300,7 +355,11 @@ impl World {
     async fn step(&mut self, step: &Step) -> Check {
         match step {
             Step::Build(spec) => self.build(spec).await,
-            Step::Wait { build, status, timeout_s } => {
+            Step::Wait {
+                build,
+                status,
+                timeout_s,
+            } => {
                 let want = status.as_deref().map(parse_status).transpose()?;
                 let timeout = Duration::from_secs(timeout_s.unwrap_or(180));
                 for name in self.members(build)? {
@@ -308,7 +367,12 @@ impl World {
                         .await
                         .map_err(|_| format!("{name} did not end within {timeout:?}"))??;
                     if let Some(want) = want {
-                        ensure!(got == want, "{name} ended {} ({message}), expected {}", got.as_str_name(), want.as_str_name());
+                        ensure!(
+                            got == want,
+                            "{name} ended {} ({message}), expected {}",
+                            got.as_str_name(),
+                            want.as_str_name()
+                        );
                     }
                 }
                 Ok(())
@@ -317,7 +381,10 @@ impl World {
                 let id = self.build_id(build).await?;
                 let mut client = self.client().await?;
                 let mut stream = client
-                    .logs(pb::LogsRequest { build_id: id, ..Default::default() })
+                    .logs(pb::LogsRequest {
+                        build_id: id,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(|e| format!("Logs: {e}"))?
                     .into_inner();
@@ -335,20 +402,34 @@ impl World {
                 let id = self.build_id(build).await?;
                 let mut client = self.client().await?;
                 let stream = client
-                    .logs(pb::LogsRequest { build_id: id, ..Default::default() })
+                    .logs(pb::LogsRequest {
+                        build_id: id,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(|e| format!("Logs: {e}"))?
                     .into_inner();
                 let listener = if *slow {
-                    Listener { build: build.clone(), slow: Some(stream), reader: None }
+                    Listener {
+                        build: build.clone(),
+                        slow: Some(stream),
+                        reader: None,
+                    }
                 } else {
-                    Listener { build: build.clone(), slow: None, reader: Some(tokio::spawn(drain(stream))) }
+                    Listener {
+                        build: build.clone(),
+                        slow: None,
+                        reader: Some(tokio::spawn(drain(stream))),
+                    }
                 };
                 self.listeners.insert(name.clone(), listener);
                 Ok(())
             }
             Step::Detach { listener } => {
-                let l = self.listeners.remove(listener).ok_or_else(|| format!("no listener named {listener:?}"))?;
+                let l = self
+                    .listeners
+                    .remove(listener)
+                    .ok_or_else(|| format!("no listener named {listener:?}"))?;
                 if let Some(reader) = l.reader {
                     reader.abort();
                 }
@@ -389,19 +470,39 @@ impl World {
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(format!("the service did not reach failpoint {point} within 60 s (is it configured with pause?)"))
+                Err(format!(
+                    "the service did not reach failpoint {point} within 60 s (is it configured with pause?)"
+                ))
             }
-            Step::ExpectStatus { build, status, message_contains } => {
+            Step::ExpectStatus {
+                build,
+                status,
+                message_contains,
+            } => {
                 let want = parse_status(status)?;
                 let (got, message) = self.final_status(build).await?;
-                ensure!(got == want, "{build} ended {} ({message}), expected {}", got.as_str_name(), want.as_str_name());
+                ensure!(
+                    got == want,
+                    "{build} ended {} ({message}), expected {}",
+                    got.as_str_name(),
+                    want.as_str_name()
+                );
                 if let Some(text) = message_contains {
                     let text = expand(&self.vars, text);
-                    ensure!(message.contains(&text), "{build}'s message {message:?} lacks {text:?}");
+                    ensure!(
+                        message.contains(&text),
+                        "{build}'s message {message:?} lacks {text:?}"
+                    );
                 }
                 Ok(())
             }
-            Step::ExpectLog { build, contains, not_contains, count, sequence } => {
+            Step::ExpectLog {
+                build,
+                contains,
+                not_contains,
+                count,
+                sequence,
+            } => {
                 let log = String::from_utf8_lossy(&self.full_log(build).await?).into_owned();
                 for text in contains {
                     let text = expand(&self.vars, text);
@@ -409,43 +510,78 @@ impl World {
                 }
                 for text in not_contains {
                     let text = expand(&self.vars, text);
-                    ensure!(!log.contains(&text), "{build}'s log contains {text:?}:\n{log}");
+                    ensure!(
+                        !log.contains(&text),
+                        "{build}'s log contains {text:?}:\n{log}"
+                    );
                 }
                 for (text, n) in count {
                     let found = log.matches(text.as_str()).count();
-                    ensure!(found == *n, "{build}'s log has {text:?} {found} times, expected {n}:\n{log}");
+                    ensure!(
+                        found == *n,
+                        "{build}'s log has {text:?} {found} times, expected {n}:\n{log}"
+                    );
                 }
                 if let Some(seq) = sequence {
-                    let got: Vec<&str> = log.lines().filter(|l| l.starts_with(&seq.prefix)).collect();
-                    let want: Vec<String> = (1..=seq.count).map(|i| format!("{}{i}", seq.prefix)).collect();
-                    ensure!(got == want, "{build}'s {}N lines are not 1..{} once each in order: {got:?}", seq.prefix, seq.count);
+                    let got: Vec<&str> =
+                        log.lines().filter(|l| l.starts_with(&seq.prefix)).collect();
+                    let want: Vec<String> = (1..=seq.count)
+                        .map(|i| format!("{}{i}", seq.prefix))
+                        .collect();
+                    ensure!(
+                        got == want,
+                        "{build}'s {}N lines are not 1..{} once each in order: {got:?}",
+                        seq.prefix,
+                        seq.count
+                    );
                 }
                 Ok(())
             }
             Step::ExpectListeners { build } => {
                 let full = self.full_log(build).await?;
-                let names: Vec<String> = self.listeners.iter().filter(|(_, l)| &l.build == build).map(|(n, _)| n.clone()).collect();
+                let names: Vec<String> = self
+                    .listeners
+                    .iter()
+                    .filter(|(_, l)| &l.build == build)
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 ensure!(!names.is_empty(), "no listener of {build}");
                 for name in names {
                     let l = self.listeners.remove(&name).ok_or("listener vanished")?;
                     let got = match (l.slow, l.reader) {
                         (Some(stream), _) => drain(stream).await,
-                        (None, Some(reader)) => reader.await.map_err(|e| format!("listener {name}: {e}"))?,
+                        (None, Some(reader)) => {
+                            reader.await.map_err(|e| format!("listener {name}: {e}"))?
+                        }
                         (None, None) => return Err(format!("listener {name} was detached")),
                     }
                     .map_err(|e| format!("listener {name}: {e}"))?;
-                    ensure!(got == full, "listener {name} got {} bytes that differ from the {}-byte log", got.len(), full.len());
+                    ensure!(
+                        got == full,
+                        "listener {name} got {} bytes that differ from the {}-byte log",
+                        got.len(),
+                        full.len()
+                    );
                 }
                 Ok(())
             }
-            Step::ExpectImage { build, file, content } => {
+            Step::ExpectImage {
+                build,
+                file,
+                content,
+            } => {
                 let reference = self.workspace_ref(build).await?;
-                testkit::skopeo_inspect(&reference).map_err(|e| format!("{reference} is not in the registry: {e}"))?;
+                testkit::skopeo_inspect(&reference)
+                    .map_err(|e| format!("{reference} is not in the registry: {e}"))?;
                 if let Some(file) = file {
-                    let bytes = testkit::read_file_from_image(&reference, file).map_err(|e| format!("{file} in {reference}: {e}"))?;
+                    let bytes = testkit::read_file_from_image(&reference, file)
+                        .map_err(|e| format!("{file} in {reference}: {e}"))?;
                     if let Some(content) = content {
                         let got = String::from_utf8_lossy(&bytes);
-                        ensure!(got == content.as_str(), "{file} holds {got:?}, expected {content:?}");
+                        ensure!(
+                            got == content.as_str(),
+                            "{file} holds {got:?}, expected {content:?}"
+                        );
                     }
                 }
                 Ok(())
@@ -462,19 +598,35 @@ impl World {
                 Ok(())
             }
             Step::ExpectBuilds { count } => {
-                let list = self.client().await?.list_builds(pb::ListBuildsRequest {}).await.map_err(|e| format!("ListBuilds: {e}"))?;
+                let list = self
+                    .client()
+                    .await?
+                    .list_builds(pb::ListBuildsRequest {})
+                    .await
+                    .map_err(|e| format!("ListBuilds: {e}"))?;
                 let n = list.into_inner().builds.len();
                 ensure!(n == *count, "the service has {n} builds, expected {count}");
                 Ok(())
             }
             Step::ExpectConcurrency { at_most } => self.expect_concurrency(*at_most).await,
-            Step::ExpectCall { call, reference, dockerfile, build_id, code } => {
+            Step::ExpectCall {
+                call,
+                reference,
+                dockerfile,
+                build_id,
+                code,
+            } => {
                 let want = parse_code(code)?;
                 let mut client = self.client().await?;
                 let got = match call.as_str() {
                     "build" => {
-                        let source = self.source(reference.as_deref(), dockerfile.as_ref(), None).ok();
-                        let request = pb::BuildRequest { source, ..Default::default() };
+                        let source = self
+                            .source(reference.as_deref(), dockerfile.as_ref(), None)
+                            .ok();
+                        let request = pb::BuildRequest {
+                            source,
+                            ..Default::default()
+                        };
                         match client.build(request).await {
                             Ok(mut stream) => loop {
                                 match stream.get_mut().message().await {
@@ -487,41 +639,85 @@ impl World {
                         }
                     }
                     "resolve_base_image" => {
-                        let r = reference.as_deref().map(|r| expand(&self.vars, r)).unwrap_or_default();
-                        code_of(client.resolve_base_image(pb::ResolveBaseImageRequest { r#ref: r, ..Default::default() }).await)
+                        let r = reference
+                            .as_deref()
+                            .map(|r| expand(&self.vars, r))
+                            .unwrap_or_default();
+                        code_of(
+                            client
+                                .resolve_base_image(pb::ResolveBaseImageRequest {
+                                    r#ref: r,
+                                    ..Default::default()
+                                })
+                                .await,
+                        )
                     }
                     "resolve_workspace_image" => {
-                        let source = self.source(reference.as_deref(), dockerfile.as_ref(), None).ok();
-                        code_of(client.resolve_workspace_image(pb::ResolveWorkspaceImageRequest { source, ..Default::default() }).await)
+                        let source = self
+                            .source(reference.as_deref(), dockerfile.as_ref(), None)
+                            .ok();
+                        code_of(
+                            client
+                                .resolve_workspace_image(pb::ResolveWorkspaceImageRequest {
+                                    source,
+                                    ..Default::default()
+                                })
+                                .await,
+                        )
                     }
                     "logs" => {
                         let id = build_id.clone().unwrap_or_default();
-                        code_of(client.logs(pb::LogsRequest { build_id: id, ..Default::default() }).await)
+                        code_of(
+                            client
+                                .logs(pb::LogsRequest {
+                                    build_id: id,
+                                    ..Default::default()
+                                })
+                                .await,
+                        )
                     }
-                    other => return Err(format!("call {other:?} is not build, resolve_base_image, resolve_workspace_image or logs")),
+                    other => {
+                        return Err(format!(
+                            "call {other:?} is not build, resolve_base_image, resolve_workspace_image or logs"
+                        ));
+                    }
                 };
                 ensure!(got == want, "{call} answered {got:?}, expected {want:?}");
                 Ok(())
             }
             Step::ExpectMetric { name, value } => {
                 let url = self.service()?.metrics_url();
-                let text = reqwest::get(&url).await.map_err(|e| format!("{url}: {e}"))?.text().await.map_err(|e| format!("{url}: {e}"))?;
+                let text = reqwest::get(&url)
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?
+                    .text()
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?;
                 let got = text
                     .lines()
                     .find(|l| l.starts_with(name.as_str()) && l[name.len()..].starts_with(' '))
                     .and_then(|l| l.rsplit(' ').next())
                     .and_then(|v| v.parse::<f64>().ok());
-                ensure!(got == Some(*value), "metric {name} is {got:?}, expected {value}");
+                ensure!(
+                    got == Some(*value),
+                    "metric {name} is {got:?}, expected {value}"
+                );
                 Ok(())
             }
             Step::ExpectFaultsServed { at_least } => {
                 let served = self.proxy()?.served();
-                ensure!(served >= *at_least, "the proxy served {served} faults, expected at least {at_least}");
+                ensure!(
+                    served >= *at_least,
+                    "the proxy served {served} faults, expected at least {at_least}"
+                );
                 Ok(())
             }
             Step::ExpectServiceLog { contains } => {
                 let log = self.service()?.log();
-                ensure!(log.contains(contains.as_str()), "the service log lacks {contains:?}");
+                ensure!(
+                    log.contains(contains.as_str()),
+                    "the service log lacks {contains:?}"
+                );
                 Ok(())
             }
         }
@@ -531,10 +727,18 @@ impl World {
         let count = spec.count.unwrap_or(1);
         let mut names = Vec::new();
         for i in 0..count {
-            let name = if spec.count.is_some() { format!("{}.{i}", spec.name) } else { spec.name.clone() };
+            let name = if spec.count.is_some() {
+                format!("{}.{i}", spec.name)
+            } else {
+                spec.name.clone()
+            };
             let version = spec.distinct.then(|| format!("v{i}"));
             let request = pb::BuildRequest {
-                source: Some(self.source(spec.reference.as_deref(), spec.dockerfile.as_ref(), version.as_deref())?),
+                source: Some(self.source(
+                    spec.reference.as_deref(),
+                    spec.dockerfile.as_ref(),
+                    version.as_deref(),
+                )?),
                 force_rebuild: spec.force_rebuild,
                 triggered_by: "scenario".into(),
                 ..Default::default()
@@ -570,7 +774,9 @@ impl World {
                     loop {
                         match stream.message().await {
                             Ok(Some(r)) => record(&mut |s| {
-                                if let Some(info) = &r.info && !info.build_id.is_empty() {
+                                if let Some(info) = &r.info
+                                    && !info.build_id.is_empty()
+                                {
                                     s.build_id = info.build_id.clone();
                                 }
                                 s.responses.push(r.clone());
@@ -594,7 +800,9 @@ impl World {
     }
 
     fn tracked(&self, name: &str) -> Result<&Tracked, String> {
-        self.builds.get(name).ok_or_else(|| format!("no build named {name:?}"))
+        self.builds
+            .get(name)
+            .ok_or_else(|| format!("no build named {name:?}"))
     }
 
     async fn build_id(&self, name: &str) -> Result<String, String> {
@@ -604,8 +812,14 @@ impl World {
             return Ok(state.build_id.clone());
         }
         match &state.error {
-            Some(e) => Err(format!("{name}'s Build call failed: {} {}", e.code(), e.message())),
-            None => Err(format!("{name} has no build id (a cache hit starts no build)")),
+            Some(e) => Err(format!(
+                "{name}'s Build call failed: {} {}",
+                e.code(),
+                e.message()
+            )),
+            None => Err(format!(
+                "{name} has no build id (a cache hit starts no build)"
+            )),
         }
     }
 
@@ -614,14 +828,24 @@ impl World {
     async fn final_status(&self, name: &str) -> Result<(pb::BuildStatus, String), String> {
         let t = self.tracked(name)?;
         let mut ended = t.ended.clone();
-        ended.wait_for(|e| *e).await.map_err(|_| "stream task vanished")?;
+        ended
+            .wait_for(|e| *e)
+            .await
+            .map_err(|_| "stream task vanished")?;
         let (last, error, id) = {
             let s = t.state.lock().unwrap_or_else(|p| p.into_inner());
-            (s.responses.last().cloned(), s.error.clone(), s.build_id.clone())
+            (
+                s.responses.last().cloned(),
+                s.error.clone(),
+                s.build_id.clone(),
+            )
         };
         if let Some(last) = &last {
             let status = pb::BuildStatus::try_from(last.status).unwrap_or(pb::BuildStatus::Unknown);
-            if matches!(status, pb::BuildStatus::DoneSuccess | pb::BuildStatus::DoneFailure) {
+            if matches!(
+                status,
+                pb::BuildStatus::DoneSuccess | pb::BuildStatus::DoneFailure
+            ) {
                 return Ok((status, last.message.clone()));
             }
         }
@@ -630,27 +854,66 @@ impl World {
         }
         // The stream broke (restart): the journal has the answer. Logs ends when the build does.
         self.full_log(name).await?;
-        let list = self.client().await?.list_builds(pb::ListBuildsRequest {}).await.map_err(|e| format!("ListBuilds: {e}"))?;
-        let info = list.into_inner().builds.into_iter().find(|b| b.build_id == id).ok_or_else(|| format!("build {id} is not listed"))?;
-        Ok((pb::BuildStatus::try_from(info.status).unwrap_or(pb::BuildStatus::Unknown), String::from("(stream ended with the service; status from ListBuilds)")))
+        let list = self
+            .client()
+            .await?
+            .list_builds(pb::ListBuildsRequest {})
+            .await
+            .map_err(|e| format!("ListBuilds: {e}"))?;
+        let info = list
+            .into_inner()
+            .builds
+            .into_iter()
+            .find(|b| b.build_id == id)
+            .ok_or_else(|| format!("build {id} is not listed"))?;
+        Ok((
+            pb::BuildStatus::try_from(info.status).unwrap_or(pb::BuildStatus::Unknown),
+            String::from("(stream ended with the service; status from ListBuilds)"),
+        ))
     }
 
     async fn workspace_ref(&self, name: &str) -> Result<String, String> {
         let t = self.tracked(name)?;
-        if let Some(r) = t.state.lock().unwrap_or_else(|p| p.into_inner()).responses.last() {
+        if let Some(r) = t
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .responses
+            .last()
+        {
             return Ok(r.r#ref.clone());
         }
         let id = self.build_id(name).await?;
-        let list = self.client().await?.list_builds(pb::ListBuildsRequest {}).await.map_err(|e| format!("ListBuilds: {e}"))?;
-        list.into_inner().builds.into_iter().find(|b| b.build_id == id).map(|b| b.r#ref).ok_or_else(|| format!("build {id} is not listed"))
+        let list = self
+            .client()
+            .await?
+            .list_builds(pb::ListBuildsRequest {})
+            .await
+            .map_err(|e| format!("ListBuilds: {e}"))?;
+        list.into_inner()
+            .builds
+            .into_iter()
+            .find(|b| b.build_id == id)
+            .map(|b| b.r#ref)
+            .ok_or_else(|| format!("build {id} is not listed"))
     }
 
     async fn full_log(&self, name: &str) -> Result<Vec<u8>, String> {
         let id = self.build_id(name).await?;
         let mut client = self.client().await?;
-        let mut request = tonic::Request::new(pb::LogsRequest { build_id: id, ..Default::default() });
-        request.metadata_mut().insert(LOG_OFFSET_METADATA, tonic::metadata::MetadataValue::from_static("0"));
-        let stream = client.logs(request).await.map_err(|e| format!("Logs: {e}"))?.into_inner();
+        let mut request = tonic::Request::new(pb::LogsRequest {
+            build_id: id,
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            LOG_OFFSET_METADATA,
+            tonic::metadata::MetadataValue::from_static("0"),
+        );
+        let stream = client
+            .logs(request)
+            .await
+            .map_err(|e| format!("Logs: {e}"))?
+            .into_inner();
         drain(stream).await.map_err(|e| format!("Logs: {e}"))
     }
 
@@ -662,8 +925,13 @@ impl World {
             let journal = Journal::open(&store).map_err(|e| format!("journal: {e}"))?;
             let mut spans = Vec::new();
             for summary in journal.summaries().map_err(|e| format!("journal: {e}"))? {
-                let view = journal.view(summary.id).map_err(|e| format!("journal: {e}"))?.ok_or("build vanished")?;
-                if let (Some(start), Some(end)) = (view.entered_at_ms(Phase::Resolving), view.finished_at_ms()) {
+                let view = journal
+                    .view(summary.id)
+                    .map_err(|e| format!("journal: {e}"))?
+                    .ok_or("build vanished")?;
+                if let (Some(start), Some(end)) =
+                    (view.entered_at_ms(Phase::Resolving), view.finished_at_ms())
+                {
                     spans.push((start, end));
                 }
             }
@@ -675,10 +943,18 @@ impl World {
         self.grpc_url = service.grpc_url();
         let most = spans
             .iter()
-            .map(|(start, _)| spans.iter().filter(|(s, e)| s <= start && start < e).count())
+            .map(|(start, _)| {
+                spans
+                    .iter()
+                    .filter(|(s, e)| s <= start && start < e)
+                    .count()
+            })
             .max()
             .unwrap_or(0);
-        ensure!(most <= at_most, "{most} builds ran at once, expected at most {at_most}: {spans:?}");
+        ensure!(
+            most <= at_most,
+            "{most} builds ran at once, expected at most {at_most}: {spans:?}"
+        );
         Ok(())
     }
 }

@@ -93,10 +93,14 @@ impl FaultProxy {
                 .unwrap_or_default(),
         });
         let stop = CancellationToken::new();
-        let app = axum::Router::new().fallback(forward).with_state(Arc::clone(&shared));
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(Arc::clone(&shared));
         let shutdown = stop.clone().cancelled_owned();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await;
         });
         Ok(Self { addr, shared, stop })
     }
@@ -109,12 +113,20 @@ impl FaultProxy {
     /// Adds a fault rule (rules are tried in the order added).
     pub fn inject(&self, fault: Fault) {
         let left = fault.times;
-        self.shared.rules.lock().unwrap_or_else(|p| p.into_inner()).push(Rule { fault, left });
+        self.shared
+            .rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Rule { fault, left });
     }
 
     /// Removes every fault rule.
     pub fn clear(&self) {
-        self.shared.rules.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.shared
+            .rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// How many requests got a fault so far.
@@ -135,7 +147,10 @@ impl Shared {
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let rule = rules.iter_mut().find(|r| {
             path.contains(&r.fault.path_contains)
-                && r.fault.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method))
+                && r.fault
+                    .method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
                 && r.left != Some(0)
         })?;
         if let Some(left) = rule.left.as_mut() {
