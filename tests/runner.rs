@@ -27,7 +27,7 @@ fn a_scenario_plays_against_a_running_service_with_target() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("skip    7 expect_metric: needs control of the service process"),
+        stdout.contains("skip   7 expect_metric: needs control of the service process"),
         "{stdout}"
     );
     assert!(stdout.contains("ok     2 wait"), "{stdout}");

@@ -62,9 +62,10 @@ impl Service {
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
+            // The start is detected from an info line, whatever RUST_LOG the caller runs with.
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("IMAGE_BUILDER_SERVICE_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("IMAGE_BUILDER_LOG_FORMAT")
             .env_remove("FAILPOINTS")
