@@ -194,7 +194,7 @@ pub enum Step {
     /// Add a fault rule to the proxy.
     Fault(Fault),
     /// Remove every fault rule.
-    ClearFaults,
+    ClearFaults {},
     /// Wait until the service reaches a named failpoint (configured with `pause`).
     Advance {
         /// The failpoint, e.g. `transition.resolved.after`.
@@ -316,7 +316,7 @@ impl Step {
             Step::Restart { .. } => "restart",
             Step::Kill { .. } => "kill",
             Step::Fault(_) => "fault",
-            Step::ClearFaults => "clear_faults",
+            Step::ClearFaults {} => "clear_faults",
             Step::Advance { .. } => "advance",
             Step::ExpectStatus { .. } => "expect_status",
             Step::ExpectLog { .. } => "expect_log",
@@ -340,7 +340,7 @@ impl Step {
             Step::Restart { .. }
                 | Step::Kill { .. }
                 | Step::Fault(_)
-                | Step::ClearFaults
+                | Step::ClearFaults {}
                 | Step::Advance { .. }
                 | Step::ExpectConcurrency { .. }
                 | Step::ExpectFaultsServed { .. }

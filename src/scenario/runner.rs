@@ -457,7 +457,7 @@ impl World {
                 self.proxy()?.inject(fault);
                 Ok(())
             }
-            Step::ClearFaults => {
+            Step::ClearFaults {} => {
                 self.proxy()?.clear();
                 Ok(())
             }
