@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
-use image_builder::registry::{Registry, Untracked};
+use image_builder::registry::{NoCredentials, Registry, Untracked};
 use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -83,7 +83,7 @@ fn main() {
         for _ in 0..calls {
             let start = Instant::now();
             registry_client
-                .lookup(&workspace_ref, &Untracked)
+                .lookup(&workspace_ref, &NoCredentials, &Untracked)
                 .await
                 .unwrap()
                 .unwrap();

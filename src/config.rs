@@ -68,6 +68,10 @@ pub struct Config {
     /// transient fault. Default `60s`.
     #[serde(default = "default_registry_timeout", with = "humantime_serde")]
     pub registry_timeout: Duration,
+    /// The installation's registry credentials: a docker config file (`.dockerconfigjson`
+    /// with `auths`), re-read when it changes. Default: none.
+    #[serde(default)]
+    pub pull_secret_file: Option<PathBuf>,
 }
 
 fn default_registry_retry_budget() -> Duration {

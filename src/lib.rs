@@ -6,6 +6,7 @@
 pub mod api;
 pub mod config;
 pub mod context;
+pub mod credentials;
 pub mod executor;
 pub mod orchestrator;
 pub mod proto;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ImageBuilderService;
 use crate::config::Config;
 use crate::context::GitCheckouts;
+use crate::credentials::Credentials;
 use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
 use crate::orchestrator::{Limits, Orchestrator, Repositories, Steps};
@@ -72,7 +73,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         workspace: config.workspace_image_repository.clone(),
     };
     let metrics = Arc::new(Metrics::new());
-    let orchestrator = Orchestrator::new(journal, steps, repos, limits, Arc::clone(&metrics));
+    let credentials = Arc::new(
+        Credentials::new(
+            config.pull_secret_file.as_deref(),
+            &config.base_image_repository,
+            &config.workspace_image_repository,
+        )
+        .context("cannot use pullSecretFile")?,
+    );
+    let orchestrator = Orchestrator::new(
+        journal,
+        steps,
+        credentials,
+        repos,
+        limits,
+        Arc::clone(&metrics),
+    );
 
     let grpc = telemetry::bind("gRPC", config.grpc_address).await?;
     let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;

@@ -5,6 +5,7 @@ use image_builder_state::view::Summary;
 use image_builder_state::{BuildSource, BuildSpec, CloneTargetMode, DockerfileSource, Phase};
 
 use crate::context::{self, GitCredentials};
+use crate::credentials::{RequestAuth, Secret, normalize_host};
 use crate::orchestrator::{BuildSecrets, Error};
 use crate::proto::builder as pb;
 use crate::proto::contentservice as cs;
@@ -126,7 +127,36 @@ pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets)
         supervisor_ref: req.supervisor_ref.clone(),
         had_request_auth: req.auth.is_some(),
     };
-    Ok((spec, BuildSecrets { git }))
+    let registry = registry_auth(req.auth.as_ref())?;
+    Ok((spec, BuildSecrets { git, registry }))
+}
+
+/// mk3's `BuildRegistryAuth` as what the request allows and brought. A request without one
+/// allows no installation credential.
+pub fn registry_auth(auth: Option<&pb::BuildRegistryAuth>) -> Result<RequestAuth, Error> {
+    let Some(auth) = auth else {
+        return Ok(RequestAuth::default());
+    };
+    let mut request = RequestAuth::default();
+    match &auth.mode {
+        Some(pb::build_registry_auth::Mode::Total(total)) => request.allow_all = total.allow_all,
+        Some(pb::build_registry_auth::Mode::Selective(selective)) => {
+            request.allow_base_repository = selective.allow_baserep;
+            request.allow_workspace_repository = selective.allow_workspacerep;
+            request.allowed = selective.any_of.clone();
+        }
+        None => {}
+    }
+    for (host, value) in &auth.additional {
+        // The value is base64 `user:password`; a password (or token) may itself hold colons.
+        let secret = Secret::from_basic_token(value).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "auth.additional[{host:?}] is not base64 of user:password"
+            ))
+        })?;
+        request.additional.insert(normalize_host(host), secret);
+    }
+    Ok(request)
 }
 
 /// mk3's status of a build in a phase.

@@ -86,7 +86,8 @@ impl ImageBuilder for ImageBuilderService {
         request: Request<pb::ResolveBaseImageRequest>,
     ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
         let req = request.into_inner();
-        let resolved = self.orchestrator.resolve_base(req.r#ref.trim()).await?;
+        let request = convert::registry_auth(req.auth.as_ref())?;
+        let resolved = self.orchestrator.resolve_base(req.r#ref.trim(), &request).await?;
         Ok(Response::new(pb::ResolveBaseImageResponse {
             r#ref: resolved,
         }))
@@ -99,10 +100,11 @@ impl ImageBuilder for ImageBuilderService {
     ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
         let req = request.into_inner();
         let source = convert::source(req.source.as_ref())?;
-        let refs = self.orchestrator.resolve_refs(&source).await?;
+        let request = convert::registry_auth(req.auth.as_ref())?;
+        let refs = self.orchestrator.resolve_refs(&source, &request).await?;
         let exists = self
             .orchestrator
-            .lookup(&refs.workspace_ref)
+            .lookup(&refs.workspace_ref, &request)
             .await?
             .is_some();
         let status = if exists {
@@ -242,6 +244,7 @@ impl ImageBuilder for ImageBuilderService {
         self.orchestrator.view(id)?;
         tracing::Span::current().record("build_id", tracing::field::display(id));
         let orchestrator = self.orchestrator.clone();
+        let censored = req.censored;
         let stream = feed_stream("Logs", move |tx| async move {
             let mut follower = orchestrator.follow(id, 0);
             while let Some(next) = follower.next().await {
@@ -252,9 +255,14 @@ impl ImageBuilder for ImageBuilderService {
                             continue;
                         }
                         let skip = from_byte.saturating_sub(offset) as usize;
-                        Ok(pb::LogsResponse {
-                            content: data[skip..].to_vec(),
-                        })
+                        let content = if censored {
+                            orchestrator
+                                .censor(&String::from_utf8_lossy(&data[skip..]))
+                                .into_bytes()
+                        } else {
+                            data[skip..].to_vec()
+                        };
+                        Ok(pb::LogsResponse { content })
                     }
                     Ok(_) => continue,
                     Err(e) => Err(Status::from(Error::from(e))),

@@ -25,6 +25,7 @@ pub struct BuildLog {
     id: BuildId,
     limit: u64,
     budget: Arc<Mutex<Budget>>,
+    redacted: Arc<Vec<String>>,
 }
 
 impl BuildLog {
@@ -39,14 +40,22 @@ impl BuildLog {
                 len,
                 truncated: len > room,
             })),
+            redacted: Arc::new(Vec::new()),
         }
+    }
+
+    /// The same log, with these credential values (and any URL user-info) removed from every
+    /// line before it is journaled.
+    pub fn redacting(mut self, values: Vec<String>) -> Self {
+        self.redacted = Arc::new(values);
+        self
     }
 
     /// Appends one line (a newline is added) and waits until it is durable. A journal failure
     /// is reported here and not to the step: the transition that follows fails the same way
     /// and stops the build, to be resumed after a restart.
     pub async fn line(&self, text: impl Into<String>) {
-        let mut bytes = text.into().into_bytes();
+        let mut bytes = crate::credentials::redact(&text.into(), &self.redacted).into_bytes();
         bytes.push(b'\n');
         let bytes = {
             let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());

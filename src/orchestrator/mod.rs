@@ -26,6 +26,7 @@ pub use log::BuildLog;
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
 use crate::refs::{self, DockerfileKey};
+use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
 use crate::registry::Untracked;
 use crate::telemetry::Metrics;
 
@@ -122,6 +123,7 @@ struct Flight {
 struct Inner {
     journal: Journal,
     steps: Steps,
+    credentials: Arc<Credentials>,
     repos: Repositories,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -144,6 +146,7 @@ impl Orchestrator {
     pub fn new(
         journal: Journal,
         steps: Steps,
+        credentials: Arc<Credentials>,
         repos: Repositories,
         limits: Limits,
         metrics: Arc<Metrics>,
@@ -153,6 +156,7 @@ impl Orchestrator {
         let inner = Arc::new(Inner {
             journal,
             steps,
+            credentials,
             repos,
             limits,
             metrics,
@@ -193,8 +197,9 @@ impl Orchestrator {
         Ok(count)
     }
 
-    /// Resolves a reference to its pinned base ref (`ResolveBaseImage`).
-    pub async fn resolve_base(&self, reference: &str) -> Result<String, Error> {
+    /// Resolves a reference to its pinned base ref (`ResolveBaseImage`), with the registry
+    /// credentials `request` allows.
+    pub async fn resolve_base(&self, reference: &str, request: &RequestAuth) -> Result<String, Error> {
         if reference.trim().is_empty() {
             return Err(Error::InvalidRequest(
                 "ref is empty: name an image, e.g. alpine:3.20".into(),
@@ -204,14 +209,14 @@ impl Orchestrator {
             .inner
             .steps
             .resolver
-            .resolve(reference, &Untracked)
+            .resolve(reference, &self.inner.keychain(request), &Untracked)
             .await?)
     }
 
     /// The refs a source resolves to (asks the registry for reference sources).
-    pub async fn resolve_refs(&self, source: &BuildSource) -> Result<ResolvedRefs, Error> {
+    pub async fn resolve_refs(&self, source: &BuildSource, request: &RequestAuth) -> Result<ResolvedRefs, Error> {
         let base_ref = match source {
-            BuildSource::Reference { reference } => self.resolve_base(reference).await?,
+            BuildSource::Reference { reference } => self.resolve_base(reference, request).await?,
             BuildSource::Dockerfile(d) => refs::dockerfile_base_ref(
                 &self.inner.repos.base,
                 &DockerfileKey {
@@ -231,8 +236,13 @@ impl Orchestrator {
     }
 
     /// The manifest digest of an image, if the registry has it.
-    pub async fn lookup(&self, reference: &str) -> Result<Option<String>, Error> {
-        Ok(self.inner.steps.cache.lookup(reference, &Untracked).await?)
+    pub async fn lookup(&self, reference: &str, request: &RequestAuth) -> Result<Option<String>, Error> {
+        Ok(self
+            .inner
+            .steps
+            .cache
+            .lookup(reference, &self.inner.keychain(request), &Untracked)
+            .await?)
     }
 
     /// Accepts a build request: a cache hit, a join, or a new durable build. `secrets` stay
@@ -244,8 +254,8 @@ impl Orchestrator {
         let ResolvedRefs {
             base_ref,
             workspace_ref,
-        } = self.resolve_refs(&spec.source).await?;
-        if !spec.force_rebuild && self.lookup(&workspace_ref).await?.is_some() {
+        } = self.resolve_refs(&spec.source, &secrets.registry).await?;
+        if !spec.force_rebuild && self.lookup(&workspace_ref, &secrets.registry).await?.is_some() {
             self.inner.metrics.cache_hit();
             return Ok(Submitted::CacheHit {
                 base_ref,
@@ -324,6 +334,19 @@ impl Orchestrator {
             .ok_or_else(|| Error::NotFound(format!("no build of workspace image {workspace_ref}")))
     }
 
+    /// Removes what `LogsRequest.censored` hides: every known credential value and the
+    /// installation's registry hosts.
+    pub fn censor(&self, text: &str) -> String {
+        let mut out = crate::credentials::redact(text, &self.inner.sensitive_values(None));
+        for repository in [&self.inner.repos.base, &self.inner.repos.workspace] {
+            let host = crate::credentials::registry_host(repository);
+            if !host.is_empty() {
+                out = out.replace(&host, "[registry]");
+            }
+        }
+        out
+    }
+
     /// Every build, newest first.
     pub fn list(&self) -> Result<Vec<Summary>, Error> {
         Ok(self.inner.journal.summaries()?)
@@ -392,14 +415,38 @@ async fn admit(
 }
 
 impl Inner {
-    /// The in-memory secrets of a build (empty after a restart).
-    fn secrets_of(&self, id: BuildId) -> BuildSecrets {
+    /// The registry credentials a request gets.
+    fn keychain<'a>(&'a self, request: &'a RequestAuth) -> RequestKeychain<'a> {
+        RequestKeychain {
+            credentials: &self.credentials,
+            request,
+        }
+    }
+
+    /// The in-memory secrets of a build (`None` after a restart: they are never stored).
+    fn secrets_of(&self, id: BuildId) -> Option<BuildSecrets> {
         self.secrets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned()
-            .unwrap_or_default()
+    }
+
+    /// Every credential value a build's log must not show.
+    fn sensitive_values(&self, secrets: Option<&BuildSecrets>) -> Vec<String> {
+        let mut values = match secrets {
+            Some(s) => self.credentials.sensitive_values(&s.registry),
+            None => self.credentials.sensitive_values(&RequestAuth::default()),
+        };
+        if let Some(git) = secrets.and_then(|s| s.git.as_ref()) {
+            values.push(git.password.clone());
+            values.extend(crate::credentials::Secret::Basic {
+                user: git.user.clone(),
+                password: git.password.clone(),
+            }.basic_token());
+        }
+        values.retain(|v| v.len() >= 4);
+        values
     }
 
     /// Forgets what a build kept in memory once it has ended.

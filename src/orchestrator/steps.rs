@@ -8,6 +8,7 @@ use image_builder_state::{BuildId, BuildView};
 use super::log::BuildLog;
 use crate::context::{self, GitCredentials};
 use crate::executor::buildah;
+use crate::credentials::{Keychain, RequestAuth};
 use crate::registry::{self, Progress};
 
 /// A step failed.
@@ -35,6 +36,8 @@ pub enum StepError {
 pub struct BuildSecrets {
     /// Credentials for cloning the build context.
     pub git: Option<GitCredentials>,
+    /// What the request allows of the installation's registry credentials, and its own.
+    pub registry: RequestAuth,
 }
 
 /// Finds the base image of a reference source.
@@ -42,7 +45,12 @@ pub struct BuildSecrets {
 pub trait Resolve: Send + Sync {
     /// Resolves `reference` to its pinned form, `registry/repository@sha256:…`, reporting
     /// retries to `progress`.
-    async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, StepError>;
+    async fn resolve(
+        &self,
+        reference: &str,
+        keychain: &dyn Keychain,
+        progress: &dyn Progress,
+    ) -> Result<String, StepError>;
 }
 
 /// Looks images up in the registry (the cache check, and confirming a base image).
@@ -53,6 +61,7 @@ pub trait CheckCache: Send + Sync {
     async fn lookup(
         &self,
         reference: &str,
+        keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<Option<String>, StepError>;
 }
@@ -81,7 +90,13 @@ pub trait Build: Send + Sync {
 #[async_trait]
 pub trait Push: Send + Sync {
     /// Copies `from` to `to` and returns the manifest digest `to` has afterwards.
-    async fn push(&self, from: &str, to: &str, log: &BuildLog) -> Result<String, StepError>;
+    async fn push(
+        &self,
+        from: &str,
+        to: &str,
+        keychain: &dyn Keychain,
+        log: &BuildLog,
+    ) -> Result<String, StepError>;
 }
 
 /// The adapters a build is carried out with.

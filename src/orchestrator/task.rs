@@ -43,12 +43,14 @@ fn failpoint(name: &str) {
 
 async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     let id = view.id;
+    let secrets = inner.secrets_of(id);
     let log = BuildLog::new(
         inner.journal.clone(),
         id,
         view.log_len,
         inner.limits.max_log_bytes,
-    );
+    )
+    .redacting(inner.sensitive_values(secrets.as_ref()));
     if resumed {
         log.line(format!(
             "image-builder restarted; resuming this build at its last recorded step ({})",
@@ -63,7 +65,8 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
             .await;
         }
     }
-    let secrets = inner.secrets_of(id);
+    let secrets_lost = secrets.is_none() && view.spec.had_request_auth;
+    let secrets = secrets.unwrap_or_default();
     while !view.phase().is_final() {
         let event = if view.phase() == Phase::Queued {
             Event::Admitted
@@ -82,7 +85,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
                         phase_action(view.phase())
                     ),
                 },
-                event = step(&inner, &view, &secrets, &log) => event,
+                event = step(&inner, &view, &secrets, &log) => credentials_lost(event, secrets_lost),
             }
         };
         if let Event::Failed { reason } = &event {
@@ -111,6 +114,19 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     inner.forget(&view.workspace_ref, id);
 }
 
+/// A build that needed the credentials of its request fails, after a restart lost them, with a
+/// message that says so.
+fn credentials_lost(event: Event, lost: bool) -> Event {
+    match event {
+        Event::Failed { reason } if lost && reason.contains("unauthorized") => Event::Failed {
+            reason: format!(
+                "{reason}; the registry credentials of this request are not kept across a restart of the service: submit the build again with them"
+            ),
+        },
+        other => other,
+    }
+}
+
 /// Time left before the build's limit, counted from its admission (which survives restarts).
 fn deadline(inner: &Inner, view: &BuildView) -> Duration {
     let admitted = view
@@ -129,8 +145,8 @@ async fn step(
 ) -> Event {
     let phase = view.phase();
     let outcome = match phase {
-        Phase::Resolving => resolve(inner, view, log).await,
-        Phase::CheckingCache => check_cache(inner, view, log).await,
+        Phase::Resolving => resolve(inner, view, secrets, log).await,
+        Phase::CheckingCache => check_cache(inner, view, secrets, log).await,
         Phase::Building => build(inner, view, secrets, log).await,
         Phase::Pushing => {
             log.line(format!(
@@ -141,7 +157,7 @@ async fn step(
             let pushed = inner
                 .steps
                 .pusher
-                .push(&view.base_ref, &view.workspace_ref, log)
+                .push(&view.base_ref, &view.workspace_ref, &inner.keychain(&secrets.registry), log)
                 .await;
             pushed.map(|digest| Event::Pushed { digest })
         }
@@ -152,11 +168,16 @@ async fn step(
     })
 }
 
-async fn resolve(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Event, StepError> {
+async fn resolve(
+    inner: &Inner,
+    view: &BuildView,
+    secrets: &super::BuildSecrets,
+    log: &BuildLog,
+) -> Result<Event, StepError> {
     match &view.spec.source {
         BuildSource::Reference { reference } => {
             log.line(format!("resolving base image {reference}")).await;
-            match inner.steps.cache.lookup(&view.base_ref, log).await? {
+            match inner.steps.cache.lookup(&view.base_ref, &inner.keychain(&secrets.registry), log).await? {
                 Some(_) => {
                     log.line(format!("base image is {}", view.base_ref)).await;
                     Ok(Event::Resolved)
@@ -177,13 +198,18 @@ async fn resolve(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Even
     }
 }
 
-async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Event, StepError> {
+async fn check_cache(
+    inner: &Inner,
+    view: &BuildView,
+    secrets: &super::BuildSecrets,
+    log: &BuildLog,
+) -> Result<Event, StepError> {
     if view.spec.force_rebuild {
         log.line("force_rebuild is set: not looking for an existing workspace image")
             .await;
         return Ok(Event::CacheMiss);
     }
-    match inner.steps.cache.lookup(&view.workspace_ref, log).await? {
+    match inner.steps.cache.lookup(&view.workspace_ref, &inner.keychain(&secrets.registry), log).await? {
         Some(digest) => {
             log.line(format!(
                 "workspace image {} exists ({digest})",
@@ -211,7 +237,7 @@ async fn build(
 ) -> Result<Event, StepError> {
     if matches!(view.spec.source, BuildSource::Dockerfile(_))
         && !view.spec.force_rebuild
-        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref, log).await?
+        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref, &inner.keychain(&secrets.registry), log).await?
     {
         log.line(format!(
             "base image {} exists already ({digest}); skipping the build",

@@ -14,6 +14,9 @@ use oci_client::manifest::{
     OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
 };
 use oci_client::secrets::RegistryAuth;
+
+pub use crate::credentials::{Keychain, NoCredentials};
+use crate::credentials::Secret;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 use std::time::Duration;
@@ -56,7 +59,10 @@ pub struct Registry {
     http: reqwest::Client,
     insecure: Vec<String>,
     retry: RetryPolicy,
+    timeout: Duration,
 }
+
+
 
 /// The parts of a manifest a copy needs.
 #[derive(Deserialize)]
@@ -117,13 +123,7 @@ impl Registry {
         retry: RetryPolicy,
         timeout: Duration,
     ) -> Self {
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
-            platform_resolver: Some(Box::new(linux_amd64_resolver)),
-            connect_timeout: Some(timeout.min(Duration::from_secs(10))),
-            read_timeout: Some(timeout),
-            ..Default::default()
-        };
+        let config = client_config(insecure_registries, timeout);
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .timeout(timeout)
@@ -134,53 +134,43 @@ impl Registry {
             http,
             insecure: insecure_registries.to_vec(),
             retry,
+            timeout,
         }
     }
 
-    fn fail(
-        reference: &Reference,
-        what: &str,
-        err: oci_client::errors::OciDistributionError,
-    ) -> Error {
-        Error::classify(reference.registry(), what, err)
+
+    /// A client for `image`'s registry presenting `secret`: the shared anonymous client, or a
+    /// fresh one holding this credential only (oci-client keeps one credential per registry and
+    /// client, so clients are never shared between credentials).
+    async fn session(&self, image: &Reference, secret: Option<Secret>) -> Session {
+        match secret {
+            None => Session {
+                client: self.client.clone(),
+                auth: RegistryAuth::Anonymous,
+            },
+            Some(secret) => {
+                let client = Client::new(client_config(&self.insecure, self.timeout));
+                let auth = secret.registry_auth();
+                client.store_auth_if_needed(image.resolve_registry(), &auth).await;
+                Session { client, auth }
+            }
+        }
     }
 
     /// Resolves a reference to `registry/repository@sha256:…`; an index resolves to its
     /// linux/amd64 manifest. Transient faults are retried.
-    pub async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, Error> {
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        keychain: &dyn Keychain,
+        progress: &dyn Progress,
+    ) -> Result<String, Error> {
         let image = parse_reference(reference)?;
+        let session = self.session(&image, keychain.pull(image.registry())).await;
         self.retrying(Resource::Manifest(&image), progress, || {
-            self.resolve_once(&image, reference)
+            resolve_once(&session, &image, reference)
         })
         .await
-    }
-
-    async fn resolve_once(&self, image: &Reference, reference: &str) -> Result<String, Error> {
-        let image = image.clone();
-        let what = format!("image {reference}");
-        let (bytes, digest) = self
-            .client
-            .pull_manifest_raw(&image, &RegistryAuth::Anonymous, RESOLVE_MEDIA_TYPES)
-            .await
-            .map_err(|e| Self::fail(&image, &what, e))?;
-        let kind: ManifestKind = serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
-            registry: image.registry().to_owned(),
-            what: what.clone(),
-            detail: format!("manifest is not JSON: {e}"),
-        })?;
-        let is_index = kind.manifests.is_some()
-            || matches!(
-                kind.media_type.as_deref(),
-                Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE)
-            );
-        if !is_index {
-            return Ok(pinned(&image, &digest));
-        }
-        let entries = kind.manifests.unwrap_or_default();
-        let chosen = linux_amd64_resolver(&entries).ok_or_else(|| Error::NotFound {
-            what: format!("a linux/amd64 image in the index {reference}"),
-        })?;
-        Ok(pinned(&image, &chosen))
     }
 
     /// The manifest digest of an image, or `None` if the registry does not have it.
@@ -188,52 +178,40 @@ impl Registry {
     pub async fn lookup(
         &self,
         reference: &str,
+        keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<Option<String>, Error> {
         let image = parse_reference(reference)?;
+        let session = self.session(&image, keychain.pull(image.registry())).await;
         self.retrying(Resource::Manifest(&image), progress, || {
-            self.lookup_once(&image, reference)
+            lookup_once(&session, &image, reference)
         })
         .await
     }
 
-    async fn lookup_once(
-        &self,
-        image: &Reference,
-        reference: &str,
-    ) -> Result<Option<String>, Error> {
-        let image = image.clone();
-        match self
-            .client
-            .fetch_manifest_digest(&image, &RegistryAuth::Anonymous)
-            .await
-        {
-            Ok(digest) => Ok(Some(digest)),
-            Err(e) => match Self::fail(&image, &format!("image {reference}"), e) {
-                Error::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
-        }
-    }
-
     /// Copies the image `from` (a single-platform manifest) to `to`, then confirms `to` exists
-    /// with the same manifest digest, which it returns. Safe to run again after an
+    /// with the same manifest digest, which it returns. `from` is read with the keychain's pull
+    /// credential, `to` written with its push credential. Safe to run again after an
     /// interruption: blobs already present are skipped.
     pub async fn copy(
         &self,
         from: &str,
         to: &str,
+        keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<String, Error> {
         let source = parse_reference(from)?;
         let target = parse_reference(to)?;
+        let reader = self.session(&source, keychain.pull(source.registry())).await;
+        let writer = self.session(&target, keychain.push(target.registry())).await;
         let what = format!("image {from}");
         let (manifest, digest) = self
             .retrying(Resource::Manifest(&source), progress, || async {
-                self.client
-                    .pull_manifest_raw(&source, &RegistryAuth::Anonymous, COPY_MEDIA_TYPES)
+                reader
+                    .client
+                    .pull_manifest_raw(&source, &reader.auth, COPY_MEDIA_TYPES)
                     .await
-                    .map_err(|e| Self::fail(&source, &what, e))
+                    .map_err(|e| fail(&source, &what, e))
             })
             .await?;
         let blobs: ManifestBlobs =
@@ -248,8 +226,14 @@ impl Registry {
             .collect();
         for (i, blob) in all.iter().enumerate() {
             let n = (i + 1, all.len());
+            let ends = Ends {
+                source: &source,
+                reader: &reader,
+                target: &target,
+                writer: &writer,
+            };
             self.retrying(Resource::Blob(&source, &blob.digest), progress, || {
-                self.copy_blob(&source, &target, blob, same_registry, n, progress)
+                copy_blob(&ends, blob, same_registry, n, progress)
             })
             .await?;
         }
@@ -263,16 +247,22 @@ impl Registry {
                 detail: format!("media type {media_type:?} is not a header value"),
             })?;
         self.retrying(Resource::Manifest(&target), progress, || async {
-            self.client
+            writer
+                .client
                 .push_manifest_raw(&target, manifest.clone(), content_type.clone())
                 .await
-                .map_err(|e| Self::fail(&target, &format!("manifest of {to}"), e))
+                .map_err(|e| fail(&target, &format!("manifest of {to}"), e))
         })
         .await?;
         progress
             .line(format!("pushed manifest {digest} to {to}"))
             .await;
-        match self.lookup(to, progress).await? {
+        let found = self
+            .retrying(Resource::Manifest(&target), progress, || {
+                lookup_once(&writer, &target, to)
+            })
+            .await?;
+        match found {
             Some(found) if found == digest => Ok(digest),
             Some(found) => Err(Error::Invalid {
                 registry: target.registry().to_owned(),
@@ -284,67 +274,132 @@ impl Registry {
             }),
         }
     }
+}
 
-    async fn copy_blob(
-        &self,
-        source: &Reference,
-        target: &Reference,
-        blob: &OciDescriptor,
-        same_registry: bool,
-        (n, of): (usize, usize),
-        progress: &dyn Progress,
-    ) -> Result<(), Error> {
-        let what = format!("blob {}", blob.digest);
-        let present = self
-            .client
-            .blob_exists(target, &blob.digest)
-            .await
-            .map_err(|e| Self::fail(target, &what, e))?;
-        if present {
-            progress
-                .line(format!("blob {n}/{of} {} already present", blob.digest))
-                .await;
-            return Ok(());
-        }
-        if same_registry {
-            match self.client.mount_blob(target, source, &blob.digest).await {
-                Ok(()) => {
-                    progress
-                        .line(format!(
-                            "blob {n}/{of} {} mounted from {}",
-                            blob.digest,
-                            source.repository()
-                        ))
-                        .await;
-                    return Ok(());
-                }
-                // A registry may refuse a mount and offer an upload instead: copy the bytes.
-                Err(e) => {
-                    tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming")
-                }
+/// A client and the credential it presents.
+struct Session {
+    client: Client,
+    auth: RegistryAuth,
+}
+
+/// Both ends of a copy.
+struct Ends<'a> {
+    source: &'a Reference,
+    reader: &'a Session,
+    target: &'a Reference,
+    writer: &'a Session,
+}
+
+fn fail(reference: &Reference, what: &str, err: oci_client::errors::OciDistributionError) -> Error {
+    Error::classify(reference.registry(), what, err)
+}
+
+fn client_config(insecure: &[String], timeout: Duration) -> ClientConfig {
+    ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
+        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        connect_timeout: Some(timeout.min(Duration::from_secs(10))),
+        read_timeout: Some(timeout),
+        ..Default::default()
+    }
+}
+
+async fn resolve_once(session: &Session, image: &Reference, reference: &str) -> Result<String, Error> {
+    let what = format!("image {reference}");
+    let (bytes, digest) = session
+        .client
+        .pull_manifest_raw(image, &session.auth, RESOLVE_MEDIA_TYPES)
+        .await
+        .map_err(|e| fail(image, &what, e))?;
+    let kind: ManifestKind = serde_json::from_slice(&bytes).map_err(|e| Error::Invalid {
+        registry: image.registry().to_owned(),
+        what: what.clone(),
+        detail: format!("manifest is not JSON: {e}"),
+    })?;
+    let is_index = kind.manifests.is_some()
+        || matches!(
+            kind.media_type.as_deref(),
+            Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE)
+        );
+    if !is_index {
+        return Ok(pinned(image, &digest));
+    }
+    let entries = kind.manifests.unwrap_or_default();
+    let chosen = linux_amd64_resolver(&entries).ok_or_else(|| Error::NotFound {
+        what: format!("a linux/amd64 image in the index {reference}"),
+    })?;
+    Ok(pinned(image, &chosen))
+}
+
+async fn lookup_once(session: &Session, image: &Reference, reference: &str) -> Result<Option<String>, Error> {
+    match session.client.fetch_manifest_digest(image, &session.auth).await {
+        Ok(digest) => Ok(Some(digest)),
+        Err(e) => match fail(image, &format!("image {reference}"), e) {
+            Error::NotFound { .. } => Ok(None),
+            other => Err(other),
+        },
+    }
+}
+
+async fn copy_blob(
+    ends: &Ends<'_>,
+    blob: &OciDescriptor,
+    same_registry: bool,
+    (n, of): (usize, usize),
+    progress: &dyn Progress,
+) -> Result<(), Error> {
+    let Ends { source, reader, target, writer } = *ends;
+    let what = format!("blob {}", blob.digest);
+    let present = writer
+        .client
+        .blob_exists(target, &blob.digest)
+        .await
+        .map_err(|e| fail(target, &what, e))?;
+    if present {
+        progress
+            .line(format!("blob {n}/{of} {} already present", blob.digest))
+            .await;
+        return Ok(());
+    }
+    if same_registry {
+        match writer.client.mount_blob(target, source, &blob.digest).await {
+            Ok(()) => {
+                progress
+                    .line(format!(
+                        "blob {n}/{of} {} mounted from {}",
+                        blob.digest,
+                        source.repository()
+                    ))
+                    .await;
+                return Ok(());
+            }
+            // A registry may refuse a mount and offer an upload instead: copy the bytes.
+            Err(e) => {
+                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming")
             }
         }
-        progress
-            .line(format!(
-                "blob {n}/{of} {} copying {} bytes from {}",
-                blob.digest,
-                blob.size,
-                source.registry()
-            ))
-            .await;
-        let stream = self
-            .client
-            .pull_blob_stream(source, blob)
-            .await
-            .map_err(|e| Self::fail(source, &what, e))?;
-        let size = u64::try_from(blob.size).ok();
-        self.client
-            .push_blob_stream(target, stream.map_err(Into::into), &blob.digest, size)
-            .await
-            .map_err(|e| Self::fail(target, &what, e))?;
-        progress
-            .line(format!("blob {n}/{of} {} copied", blob.digest))
-            .await;
-        Ok(())
     }
+    progress
+        .line(format!(
+            "blob {n}/{of} {} copying {} bytes from {}",
+            blob.digest,
+            blob.size,
+            source.registry()
+        ))
+        .await;
+    let stream = reader
+        .client
+        .pull_blob_stream(source, blob)
+        .await
+        .map_err(|e| fail(source, &what, e))?;
+    let size = u64::try_from(blob.size).ok();
+    writer
+        .client
+        .push_blob_stream(target, stream.map_err(Into::into), &blob.digest, size)
+        .await
+        .map_err(|e| fail(target, &what, e))?;
+    progress
+        .line(format!("blob {n}/{of} {} copied", blob.digest))
+        .await;
+    Ok(())
 }

@@ -2,14 +2,19 @@
 
 use async_trait::async_trait;
 
-use super::Progress;
+use super::{Keychain, Progress};
 use super::Registry;
 use crate::orchestrator::{BuildLog, CheckCache, Push, Resolve, StepError};
 
 #[async_trait]
 impl Resolve for Registry {
-    async fn resolve(&self, reference: &str, progress: &dyn Progress) -> Result<String, StepError> {
-        Ok(Registry::resolve(self, reference, progress).await?)
+    async fn resolve(
+        &self,
+        reference: &str,
+        keychain: &dyn Keychain,
+        progress: &dyn Progress,
+    ) -> Result<String, StepError> {
+        Ok(Registry::resolve(self, reference, keychain, progress).await?)
     }
 }
 
@@ -18,15 +23,22 @@ impl CheckCache for Registry {
     async fn lookup(
         &self,
         reference: &str,
+        keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<Option<String>, StepError> {
-        Ok(Registry::lookup(self, reference, progress).await?)
+        Ok(Registry::lookup(self, reference, keychain, progress).await?)
     }
 }
 
 #[async_trait]
 impl Push for Registry {
-    async fn push(&self, from: &str, to: &str, log: &BuildLog) -> Result<String, StepError> {
-        Ok(self.copy(from, to, log).await?)
+    async fn push(
+        &self,
+        from: &str,
+        to: &str,
+        keychain: &dyn Keychain,
+        log: &BuildLog,
+    ) -> Result<String, StepError> {
+        Ok(self.copy(from, to, keychain, log).await?)
     }
 }

@@ -63,17 +63,25 @@ impl BaseImage {
 /// Pushes `image` to `docker://{registry}/{repo_tag}` over plain HTTP with skopeo; returns the
 /// reference.
 pub fn push_image(image: &BaseImage, registry: &str, repo_tag: &str) -> Result<String> {
+    push_image_as(image, registry, repo_tag, None)
+}
+
+/// [`push_image`] to a registry that wants `user:password`.
+pub fn push_image_as(
+    image: &BaseImage,
+    registry: &str,
+    repo_tag: &str,
+    credentials: Option<&str>,
+) -> Result<String> {
     let reference = format!("{registry}/{repo_tag}");
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:{TAG}", image.layout().display()),
-            &format!("docker://{reference}"),
-        ],
-    )?;
+    let source = format!("oci:{}:{TAG}", image.layout().display());
+    let target = format!("docker://{reference}");
+    let mut args = vec!["copy", "--quiet", "--dest-tls-verify=false"];
+    if let Some(creds) = credentials {
+        args.extend(["--dest-creds", creds]);
+    }
+    args.extend([source.as_str(), target.as_str()]);
+    run("skopeo", &args)?;
     Ok(reference)
 }
 

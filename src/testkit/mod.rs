@@ -16,7 +16,7 @@ mod service;
 pub use fault_proxy::{Fault, FaultKind, FaultProxy};
 pub use git::GitRepo;
 pub use git_http::GitHttpServer;
-pub use image::{BaseImage, push_image, read_file_from_image, skopeo_inspect};
+pub use image::{BaseImage, push_image, push_image_as, read_file_from_image, skopeo_inspect};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use service::Service;

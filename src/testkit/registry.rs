@@ -14,18 +14,41 @@ pub struct LocalRegistry {
 }
 
 impl LocalRegistry {
-    /// Starts a registry and waits until it listens.
+    /// Starts a registry open to everyone and waits until it listens.
     pub fn start() -> Result<Self> {
+        Self::launch(&[])
+    }
+
+    /// Starts a registry that demands HTTP basic auth (htpasswd, bcrypt) from these users.
+    pub fn start_with_users(users: &[(&str, &str)]) -> Result<Self> {
+        Self::launch(users)
+    }
+
+    fn launch(users: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("registry-").tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if !users.is_empty() {
+            let mut lines = String::new();
+            for (user, password) in users {
+                let hash = bcrypt::hash(password, 5).map_err(|e| super::Error::Command {
+                    command: "bcrypt".into(),
+                    detail: e.to_string(),
+                })?;
+                lines.push_str(&format!("{user}:{hash}\n"));
+            }
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, lines)?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: image-builder-tests\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, text)?;
         let mut command = Command::new("docker-registry");
         command
             .arg("serve")

@@ -1,0 +1,456 @@
+//! Registry credentials: the installation's (a docker config file, re-read when it changes),
+//! a request's own (`BuildRegistryAuth`, kept in memory only), and which of them a registry
+//! gets (mk3's rules). Also the redaction of every known credential value from log lines.
+//!
+//! mk3's rules: a request allows installation credentials for every registry
+//! (`total.allow_all`) or for some (`selective`: the base repository's registry, the workspace
+//! repository's registry, `any_of` hosts); a registry it does not allow gets none. The
+//! request's `additional` credentials are used where no installation credential applies.
+//! Pushes (base and workspace repositories) always use the installation's credentials.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use base64::Engine;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+/// A credential for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// User name and password (or token used as a password).
+    Basic {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A bearer token (docker config `identitytoken`).
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Secret {
+    /// The form oci-client takes.
+    pub fn registry_auth(&self) -> RegistryAuth {
+        match self {
+            Secret::Basic { user, password } => RegistryAuth::Basic(user.clone(), password.clone()),
+            Secret::Bearer(token) => RegistryAuth::Bearer(token.clone()),
+        }
+    }
+
+    /// `base64(user:password)`, as docker config files and buildah auth files hold it.
+    pub fn basic_token(&self) -> Option<String> {
+        match self {
+            Secret::Basic { user, password } => {
+                Some(base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+            }
+            Secret::Bearer(_) => None,
+        }
+    }
+
+    /// The values that must never appear in a log.
+    pub fn sensitive_values(&self) -> Vec<String> {
+        match self {
+            Secret::Basic { password, .. } => {
+                let mut values = vec![password.clone()];
+                values.extend(self.basic_token());
+                values
+            }
+            Secret::Bearer(token) => vec![token.clone()],
+        }
+    }
+
+    /// Reads a base64 `user:password` value.
+    pub fn from_basic_token(token: &str) -> Option<Self> {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(token.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':')?;
+        Some(Secret::Basic {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+}
+
+/// The registry host of an image reference or repository, the docker way.
+pub fn registry_host(reference: &str) -> String {
+    match reference.parse::<oci_client::Reference>() {
+        Ok(r) => normalize_host(r.registry()),
+        Err(_) => normalize_host(reference.split('/').next().unwrap_or(reference)),
+    }
+}
+
+/// `https://index.docker.io/v1/` and friends are `docker.io`; schemes and paths go.
+pub fn normalize_host(host: &str) -> String {
+    let host = host
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".to_owned(),
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+/// The docker config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// It cannot be read.
+    #[error("cannot read pullSecretFile {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not a docker config.
+    #[error("pullSecretFile {path} is not a docker config (.dockerconfigjson with \"auths\"): {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never a credential).
+        detail: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    auths: HashMap<String, AuthEntry>,
+}
+
+#[derive(Deserialize, Default)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+fn parse_config(path: &Path, text: &[u8]) -> Result<HashMap<String, Secret>, Error> {
+    let file: ConfigFile = serde_json::from_slice(text).map_err(|e| Error::Parse {
+        path: path.to_owned(),
+        // serde_json's message names the position, not the content.
+        detail: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+    })?;
+    let mut auths = HashMap::new();
+    for (host, entry) in file.auths {
+        let secret = if let Some(token) = entry.identitytoken.filter(|t| !t.is_empty()) {
+            Some(Secret::Bearer(token))
+        } else if let (Some(user), Some(password)) = (entry.username, entry.password) {
+            Some(Secret::Basic { user, password })
+        } else {
+            entry.auth.as_deref().and_then(Secret::from_basic_token)
+        };
+        match secret {
+            Some(secret) => {
+                auths.insert(normalize_host(&host), secret);
+            }
+            None => tracing::warn!(registry = %normalize_host(&host), "pullSecretFile entry has no usable credential; ignored"),
+        }
+    }
+    Ok(auths)
+}
+
+struct Loaded {
+    stamp: Option<(SystemTime, u64)>,
+    auths: HashMap<String, Secret>,
+}
+
+/// The installation's credentials: a docker config file, re-read whenever it changes.
+pub struct DockerConfig {
+    path: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+impl DockerConfig {
+    /// Reads the file; fails when it cannot be read or parsed.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let config = Self {
+            path: path.to_owned(),
+            loaded: Mutex::new(Loaded {
+                stamp: None,
+                auths: HashMap::new(),
+            }),
+        };
+        config.refresh()?;
+        Ok(config)
+    }
+
+    /// Re-reads the file if its modification time or size changed. A file that went bad keeps
+    /// the last good credentials (and says so in the service log).
+    fn refresh(&self) -> Result<(), Error> {
+        let meta = std::fs::metadata(&self.path).map_err(|source| Error::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.stamp == Some(stamp) {
+            return Ok(());
+        }
+        let text = std::fs::read(&self.path).map_err(|source| Error::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let auths = parse_config(&self.path, &text)?;
+        tracing::info!(path = %self.path.display(), registries = auths.len(), "loaded registry credentials");
+        *loaded = Loaded {
+            stamp: Some(stamp),
+            auths,
+        };
+        Ok(())
+    }
+
+    /// The credential for a registry host, from the file as it is now.
+    pub fn lookup(&self, host: &str) -> Option<Secret> {
+        if let Err(e) = self.refresh() {
+            tracing::warn!(error = %e, "keeping the last good registry credentials");
+        }
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.auths.get(&normalize_host(host)).cloned()
+    }
+
+    /// Every credential value, for redaction.
+    pub fn sensitive_values(&self) -> Vec<String> {
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.auths.values().flat_map(Secret::sensitive_values).collect()
+    }
+}
+
+/// What a request allows, and the credentials it brought (`BuildRegistryAuth`). In memory only.
+#[derive(Clone, Default, Debug)]
+pub struct RequestAuth {
+    /// `total.allow_all`.
+    pub allow_all: bool,
+    /// `selective.allow_baserep`: the base repository's registry.
+    pub allow_base_repository: bool,
+    /// `selective.allow_workspacerep`: the workspace repository's registry.
+    pub allow_workspace_repository: bool,
+    /// `selective.any_of`: more hosts allowed installation credentials.
+    pub allowed: Vec<String>,
+    /// The request's own credentials by host (`additional`).
+    pub additional: HashMap<String, Secret>,
+}
+
+impl RequestAuth {
+    /// True if the request brought credentials of its own.
+    pub fn has_own(&self) -> bool {
+        !self.additional.is_empty()
+    }
+}
+
+/// Which credentials a registry gets.
+pub struct Credentials {
+    installation: Option<DockerConfig>,
+    base_host: String,
+    workspace_host: String,
+}
+
+impl Credentials {
+    /// Installation credentials from `pull_secret_file`, if one is configured, for an
+    /// installation with these base and workspace repositories.
+    pub fn new(
+        pull_secret_file: Option<&Path>,
+        base_repository: &str,
+        workspace_repository: &str,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            installation: pull_secret_file.map(DockerConfig::open).transpose()?,
+            base_host: registry_host(base_repository),
+            workspace_host: registry_host(workspace_repository),
+        })
+    }
+
+    /// The credential for pulling from `host` on behalf of `request`.
+    pub fn for_pull(&self, host: &str, request: &RequestAuth) -> Option<Secret> {
+        let host = normalize_host(host);
+        let allowed = request.allow_all
+            || (request.allow_base_repository && host == self.base_host)
+            || (request.allow_workspace_repository && host == self.workspace_host)
+            || request.allowed.iter().any(|h| normalize_host(h) == host);
+        let installation = if allowed {
+            self.installation.as_ref().and_then(|c| c.lookup(&host))
+        } else {
+            None
+        };
+        installation.or_else(|| request.additional.get(&host).cloned())
+    }
+
+    /// The credential for pushing to `host`: the installation's, never a request's.
+    pub fn for_push(&self, host: &str) -> Option<Secret> {
+        self.installation.as_ref().and_then(|c| c.lookup(host))
+    }
+
+    /// Every credential value this service knows of for `request`, for redaction.
+    pub fn sensitive_values(&self, request: &RequestAuth) -> Vec<String> {
+        let mut values: Vec<String> = request.additional.values().flat_map(Secret::sensitive_values).collect();
+        if let Some(c) = &self.installation {
+            values.extend(c.sensitive_values());
+        }
+        values.retain(|v| v.len() >= 4);
+        values
+    }
+}
+
+/// The credentials a registry client presents, by registry host.
+pub trait Keychain: Send + Sync {
+    /// The credential for reading from `host`, if any.
+    fn pull(&self, host: &str) -> Option<Secret>;
+    /// The credential for writing to `host`, if any.
+    fn push(&self, host: &str) -> Option<Secret>;
+}
+
+/// No credentials anywhere.
+pub struct NoCredentials;
+
+impl Keychain for NoCredentials {
+    fn pull(&self, _host: &str) -> Option<Secret> {
+        None
+    }
+    fn push(&self, _host: &str) -> Option<Secret> {
+        None
+    }
+}
+
+/// The keychain of one request: mk3's rules over the installation's and the request's
+/// credentials.
+pub struct RequestKeychain<'a> {
+    /// Installation credentials.
+    pub credentials: &'a Credentials,
+    /// What the request allows and brought.
+    pub request: &'a RequestAuth,
+}
+
+impl Keychain for RequestKeychain<'_> {
+    fn pull(&self, host: &str) -> Option<Secret> {
+        self.credentials.for_pull(host, self.request)
+    }
+    fn push(&self, host: &str) -> Option<Secret> {
+        self.credentials.for_push(host)
+    }
+}
+
+/// Replaces every known credential value, and the user-info of any URL, in `line`.
+pub fn redact(line: &str, values: &[String]) -> String {
+    let mut out = line.to_owned();
+    for value in values {
+        if !value.is_empty() && out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), "[redacted]");
+        }
+    }
+    strip_userinfo(&out)
+}
+
+/// `scheme://user:pass@host` becomes `scheme://[redacted]@host`.
+fn strip_userinfo(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail.find(['/', ' ', '\'', '"']).unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("[redacted]");
+                out.push_str(&tail[at..authority_end]);
+            }
+            None => out.push_str(&tail[..authority_end]),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn docker_config_forms_are_read_and_hosts_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let text = serde_json::json!({"auths": {
+            "https://index.docker.io/v1/": {"auth": b64("hub:hubpw")},
+            "reg.example.com:5000": {"username": "u", "password": "p:w"},
+            "token.example.com": {"identitytoken": "tok"},
+            "empty.example.com": {}
+        }});
+        std::fs::write(&path, text.to_string()).unwrap();
+        let config = DockerConfig::open(&path).unwrap();
+        assert_eq!(config.lookup("docker.io"), Some(Secret::Basic { user: "hub".into(), password: "hubpw".into() }));
+        assert_eq!(config.lookup("REG.example.com:5000"), Some(Secret::Basic { user: "u".into(), password: "p:w".into() }));
+        assert_eq!(config.lookup("token.example.com"), Some(Secret::Bearer("tok".into())));
+        assert_eq!(config.lookup("empty.example.com"), None);
+    }
+
+    #[test]
+    fn a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::json!({"auths": {"r": {"auth": b64("a:1")}}}).to_string()).unwrap();
+        let config = DockerConfig::open(&path).unwrap();
+        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "1".into() }));
+        std::fs::write(&path, serde_json::json!({"auths": {"r": {"auth": b64("a:22")}}}).to_string()).unwrap();
+        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "22".into() }));
+        std::fs::write(&path, "{not json").unwrap();
+        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "22".into() }));
+        let err = DockerConfig::open(&path).err().unwrap().to_string();
+        assert!(err.contains("not a docker config"), "{err}");
+    }
+
+    #[test]
+    fn mk3_rules_decide_which_registry_gets_installation_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::json!({"auths": {"private": {"auth": b64("inst:pw")}}}).to_string()).unwrap();
+        let creds = Credentials::new(Some(&path), "base-registry/base", "private/ws").unwrap();
+        let installation = Some(Secret::Basic { user: "inst".into(), password: "pw".into() });
+        assert_eq!(creds.for_pull("private", &RequestAuth::default()), None, "nothing allowed by default");
+        let all = RequestAuth { allow_all: true, ..Default::default() };
+        assert_eq!(creds.for_pull("private", &all), installation);
+        let selective = RequestAuth { allowed: vec!["private".into()], ..Default::default() };
+        assert_eq!(creds.for_pull("private", &selective), installation);
+        let own = Secret::Basic { user: "me".into(), password: "mine".into() };
+        let other = RequestAuth {
+            allowed: vec!["elsewhere".into()],
+            additional: HashMap::from([("private".to_owned(), own.clone())]),
+            ..Default::default()
+        };
+        assert_eq!(creds.for_pull("private", &other), Some(own), "additional when not allowed");
+        assert_eq!(creds.for_push("private"), installation, "pushes use the installation's");
+        let workspace = RequestAuth { allow_workspace_repository: true, ..Default::default() };
+        assert_eq!(creds.for_pull("private", &workspace), installation, "allow_workspacerep");
+        let base = RequestAuth { allow_base_repository: true, ..Default::default() };
+        assert_eq!(creds.for_pull("private", &base), None, "the base repository is elsewhere");
+    }
+
+    #[test]
+    fn redaction_removes_values_and_url_userinfo() {
+        let values = vec!["s3cret-value".to_owned()];
+        assert_eq!(redact("token s3cret-value here", &values), "token [redacted] here");
+        assert_eq!(
+            redact("fatal: 'https://bob:pw@git.example.com/r.git' not found", &[]),
+            "fatal: 'https://[redacted]@git.example.com/r.git' not found"
+        );
+        assert_eq!(redact("see http://host/path", &[]), "see http://host/path");
+    }
+}

@@ -1,0 +1,168 @@
+//! Registry credentials against a registry that demands basic auth (htpasswd): installation
+//! credentials from a docker config file (re-read when it changes), per-request auth with
+//! mk3's rules, pushes with the installation's credentials only, censoring, and a scan that
+//! finds no credential anywhere it must not be.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::*;
+use image_builder::proto::builder as pb;
+use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
+use tonic::Code;
+
+const INSTALL_PW: &str = "inst-marker-4b1d0c";
+const VISITOR_PW: &str = "req-marker-9e2c71";
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn pull_secret(host: &str, password: &str) -> String {
+    serde_json::json!({"auths": {host: {"auth": b64(&format!("builder:{password}"))}}}).to_string()
+}
+
+fn with_auth(mut request: pb::BuildRequest, auth: pb::BuildRegistryAuth) -> pb::BuildRequest {
+    request.auth = Some(auth);
+    request
+}
+
+fn selective(any_of: &[&str]) -> pb::BuildRegistryAuth {
+    pb::BuildRegistryAuth {
+        mode: Some(pb::build_registry_auth::Mode::Selective(pb::BuildRegistryAuthSelective {
+            any_of: any_of.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+        additional: Default::default(),
+    }
+}
+
+fn additional(host: &str) -> pb::BuildRegistryAuth {
+    pb::BuildRegistryAuth {
+        mode: None,
+        additional: [(host.to_owned(), b64(&format!("visitor:{VISITOR_PW}")))].into(),
+    }
+}
+
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+async fn log_of(client: &mut pb::image_builder_client::ImageBuilderClient<tonic::transport::Channel>, id: &str, censored: bool) -> String {
+    let mut stream = client
+        .logs(pb::LogsRequest { build_id: id.into(), censored, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        all.extend(chunk.content);
+    }
+    String::from_utf8(all).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_follow_mk3_rules_rotate_without_restart_and_never_leak() {
+    let registry = LocalRegistry::start_with_users(&[("builder", INSTALL_PW), ("visitor", VISITOR_PW)]).unwrap();
+    let host = registry.addr().to_owned();
+    let creds = format!("builder:{INSTALL_PW}");
+    let mut bases = Vec::new();
+    for tag in 1..=5 {
+        let image = BaseImage::busybox(tag * 1024).unwrap();
+        bases.push(testkit::push_image_as(&image, &host, &format!("private/busybox:{tag}"), Some(&creds)).unwrap());
+    }
+    let secrets_dir = tempfile::tempdir().unwrap();
+    let secret_file = secrets_dir.path().join("config.json");
+    std::fs::write(&secret_file, pull_secret(&host, INSTALL_PW)).unwrap();
+    let mut config = config(&host, "creds");
+    config["pullSecretFile"] = secret_file.display().to_string().into();
+    let mut service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut seen = String::new();
+
+    // No auth in the request: the private registry gets no installation credentials.
+    let err = build_all(&mut client, ref_build(&bases[0])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("unauthorized"), "{}", err.message());
+    seen.push_str(err.message());
+
+    // Selective auth naming the registry: installation credentials pull and push.
+    let allowed = build_all(&mut client, with_auth(ref_build(&bases[0]), selective(&[&host]))).await.unwrap();
+    assert_eq!(status(allowed.last().unwrap()), pb::BuildStatus::DoneSuccess, "{allowed:?}");
+    let allowed_id = build_id(&allowed[0]);
+
+    // The request's own credentials pull; the push still uses the installation's.
+    let own = build_all(&mut client, with_auth(ref_build(&bases[1]), additional(&host))).await.unwrap();
+    assert_eq!(status(own.last().unwrap()), pb::BuildStatus::DoneSuccess, "{own:?}");
+
+    // The credential file is rotated to a wrong password, then back, without a restart.
+    std::fs::write(&secret_file, pull_secret(&host, "wrong-password-0")).unwrap();
+    let err = build_all(&mut client, with_auth(ref_build(&bases[2]), selective(&[&host]))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "the new file is used: {err:?}");
+    seen.push_str(err.message());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(&secret_file, pull_secret(&host, INSTALL_PW)).unwrap();
+    let rotated = build_all(&mut client, with_auth(ref_build(&bases[2]), selective(&[&host]))).await.unwrap();
+    assert_eq!(status(rotated.last().unwrap()), pb::BuildStatus::DoneSuccess, "{rotated:?}");
+
+    // A build that needs its request's credentials, interrupted by a crash, cannot get them
+    // back: it fails saying they must be supplied again.
+    service.set_env(&[("FAILPOINTS", "transition.resolved.after=pause")]);
+    service.restart().unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut stream = client.build(with_auth(ref_build(&bases[3]), additional(&host))).await.unwrap().into_inner();
+    let lost_id = build_id(&stream.message().await.unwrap().unwrap());
+    for _ in 0..600 {
+        if service.log().contains("failpoint reached failpoint=transition.resolved.after") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    service.kill();
+    service.set_env(&[]);
+    service.restart().unwrap();
+    let mut client = service.client().await.unwrap();
+    let lost_log = log_of(&mut client, &lost_id, false).await;
+    assert!(lost_log.contains("submit the build again with them"), "{lost_log}");
+    let list = client.list_builds(pb::ListBuildsRequest {}).await.unwrap().into_inner();
+    let lost = list.builds.iter().find(|b| b.build_id == lost_id).unwrap();
+    assert_eq!(lost.status, pb::BuildStatus::DoneFailure as i32);
+
+    // Censored logs hide the registry host; no log shows a credential.
+    let plain = log_of(&mut client, &allowed_id, false).await;
+    let censored = log_of(&mut client, &allowed_id, true).await;
+    assert!(plain.contains(&host), "{plain}");
+    assert!(!censored.contains(&host), "{censored}");
+    assert!(censored.contains("[registry]"), "{censored}");
+    for build in &list.builds {
+        seen.push_str(&log_of(&mut client, &build.build_id, false).await);
+    }
+    seen.push_str(&format!("{allowed:?}{own:?}{rotated:?}"));
+    seen.push_str(&reqwest::get(service.metrics_url()).await.unwrap().text().await.unwrap());
+
+    service.stop();
+    seen.push_str(&service.log());
+    for marker in [INSTALL_PW, VISITOR_PW, &b64(&format!("builder:{INSTALL_PW}")), &b64(&format!("visitor:{VISITOR_PW}"))] {
+        assert!(!seen.contains(marker), "a credential leaked into logs, errors or metrics");
+        let at_rest = files_containing(&service.data_dir(), marker.as_bytes());
+        assert!(at_rest.is_empty(), "a credential is at rest in {at_rest:?}");
+    }
+}
