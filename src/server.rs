@@ -47,6 +47,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         budget: config.registry_retry_budget,
         ..RetryPolicy::default()
     };
+    let credentials = Arc::new(
+        Credentials::new(
+            config.pull_secret_file.as_deref(),
+            &config.base_image_repository,
+            &config.workspace_image_repository,
+        )
+        .context("cannot use pullSecretFile")?,
+    );
     let registry = Arc::new(Registry::with_policy(
         &config.insecure_registries,
         retry,
@@ -60,7 +68,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let steps = Steps {
         resolver: registry.clone(),
         cache: registry.clone(),
-        builder: Arc::new(LocalExecutor::new(checkouts, buildah)),
+        builder: Arc::new(LocalExecutor::new(
+            checkouts,
+            buildah,
+            Arc::clone(&credentials),
+        )),
         pusher: registry,
     };
     let limits = Limits {
@@ -73,14 +85,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         workspace: config.workspace_image_repository.clone(),
     };
     let metrics = Arc::new(Metrics::new());
-    let credentials = Arc::new(
-        Credentials::new(
-            config.pull_secret_file.as_deref(),
-            &config.base_image_repository,
-            &config.workspace_image_repository,
-        )
-        .context("cannot use pullSecretFile")?,
-    );
     let orchestrator = Orchestrator::new(
         journal,
         steps,

@@ -70,12 +70,19 @@ async fn an_index_resolves_to_its_linux_amd64_manifest() {
 
     let registry = Registry::new(std::slice::from_ref(&addr));
     let resolved = registry
-        .resolve(&format!("{addr}/multi/busybox:1"), &NoCredentials, &Untracked)
+        .resolve(
+            &format!("{addr}/multi/busybox:1"),
+            &NoCredentials,
+            &Untracked,
+        )
         .await
         .unwrap();
     assert_eq!(resolved, format!("{addr}/multi/busybox@{amd64_digest}"));
     // A plain manifest resolves to itself, tag dropped.
-    let plain = registry.resolve(&amd64, &NoCredentials, &Untracked).await.unwrap();
+    let plain = registry
+        .resolve(&amd64, &NoCredentials, &Untracked)
+        .await
+        .unwrap();
     assert_eq!(plain, format!("{addr}/multi/busybox@{amd64_digest}"));
 }
 
@@ -86,11 +93,17 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     let base =
         testkit::push_image(&BaseImage::busybox(0).unwrap(), &addr, "src/busybox:1").unwrap();
     let registry = Registry::new(std::slice::from_ref(&addr));
-    let pinned = registry.resolve(&base, &NoCredentials, &Untracked).await.unwrap();
+    let pinned = registry
+        .resolve(&base, &NoCredentials, &Untracked)
+        .await
+        .unwrap();
     let to = format!("{addr}/dst/workspace:abc");
 
     let lines = Lines(Default::default());
-    let digest = registry.copy(&pinned, &to, &NoCredentials, &lines).await.unwrap();
+    let digest = registry
+        .copy(&pinned, &to, &NoCredentials, &lines)
+        .await
+        .unwrap();
     assert_eq!(digest, digest_of(&base));
     assert_eq!(digest_of(&to), digest);
     let first = lines.0.lock().unwrap().clone();
@@ -101,7 +114,13 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
 
     // Running the step again (as after a crash) finds every blob present and succeeds.
     let again = Lines(Default::default());
-    assert_eq!(registry.copy(&pinned, &to, &NoCredentials, &again).await.unwrap(), digest);
+    assert_eq!(
+        registry
+            .copy(&pinned, &to, &NoCredentials, &again)
+            .await
+            .unwrap(),
+        digest
+    );
     let second = again.0.lock().unwrap().clone();
     assert!(
         second
@@ -114,13 +133,21 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
 
     assert_eq!(
         registry
-            .lookup(&format!("{addr}/dst/workspace:missing"), &NoCredentials, &Untracked)
+            .lookup(
+                &format!("{addr}/dst/workspace:missing"),
+                &NoCredentials,
+                &Untracked
+            )
             .await
             .unwrap(),
         None
     );
     let err = registry
-        .resolve(&format!("{addr}/src/busybox:missing"), &NoCredentials, &Untracked)
+        .resolve(
+            &format!("{addr}/src/busybox:missing"),
+            &NoCredentials,
+            &Untracked,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, registry::Error::NotFound { .. }), "{err}");
@@ -135,7 +162,10 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
         std::time::Duration::from_secs(1),
     );
     let lines = Lines(Default::default());
-    let err = closed.resolve("127.0.0.1:1/x:y", &NoCredentials, &lines).await.unwrap_err();
+    let err = closed
+        .resolve("127.0.0.1:1/x:y", &NoCredentials, &lines)
+        .await
+        .unwrap_err();
     let registry::Error::RetriesExhausted { attempts, .. } = &err else {
         panic!("expected the budget to run out: {err}");
     };

@@ -87,7 +87,10 @@ impl ImageBuilder for ImageBuilderService {
     ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
         let req = request.into_inner();
         let request = convert::registry_auth(req.auth.as_ref())?;
-        let resolved = self.orchestrator.resolve_base(req.r#ref.trim(), &request).await?;
+        let resolved = self
+            .orchestrator
+            .resolve_base(req.r#ref.trim(), &request)
+            .await?;
         Ok(Response::new(pb::ResolveBaseImageResponse {
             r#ref: resolved,
         }))
@@ -104,7 +107,7 @@ impl ImageBuilder for ImageBuilderService {
         let refs = self.orchestrator.resolve_refs(&source, &request).await?;
         let exists = self
             .orchestrator
-            .lookup(&refs.workspace_ref, &request)
+            .lookup_own(&refs.workspace_ref)
             .await?
             .is_some();
         let status = if exists {

@@ -70,7 +70,9 @@ impl Secret {
 
     /// Reads a base64 `user:password` value.
     pub fn from_basic_token(token: &str) -> Option<Self> {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(token.trim()).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(token.trim())
+            .ok()?;
         let text = String::from_utf8(decoded).ok()?;
         let (user, password) = text.split_once(':')?;
         Some(Secret::Basic {
@@ -96,7 +98,9 @@ pub fn normalize_host(host: &str) -> String {
         .trim_start_matches("http://");
     let host = host.split('/').next().unwrap_or(host);
     match host {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".to_owned(),
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_owned()
+        }
         other => other.to_ascii_lowercase(),
     }
 }
@@ -113,7 +117,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// It is not a docker config.
-    #[error("pullSecretFile {path} is not a docker config (.dockerconfigjson with \"auths\"): {detail}")]
+    #[error(
+        "pullSecretFile {path} is not a docker config (.dockerconfigjson with \"auths\"): {detail}"
+    )]
     Parse {
         /// The file.
         path: PathBuf,
@@ -159,7 +165,9 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<HashMap<String, Secret>, Err
             Some(secret) => {
                 auths.insert(normalize_host(&host), secret);
             }
-            None => tracing::warn!(registry = %normalize_host(&host), "pullSecretFile entry has no usable credential; ignored"),
+            None => {
+                tracing::warn!(registry = %normalize_host(&host), "pullSecretFile entry has no usable credential; ignored")
+            }
         }
     }
     Ok(auths)
@@ -197,7 +205,10 @@ impl DockerConfig {
             path: self.path.clone(),
             source,
         })?;
-        let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if loaded.stamp == Some(stamp) {
             return Ok(());
@@ -227,7 +238,20 @@ impl DockerConfig {
     /// Every credential value, for redaction.
     pub fn sensitive_values(&self) -> Vec<String> {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        loaded.auths.values().flat_map(Secret::sensitive_values).collect()
+        loaded
+            .auths
+            .values()
+            .flat_map(Secret::sensitive_values)
+            .collect()
+    }
+
+    /// Every registry host the file has a credential for.
+    pub fn hosts(&self) -> Vec<String> {
+        if let Err(e) = self.refresh() {
+            tracing::warn!(error = %e, "keeping the last good registry credentials");
+        }
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.auths.keys().cloned().collect()
     }
 }
 
@@ -295,9 +319,38 @@ impl Credentials {
         self.installation.as_ref().and_then(|c| c.lookup(host))
     }
 
+    /// The credentials a builder needs for a request, by host, in the docker config format
+    /// (`{"auths": {host: {"auth": …}}}`): pulls as the request allows, and the installation's
+    /// credential for `push_host`, which wins where both apply.
+    pub fn builder_auth_file(&self, request: &RequestAuth, push_host: &str) -> serde_json::Value {
+        let mut hosts: Vec<String> = request.additional.keys().cloned().collect();
+        hosts.extend(request.allowed.iter().map(|h| normalize_host(h)));
+        hosts.extend([self.base_host.clone(), self.workspace_host.clone()]);
+        if let Some(c) = &self.installation {
+            hosts.extend(c.hosts());
+        }
+        let mut auths = serde_json::Map::new();
+        for host in hosts {
+            let secret = if host == normalize_host(push_host) {
+                self.for_push(&host)
+                    .or_else(|| self.for_pull(&host, request))
+            } else {
+                self.for_pull(&host, request)
+            };
+            if let Some(token) = secret.and_then(|s| s.basic_token()) {
+                auths.insert(host, serde_json::json!({ "auth": token }));
+            }
+        }
+        serde_json::json!({ "auths": auths })
+    }
+
     /// Every credential value this service knows of for `request`, for redaction.
     pub fn sensitive_values(&self, request: &RequestAuth) -> Vec<String> {
-        let mut values: Vec<String> = request.additional.values().flat_map(Secret::sensitive_values).collect();
+        let mut values: Vec<String> = request
+            .additional
+            .values()
+            .flat_map(Secret::sensitive_values)
+            .collect();
         if let Some(c) = &self.installation {
             values.extend(c.sensitive_values());
         }
@@ -396,9 +449,24 @@ mod tests {
         }});
         std::fs::write(&path, text.to_string()).unwrap();
         let config = DockerConfig::open(&path).unwrap();
-        assert_eq!(config.lookup("docker.io"), Some(Secret::Basic { user: "hub".into(), password: "hubpw".into() }));
-        assert_eq!(config.lookup("REG.example.com:5000"), Some(Secret::Basic { user: "u".into(), password: "p:w".into() }));
-        assert_eq!(config.lookup("token.example.com"), Some(Secret::Bearer("tok".into())));
+        assert_eq!(
+            config.lookup("docker.io"),
+            Some(Secret::Basic {
+                user: "hub".into(),
+                password: "hubpw".into()
+            })
+        );
+        assert_eq!(
+            config.lookup("REG.example.com:5000"),
+            Some(Secret::Basic {
+                user: "u".into(),
+                password: "p:w".into()
+            })
+        );
+        assert_eq!(
+            config.lookup("token.example.com"),
+            Some(Secret::Bearer("tok".into()))
+        );
         assert_eq!(config.lookup("empty.example.com"), None);
     }
 
@@ -406,13 +474,39 @@ mod tests {
     fn a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
-        std::fs::write(&path, serde_json::json!({"auths": {"r": {"auth": b64("a:1")}}}).to_string()).unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({"auths": {"r": {"auth": b64("a:1")}}}).to_string(),
+        )
+        .unwrap();
         let config = DockerConfig::open(&path).unwrap();
-        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "1".into() }));
-        std::fs::write(&path, serde_json::json!({"auths": {"r": {"auth": b64("a:22")}}}).to_string()).unwrap();
-        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "22".into() }));
+        assert_eq!(
+            config.lookup("r"),
+            Some(Secret::Basic {
+                user: "a".into(),
+                password: "1".into()
+            })
+        );
+        std::fs::write(
+            &path,
+            serde_json::json!({"auths": {"r": {"auth": b64("a:22")}}}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.lookup("r"),
+            Some(Secret::Basic {
+                user: "a".into(),
+                password: "22".into()
+            })
+        );
         std::fs::write(&path, "{not json").unwrap();
-        assert_eq!(config.lookup("r"), Some(Secret::Basic { user: "a".into(), password: "22".into() }));
+        assert_eq!(
+            config.lookup("r"),
+            Some(Secret::Basic {
+                user: "a".into(),
+                password: "22".into()
+            })
+        );
         let err = DockerConfig::open(&path).err().unwrap().to_string();
         assert!(err.contains("not a docker config"), "{err}");
     }
@@ -421,34 +515,82 @@ mod tests {
     fn mk3_rules_decide_which_registry_gets_installation_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
-        std::fs::write(&path, serde_json::json!({"auths": {"private": {"auth": b64("inst:pw")}}}).to_string()).unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({"auths": {"private": {"auth": b64("inst:pw")}}}).to_string(),
+        )
+        .unwrap();
         let creds = Credentials::new(Some(&path), "base-registry/base", "private/ws").unwrap();
-        let installation = Some(Secret::Basic { user: "inst".into(), password: "pw".into() });
-        assert_eq!(creds.for_pull("private", &RequestAuth::default()), None, "nothing allowed by default");
-        let all = RequestAuth { allow_all: true, ..Default::default() };
+        let installation = Some(Secret::Basic {
+            user: "inst".into(),
+            password: "pw".into(),
+        });
+        assert_eq!(
+            creds.for_pull("private", &RequestAuth::default()),
+            None,
+            "nothing allowed by default"
+        );
+        let all = RequestAuth {
+            allow_all: true,
+            ..Default::default()
+        };
         assert_eq!(creds.for_pull("private", &all), installation);
-        let selective = RequestAuth { allowed: vec!["private".into()], ..Default::default() };
+        let selective = RequestAuth {
+            allowed: vec!["private".into()],
+            ..Default::default()
+        };
         assert_eq!(creds.for_pull("private", &selective), installation);
-        let own = Secret::Basic { user: "me".into(), password: "mine".into() };
+        let own = Secret::Basic {
+            user: "me".into(),
+            password: "mine".into(),
+        };
         let other = RequestAuth {
             allowed: vec!["elsewhere".into()],
             additional: HashMap::from([("private".to_owned(), own.clone())]),
             ..Default::default()
         };
-        assert_eq!(creds.for_pull("private", &other), Some(own), "additional when not allowed");
-        assert_eq!(creds.for_push("private"), installation, "pushes use the installation's");
-        let workspace = RequestAuth { allow_workspace_repository: true, ..Default::default() };
-        assert_eq!(creds.for_pull("private", &workspace), installation, "allow_workspacerep");
-        let base = RequestAuth { allow_base_repository: true, ..Default::default() };
-        assert_eq!(creds.for_pull("private", &base), None, "the base repository is elsewhere");
+        assert_eq!(
+            creds.for_pull("private", &other),
+            Some(own),
+            "additional when not allowed"
+        );
+        assert_eq!(
+            creds.for_push("private"),
+            installation,
+            "pushes use the installation's"
+        );
+        let workspace = RequestAuth {
+            allow_workspace_repository: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            creds.for_pull("private", &workspace),
+            installation,
+            "allow_workspacerep"
+        );
+        let base = RequestAuth {
+            allow_base_repository: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            creds.for_pull("private", &base),
+            None,
+            "the base repository is elsewhere"
+        );
     }
 
     #[test]
     fn redaction_removes_values_and_url_userinfo() {
         let values = vec!["s3cret-value".to_owned()];
-        assert_eq!(redact("token s3cret-value here", &values), "token [redacted] here");
         assert_eq!(
-            redact("fatal: 'https://bob:pw@git.example.com/r.git' not found", &[]),
+            redact("token s3cret-value here", &values),
+            "token [redacted] here"
+        );
+        assert_eq!(
+            redact(
+                "fatal: 'https://bob:pw@git.example.com/r.git' not found",
+                &[]
+            ),
             "fatal: 'https://[redacted]@git.example.com/r.git' not found"
         );
         assert_eq!(redact("see http://host/path", &[]), "see http://host/path");

@@ -86,9 +86,11 @@ impl Buildah {
         id: BuildId,
         context: &BuildContext,
         tag: &str,
+        auth_file: &Path,
         log: &BuildLog,
     ) -> Result<(), Error> {
         let mut cmd = self.command();
+        cmd.env("REGISTRY_AUTH_FILE", auth_file);
         cmd.args([
             "bud",
             "--isolation",
@@ -105,8 +107,15 @@ impl Buildah {
     }
 
     /// Pushes the local image `tag` to the registry under the same name.
-    pub async fn push(&self, id: BuildId, tag: &str, log: &BuildLog) -> Result<(), Error> {
+    pub async fn push(
+        &self,
+        id: BuildId,
+        tag: &str,
+        auth_file: &Path,
+        log: &BuildLog,
+    ) -> Result<(), Error> {
         let mut cmd = self.command();
+        cmd.env("REGISTRY_AUTH_FILE", auth_file);
         cmd.args(["push", tag, &format!("docker://{tag}")]);
         self.run(cmd, "push", id, log).await
     }

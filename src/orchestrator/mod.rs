@@ -25,8 +25,8 @@ use tokio_util::task::TaskTracker;
 pub use log::BuildLog;
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
-use crate::refs::{self, DockerfileKey};
 use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
+use crate::refs::{self, DockerfileKey};
 use crate::registry::Untracked;
 use crate::telemetry::Metrics;
 
@@ -199,7 +199,11 @@ impl Orchestrator {
 
     /// Resolves a reference to its pinned base ref (`ResolveBaseImage`), with the registry
     /// credentials `request` allows.
-    pub async fn resolve_base(&self, reference: &str, request: &RequestAuth) -> Result<String, Error> {
+    pub async fn resolve_base(
+        &self,
+        reference: &str,
+        request: &RequestAuth,
+    ) -> Result<String, Error> {
         if reference.trim().is_empty() {
             return Err(Error::InvalidRequest(
                 "ref is empty: name an image, e.g. alpine:3.20".into(),
@@ -214,7 +218,11 @@ impl Orchestrator {
     }
 
     /// The refs a source resolves to (asks the registry for reference sources).
-    pub async fn resolve_refs(&self, source: &BuildSource, request: &RequestAuth) -> Result<ResolvedRefs, Error> {
+    pub async fn resolve_refs(
+        &self,
+        source: &BuildSource,
+        request: &RequestAuth,
+    ) -> Result<ResolvedRefs, Error> {
         let base_ref = match source {
             BuildSource::Reference { reference } => self.resolve_base(reference, request).await?,
             BuildSource::Dockerfile(d) => refs::dockerfile_base_ref(
@@ -235,13 +243,15 @@ impl Orchestrator {
         })
     }
 
-    /// The manifest digest of an image, if the registry has it.
-    pub async fn lookup(&self, reference: &str, request: &RequestAuth) -> Result<Option<String>, Error> {
+    /// The manifest digest of an image of the installation's own repositories (a workspace
+    /// image, a Dockerfile build's base image), looked up with the installation's credentials
+    /// as mk3 does.
+    pub async fn lookup_own(&self, reference: &str) -> Result<Option<String>, Error> {
         Ok(self
             .inner
             .steps
             .cache
-            .lookup(reference, &self.inner.keychain(request), &Untracked)
+            .lookup(reference, &self.inner.installation(), &Untracked)
             .await?)
     }
 
@@ -255,7 +265,7 @@ impl Orchestrator {
             base_ref,
             workspace_ref,
         } = self.resolve_refs(&spec.source, &secrets.registry).await?;
-        if !spec.force_rebuild && self.lookup(&workspace_ref, &secrets.registry).await?.is_some() {
+        if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
             self.inner.metrics.cache_hit();
             return Ok(Submitted::CacheHit {
                 base_ref,
@@ -423,6 +433,28 @@ impl Inner {
         }
     }
 
+    /// The installation's credentials everywhere: for its own repositories.
+    fn installation(&self) -> RequestKeychain<'_> {
+        static ALL: std::sync::OnceLock<RequestAuth> = std::sync::OnceLock::new();
+        self.keychain(ALL.get_or_init(|| RequestAuth {
+            allow_all: true,
+            ..RequestAuth::default()
+        }))
+    }
+
+    /// The credentials to read a build's base image with: the request's for an image it named,
+    /// the installation's for a base image this service built.
+    fn base_keychain<'a>(
+        &'a self,
+        view: &BuildView,
+        request: &'a RequestAuth,
+    ) -> RequestKeychain<'a> {
+        match view.spec.source {
+            BuildSource::Reference { .. } => self.keychain(request),
+            BuildSource::Dockerfile(_) => self.installation(),
+        }
+    }
+
     /// The in-memory secrets of a build (`None` after a restart: they are never stored).
     fn secrets_of(&self, id: BuildId) -> Option<BuildSecrets> {
         self.secrets
@@ -440,10 +472,13 @@ impl Inner {
         };
         if let Some(git) = secrets.and_then(|s| s.git.as_ref()) {
             values.push(git.password.clone());
-            values.extend(crate::credentials::Secret::Basic {
-                user: git.user.clone(),
-                password: git.password.clone(),
-            }.basic_token());
+            values.extend(
+                crate::credentials::Secret::Basic {
+                    user: git.user.clone(),
+                    password: git.password.clone(),
+                }
+                .basic_token(),
+            );
         }
         values.retain(|v| v.len() >= 4);
         values

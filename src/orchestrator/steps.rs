@@ -7,8 +7,8 @@ use image_builder_state::{BuildId, BuildView};
 
 use super::log::BuildLog;
 use crate::context::{self, GitCredentials};
-use crate::executor::buildah;
 use crate::credentials::{Keychain, RequestAuth};
+use crate::executor::buildah;
 use crate::registry::{self, Progress};
 
 /// A step failed.

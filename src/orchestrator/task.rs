@@ -146,7 +146,7 @@ async fn step(
     let phase = view.phase();
     let outcome = match phase {
         Phase::Resolving => resolve(inner, view, secrets, log).await,
-        Phase::CheckingCache => check_cache(inner, view, secrets, log).await,
+        Phase::CheckingCache => check_cache(inner, view, log).await,
         Phase::Building => build(inner, view, secrets, log).await,
         Phase::Pushing => {
             log.line(format!(
@@ -157,7 +157,12 @@ async fn step(
             let pushed = inner
                 .steps
                 .pusher
-                .push(&view.base_ref, &view.workspace_ref, &inner.keychain(&secrets.registry), log)
+                .push(
+                    &view.base_ref,
+                    &view.workspace_ref,
+                    &inner.base_keychain(view, &secrets.registry),
+                    log,
+                )
                 .await;
             pushed.map(|digest| Event::Pushed { digest })
         }
@@ -177,7 +182,12 @@ async fn resolve(
     match &view.spec.source {
         BuildSource::Reference { reference } => {
             log.line(format!("resolving base image {reference}")).await;
-            match inner.steps.cache.lookup(&view.base_ref, &inner.keychain(&secrets.registry), log).await? {
+            match inner
+                .steps
+                .cache
+                .lookup(&view.base_ref, &inner.keychain(&secrets.registry), log)
+                .await?
+            {
                 Some(_) => {
                     log.line(format!("base image is {}", view.base_ref)).await;
                     Ok(Event::Resolved)
@@ -198,18 +208,18 @@ async fn resolve(
     }
 }
 
-async fn check_cache(
-    inner: &Inner,
-    view: &BuildView,
-    secrets: &super::BuildSecrets,
-    log: &BuildLog,
-) -> Result<Event, StepError> {
+async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Event, StepError> {
     if view.spec.force_rebuild {
         log.line("force_rebuild is set: not looking for an existing workspace image")
             .await;
         return Ok(Event::CacheMiss);
     }
-    match inner.steps.cache.lookup(&view.workspace_ref, &inner.keychain(&secrets.registry), log).await? {
+    match inner
+        .steps
+        .cache
+        .lookup(&view.workspace_ref, &inner.installation(), log)
+        .await?
+    {
         Some(digest) => {
             log.line(format!(
                 "workspace image {} exists ({digest})",
@@ -237,7 +247,11 @@ async fn build(
 ) -> Result<Event, StepError> {
     if matches!(view.spec.source, BuildSource::Dockerfile(_))
         && !view.spec.force_rebuild
-        && let Some(digest) = inner.steps.cache.lookup(&view.base_ref, &inner.keychain(&secrets.registry), log).await?
+        && let Some(digest) = inner
+            .steps
+            .cache
+            .lookup(&view.base_ref, &inner.installation(), log)
+            .await?
     {
         log.line(format!(
             "base image {} exists already ({digest}); skipping the build",

@@ -15,8 +15,8 @@ use oci_client::manifest::{
 };
 use oci_client::secrets::RegistryAuth;
 
-pub use crate::credentials::{Keychain, NoCredentials};
 use crate::credentials::Secret;
+pub use crate::credentials::{Keychain, NoCredentials};
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 use std::time::Duration;
@@ -61,8 +61,6 @@ pub struct Registry {
     retry: RetryPolicy,
     timeout: Duration,
 }
-
-
 
 /// The parts of a manifest a copy needs.
 #[derive(Deserialize)]
@@ -138,7 +136,6 @@ impl Registry {
         }
     }
 
-
     /// A client for `image`'s registry presenting `secret`: the shared anonymous client, or a
     /// fresh one holding this credential only (oci-client keeps one credential per registry and
     /// client, so clients are never shared between credentials).
@@ -151,7 +148,9 @@ impl Registry {
             Some(secret) => {
                 let client = Client::new(client_config(&self.insecure, self.timeout));
                 let auth = secret.registry_auth();
-                client.store_auth_if_needed(image.resolve_registry(), &auth).await;
+                client
+                    .store_auth_if_needed(image.resolve_registry(), &auth)
+                    .await;
                 Session { client, auth }
             }
         }
@@ -202,8 +201,12 @@ impl Registry {
     ) -> Result<String, Error> {
         let source = parse_reference(from)?;
         let target = parse_reference(to)?;
-        let reader = self.session(&source, keychain.pull(source.registry())).await;
-        let writer = self.session(&target, keychain.push(target.registry())).await;
+        let reader = self
+            .session(&source, keychain.pull(source.registry()))
+            .await;
+        let writer = self
+            .session(&target, keychain.push(target.registry()))
+            .await;
         let what = format!("image {from}");
         let (manifest, digest) = self
             .retrying(Resource::Manifest(&source), progress, || async {
@@ -304,7 +307,11 @@ fn client_config(insecure: &[String], timeout: Duration) -> ClientConfig {
     }
 }
 
-async fn resolve_once(session: &Session, image: &Reference, reference: &str) -> Result<String, Error> {
+async fn resolve_once(
+    session: &Session,
+    image: &Reference,
+    reference: &str,
+) -> Result<String, Error> {
     let what = format!("image {reference}");
     let (bytes, digest) = session
         .client
@@ -331,8 +338,16 @@ async fn resolve_once(session: &Session, image: &Reference, reference: &str) -> 
     Ok(pinned(image, &chosen))
 }
 
-async fn lookup_once(session: &Session, image: &Reference, reference: &str) -> Result<Option<String>, Error> {
-    match session.client.fetch_manifest_digest(image, &session.auth).await {
+async fn lookup_once(
+    session: &Session,
+    image: &Reference,
+    reference: &str,
+) -> Result<Option<String>, Error> {
+    match session
+        .client
+        .fetch_manifest_digest(image, &session.auth)
+        .await
+    {
         Ok(digest) => Ok(Some(digest)),
         Err(e) => match fail(image, &format!("image {reference}"), e) {
             Error::NotFound { .. } => Ok(None),
@@ -348,7 +363,12 @@ async fn copy_blob(
     (n, of): (usize, usize),
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    let Ends { source, reader, target, writer } = *ends;
+    let Ends {
+        source,
+        reader,
+        target,
+        writer,
+    } = *ends;
     let what = format!("blob {}", blob.digest);
     let present = writer
         .client

@@ -2,8 +2,8 @@
 
 use async_trait::async_trait;
 
-use super::{Keychain, Progress};
 use super::Registry;
+use super::{Keychain, Progress};
 use crate::orchestrator::{BuildLog, CheckCache, Push, Resolve, StepError};
 
 #[async_trait]
