@@ -56,6 +56,43 @@ pub struct Environment {
     /// `FAILPOINTS` for the service's first start.
     #[serde(default)]
     pub failpoints: String,
+    /// Users the registry demands (htpasswd basic auth); base images are pushed as the first.
+    #[serde(default)]
+    pub registry_users: Vec<UserSpec>,
+    /// The installation's credentials (`pullSecretFile`) for the scenario's registry.
+    #[serde(default)]
+    pub pull_secret: Option<UserSpec>,
+}
+
+/// A user name and password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// The user.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+/// A request's `BuildRegistryAuth`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSpec {
+    /// `total.allow_all`.
+    #[serde(default)]
+    pub allow_all: bool,
+    /// `selective.allow_baserep`.
+    #[serde(default)]
+    pub allow_baserep: bool,
+    /// `selective.allow_workspacerep`.
+    #[serde(default)]
+    pub allow_workspacerep: bool,
+    /// `selective.any_of` (`${…}` expanded).
+    #[serde(default)]
+    pub any_of: Vec<String>,
+    /// `additional`: host to `user:password` (the runner encodes it).
+    #[serde(default)]
+    pub additional: BTreeMap<String, String>,
 }
 
 /// A base image to make and push.
@@ -137,6 +174,9 @@ pub struct BuildSpec {
     /// With `count`: give each request its own Dockerfile version, so each is its own build.
     #[serde(default)]
     pub distinct: bool,
+    /// The request's registry auth.
+    #[serde(default)]
+    pub auth: Option<AuthSpec>,
 }
 
 /// A step: an action or an assertion.
@@ -292,6 +332,17 @@ pub enum Step {
         /// The text.
         contains: String,
     },
+    /// Rewrite the installation's credentials file (`pullSecretFile`) with this password.
+    RotatePullSecret {
+        /// The new password.
+        password: String,
+    },
+    /// Assert none of these values is anywhere under the data dir, in the service's own log,
+    /// in any build's log or in the metrics.
+    ExpectNoLeak {
+        /// The secret values.
+        values: Vec<String>,
+    },
 }
 
 /// Numbered lines expected once each, in order.
@@ -329,6 +380,8 @@ impl Step {
             Step::ExpectMetric { .. } => "expect_metric",
             Step::ExpectFaultsServed { .. } => "expect_faults_served",
             Step::ExpectServiceLog { .. } => "expect_service_log",
+            Step::RotatePullSecret { .. } => "rotate_pull_secret",
+            Step::ExpectNoLeak { .. } => "expect_no_leak",
         }
     }
 
@@ -346,6 +399,8 @@ impl Step {
                 | Step::ExpectFaultsServed { .. }
                 | Step::ExpectServiceLog { .. }
                 | Step::ExpectMetric { .. }
+                | Step::RotatePullSecret { .. }
+                | Step::ExpectNoLeak { .. }
         )
     }
 }

@@ -89,6 +89,10 @@ struct Listener {
 }
 
 struct World {
+    /// `user:password` of the registry's first user, for checks with skopeo.
+    registry_creds: Option<String>,
+    pull_secret: Option<(PathBuf, String, Vec<String>)>,
+    _secrets_dir: tempfile::TempDir,
     _registry: Option<LocalRegistry>,
     proxy: Option<FaultProxy>,
     vars: Vec<(String, String)>,
@@ -180,7 +184,13 @@ impl World {
             (Some(_), Some(addr)) => (None, addr.clone()),
             (Some(_), None) => (None, String::new()),
             (None, _) => {
-                let registry = LocalRegistry::start().map_err(|e| format!("registry: {e}"))?;
+                let users: Vec<(&str, &str)> = env
+                    .registry_users
+                    .iter()
+                    .map(|u| (u.user.as_str(), u.password.as_str()))
+                    .collect();
+                let registry = LocalRegistry::start_with_users(&users)
+                    .map_err(|e| format!("registry: {e}"))?;
                 let addr = registry.addr().to_owned();
                 (Some(registry), addr)
             }
@@ -218,8 +228,17 @@ impl World {
             );
             let made = BaseImage::busybox(image.payload_mb << 20)
                 .map_err(|e| format!("base image {}: {e}", image.name))?;
-            testkit::push_image(&made, &registry_addr, &format!("base/{}:1", image.name))
-                .map_err(|e| format!("push base image {}: {e}", image.name))?;
+            let creds = env
+                .registry_users
+                .first()
+                .map(|u| format!("{}:{}", u.user, u.password));
+            testkit::push_image_as(
+                &made,
+                &registry_addr,
+                &format!("base/{}:1", image.name),
+                creds.as_deref(),
+            )
+            .map_err(|e| format!("push base image {}: {e}", image.name))?;
             vars.push((
                 format!("${{base.{}}}", image.name),
                 format!("{via_base}/base/{}:1", image.name),
@@ -241,6 +260,10 @@ impl World {
             vars.push((format!("${{git.{}}}", spec.name), repo.uri()));
             repos.insert(spec.name.clone(), repo);
         }
+        let secrets_dir = tempfile::Builder::new()
+            .prefix("scenario-secrets-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?;
         let (service, grpc_url) = match &options.target {
             Some(target) => (None, format!("http://{target}")),
             None => {
@@ -251,6 +274,11 @@ impl World {
                 });
                 if proxy_addr.is_empty() {
                     config["insecureRegistries"] = serde_json::json!([registry_addr]);
+                }
+                if let Some(user) = &env.pull_secret {
+                    let path = secrets_dir.path().join("pull-secret.json");
+                    write_pull_secret(&path, &[registry_addr.as_str(), proxy_addr.as_str()], user)?;
+                    config["pullSecretFile"] = path.display().to_string().into();
                 }
                 for (key, value) in &env.config {
                     config[key] = value.clone();
@@ -266,6 +294,18 @@ impl World {
             }
         };
         Ok(Self {
+            registry_creds: env
+                .registry_users
+                .first()
+                .map(|u| format!("{}:{}", u.user, u.password)),
+            pull_secret: env.pull_secret.as_ref().map(|u| {
+                (
+                    secrets_dir.path().join("pull-secret.json"),
+                    u.user.clone(),
+                    vec![registry_addr.clone(), proxy_addr.clone()],
+                )
+            }),
+            _secrets_dir: secrets_dir,
             _registry: registry,
             proxy,
             vars,
@@ -571,10 +611,11 @@ impl World {
                 content,
             } => {
                 let reference = self.workspace_ref(build).await?;
-                testkit::skopeo_inspect(&reference)
+                let creds = self.registry_creds.as_deref();
+                testkit::skopeo_inspect_as(&reference, creds)
                     .map_err(|e| format!("{reference} is not in the registry: {e}"))?;
                 if let Some(file) = file {
-                    let bytes = testkit::read_file_from_image(&reference, file)
+                    let bytes = testkit::read_file_from_image_as(&reference, file, creds)
                         .map_err(|e| format!("{file} in {reference}: {e}"))?;
                     if let Some(content) = content {
                         let got = String::from_utf8_lossy(&bytes);
@@ -712,6 +753,22 @@ impl World {
                 );
                 Ok(())
             }
+            Step::RotatePullSecret { password } => {
+                let (path, user, hosts) = self
+                    .pull_secret
+                    .clone()
+                    .ok_or("the scenario has no pull_secret in its environment")?;
+                let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+                write_pull_secret(
+                    &path,
+                    &hosts,
+                    &model::UserSpec {
+                        user,
+                        password: password.clone(),
+                    },
+                )
+            }
+            Step::ExpectNoLeak { values } => self.expect_no_leak(values).await,
             Step::ExpectServiceLog { contains } => {
                 let log = self.service()?.log();
                 ensure!(
@@ -720,6 +777,33 @@ impl World {
                 );
                 Ok(())
             }
+        }
+    }
+
+    fn auth(&self, spec: &model::AuthSpec) -> pb::BuildRegistryAuth {
+        use base64::Engine;
+        let mode = if spec.allow_all {
+            pb::build_registry_auth::Mode::Total(pb::BuildRegistryAuthTotal { allow_all: true })
+        } else {
+            pb::build_registry_auth::Mode::Selective(pb::BuildRegistryAuthSelective {
+                allow_baserep: spec.allow_baserep,
+                allow_workspacerep: spec.allow_workspacerep,
+                any_of: spec.any_of.iter().map(|h| expand(&self.vars, h)).collect(),
+            })
+        };
+        let additional = spec
+            .additional
+            .iter()
+            .map(|(host, creds)| {
+                (
+                    expand(&self.vars, host),
+                    base64::engine::general_purpose::STANDARD.encode(creds),
+                )
+            })
+            .collect();
+        pb::BuildRegistryAuth {
+            mode: Some(mode),
+            additional,
         }
     }
 
@@ -741,6 +825,7 @@ impl World {
                 )?),
                 force_rebuild: spec.force_rebuild,
                 triggered_by: "scenario".into(),
+                auth: spec.auth.as_ref().map(|a| self.auth(a)),
                 ..Default::default()
             };
             let tracked = self.follow(request).await?;
@@ -917,6 +1002,41 @@ impl World {
         drain(stream).await.map_err(|e| format!("Logs: {e}"))
     }
 
+    async fn expect_no_leak(&mut self, values: &[String]) -> Check {
+        let mut seen = String::new();
+        let names: Vec<String> = self.builds.keys().cloned().collect();
+        for name in names {
+            if self.build_id(&name).await.is_ok() {
+                seen.push_str(&String::from_utf8_lossy(&self.full_log(&name).await?));
+            }
+            let t = self.tracked(&name)?;
+            let s = t.state.lock().unwrap_or_else(|p| p.into_inner());
+            seen.push_str(&format!("{:?}{:?}", s.responses, s.error));
+        }
+        let service = self.service()?;
+        let metrics = reqwest::get(service.metrics_url())
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        seen.push_str(&metrics);
+        seen.push_str(&service.log());
+        let data_dir = service.data_dir();
+        for value in values {
+            ensure!(
+                !seen.contains(value.as_str()),
+                "a secret value is in a log, an answer or the metrics"
+            );
+            let at_rest = files_containing(&data_dir, value.as_bytes());
+            ensure!(
+                at_rest.is_empty(),
+                "a secret value is at rest in {at_rest:?}"
+            );
+        }
+        Ok(())
+    }
+
     async fn expect_concurrency(&mut self, at_most: usize) -> Check {
         let service = self.service()?;
         service.stop();
@@ -959,6 +1079,31 @@ impl World {
     }
 }
 
+/// Every file under `dir` holding `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 async fn drain(mut stream: tonic::Streaming<pb::LogsResponse>) -> Result<Vec<u8>, tonic::Status> {
     let mut all = Vec::new();
     while let Some(chunk) = stream.message().await? {
@@ -987,6 +1132,20 @@ fn parse_code(text: &str) -> Result<tonic::Code, String> {
         other => return Err(format!("{other:?} is not a known status code name")),
     };
     Ok(code)
+}
+
+/// Writes a docker config file with one credential for each host.
+fn write_pull_secret(path: &Path, hosts: &[&str], user: &model::UserSpec) -> Check {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", user.user, user.password));
+    let auths: serde_json::Map<String, serde_json::Value> = hosts
+        .iter()
+        .filter(|h| !h.is_empty())
+        .map(|h| (h.to_string(), serde_json::json!({ "auth": token })))
+        .collect();
+    std::fs::write(path, serde_json::json!({ "auths": auths }).to_string())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Replaces `${…}` variables.

@@ -112,14 +112,18 @@ fn write_noise(file: &Path, bytes: usize) -> Result<()> {
 
 /// `skopeo inspect` of a reference over plain HTTP: an independent client's view of an image.
 pub fn skopeo_inspect(reference: &str) -> Result<serde_json::Value> {
-    let out = run(
-        "skopeo",
-        &[
-            "inspect",
-            "--tls-verify=false",
-            &format!("docker://{reference}"),
-        ],
-    )?;
+    skopeo_inspect_as(reference, None)
+}
+
+/// [`skopeo_inspect`] with `user:password` for a registry that wants them.
+pub fn skopeo_inspect_as(reference: &str, credentials: Option<&str>) -> Result<serde_json::Value> {
+    let target = format!("docker://{reference}");
+    let mut args = vec!["inspect", "--tls-verify=false"];
+    if let Some(creds) = credentials {
+        args.extend(["--creds", creds]);
+    }
+    args.push(&target);
+    let out = run("skopeo", &args)?;
     serde_json::from_str(&out).map_err(|e| super::Error::Command {
         command: format!("skopeo inspect {reference}"),
         detail: format!("output is not JSON: {e}"),
@@ -129,19 +133,26 @@ pub fn skopeo_inspect(reference: &str) -> Result<serde_json::Value> {
 /// Reads a file out of an image in a registry (plain HTTP): skopeo copies it to an OCI layout,
 /// umoci unpacks it.
 pub fn read_file_from_image(reference: &str, file: &str) -> Result<Vec<u8>> {
+    read_file_from_image_as(reference, file, None)
+}
+
+/// [`read_file_from_image`] with `user:password` for a registry that wants them.
+pub fn read_file_from_image_as(
+    reference: &str,
+    file: &str,
+    credentials: Option<&str>,
+) -> Result<Vec<u8>> {
     let dir = tempfile::Builder::new().prefix("image-read-").tempdir()?;
     let layout = dir.path().join("layout");
     let bundle = dir.path().join("bundle");
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            &format!("docker://{reference}"),
-            &format!("oci:{}:x", layout.display()),
-        ],
-    )?;
+    let source = format!("docker://{reference}");
+    let target = format!("oci:{}:x", layout.display());
+    let mut args = vec!["copy", "--quiet", "--src-tls-verify=false"];
+    if let Some(creds) = credentials {
+        args.extend(["--src-creds", creds]);
+    }
+    args.extend([source.as_str(), target.as_str()]);
+    run("skopeo", &args)?;
     run(
         "umoci",
         &[

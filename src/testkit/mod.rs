@@ -16,7 +16,10 @@ mod service;
 pub use fault_proxy::{Fault, FaultKind, FaultProxy};
 pub use git::GitRepo;
 pub use git_http::GitHttpServer;
-pub use image::{BaseImage, push_image, push_image_as, read_file_from_image, skopeo_inspect};
+pub use image::{
+    BaseImage, push_image, push_image_as, read_file_from_image, read_file_from_image_as,
+    skopeo_inspect, skopeo_inspect_as,
+};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use service::Service;
