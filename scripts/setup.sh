@@ -20,4 +20,10 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# moto: a local AWS endpoint (ECR's GetAuthorizationToken) for the ECR tests.
+if ! python3 -c 'import moto.server' 2>/dev/null; then
+  echo "setup: installing moto[server] from PyPI" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]' >/dev/null
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install a Rust toolchain (rustup) first" >&2; exit 1; }

@@ -72,6 +72,13 @@ pub struct Config {
     /// with `auths`), re-read when it changes. Default: none.
     #[serde(default)]
     pub pull_secret_file: Option<PathBuf>,
+    /// Use ECR tokens (`GetAuthorizationToken`, AWS credentials from the environment) for
+    /// hosts `<account>.dkr.ecr.<region>.amazonaws.com`. Default false (mk3's key).
+    #[serde(default, rename = "enableAdditionalECRAuth")]
+    pub enable_additional_ecr_auth: bool,
+    /// Where ECR's API is, instead of AWS (a test server such as moto). Default: AWS.
+    #[serde(default)]
+    pub ecr_endpoint: Option<String>,
 }
 
 fn default_registry_retry_budget() -> Duration {

@@ -47,14 +47,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         budget: config.registry_retry_budget,
         ..RetryPolicy::default()
     };
-    let credentials = Arc::new(
-        Credentials::new(
-            config.pull_secret_file.as_deref(),
-            &config.base_image_repository,
-            &config.workspace_image_repository,
-        )
-        .context("cannot use pullSecretFile")?,
-    );
+    let mut credentials = Credentials::new(
+        config.pull_secret_file.as_deref(),
+        &config.base_image_repository,
+        &config.workspace_image_repository,
+    )
+    .context("cannot use pullSecretFile")?;
+    if config.enable_additional_ecr_auth {
+        credentials = credentials.with_ecr(config.ecr_endpoint.clone());
+    }
+    let credentials = Arc::new(credentials);
     let registry = Arc::new(Registry::with_policy(
         &config.insecure_registries,
         retry,

@@ -8,11 +8,14 @@
 //! request's `additional` credentials are used where no installation credential applies.
 //! Pushes (base and workspace repositories) always use the installation's credentials.
 
+pub mod ecr;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
@@ -280,6 +283,7 @@ impl RequestAuth {
 /// Which credentials a registry gets.
 pub struct Credentials {
     installation: Option<DockerConfig>,
+    ecr: Option<ecr::Ecr>,
     base_host: String,
     workspace_host: String,
 }
@@ -294,13 +298,36 @@ impl Credentials {
     ) -> Result<Self, Error> {
         Ok(Self {
             installation: pull_secret_file.map(DockerConfig::open).transpose()?,
+            ecr: None,
             base_host: registry_host(base_repository),
             workspace_host: registry_host(workspace_repository),
         })
     }
 
-    /// The credential for pulling from `host` on behalf of `request`.
-    pub fn for_pull(&self, host: &str, request: &RequestAuth) -> Option<Secret> {
+    /// Adds ECR tokens for ECR hosts (`enableAdditionalECRAuth`), from AWS or `endpoint`.
+    pub fn with_ecr(mut self, endpoint: Option<String>) -> Self {
+        self.ecr = Some(ecr::Ecr::new(endpoint));
+        self
+    }
+
+    async fn ecr_token(&self, host: &str) -> Option<Secret> {
+        match &self.ecr {
+            Some(ecr) => ecr.credential(host).await,
+            None => None,
+        }
+    }
+
+    /// Drops a credential a registry refused if a fresh one can be had (ECR). True if so.
+    pub async fn renew(&self, host: &str) -> bool {
+        match &self.ecr {
+            Some(ecr) => ecr.renew(host).await,
+            None => false,
+        }
+    }
+
+    /// The credential for pulling from `host` on behalf of `request`. ECR hosts are allowed
+    /// by default, as in mk3: IAM decides what the installation may read.
+    pub async fn for_pull(&self, host: &str, request: &RequestAuth) -> Option<Secret> {
         let host = normalize_host(host);
         let allowed = request.allow_all
             || (request.allow_base_repository && host == self.base_host)
@@ -311,18 +338,31 @@ impl Credentials {
         } else {
             None
         };
-        installation.or_else(|| request.additional.get(&host).cloned())
+        if let Some(secret) = installation {
+            return Some(secret);
+        }
+        if let Some(token) = self.ecr_token(&host).await {
+            return Some(token);
+        }
+        request.additional.get(&host).cloned()
     }
 
     /// The credential for pushing to `host`: the installation's, never a request's.
-    pub fn for_push(&self, host: &str) -> Option<Secret> {
-        self.installation.as_ref().and_then(|c| c.lookup(host))
+    pub async fn for_push(&self, host: &str) -> Option<Secret> {
+        match self.installation.as_ref().and_then(|c| c.lookup(host)) {
+            Some(secret) => Some(secret),
+            None => self.ecr_token(host).await,
+        }
     }
 
     /// The credentials a builder needs for a request, by host, in the docker config format
     /// (`{"auths": {host: {"auth": …}}}`): pulls as the request allows, and the installation's
     /// credential for `push_host`, which wins where both apply.
-    pub fn builder_auth_file(&self, request: &RequestAuth, push_host: &str) -> serde_json::Value {
+    pub async fn builder_auth_file(
+        &self,
+        request: &RequestAuth,
+        push_host: &str,
+    ) -> serde_json::Value {
         let mut hosts: Vec<String> = request.additional.keys().cloned().collect();
         hosts.extend(request.allowed.iter().map(|h| normalize_host(h)));
         hosts.extend([self.base_host.clone(), self.workspace_host.clone()]);
@@ -331,11 +371,14 @@ impl Credentials {
         }
         let mut auths = serde_json::Map::new();
         for host in hosts {
-            let secret = if host == normalize_host(push_host) {
-                self.for_push(&host)
-                    .or_else(|| self.for_pull(&host, request))
+            let pushed = if host == normalize_host(push_host) {
+                self.for_push(&host).await
             } else {
-                self.for_pull(&host, request)
+                None
+            };
+            let secret = match pushed {
+                Some(secret) => Some(secret),
+                None => self.for_pull(&host, request).await,
             };
             if let Some(token) = secret.and_then(|s| s.basic_token()) {
                 auths.insert(host, serde_json::json!({ "auth": token }));
@@ -360,21 +403,28 @@ impl Credentials {
 }
 
 /// The credentials a registry client presents, by registry host.
+#[async_trait]
 pub trait Keychain: Send + Sync {
     /// The credential for reading from `host`, if any.
-    fn pull(&self, host: &str) -> Option<Secret>;
+    async fn pull(&self, host: &str) -> Option<Secret>;
     /// The credential for writing to `host`, if any.
-    fn push(&self, host: &str) -> Option<Secret>;
+    async fn push(&self, host: &str) -> Option<Secret>;
+    /// Drops a credential `host` refused, if a fresh one can be had; true if so.
+    async fn renew(&self, host: &str) -> bool {
+        let _ = host;
+        false
+    }
 }
 
 /// No credentials anywhere.
 pub struct NoCredentials;
 
+#[async_trait]
 impl Keychain for NoCredentials {
-    fn pull(&self, _host: &str) -> Option<Secret> {
+    async fn pull(&self, _host: &str) -> Option<Secret> {
         None
     }
-    fn push(&self, _host: &str) -> Option<Secret> {
+    async fn push(&self, _host: &str) -> Option<Secret> {
         None
     }
 }
@@ -388,12 +438,16 @@ pub struct RequestKeychain<'a> {
     pub request: &'a RequestAuth,
 }
 
+#[async_trait]
 impl Keychain for RequestKeychain<'_> {
-    fn pull(&self, host: &str) -> Option<Secret> {
-        self.credentials.for_pull(host, self.request)
+    async fn pull(&self, host: &str) -> Option<Secret> {
+        self.credentials.for_pull(host, self.request).await
     }
-    fn push(&self, host: &str) -> Option<Secret> {
-        self.credentials.for_push(host)
+    async fn push(&self, host: &str) -> Option<Secret> {
+        self.credentials.for_push(host).await
+    }
+    async fn renew(&self, host: &str) -> bool {
+        self.credentials.renew(host).await
     }
 }
 
@@ -511,22 +565,25 @@ mod tests {
         assert!(err.contains("not a docker config"), "{err}");
     }
 
-    #[test]
-    fn mk3_rules_decide_which_registry_gets_installation_credentials() {
+    #[tokio::test]
+    async fn mk3_rules_decide_which_registry_gets_installation_credentials() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(
             &path,
-            serde_json::json!({"auths": {"private": {"auth": b64("inst:pw")}}}).to_string(),
+            serde_json::json!({"auths": {"reg.example.com": {"auth": b64("inst:pw")}}}).to_string(),
         )
         .unwrap();
-        let creds = Credentials::new(Some(&path), "base-registry/base", "private/ws").unwrap();
+        let creds =
+            Credentials::new(Some(&path), "base-registry/base", "reg.example.com/ws").unwrap();
         let installation = Some(Secret::Basic {
             user: "inst".into(),
             password: "pw".into(),
         });
         assert_eq!(
-            creds.for_pull("private", &RequestAuth::default()),
+            creds
+                .for_pull("reg.example.com", &RequestAuth::default())
+                .await,
             None,
             "nothing allowed by default"
         );
@@ -534,28 +591,31 @@ mod tests {
             allow_all: true,
             ..Default::default()
         };
-        assert_eq!(creds.for_pull("private", &all), installation);
+        assert_eq!(creds.for_pull("reg.example.com", &all).await, installation);
         let selective = RequestAuth {
-            allowed: vec!["private".into()],
+            allowed: vec!["reg.example.com".into()],
             ..Default::default()
         };
-        assert_eq!(creds.for_pull("private", &selective), installation);
+        assert_eq!(
+            creds.for_pull("reg.example.com", &selective).await,
+            installation
+        );
         let own = Secret::Basic {
             user: "me".into(),
             password: "mine".into(),
         };
         let other = RequestAuth {
             allowed: vec!["elsewhere".into()],
-            additional: HashMap::from([("private".to_owned(), own.clone())]),
+            additional: HashMap::from([("reg.example.com".to_owned(), own.clone())]),
             ..Default::default()
         };
         assert_eq!(
-            creds.for_pull("private", &other),
+            creds.for_pull("reg.example.com", &other).await,
             Some(own),
             "additional when not allowed"
         );
         assert_eq!(
-            creds.for_push("private"),
+            creds.for_push("reg.example.com").await,
             installation,
             "pushes use the installation's"
         );
@@ -564,7 +624,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            creds.for_pull("private", &workspace),
+            creds.for_pull("reg.example.com", &workspace).await,
             installation,
             "allow_workspacerep"
         );
@@ -573,7 +633,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            creds.for_pull("private", &base),
+            creds.for_pull("reg.example.com", &base).await,
             None,
             "the base repository is elsewhere"
         );

@@ -95,10 +95,13 @@ impl Build for LocalExecutor {
             .checkouts
             .checkout(build.id, source, secrets.git.as_ref(), log)
             .await?;
-        let auth = self.credentials.builder_auth_file(
-            &secrets.registry,
-            &crate::credentials::registry_host(&build.base_ref),
-        );
+        let auth = self
+            .credentials
+            .builder_auth_file(
+                &secrets.registry,
+                &crate::credentials::registry_host(&build.base_ref),
+            )
+            .await;
         let auth = AuthFile::write(build.id, &auth).map_err(|e| {
             StepError::Unsupported(format!("cannot write the builder's credentials file: {e}"))
         })?;

@@ -165,11 +165,49 @@ impl Registry {
         progress: &dyn Progress,
     ) -> Result<String, Error> {
         let image = parse_reference(reference)?;
-        let session = self.session(&image, keychain.pull(image.registry())).await;
-        self.retrying(Resource::Manifest(&image), progress, || {
-            resolve_once(&session, &image, reference)
+        self.renewing(keychain, &[image.registry()], progress, || async {
+            let session = self
+                .session(&image, keychain.pull(image.registry()).await)
+                .await;
+            self.retrying(Resource::Manifest(&image), progress, || {
+                resolve_once(&session, &image, reference)
+            })
+            .await
         })
         .await
+    }
+
+    /// Runs `op`; if a registry refused a credential that can be renewed (an ECR token),
+    /// renews it and runs `op` once more.
+    async fn renewing<T, F, Fut>(
+        &self,
+        keychain: &dyn Keychain,
+        hosts: &[&str],
+        progress: &dyn Progress,
+        op: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        match op().await {
+            Err(err @ Error::Unauthorized { .. }) => {
+                let mut renewed = false;
+                for host in hosts {
+                    renewed |= keychain.renew(host).await;
+                }
+                if !renewed {
+                    return Err(err);
+                }
+                progress
+                    .line(format!(
+                        "{err}; renewed the registry token and trying once more"
+                    ))
+                    .await;
+                op().await
+            }
+            other => other,
+        }
     }
 
     /// The manifest digest of an image, or `None` if the registry does not have it.
@@ -181,9 +219,14 @@ impl Registry {
         progress: &dyn Progress,
     ) -> Result<Option<String>, Error> {
         let image = parse_reference(reference)?;
-        let session = self.session(&image, keychain.pull(image.registry())).await;
-        self.retrying(Resource::Manifest(&image), progress, || {
-            lookup_once(&session, &image, reference)
+        self.renewing(keychain, &[image.registry()], progress, || async {
+            let session = self
+                .session(&image, keychain.pull(image.registry()).await)
+                .await;
+            self.retrying(Resource::Manifest(&image), progress, || {
+                lookup_once(&session, &image, reference)
+            })
+            .await
         })
         .await
     }
@@ -201,11 +244,28 @@ impl Registry {
     ) -> Result<String, Error> {
         let source = parse_reference(from)?;
         let target = parse_reference(to)?;
+        let hosts = [source.registry(), target.registry()];
+        self.renewing(keychain, &hosts, progress, || {
+            self.copy_once(&source, &target, from, to, keychain, progress)
+        })
+        .await
+    }
+
+    async fn copy_once(
+        &self,
+        source: &Reference,
+        target: &Reference,
+        from: &str,
+        to: &str,
+        keychain: &dyn Keychain,
+        progress: &dyn Progress,
+    ) -> Result<String, Error> {
+        let (source, target) = (source.clone(), target.clone());
         let reader = self
-            .session(&source, keychain.pull(source.registry()))
+            .session(&source, keychain.pull(source.registry()).await)
             .await;
         let writer = self
-            .session(&target, keychain.push(target.registry()))
+            .session(&target, keychain.push(target.registry()).await)
             .await;
         let what = format!("image {from}");
         let (manifest, digest) = self

@@ -181,6 +181,8 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let body = if code == 429 {
                 r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"injected by the fault proxy"}]}"#
+            } else if code == 401 {
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"injected by the fault proxy"}]}"#
             } else {
                 "injected by the fault proxy"
             };

@@ -9,6 +9,7 @@ mod fault_proxy;
 mod git;
 mod git_http;
 mod image;
+mod moto;
 mod process;
 mod registry;
 mod service;
@@ -20,6 +21,7 @@ pub use image::{
     BaseImage, push_image, push_image_as, read_file_from_image, read_file_from_image_as,
     skopeo_inspect, skopeo_inspect_as,
 };
+pub use moto::{MOTO_ACCOUNT, MotoServer, alias_loopback};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use service::Service;
