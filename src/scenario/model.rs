@@ -62,6 +62,11 @@ pub struct Environment {
     /// The installation's credentials (`pullSecretFile`) for the scenario's registry.
     #[serde(default)]
     pub pull_secret: Option<UserSpec>,
+    /// Make the registry an ECR registry: a moto server hands out the token the registry
+    /// demands, the registry is reached under an ECR host name, and the service runs with
+    /// `enableAdditionalECRAuth`.
+    #[serde(default)]
+    pub ecr: bool,
 }
 
 /// A user name and password.

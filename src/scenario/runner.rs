@@ -60,6 +60,9 @@ impl Report {
 
 type Check = Result<(), String>;
 
+/// The ECR host name ECR scenarios reach their registry by (moto's default account).
+const ECR_NAME: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
+
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)*) => {
         if !$cond {
@@ -89,6 +92,9 @@ struct Listener {
 }
 
 struct World {
+    /// The service's environment at every start (AWS settings under ECR), beside FAILPOINTS.
+    base_env: Vec<(String, String)>,
+    _moto: Option<testkit::MotoServer>,
     /// `user:password` of the registry's first user, for checks with skopeo.
     registry_creds: Option<String>,
     pull_secret: Option<(PathBuf, String, Vec<String>)>,
@@ -180,15 +186,27 @@ fn parse_status(text: &str) -> Result<pb::BuildStatus, String> {
 impl World {
     async fn set_up(scenario: &Scenario, options: &Options) -> Result<Self, String> {
         let env = &scenario.environment;
+        let ecr_token = testkit::MotoServer::token_password();
+        let moto = match (env.ecr, &options.target) {
+            (true, None) => {
+                testkit::alias_loopback(ECR_NAME)
+                    .map_err(|e| format!("alias {ECR_NAME} to loopback in /etc/hosts: {e}"))?;
+                Some(testkit::MotoServer::start().map_err(|e| format!("moto: {e}"))?)
+            }
+            _ => None,
+        };
         let (registry, registry_addr) = match (&options.target, &options.registry) {
             (Some(_), Some(addr)) => (None, addr.clone()),
             (Some(_), None) => (None, String::new()),
             (None, _) => {
-                let users: Vec<(&str, &str)> = env
+                let mut users: Vec<(&str, &str)> = env
                     .registry_users
                     .iter()
                     .map(|u| (u.user.as_str(), u.password.as_str()))
                     .collect();
+                if env.ecr {
+                    users.insert(0, ("AWS", ecr_token.as_str()));
+                }
                 let registry = LocalRegistry::start_with_users(&users)
                     .map_err(|e| format!("registry: {e}"))?;
                 let addr = registry.addr().to_owned();
@@ -203,10 +221,20 @@ impl World {
                     .map_err(|e| format!("fault proxy: {e}"))?,
             ),
         };
-        let proxy_addr = proxy
+        let mut proxy_addr = proxy
             .as_ref()
             .map(|p| p.addr().to_owned())
             .unwrap_or_default();
+        // Under ECR, the service reaches the registry (or the proxy) by an ECR host name.
+        let direct_addr = registry_addr.clone();
+        let mut registry_addr = registry_addr;
+        if moto.is_some() {
+            let port = |addr: &str| addr.rsplit(':').next().unwrap_or_default().to_owned();
+            registry_addr = format!("{ECR_NAME}:{}", port(&registry_addr));
+            if !proxy_addr.is_empty() {
+                proxy_addr = format!("{ECR_NAME}:{}", port(&proxy_addr));
+            }
+        }
         let via_base = if proxy.is_some() {
             &proxy_addr
         } else {
@@ -228,13 +256,16 @@ impl World {
             );
             let made = BaseImage::busybox(image.payload_mb << 20)
                 .map_err(|e| format!("base image {}: {e}", image.name))?;
-            let creds = env
-                .registry_users
-                .first()
-                .map(|u| format!("{}:{}", u.user, u.password));
+            let creds = if env.ecr {
+                Some(format!("AWS:{ecr_token}"))
+            } else {
+                env.registry_users
+                    .first()
+                    .map(|u| format!("{}:{}", u.user, u.password))
+            };
             testkit::push_image_as(
                 &made,
-                &registry_addr,
+                &direct_addr,
                 &format!("base/{}:1", image.name),
                 creds.as_deref(),
             )
@@ -264,6 +295,7 @@ impl World {
             .prefix("scenario-secrets-")
             .tempdir()
             .map_err(|e| format!("temp dir: {e}"))?;
+        let mut base_env: Vec<(String, String)> = Vec::new();
         let (service, grpc_url) = match &options.target {
             Some(target) => (None, format!("http://{target}")),
             None => {
@@ -280,24 +312,40 @@ impl World {
                     write_pull_secret(&path, &[registry_addr.as_str(), proxy_addr.as_str()], user)?;
                     config["pullSecretFile"] = path.display().to_string().into();
                 }
+                let mut service_env = vec![("FAILPOINTS", env.failpoints.as_str())];
+                if let Some(moto) = &moto {
+                    config["enableAdditionalECRAuth"] = true.into();
+                    config["ecrEndpoint"] = moto.endpoint().into();
+                    service_env.extend([
+                        ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_EC2_METADATA_DISABLED", "true"),
+                    ]);
+                }
                 for (key, value) in &env.config {
                     config[key] = value.clone();
                 }
-                let service = Service::start_with_env(
-                    &options.binary,
-                    config,
-                    &[("FAILPOINTS", &env.failpoints)],
-                )
-                .map_err(|e| format!("service: {e}"))?;
+                base_env = service_env
+                    .iter()
+                    .filter(|(k, _)| *k != "FAILPOINTS")
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let service = Service::start_with_env(&options.binary, config, &service_env)
+                    .map_err(|e| format!("service: {e}"))?;
                 let url = service.grpc_url();
                 (Some(service), url)
             }
         };
         Ok(Self {
-            registry_creds: env
-                .registry_users
-                .first()
-                .map(|u| format!("{}:{}", u.user, u.password)),
+            base_env,
+            _moto: moto,
+            registry_creds: if env.ecr {
+                Some(format!("AWS:{ecr_token}"))
+            } else {
+                env.registry_users
+                    .first()
+                    .map(|u| format!("{}:{}", u.user, u.password))
+            },
             pull_secret: env.pull_secret.as_ref().map(|u| {
                 (
                     secrets_dir.path().join("pull-secret.json"),
@@ -322,6 +370,21 @@ impl World {
         ImageBuilderClient::connect(self.grpc_url.clone())
             .await
             .map_err(|e| format!("cannot connect to {}: {e}", self.grpc_url))
+    }
+
+    /// Starts the (stopped) service again with its environment and these failpoints.
+    fn start_again(&mut self, failpoints: &str) -> Check {
+        let base_env = self.base_env.clone();
+        let mut env: Vec<(&str, &str)> = base_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.push(("FAILPOINTS", failpoints));
+        let service = self.service()?;
+        service.set_env(&env);
+        service.restart().map_err(|e| format!("restart: {e}"))?;
+        self.grpc_url = service.grpc_url();
+        Ok(())
     }
 
     fn service(&mut self) -> Result<&mut Service, String> {
@@ -476,20 +539,12 @@ impl World {
                 Ok(())
             }
             Step::Restart { failpoints } => {
-                let service = self.service()?;
-                service.stop();
-                service.set_env(&[("FAILPOINTS", failpoints)]);
-                service.restart().map_err(|e| format!("restart: {e}"))?;
-                self.grpc_url = service.grpc_url();
-                Ok(())
+                self.service()?.stop();
+                self.start_again(failpoints)
             }
             Step::Kill { failpoints } => {
-                let service = self.service()?;
-                service.kill();
-                service.set_env(&[("FAILPOINTS", failpoints)]);
-                service.restart().map_err(|e| format!("restart: {e}"))?;
-                self.grpc_url = service.grpc_url();
-                Ok(())
+                self.service()?.kill();
+                self.start_again(failpoints)
             }
             Step::Fault(fault) => {
                 let mut fault = fault.clone();
@@ -1057,10 +1112,7 @@ impl World {
             }
             spans
         };
-        let service = self.service()?;
-        service.set_env(&[]);
-        service.restart().map_err(|e| format!("restart: {e}"))?;
-        self.grpc_url = service.grpc_url();
+        self.start_again("")?;
         let most = spans
             .iter()
             .map(|(start, _)| {
