@@ -332,3 +332,50 @@ async fn a_dockerfile_build_pulls_and_pushes_a_private_registry_with_no_credenti
         assert!(at_rest.is_empty(), "a credential is at rest in {at_rest:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_with_token_auth_is_served_through_the_bearer_flow() {
+    let tokens = testkit::TokenServer::start("builder", INSTALL_PW)
+        .await
+        .unwrap();
+    let registry = LocalRegistry::start_with_token_auth(&tokens).unwrap();
+    let host = registry.addr().to_owned();
+    let base = testkit::push_image_as(
+        &BaseImage::busybox(0).unwrap(),
+        &host,
+        "tokens/busybox:1",
+        Some(&format!("builder:{INSTALL_PW}")),
+    )
+    .unwrap();
+    let secrets_dir = tempfile::tempdir().unwrap();
+    let secret_file = secrets_dir.path().join("config.json");
+    std::fs::write(&secret_file, pull_secret(&host, INSTALL_PW)).unwrap();
+    let mut config = config(&host, "token-auth");
+    config["pullSecretFile"] = secret_file.display().to_string().into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+
+    let err = build_all(&mut client, ref_build(&base)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let built = build_all(
+        &mut client,
+        with_auth(ref_build(&base), selective(&[&host])),
+    )
+    .await
+    .unwrap();
+    let id = build_id(&built[0]);
+    let log = log_of(&mut client, &id, false).await;
+    assert_eq!(
+        status(built.last().unwrap()),
+        pb::BuildStatus::DoneSuccess,
+        "{log}"
+    );
+    let workspace = &built.last().unwrap().r#ref;
+    let inspected =
+        testkit::skopeo_inspect_as(workspace, Some(&format!("builder:{INSTALL_PW}"))).unwrap();
+    assert_eq!(
+        inspected["Digest"],
+        testkit::skopeo_inspect_as(&base, Some(&format!("builder:{INSTALL_PW}"))).unwrap()["Digest"]
+    );
+    assert!(!log.contains(INSTALL_PW) && !service.log().contains(INSTALL_PW));
+}

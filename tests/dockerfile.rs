@@ -440,7 +440,7 @@ async fn git_credentials_are_used_for_the_clone_and_never_written() {
         }
         request
     };
-    let service = service("gitauth");
+    let mut service = service("gitauth");
     let mut client = service.client().await.unwrap();
 
     let denied = build_all(&mut client, head_build(&remote.uri()))
@@ -463,7 +463,23 @@ async fn git_credentials_are_used_for_the_clone_and_never_written() {
     );
     assert!(log.contains("private\n"), "{log}");
 
-    for text in [log, service.log(), format!("{built:?}{denied:?}")] {
+    // After a restart, nothing has come to rest or shows in a replayed log either.
+    service.restart().unwrap();
+    let mut client = service.client().await.unwrap();
+    let replayed = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    let metrics = reqwest::get(service.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for text in [
+        log,
+        replayed,
+        metrics,
+        service.log(),
+        format!("{built:?}{denied:?}"),
+    ] {
         assert!(!text.contains(marker), "the password leaked:\n{text}");
     }
     let leaked = files_containing(&service.data_dir(), marker.as_bytes());

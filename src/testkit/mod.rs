@@ -13,6 +13,7 @@ mod moto;
 mod process;
 mod registry;
 mod service;
+mod token_server;
 
 pub use fault_proxy::{Fault, FaultKind, FaultProxy};
 pub use git::GitRepo;
@@ -25,6 +26,7 @@ pub use moto::{MOTO_ACCOUNT, MotoServer, alias_loopback};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use service::Service;
+pub use token_server::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 
 /// A testkit operation failed.
 #[derive(Debug, thiserror::Error)]

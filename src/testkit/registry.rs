@@ -24,7 +24,17 @@ impl LocalRegistry {
         Self::launch(users)
     }
 
+    /// Starts a registry that demands bearer tokens from `tokens` (the distribution spec's
+    /// token auth).
+    pub fn start_with_token_auth(tokens: &super::TokenServer) -> Result<Self> {
+        Self::launch_with(&[], Some(tokens))
+    }
+
     fn launch(users: &[(&str, &str)]) -> Result<Self> {
+        Self::launch_with(users, None)
+    }
+
+    fn launch_with(users: &[(&str, &str)], tokens: Option<&super::TokenServer>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("registry-").tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port()?);
         let config = dir.path().join("config.yml");
@@ -46,6 +56,17 @@ impl LocalRegistry {
             text.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: image-builder-tests\n    path: {}\n",
                 htpasswd.display()
+            ));
+        }
+        if let Some(tokens) = tokens {
+            let bundle = dir.path().join("token-bundle.pem");
+            std::fs::write(&bundle, tokens.bundle_pem())?;
+            text.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                tokens.realm(),
+                super::TOKEN_SERVICE,
+                super::TOKEN_ISSUER,
+                bundle.display()
             ));
         }
         std::fs::write(&config, text)?;
