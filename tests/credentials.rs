@@ -48,49 +48,12 @@ fn additional(host: &str) -> pb::BuildRegistryAuth {
     }
 }
 
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 async fn log_of(
     client: &mut pb::image_builder_client::ImageBuilderClient<tonic::transport::Channel>,
     id: &str,
     censored: bool,
 ) -> String {
-    let mut stream = client
-        .logs(pb::LogsRequest {
-            build_id: id.into(),
-            censored,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut all = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        all.extend(chunk.content);
-    }
-    String::from_utf8(all).unwrap()
+    String::from_utf8(logs_with(client, id, censored).await.unwrap()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -253,7 +216,7 @@ async fn credentials_follow_mk3_rules_rotate_without_restart_and_never_leak() {
             !seen.contains(marker),
             "a credential leaked into logs, errors or metrics"
         );
-        let at_rest = files_containing(&service.data_dir(), marker.as_bytes());
+        let at_rest = testkit::files_containing(&service.data_dir(), marker.as_bytes());
         assert!(at_rest.is_empty(), "a credential is at rest in {at_rest:?}");
     }
 }
@@ -328,7 +291,7 @@ async fn a_dockerfile_build_pulls_and_pushes_a_private_registry_with_no_credenti
             && !everything.contains(&b64(&format!("builder:{INSTALL_PW}")))
     );
     for marker in [INSTALL_PW.to_owned(), b64(&format!("builder:{INSTALL_PW}"))] {
-        let at_rest = files_containing(&service.data_dir(), marker.as_bytes());
+        let at_rest = testkit::files_containing(&service.data_dir(), marker.as_bytes());
         assert!(at_rest.is_empty(), "a credential is at rest in {at_rest:?}");
     }
 }

@@ -387,32 +387,6 @@ async fn the_concurrency_limit_queues_builds_in_order() {
     }
 }
 
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && std::fs::read(&path)
-                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 #[tokio::test]
 async fn git_credentials_are_used_for_the_clone_and_never_written() {
     use image_builder::proto::contentservice as cs;
@@ -482,6 +456,6 @@ async fn git_credentials_are_used_for_the_clone_and_never_written() {
     ] {
         assert!(!text.contains(marker), "the password leaked:\n{text}");
     }
-    let leaked = files_containing(&service.data_dir(), marker.as_bytes());
+    let leaked = testkit::files_containing(&service.data_dir(), marker.as_bytes());
     assert!(leaked.is_empty(), "the password is at rest in {leaked:?}");
 }

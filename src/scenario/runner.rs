@@ -1083,7 +1083,7 @@ impl World {
                 !seen.contains(value.as_str()),
                 "a secret value is in a log, an answer or the metrics"
             );
-            let at_rest = files_containing(&data_dir, value.as_bytes());
+            let at_rest = testkit::files_containing(&data_dir, value.as_bytes());
             ensure!(
                 at_rest.is_empty(),
                 "a secret value is at rest in {at_rest:?}"
@@ -1129,31 +1129,6 @@ impl World {
         );
         Ok(())
     }
-}
-
-/// Every file under `dir` holding `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file()
-                && std::fs::read(&path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
 }
 
 async fn drain(mut stream: tonic::Streaming<pb::LogsResponse>) -> Result<Vec<u8>, tonic::Status> {

@@ -83,9 +83,19 @@ pub async fn logs_all(
     client: &mut ImageBuilderClient<Channel>,
     build_id: &str,
 ) -> Result<Vec<u8>, tonic::Status> {
+    logs_with(client, build_id, false).await
+}
+
+/// The whole log of a build, censored (`LogsRequest.censored`) or not.
+pub async fn logs_with(
+    client: &mut ImageBuilderClient<Channel>,
+    build_id: &str,
+    censored: bool,
+) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client
         .logs(pb::LogsRequest {
             build_id: build_id.into(),
+            censored,
             ..Default::default()
         })
         .await?
