@@ -10,6 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/imgbuilder.proto"], &["proto"])?;
+        .compile_protos(&["proto/imgbuilder.proto", "proto/ops.proto"], &["proto"])?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The `image-builder` command: `run` serves the API; `demo` shows a real build end to end.
 
+mod cli;
 mod demo;
+mod store_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,10 +33,40 @@ enum Commands {
         #[arg(long)]
         keep: bool,
     },
+    /// Inspect, follow, cancel and retry the builds of a running service (ops API).
+    Builds {
+        #[command(flatten)]
+        connection: cli::Connection,
+        #[command(subcommand)]
+        command: cli::BuildsCommand,
+    },
+    /// Read the store of a stopped service (read-only).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Scenario-driven integration tests (see scenarios/README.md).
     Scenario {
         #[command(subcommand)]
         command: ScenarioCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Print every build, or one build's journal.
+    Inspect {
+        /// The service's dataDir.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A build id: print its records.
+        build_id: Option<String>,
+    },
+    /// Verify every record decodes and every journal folds, naming each bad record.
+    Check {
+        /// The service's dataDir.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
     },
 }
 
@@ -74,6 +106,16 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!("{e}")),
         },
         Commands::Demo { keep } => runtime.block_on(demo::run(keep)),
+        Commands::Store {
+            command: StoreCommand::Inspect { data_dir, build_id },
+        } => store_cli::inspect(&data_dir, build_id.as_deref()),
+        Commands::Store {
+            command: StoreCommand::Check { data_dir },
+        } => store_cli::check(&data_dir),
+        Commands::Builds {
+            connection,
+            command,
+        } => runtime.block_on(cli::run(connection, command)),
         Commands::Scenario {
             command:
                 ScenarioCommand::Run {

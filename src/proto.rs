@@ -11,3 +11,9 @@ pub mod contentservice {
 pub mod builder {
     tonic::include_proto!("builder");
 }
+
+/// image-builder's operations API (`ops.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod ops {
+    tonic::include_proto!("imagebuilder.ops.v1");
+}

@@ -10,7 +10,7 @@ use image_builder_state::Journal;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ImageBuilderService;
+use crate::api::{ImageBuilderService, OpsService};
 use crate::config::Config;
 use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
@@ -126,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let server = tonic::transport::Server::builder()
         .add_service(ImageBuilderService::new(orchestrator.clone()).into_server())
+        .add_service(OpsService::new(orchestrator.clone()).into_server())
         .serve_with_incoming_shutdown(
             // tonic sets TCP_NODELAY only on listeners it binds itself; without it every
             // small response waits out delayed ACKs (~40 ms).

@@ -18,7 +18,8 @@ use crate::proto::builder::image_builder_server::ImageBuilder;
 /// reads from the journal, so waiting holds up nobody else.
 const STREAM_BUFFER: usize = 64;
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A server stream of `T`.
+pub(super) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// mk3's gRPC service.
 #[derive(Clone)]
@@ -39,7 +40,7 @@ impl ImageBuilderService {
 }
 
 /// Runs `feed` as a task writing into a bounded stream; the task ends when the client goes.
-fn feed_stream<T, F>(
+pub(super) fn feed_stream<T, F>(
     name: &'static str,
     feed: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
 ) -> ResponseStream<T>
@@ -71,7 +72,7 @@ fn log_offset(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
         })
 }
 
-fn parse_build_id(text: &str) -> Result<BuildId, Status> {
+pub(super) fn parse_build_id(text: &str) -> Result<BuildId, Status> {
     text.parse()
         .map_err(|e: image_builder_state::build::ParseBuildIdError| {
             Status::invalid_argument(format!("build_id: {e}"))

@@ -4,6 +4,8 @@
 
 mod convert;
 pub mod image_builder;
+pub mod ops;
 mod status;
 
 pub use image_builder::ImageBuilderService;
+pub use ops::OpsService;

@@ -22,6 +22,7 @@ impl From<orchestrator::Error> for Status {
             ) => Code::FailedPrecondition,
             orchestrator::Error::Journal(_) => Code::Internal,
             orchestrator::Error::JoinFailed => Code::Aborted,
+            orchestrator::Error::Conflict(_) => Code::FailedPrecondition,
             orchestrator::Error::ShuttingDown => Code::Unavailable,
         };
         if code == Code::Internal {

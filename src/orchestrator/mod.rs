@@ -45,6 +45,9 @@ pub enum Error {
     /// The journal failed.
     #[error(transparent)]
     Journal(#[from] journal::Error),
+    /// The build is not in a state that allows this.
+    #[error("{0}")]
+    Conflict(String),
     /// The build this request joined could not be recorded.
     #[error("the build this request joined could not be recorded; try again")]
     JoinFailed,
@@ -102,6 +105,7 @@ pub struct Limits {
 struct Admission {
     view: BuildView,
     resumed: bool,
+    cancel: CancellationToken,
 }
 
 /// The refs a source resolves to.
@@ -118,6 +122,37 @@ pub struct ResolvedRefs {
 struct Flight {
     id: BuildId,
     created: watch::Receiver<bool>,
+    /// Build calls that joined this build after the one that started it.
+    joined: Arc<std::sync::atomic::AtomicUsize>,
+    /// Fires when someone cancels the build.
+    cancel: CancellationToken,
+}
+
+impl Flight {
+    fn new(id: BuildId, created: watch::Receiver<bool>) -> Self {
+        Self {
+            id,
+            created,
+            joined: Arc::default(),
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// Build calls other than the first that were following the build.
+    pub joined: usize,
+}
+
+/// What a retry did.
+#[derive(Debug, Clone)]
+pub struct Retried {
+    /// The new attempt's number.
+    pub attempt: u32,
+    /// Whether the original request carried credentials of its own, which are not kept.
+    pub needs_request_credentials: bool,
 }
 
 struct Inner {
@@ -184,15 +219,12 @@ impl Orchestrator {
         let count = unfinished.len();
         for view in unfinished {
             let (_, created) = watch::channel(true);
-            self.lock_flights().insert(
-                view.workspace_ref.clone(),
-                Flight {
-                    id: view.id,
-                    created,
-                },
-            );
+            let flight = Flight::new(view.id, created);
+            let cancel = flight.cancel.clone();
+            self.lock_flights()
+                .insert(view.workspace_ref.clone(), flight);
             tracing::info!(build_id = %view.id, phase = %view.phase(), "resuming build");
-            self.spawn(view, true);
+            self.spawn(view, true, cancel);
         }
         Ok(count)
     }
@@ -275,13 +307,15 @@ impl Orchestrator {
         let (flight, leader) = {
             let mut flights = self.lock_flights();
             match flights.get(&workspace_ref) {
-                Some(flight) => (flight.clone(), None),
+                Some(flight) => {
+                    flight
+                        .joined
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (flight.clone(), None)
+                }
                 None => {
                     let (created, rx) = watch::channel(false);
-                    let flight = Flight {
-                        id: BuildId::new(),
-                        created: rx,
-                    };
+                    let flight = Flight::new(BuildId::new(), rx);
                     flights.insert(workspace_ref.clone(), flight.clone());
                     (flight, Some(created))
                 }
@@ -317,7 +351,7 @@ impl Orchestrator {
                 self.inner.metrics.build_started();
                 tracing::info!(build_id = %id, %workspace_ref, "build accepted");
                 let created_at_ms = view.created_at_ms;
-                self.spawn(view, false);
+                self.spawn(view, false, flight.cancel.clone());
                 Ok(Submitted::Running {
                     id,
                     joined: false,
@@ -342,6 +376,103 @@ impl Orchestrator {
             .find(|s| s.workspace_ref == workspace_ref)
             .map(|s| s.id)
             .ok_or_else(|| Error::NotFound(format!("no build of workspace image {workspace_ref}")))
+    }
+
+    /// Cancels a build: the intent is journaled first, then the build's task stops its step
+    /// (builder processes, work directory) and journals Cancelled. A restart in between
+    /// finishes the cancel. Every client following the build sees it end.
+    pub async fn cancel(&self, id: BuildId, reason: String) -> Result<Cancelled, Error> {
+        let view = self.view(id)?;
+        if view.phase().is_final() {
+            return Err(Error::Conflict(format!(
+                "build {id} has ended ({}); there is nothing to cancel",
+                view.phase()
+            )));
+        }
+        let reason = if reason.trim().is_empty() {
+            "cancelled by an operator".to_owned()
+        } else {
+            reason
+        };
+        self.inner
+            .journal
+            .request_cancel(id, reason)
+            .await
+            .map_err(|e| match e {
+                journal::Error::Illegal { .. } => {
+                    Error::Conflict(format!("build {id} has ended; there is nothing to cancel"))
+                }
+                other => other.into(),
+            })?;
+        let flight = self.lock_flights().values().find(|f| f.id == id).map(|f| {
+            (
+                f.cancel.clone(),
+                f.joined.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        let joined = match flight {
+            Some((cancel, joined)) => {
+                cancel.cancel();
+                joined
+            }
+            None => 0,
+        };
+        tracing::info!(build_id = %id, joined, "build cancel requested");
+        Ok(Cancelled { joined })
+    }
+
+    /// Runs a failed or cancelled build again, as its next attempt under the same id, with
+    /// the installation's credentials only.
+    pub async fn retry(&self, id: BuildId) -> Result<Retried, Error> {
+        let view = self.view(id)?;
+        if !matches!(
+            view.phase(),
+            image_builder_state::Phase::Failed | image_builder_state::Phase::Cancelled
+        ) {
+            return Err(Error::Conflict(format!(
+                "build {id} is {}; only a failed or cancelled build can be retried",
+                view.phase()
+            )));
+        }
+        let (created, rx) = watch::channel(false);
+        let flight = Flight::new(id, rx);
+        {
+            let mut flights = self.lock_flights();
+            if let Some(other) = flights.get(&view.workspace_ref) {
+                return Err(Error::Conflict(format!(
+                    "build {} is making the same workspace image right now; follow it instead",
+                    other.id
+                )));
+            }
+            flights.insert(view.workspace_ref.clone(), flight.clone());
+        }
+        let attempt = view.attempt + 1;
+        let marker = format!(
+            "==== attempt {attempt} of build {id} (retry requested; the log above is of earlier attempts) ====\n"
+        );
+        let retried = async {
+            self.inner.journal.log(id, marker.into_bytes()).await?;
+            self.inner
+                .journal
+                .transition(id, image_builder_state::Event::Retried)
+                .await
+        }
+        .await;
+        let view = match retried {
+            Ok(view) => view,
+            Err(e) => {
+                self.inner.forget_flight(&view.workspace_ref, id);
+                return Err(e.into());
+            }
+        };
+        let _ = created.send(true);
+        self.inner.metrics.build_started();
+        let needs_request_credentials = view.spec.had_request_auth;
+        self.spawn(view, false, flight.cancel.clone());
+        Ok(Retried {
+            attempt,
+            needs_request_credentials,
+        })
     }
 
     /// Removes what `LogsRequest.censored` hides: every known credential value and the
@@ -389,11 +520,15 @@ impl Orchestrator {
     }
 
     /// Queues a build for a slot; the admission task starts it when one is free.
-    fn spawn(&self, view: BuildView, resumed: bool) {
+    fn spawn(&self, view: BuildView, resumed: bool, cancel: CancellationToken) {
         if self
             .inner
             .admissions
-            .send(Admission { view, resumed })
+            .send(Admission {
+                view,
+                resumed,
+                cancel,
+            })
             .is_err()
         {
             tracing::error!("the admission task is gone; the build resumes at next start");
@@ -411,7 +546,12 @@ async fn admit(
     mut queue: mpsc::UnboundedReceiver<Admission>,
     slots: Arc<Semaphore>,
 ) {
-    while let Some(Admission { view, resumed }) = queue.recv().await {
+    while let Some(Admission {
+        view,
+        resumed,
+        cancel,
+    }) = queue.recv().await
+    {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
@@ -420,7 +560,7 @@ async fn admit(
             return;
         }
         let tasks = inner.tasks.clone();
-        tasks.spawn(task::drive(inner, view, resumed, slot));
+        tasks.spawn(task::drive(inner, view, resumed, slot, cancel));
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use image_builder_state::{BuildSource, BuildView, Event, Phase, now_ms};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{BuildLog, Inner, StepError};
@@ -23,9 +24,10 @@ pub(super) async fn drive(
     view: BuildView,
     resumed: bool,
     slot: OwnedSemaphorePermit,
+    cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("build", build_id = %view.id);
-    run(inner, view, resumed).instrument(span).await;
+    run(inner, view, resumed, cancel).instrument(span).await;
     drop(slot);
 }
 
@@ -41,7 +43,7 @@ fn failpoint(name: &str) {
     let _ = name;
 }
 
-async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
+async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: CancellationToken) {
     let id = view.id;
     let secrets = inner.secrets_of(id);
     let log = BuildLog::new(
@@ -68,7 +70,12 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
     let secrets_lost = secrets.is_none() && view.spec.had_request_auth;
     let secrets = secrets.unwrap_or_default();
     while !view.phase().is_final() {
-        let event = if view.phase() == Phase::Queued {
+        let event = if view.cancel_requested.is_some() || cancel.is_cancelled() {
+            match stop_for_cancel(&inner, id, &log).await {
+                Some(event) => event,
+                None => return,
+            }
+        } else if view.phase() == Phase::Queued {
             Event::Admitted
         } else {
             let deadline = deadline(&inner, &view);
@@ -78,6 +85,8 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
                     tracing::info!(phase = %view.phase(), "stopping for shutdown; the build resumes at next start");
                     return;
                 }
+                // Dropping the step stops its processes; the next turn journals the cancel.
+                () = cancel.cancelled() => continue,
                 () = tokio::time::sleep(deadline) => Event::Failed {
                     reason: format!(
                         "the build exceeded its time limit of {} (buildTimeout) while {}",
@@ -112,6 +121,30 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool) {
         .metrics
         .build_done(view.phase() == Phase::Done, seconds);
     inner.forget(&view.workspace_ref, id);
+}
+
+/// Finishes a cancel whose intent is journaled: stops what the build left running, removes its
+/// work directory, and says Cancelled with the canceller's reason. `None` if the journal
+/// cannot be read (the cancel finishes at the next start).
+async fn stop_for_cancel(
+    inner: &Inner,
+    id: image_builder_state::BuildId,
+    log: &BuildLog,
+) -> Option<Event> {
+    let stopped = inner.steps.builder.stop_leftovers(id).await;
+    let reason = match inner.journal.view(id) {
+        Ok(Some(view)) => view.cancel_requested.unwrap_or_else(|| "cancelled".into()),
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the cancel request");
+            return None;
+        }
+    };
+    log.line(format!(
+        "build cancelled: {reason} (stopped {stopped} builder processes)"
+    ))
+    .await;
+    Some(Event::Cancelled { reason })
 }
 
 /// A build that needed the credentials of its request fails, after a restart lost them, with a

@@ -196,6 +196,22 @@ impl Journal {
         .await
     }
 
+    /// Records that someone asked for a build to stop. Refused for a build that has ended.
+    pub async fn request_cancel(&self, id: BuildId, reason: String) -> Result<BuildView> {
+        self.append(id, |view| {
+            let cancel = Event::Cancelled {
+                reason: reason.clone(),
+            };
+            view.check(&cancel)
+                .map_err(|source| Error::Illegal { id, source })?;
+            Ok(vec![Record::CancelRequested {
+                reason,
+                at_ms: now_ms(),
+            }])
+        })
+        .await
+    }
+
     /// Appends bytes to a build's log; returns the offset they start at.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
         let mut offset = 0;
@@ -413,10 +429,11 @@ impl Follower {
                 if seq >= self.from_seq {
                     self.buffer.push_back((seq, record));
                 }
-                if self.view.as_ref().is_some_and(|v| v.phase().is_final()) {
-                    self.ended = true;
-                    break;
-                }
+            }
+            // Ended means ended as of the newest durable record: a retried build's earlier
+            // final phase does not stop a reader from seeing the attempts after it.
+            if self.view.as_ref().is_some_and(|v| v.phase().is_final()) {
+                self.ended = true;
             }
         }
     }

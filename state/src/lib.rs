@@ -7,6 +7,7 @@
 //! them.
 
 pub mod build;
+pub mod inspect;
 pub mod journal;
 pub mod machine;
 pub mod record;

@@ -7,10 +7,11 @@
 //!                                └──CacheMiss──▶ Building ──Built──▶ Pushing ──Pushed
 //!
 //!   any working state ──Failed──▶ Failed        any working state ──Cancelled──▶ Cancelled
+//!   Failed | Cancelled ──Retried──▶ Queued (a new attempt of the same build)
 //! ```
 //!
 //! Working states are Queued, Resolving, CheckingCache, Building and Pushing; Done, Failed and
-//! Cancelled are final and accept no event. A build waits in Queued until the concurrency limit
+//! Cancelled are final: Done accepts no event, Failed and Cancelled only Retried. A build waits in Queued until the concurrency limit
 //! admits it.
 
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,8 @@ pub enum Event {
         /// Why, as the canceller said.
         reason: String,
     },
+    /// An operator ran a failed or cancelled build again.
+    Retried,
 }
 
 impl Event {
@@ -58,6 +61,7 @@ impl Event {
             Event::Pushed { .. } => "pushed",
             Event::Failed { .. } => "failed",
             Event::Cancelled { .. } => "cancelled",
+            Event::Retried => "retried",
         }
     }
 }
@@ -203,14 +207,18 @@ impl Lifecycle {
 
     #[state(superstate = "any")]
     fn failed(event: &Event) -> Outcome<State> {
-        let _ = event;
-        Super
+        match event {
+            Event::Retried => Transition(State::queued()),
+            _ => Super,
+        }
     }
 
     #[state(superstate = "any")]
     fn cancelled(event: &Event) -> Outcome<State> {
-        let _ = event;
-        Super
+        match event {
+            Event::Retried => Transition(State::queued()),
+            _ => Super,
+        }
     }
 
     /// Reached only by events no state above handled: the edge does not exist.

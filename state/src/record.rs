@@ -37,6 +37,14 @@ pub enum Record {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// Someone asked for the build to stop. Journaled before anything is stopped, so a restart
+    /// in the middle of a cancel finishes it. (New variants go last: bincode numbers them.)
+    CancelRequested {
+        /// Why, as the canceller said.
+        reason: String,
+        /// When, ms since the epoch.
+        at_ms: i64,
+    },
 }
 
 /// A stored record could not be read back.

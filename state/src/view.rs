@@ -86,6 +86,10 @@ pub struct BuildView {
     pub log_len: u64,
     /// The sequence number the next record gets.
     pub next_seq: u64,
+    /// The attempt running or last run: 1, then one more per retry.
+    pub attempt: u32,
+    /// A cancel was asked for (and the build has not ended since).
+    pub cancel_requested: Option<String>,
     machine: Machine,
 }
 
@@ -115,6 +119,8 @@ impl BuildView {
             digest: None,
             log_len: 0,
             next_seq: 1,
+            attempt: 1,
+            cancel_requested: None,
             machine: Machine::new(),
         })
     }
@@ -156,9 +162,14 @@ impl BuildView {
                     .map_err(|source| FoldError::Illegal { seq, source })?;
                 match event {
                     Event::Failed { reason } | Event::Cancelled { reason } => {
-                        self.failure = Some(reason.clone())
+                        self.failure = Some(reason.clone());
+                        self.cancel_requested = None;
                     }
                     Event::Pushed { digest } => self.digest = Some(digest.clone()),
+                    Event::Retried => {
+                        self.attempt += 1;
+                        self.failure = None;
+                    }
                     _ => {}
                 }
                 self.phases.push(PhaseEntry {
@@ -175,6 +186,11 @@ impl BuildView {
                     });
                 }
                 self.log_len += data.len() as u64;
+            }
+            Record::CancelRequested { reason, .. } => {
+                if !self.phase().is_final() {
+                    self.cancel_requested = Some(reason.clone());
+                }
             }
         }
         self.next_seq += 1;
@@ -220,6 +236,7 @@ impl BuildView {
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms(),
             failure: self.failure.clone(),
+            attempt: self.attempt,
         }
     }
 }
@@ -246,6 +263,8 @@ pub struct Summary {
     pub finished_at_ms: Option<i64>,
     /// Why it failed or was cancelled.
     pub failure: Option<String>,
+    /// The attempt running or last run.
+    pub attempt: u32,
 }
 
 #[cfg(test)]
@@ -284,6 +303,7 @@ mod tests {
             }),
             Just(Event::Failed { reason: "f".into() }),
             Just(Event::Cancelled { reason: "c".into() }),
+            Just(Event::Retried),
         ]
     }
 
@@ -342,7 +362,7 @@ mod tests {
                 let before = view.phase();
                 let seq = view.next_seq;
                 match view.apply(seq, &Record::Transition { event, at_ms: 0 }) {
-                    Ok(()) => prop_assert!(!before.is_final()),
+                    Ok(()) => prop_assert!(!before.is_final() || view.phase() == Phase::Queued),
                     Err(FoldError::Illegal { seq: s, .. }) => {
                         prop_assert_eq!(s, seq);
                         prop_assert_eq!(view.phase(), before);

@@ -1,0 +1,129 @@
+//! `image-builder store inspect|check`: read the store of a stopped service, writing nothing.
+
+use std::path::Path;
+
+use image_builder_state::inspect;
+use image_builder_state::store::SledStore;
+use image_builder_state::{BuildId, Record};
+
+fn open(data_dir: &Path) -> anyhow::Result<SledStore> {
+    let dir = data_dir.join(image_builder::server::STORE_DIR);
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{} holds no build store (expected {})",
+            data_dir.display(),
+            dir.display()
+        );
+    }
+    SledStore::open_existing(&dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the store in {}: {e} (is the service still running? stop it first)",
+            dir.display()
+        )
+    })
+}
+
+/// Prints every build, or one build's journal.
+pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
+    let store = open(data_dir)?;
+    match build_id {
+        None => {
+            println!(
+                "{:<36}  {:<14}  {:>7}  {:>6}  WORKSPACE REF",
+                "BUILD ID", "STATE", "ATTEMPT", "RECORDS"
+            );
+            for b in inspect::builds(&store)?.iter().rev() {
+                match &b.view {
+                    Ok(v) => println!(
+                        "{:<36}  {:<14}  {:>7}  {:>6}  {}",
+                        b.id,
+                        v.phase(),
+                        v.attempt,
+                        b.records.len(),
+                        v.workspace_ref
+                    ),
+                    Err(e) => println!(
+                        "{:<36}  {:<14}  {:>7}  {:>6}  ({e})",
+                        b.id,
+                        "UNREADABLE",
+                        "-",
+                        b.records.len()
+                    ),
+                }
+            }
+        }
+        Some(id) => {
+            let id: BuildId = id.parse()?;
+            let b = inspect::build(&store, id)?;
+            if b.records.is_empty() {
+                anyhow::bail!("build {id} is not in the store");
+            }
+            for (seq, record) in &b.records {
+                match record {
+                    Ok(Record::Created {
+                        spec,
+                        base_ref,
+                        workspace_ref,
+                        at_ms,
+                    }) => {
+                        println!(
+                            "{seq:>6}  created     at {at_ms}: {:?}; base {base_ref}; workspace {workspace_ref}",
+                            spec.source
+                        )
+                    }
+                    Ok(Record::Transition { event, at_ms }) => {
+                        println!("{seq:>6}  transition  at {at_ms}: {event:?}")
+                    }
+                    Ok(Record::CancelRequested { reason, at_ms }) => {
+                        println!("{seq:>6}  cancel      at {at_ms}: {reason}")
+                    }
+                    Ok(Record::Log { offset, data }) => {
+                        print!(
+                            "{seq:>6}  log @{offset:<6} {}",
+                            String::from_utf8_lossy(data)
+                        );
+                        if !data.ends_with(b"\n") {
+                            println!();
+                        }
+                    }
+                    Err(e) => println!("{seq:>6}  UNREADABLE  {e}"),
+                }
+            }
+            match &b.view {
+                Ok(v) => println!(
+                    "=> {} (attempt {}){}",
+                    v.phase(),
+                    v.attempt,
+                    v.failure
+                        .as_ref()
+                        .map(|f| format!(": {f}"))
+                        .unwrap_or_default()
+                ),
+                Err(e) => println!("=> does not fold: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies every record decodes and every journal folds; fails naming each problem.
+pub fn check(data_dir: &Path) -> anyhow::Result<()> {
+    let store = open(data_dir)?;
+    let builds = inspect::builds(&store)?.len();
+    let problems = inspect::check(&store)?;
+    for p in &problems {
+        println!("{p}");
+    }
+    let serious = problems
+        .iter()
+        .filter(|p| !matches!(p, inspect::Problem::StaleSummary { .. }))
+        .count();
+    println!(
+        "{builds} builds checked, {} problems ({serious} in journals)",
+        problems.len()
+    );
+    if serious > 0 {
+        anyhow::bail!("{serious} journal problems");
+    }
+    Ok(())
+}

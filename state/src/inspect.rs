@@ -1,0 +1,168 @@
+//! Offline inspection of a store: read every build without writing anything, and name every
+//! record that does not decode and every journal that does not fold. For when the service
+//! will not start.
+
+use crate::build::BuildId;
+use crate::record::{self, Record};
+use crate::store::{self, Store};
+use crate::view::{BuildView, FoldError, Summary};
+
+/// Something wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// A record's bytes are not a record.
+    #[error("build {id}, record {seq}: {source}")]
+    Undecodable {
+        /// The build.
+        id: BuildId,
+        /// The record.
+        seq: u64,
+        /// Why.
+        source: record::Error,
+    },
+    /// The records do not fold into a build.
+    #[error("build {id}: {source}")]
+    Unfoldable {
+        /// The build.
+        id: BuildId,
+        /// Why.
+        source: FoldError,
+    },
+    /// The summary kept for listing disagrees with the records (the service repairs this at
+    /// start).
+    #[error("build {id}: the listing summary is stale or unreadable (repaired at the next start)")]
+    StaleSummary {
+        /// The build.
+        id: BuildId,
+    },
+}
+
+/// One build as read from the store.
+pub struct Inspected {
+    /// The build.
+    pub id: BuildId,
+    /// Its records, each decoded or not.
+    pub records: Vec<(u64, Result<Record, record::Error>)>,
+    /// Its fold, when every record decoded.
+    pub view: Result<BuildView, FoldError>,
+}
+
+/// Reads one build.
+pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> {
+    let records: Vec<(u64, Result<Record, record::Error>)> = store
+        .records(id, 0)?
+        .into_iter()
+        .map(|(seq, bytes)| (seq, Record::decode(&bytes)))
+        .collect();
+    let decoded: Option<Vec<(u64, &Record)>> = records
+        .iter()
+        .map(|(seq, r)| r.as_ref().ok().map(|r| (*seq, r)))
+        .collect();
+    let view = match decoded {
+        Some(ok) => BuildView::fold(id, ok),
+        None => Err(FoldError::Empty),
+    };
+    Ok(Inspected { id, records, view })
+}
+
+/// Reads every build, oldest first.
+pub fn builds(store: &dyn Store) -> Result<Vec<Inspected>, store::Error> {
+    store
+        .journal_ids()?
+        .into_iter()
+        .map(|id| build(store, id))
+        .collect()
+}
+
+/// Every problem in the store.
+pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
+    let mut problems = Vec::new();
+    for inspected in builds(store)? {
+        let id = inspected.id;
+        let mut decoded = true;
+        for (seq, record) in inspected.records {
+            if let Err(source) = record {
+                decoded = false;
+                problems.push(Problem::Undecodable { id, seq, source });
+            }
+        }
+        match inspected.view {
+            Ok(view) => {
+                let stored = store
+                    .summary(id)?
+                    .and_then(|bytes| record::decode::<Summary>(&bytes).ok());
+                if stored.as_ref() != Some(&view.summary()) {
+                    problems.push(Problem::StaleSummary { id });
+                }
+            }
+            Err(source) if decoded => problems.push(Problem::Unfoldable { id, source }),
+            Err(_) => {}
+        }
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{BuildSource, BuildSpec};
+    use crate::machine::Event;
+    use crate::store::{SledStore, WriteBatch};
+
+    #[test]
+    fn every_bad_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (good, bad, illegal) = (BuildId::new(), BuildId::new(), BuildId::new());
+        let created = Record::Created {
+            spec: BuildSpec {
+                source: BuildSource::Reference {
+                    reference: "x".into(),
+                },
+                force_rebuild: false,
+                triggered_by: String::new(),
+                supervisor_ref: String::new(),
+                had_request_auth: false,
+            },
+            base_ref: "b".into(),
+            workspace_ref: "w".into(),
+            at_ms: 1,
+        };
+        let view = BuildView::fold(good, [(0, &created)]).unwrap();
+        let mut batch = WriteBatch::default();
+        for id in [good, bad, illegal] {
+            batch.records.push((id, 0, created.encode().unwrap()));
+        }
+        batch
+            .summaries
+            .push((good, record::encode(&view.summary()).unwrap()));
+        batch.records.push((bad, 1, vec![7, 7]));
+        let pushed = Record::Transition {
+            event: Event::Pushed { digest: "d".into() },
+            at_ms: 2,
+        };
+        batch.records.push((illegal, 1, pushed.encode().unwrap()));
+        store.write(batch).unwrap();
+        let problems: Vec<String> = check(&store)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("build {bad}, record 1: record format version 7"))),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains(&format!(
+                "build {illegal}: record 1: event pushed is not allowed in phase queued"
+            ))),
+            "{problems:?}"
+        );
+        assert!(
+            !problems.iter().any(|p| p.contains(&good.to_string())),
+            "{problems:?}"
+        );
+    }
+}

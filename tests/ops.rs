@@ -1,0 +1,324 @@
+//! The ops API and the CLI: inspect, cancel (also across a restart), retry, follow logs across
+//! a restart, and read the store of a stopped service.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use image_builder::proto::builder as pb;
+use image_builder::proto::ops;
+use image_builder::testkit::{self, Fault, FaultKind, FaultProxy, GitRepo, LocalRegistry, Service};
+
+fn cli(service_addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary())
+        .arg("builds")
+        .args(args)
+        .env("IMAGE_BUILDER_ADDRESS", service_addr)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn addr(service: &Service) -> String {
+    service.grpc_url().trim_start_matches("http://").to_owned()
+}
+
+async fn ops_client(
+    service: &Service,
+) -> ops::build_ops_client::BuildOpsClient<tonic::transport::Channel> {
+    ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
+        .await
+        .unwrap()
+}
+
+async fn wait_for_service_log(service: &Service, needle: &str) {
+    for _ in 0..600 {
+        if service.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the service never logged {needle:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
+    let shared = shared();
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo sleeping-now && sleep 313\n", shared.base),
+    )])
+    .unwrap();
+    let service = service("ops-cancel");
+    let mut client = service.client().await.unwrap();
+    let mut first = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = build_id(&first.message().await.unwrap().unwrap());
+    let joined = {
+        let mut client = service.client().await.unwrap();
+        let request = head_build(&repo.uri());
+        tokio::spawn(async move { build_all(&mut client, request).await.unwrap() })
+    };
+    wait_for_log(&mut client, &id, "sleeping-now\n").await;
+    assert!(!processes_with("sleep 313").is_empty());
+
+    let (ok, stdout, stderr) = cli(
+        &addr(&service),
+        &["cancel", &id, "--reason", "operator says stop"],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("including 1 that joined it"), "{stdout}");
+
+    let mut last = None;
+    while let Some(r) = first.message().await.unwrap() {
+        last = Some(r);
+    }
+    let last = last.unwrap();
+    assert_eq!(status(&last), pb::BuildStatus::DoneFailure);
+    assert!(
+        last.message.contains("build cancelled: operator says stop"),
+        "{}",
+        last.message
+    );
+    let joined = joined.await.unwrap();
+    assert_eq!(build_id(&joined[0]), id);
+    assert_eq!(
+        status(joined.last().unwrap()),
+        pb::BuildStatus::DoneFailure,
+        "the joined client hears it too"
+    );
+    assert!(
+        processes_with("sleep 313").is_empty(),
+        "the builder was stopped"
+    );
+    assert!(
+        !service.data_dir().join("work").join(&id).exists(),
+        "the work directory is gone"
+    );
+
+    let (ok, stdout, _) = cli(&addr(&service), &["show", &id, "--output", "json"]);
+    assert!(ok);
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["state"], "cancelled");
+    assert_eq!(shown["failure"], "operator says stop");
+    let (ok, _, stderr) = cli(&addr(&service), &["cancel", &id]);
+    assert!(
+        !ok && stderr.contains("FailedPrecondition") && stderr.contains("nothing to cancel"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_interrupted_by_a_crash_still_ends_cancelled() {
+    let shared = shared();
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo hi\n", shared.base),
+    )])
+    .unwrap();
+    let mut service = Service::start_with_env(
+        binary(),
+        config(shared.registry.addr(), "ops-cancel-crash"),
+        &[("FAILPOINTS", "transition.resolved.after=pause")],
+    )
+    .unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut stream = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = build_id(&stream.message().await.unwrap().unwrap());
+    wait_for_service_log(
+        &service,
+        "failpoint reached failpoint=transition.resolved.after",
+    )
+    .await;
+    let mut ops = ops_client(&service).await;
+    ops.cancel_build(ops::CancelBuildRequest {
+        build_id: id.clone(),
+        reason: "halt".into(),
+    })
+    .await
+    .unwrap();
+    service.kill();
+    service.set_env(&[]);
+    service.restart().unwrap();
+    let mut ops = ops_client(&service).await;
+    let mut journal = ops
+        .journal(ops::JournalRequest {
+            build_id: id.clone(),
+            from_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last_state = String::new();
+    while let Some(record) = journal.message().await.unwrap() {
+        last_state = record.state;
+    }
+    assert_eq!(last_state, "cancelled");
+    let build = ops
+        .get_build(ops::GetBuildRequest { build_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(build.state, "cancelled");
+    assert_eq!(build.failure, "halt");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_that_failed_on_a_transient_fault_succeeds_when_retried() {
+    let registry = LocalRegistry::start().unwrap();
+    let proxy = FaultProxy::start(registry.addr()).await.unwrap();
+    let base = testkit::push_image(
+        &testkit::BaseImage::busybox(0).unwrap(),
+        registry.addr(),
+        "base/busybox:1",
+    )
+    .unwrap();
+    let via = format!("{}/base/busybox:1", proxy.addr());
+    let _ = base;
+    let mut config = config(proxy.addr(), "ops-retry");
+    config["registryRetryBudget"] = "2s".into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    proxy.inject(Fault {
+        path_contains: "/ops-retry/workspace/blobs/".into(),
+        method: None,
+        kind: FaultKind::Status {
+            code: 503,
+            retry_after: None,
+        },
+        times: None,
+    });
+    let failed = build_all(&mut client, ref_build(&via)).await.unwrap();
+    let id = build_id(&failed[0]);
+    assert_eq!(status(failed.last().unwrap()), pb::BuildStatus::DoneFailure);
+    let first_log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    proxy.clear();
+
+    let (ok, stdout, stderr) = cli(&addr(&service), &["retry", &id]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("attempt 2"), "{stdout}");
+    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    assert!(
+        log.starts_with(&first_log),
+        "the first attempt's log is kept"
+    );
+    assert!(log.contains("==== attempt 2 of build"), "{log}");
+    let mut ops = ops_client(&service).await;
+    let build = ops
+        .get_build(ops::GetBuildRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((build.state.as_str(), build.attempt), ("done", 2));
+    let list = client
+        .list_builds(pb::ListBuildsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.builds.len(), 1, "the same build, not a new one");
+    let (ok, _, stderr) = cli(&addr(&service), &["retry", &id]);
+    assert!(
+        !ok && stderr.contains("only a failed or cancelled build"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
+    let shared = shared();
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN for i in $(seq 1 40); do echo tick-$i; sleep 0.1; done\n",
+            shared.base
+        ),
+    )])
+    .unwrap();
+    let port = testkit::free_port().unwrap();
+    let mut config = config(shared.registry.addr(), "ops-follow");
+    config["grpcAddress"] = format!("127.0.0.1:{port}").into();
+    let mut service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let mut stream = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let follower = Command::new(binary())
+        .args([
+            "builds",
+            "logs",
+            "--follow",
+            &id,
+            "--address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_log(&mut client, &id, "tick-10\n").await;
+    service.kill();
+    service.restart().unwrap();
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let followed = String::from_utf8(out.stdout).unwrap();
+    let mut client = service.client().await.unwrap();
+    let full = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    assert_eq!(followed, full, "the follower got every byte once");
+    let ticks = full.lines().filter(|l| l.starts_with("tick-")).count();
+    assert!(ticks >= 40, "{full}");
+
+    let (ok, stdout, _) = cli(
+        &format!("127.0.0.1:{port}"),
+        &["list", "--state", "done", "--output", "json"],
+    );
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listed[0]["build_id"], id.as_str());
+
+    service.stop();
+    let data_dir = service.data_dir();
+    let run = |args: &[&str]| {
+        let out = Command::new(binary())
+            .arg("store")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, listing) = run(&["inspect"]);
+    assert!(
+        ok && listing.contains(&id) && listing.contains("done"),
+        "{listing}"
+    );
+    let (ok, journal) = run(&["inspect", &id]);
+    assert!(
+        ok && journal.contains("tick-40") && journal.contains("=> done"),
+        "{journal}"
+    );
+    let (ok, report) = run(&["check"]);
+    assert!(ok && report.contains("0 problems"), "{report}");
+}
