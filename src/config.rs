@@ -79,6 +79,13 @@ pub struct Config {
     /// Where ECR's API is, instead of AWS (a test server such as moto). Default: AWS.
     #[serde(default)]
     pub ecr_endpoint: Option<String>,
+    /// Finished builds older than this are removed with their logs. Default `7d`.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 60 * 60)
 }
 
 fn default_registry_retry_budget() -> Duration {
@@ -156,6 +163,12 @@ impl Config {
         }
         if self.max_concurrent_builds == 0 {
             return Err(invalid("maxConcurrentBuilds", "must be at least 1"));
+        }
+        if self.retention.is_zero() {
+            return Err(invalid(
+                "retention",
+                "must be longer than zero, e.g. \"7d\"",
+            ));
         }
         if self.registry_timeout.is_zero() {
             return Err(invalid(

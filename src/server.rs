@@ -110,6 +110,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(retention(
+        orchestrator.clone(),
+        config.retention,
+        shutdown.clone(),
+    ));
     let metrics_task = tokio::spawn(telemetry::serve_metrics(
         metrics_listener,
         metrics,
@@ -151,6 +156,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = metrics_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Removes builds past `retention` in the background, every tenth of it (between 1 s and an
+/// hour).
+async fn retention(orchestrator: Orchestrator, retention: Duration, shutdown: CancellationToken) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = orchestrator.sweep(retention).await {
+            tracing::warn!(error = %e, "retention sweep failed; trying again later");
+        }
+    }
 }
 
 async fn signal_shutdown(shutdown: CancellationToken) {

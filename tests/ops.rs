@@ -322,3 +322,62 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
     let (ok, report) = run(&["check"]);
     assert!(ok && report.contains("0 problems"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_removes_old_builds_while_new_ones_run() {
+    let shared = shared();
+    let mut config = config(shared.registry.addr(), "ops-retention");
+    config["retention"] = "2s".into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let old = build_all(&mut client, ref_build(&shared.base))
+        .await
+        .unwrap();
+    let old_id = build_id(&old[0]);
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo long && sleep 4\n", shared.base),
+    )])
+    .unwrap();
+    let mut running = client
+        .build(head_build(&repo.uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let running_id = build_id(&running.message().await.unwrap().unwrap());
+    let mut gone = false;
+    for _ in 0..200 {
+        let list = client
+            .list_builds(pb::ListBuildsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if !list.builds.iter().any(|b| b.build_id == old_id) {
+            assert!(
+                list.builds.iter().any(|b| b.build_id == running_id),
+                "the running build stays"
+            );
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the old build was removed");
+    let err = client
+        .logs(pb::LogsRequest {
+            build_id: old_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "its log went with it");
+    let mut last = None;
+    while let Some(r) = running.message().await.unwrap() {
+        last = Some(r);
+    }
+    assert_eq!(
+        status(&last.unwrap()),
+        pb::BuildStatus::DoneSuccess,
+        "the running build was not held up"
+    );
+}

@@ -475,6 +475,35 @@ impl Orchestrator {
         })
     }
 
+    /// Removes finished builds that ended more than `retention` ago, with their logs. Returns
+    /// how many. Live builds are never touched; each removal is one small commit, so builds
+    /// running meanwhile are not held up.
+    pub async fn sweep(&self, retention: Duration) -> Result<usize, Error> {
+        let cutoff = image_builder_state::now_ms() - retention.as_millis() as i64;
+        let old: Vec<BuildId> = self
+            .list()?
+            .into_iter()
+            .filter(|s| s.phase.is_final() && s.finished_at_ms.is_some_and(|at| at < cutoff))
+            .map(|s| s.id)
+            .collect();
+        let mut removed = 0;
+        for id in old {
+            if self.lock_flights().values().any(|f| f.id == id) {
+                continue;
+            }
+            match self.inner.journal.remove(id).await {
+                Ok(()) => removed += 1,
+                // Retried meanwhile: it is live again.
+                Err(journal::Error::Illegal { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, ?retention, "removed builds past their retention");
+        }
+        Ok(removed)
+    }
+
     /// Removes what `LogsRequest.censored` hides: every known credential value and the
     /// installation's registry hosts.
     pub fn censor(&self, text: &str) -> String {

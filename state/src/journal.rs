@@ -212,6 +212,36 @@ impl Journal {
         .await
     }
 
+    /// Removes a finished build and its log for good (retention). Refused for a build that has
+    /// not ended.
+    pub async fn remove(&self, id: BuildId) -> Result<()> {
+        let pending = {
+            let mut heads = self.lock_heads();
+            let view = match heads.get(&id) {
+                Some(view) => view.clone(),
+                None => self.view(id)?.ok_or(Error::NotFound(id))?,
+            };
+            if !view.phase().is_final() {
+                return Err(Error::Illegal {
+                    id,
+                    source: crate::machine::IllegalTransition {
+                        phase: view.phase(),
+                        event: "removed",
+                    },
+                });
+            }
+            heads.remove(&id);
+            let (done, wait) = oneshot::channel();
+            let batch = WriteBatch {
+                removed_builds: vec![id],
+                ..WriteBatch::default()
+            };
+            self.committer.send(Commit { batch, done })?;
+            wait
+        };
+        self.wait(pending).await
+    }
+
     /// Appends bytes to a build's log; returns the offset they start at.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
         let mut offset = 0;
@@ -476,6 +506,7 @@ fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             batch
                 .removed_summaries
                 .extend(commit.batch.removed_summaries);
+            batch.removed_builds.extend(commit.batch.removed_builds);
             waiters.push(commit.done);
         }
         let result = {
@@ -648,6 +679,29 @@ mod tests {
         assert_eq!(summaries.len(), 1, "orphan summary dropped");
         assert_eq!(summaries[0].phase, Phase::Resolving);
         assert_eq!(summaries[0].last_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn a_finished_build_can_be_removed_and_an_unfinished_one_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let (done, running) = (BuildId::new(), BuildId::new());
+        for id in [done, running] {
+            journal
+                .create(id, spec(), "b".into(), "w".into())
+                .await
+                .unwrap();
+            journal.log(id, b"x\n".to_vec()).await.unwrap();
+        }
+        journal
+            .transition(done, Event::Failed { reason: "r".into() })
+            .await
+            .unwrap();
+        assert!(journal.remove(running).await.is_err());
+        journal.remove(done).await.unwrap();
+        assert!(journal.view(done).unwrap().is_none());
+        assert_eq!(journal.summaries().unwrap().len(), 1);
+        assert_eq!(journal.records(running, 0).unwrap().len(), 2);
     }
 
     #[tokio::test]

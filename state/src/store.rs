@@ -31,12 +31,17 @@ pub struct WriteBatch {
     pub summaries: Vec<(BuildId, Vec<u8>)>,
     /// Builds whose summary goes away.
     pub removed_summaries: Vec<BuildId>,
+    /// Builds whose records and summary go away (retention).
+    pub removed_builds: Vec<BuildId>,
 }
 
 impl WriteBatch {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.summaries.is_empty() && self.removed_summaries.is_empty()
+        self.records.is_empty()
+            && self.summaries.is_empty()
+            && self.removed_summaries.is_empty()
+            && self.removed_builds.is_empty()
     }
 }
 
@@ -142,8 +147,17 @@ impl Store for SledStore {
         for (id, value) in batch.summaries {
             summaries.insert(&id.as_bytes()[..], value);
         }
-        for id in batch.removed_summaries {
+        for id in batch.removed_summaries.iter().chain(&batch.removed_builds) {
             summaries.remove(&id.as_bytes()[..]);
+        }
+        for id in &batch.removed_builds {
+            for key in self
+                .journal
+                .range(record_key(*id, 0)..=record_key(*id, u64::MAX))
+                .keys()
+            {
+                records.remove(key?);
+            }
         }
         self.journal.apply_batch(records)?;
         self.summary.apply_batch(summaries)?;
