@@ -337,6 +337,30 @@ pub enum Step {
         /// The text.
         contains: String,
     },
+    /// Cancel a build through the ops API.
+    Cancel {
+        /// The build.
+        build: String,
+        /// Why.
+        #[serde(default)]
+        reason: String,
+    },
+    /// Retry a failed or cancelled build through the ops API; later `wait`s follow the new
+    /// attempt.
+    Retry {
+        /// The build.
+        build: String,
+    },
+    /// Assert a build's state and attempt through the ops API.
+    ExpectState {
+        /// The build.
+        build: String,
+        /// The state, e.g. `cancelled`.
+        state: String,
+        /// The attempt, if given.
+        #[serde(default)]
+        attempt: Option<u32>,
+    },
     /// Rewrite the installation's credentials file (`pullSecretFile`) with this password.
     RotatePullSecret {
         /// The new password.
@@ -386,6 +410,9 @@ impl Step {
             Step::ExpectFaultsServed { .. } => "expect_faults_served",
             Step::ExpectServiceLog { .. } => "expect_service_log",
             Step::RotatePullSecret { .. } => "rotate_pull_secret",
+            Step::Cancel { .. } => "cancel",
+            Step::Retry { .. } => "retry",
+            Step::ExpectState { .. } => "expect_state",
             Step::ExpectNoLeak { .. } => "expect_no_leak",
         }
     }

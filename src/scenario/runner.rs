@@ -366,6 +366,14 @@ impl World {
         })
     }
 
+    async fn ops(
+        &self,
+    ) -> Result<crate::proto::ops::build_ops_client::BuildOpsClient<Channel>, String> {
+        crate::proto::ops::build_ops_client::BuildOpsClient::connect(self.grpc_url.clone())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.grpc_url))
+    }
+
     async fn client(&self) -> Result<ImageBuilderClient<Channel>, String> {
         ImageBuilderClient::connect(self.grpc_url.clone())
             .await
@@ -824,6 +832,61 @@ impl World {
                 )
             }
             Step::ExpectNoLeak { values } => self.expect_no_leak(values).await,
+            Step::Cancel { build, reason } => {
+                let id = self.build_id(build).await?;
+                self.ops()
+                    .await?
+                    .cancel_build(crate::proto::ops::CancelBuildRequest {
+                        build_id: id,
+                        reason: reason.clone(),
+                    })
+                    .await
+                    .map_err(|e| format!("CancelBuild: {}", e.message()))?;
+                Ok(())
+            }
+            Step::Retry { build } => {
+                let id = self.build_id(build).await?;
+                self.ops()
+                    .await?
+                    .retry_build(crate::proto::ops::RetryBuildRequest { build_id: id })
+                    .await
+                    .map_err(|e| format!("RetryBuild: {}", e.message()))?;
+                // The first attempt's stream has ended; follow the build by its journal now.
+                let t = self.tracked(build)?;
+                t.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .responses
+                    .clear();
+                Ok(())
+            }
+            Step::ExpectState {
+                build,
+                state,
+                attempt,
+            } => {
+                let id = self.build_id(build).await?;
+                let got = self
+                    .ops()
+                    .await?
+                    .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
+                    .await
+                    .map_err(|e| format!("GetBuild: {}", e.message()))?
+                    .into_inner();
+                ensure!(
+                    &got.state == state,
+                    "{build} is {}, expected {state}",
+                    got.state
+                );
+                if let Some(attempt) = attempt {
+                    ensure!(
+                        got.attempt == *attempt,
+                        "{build} is on attempt {}, expected {attempt}",
+                        got.attempt
+                    );
+                }
+                Ok(())
+            }
             Step::ExpectServiceLog { contains } => {
                 let log = self.service()?.log();
                 ensure!(
