@@ -115,6 +115,11 @@ async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
         !ok && stderr.contains("FailedPrecondition") && stderr.contains("nothing to cancel"),
         "{stderr}"
     );
+    let (ok, watched, _) = cli(&addr(&service), &["watch", &id]);
+    assert!(
+        ok && watched.contains(&format!("build {id} ended cancelled: operator says stop")),
+        "{watched}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
