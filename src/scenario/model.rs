@@ -337,6 +337,19 @@ pub enum Step {
         /// The text.
         contains: String,
     },
+    /// Start `image-builder builds logs --follow` for a build, as an operator would.
+    FollowLogs {
+        /// The follower's name.
+        #[serde(rename = "as")]
+        name: String,
+        /// The build.
+        build: String,
+    },
+    /// Wait for a `follow_logs` command to end; assert it printed exactly the build's log.
+    ExpectFollowed {
+        /// The follower.
+        follower: String,
+    },
     /// Cancel a build through the ops API.
     Cancel {
         /// The build.
@@ -411,6 +424,8 @@ impl Step {
             Step::ExpectServiceLog { .. } => "expect_service_log",
             Step::RotatePullSecret { .. } => "rotate_pull_secret",
             Step::Cancel { .. } => "cancel",
+            Step::FollowLogs { .. } => "follow_logs",
+            Step::ExpectFollowed { .. } => "expect_followed",
             Step::Retry { .. } => "retry",
             Step::ExpectState { .. } => "expect_state",
             Step::ExpectNoLeak { .. } => "expect_no_leak",

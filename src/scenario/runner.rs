@@ -92,6 +92,10 @@ struct Listener {
 }
 
 struct World {
+    /// The `image-builder` binary (for CLI steps).
+    binary: PathBuf,
+    /// Running `builds logs --follow` commands by name, with their build.
+    followers: HashMap<String, (String, tokio::process::Child)>,
     /// The service's environment at every start (AWS settings under ECR), beside FAILPOINTS.
     base_env: Vec<(String, String)>,
     _moto: Option<testkit::MotoServer>,
@@ -312,6 +316,10 @@ impl World {
                     write_pull_secret(&path, &[registry_addr.as_str(), proxy_addr.as_str()], user)?;
                     config["pullSecretFile"] = path.display().to_string().into();
                 }
+                // A fixed port, so that clients such as `builds logs --follow` find the service
+                // again after a restart.
+                let port = testkit::free_port().map_err(|e| format!("free port: {e}"))?;
+                config["grpcAddress"] = format!("127.0.0.1:{port}").into();
                 let mut service_env = vec![("FAILPOINTS", env.failpoints.as_str())];
                 if let Some(moto) = &moto {
                     config["enableAdditionalECRAuth"] = true.into();
@@ -337,6 +345,8 @@ impl World {
             }
         };
         Ok(Self {
+            binary: options.binary.clone(),
+            followers: HashMap::new(),
             base_env,
             _moto: moto,
             registry_creds: if env.ecr {
@@ -832,6 +842,42 @@ impl World {
                 )
             }
             Step::ExpectNoLeak { values } => self.expect_no_leak(values).await,
+            Step::FollowLogs { name, build } => {
+                let id = self.build_id(build).await?;
+                let address = self.grpc_url.trim_start_matches("http://").to_owned();
+                let child = tokio::process::Command::new(&self.binary)
+                    .args(["builds", "logs", "--follow", &id, "--address", &address])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| format!("cannot start builds logs --follow: {e}"))?;
+                self.followers.insert(name.clone(), (build.clone(), child));
+                Ok(())
+            }
+            Step::ExpectFollowed { follower } => {
+                let (build, child) = self
+                    .followers
+                    .remove(follower)
+                    .ok_or_else(|| format!("no follower named {follower:?}"))?;
+                let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+                    .await
+                    .map_err(|_| format!("{follower} did not end within 180 s"))?
+                    .map_err(|e| format!("{follower}: {e}"))?;
+                ensure!(
+                    out.status.success(),
+                    "{follower} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let full = self.full_log(&build).await?;
+                ensure!(
+                    out.stdout == full,
+                    "{follower} printed {} bytes that differ from the {}-byte log",
+                    out.stdout.len(),
+                    full.len()
+                );
+                Ok(())
+            }
             Step::Cancel { build, reason } => {
                 let id = self.build_id(build).await?;
                 self.ops()
