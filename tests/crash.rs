@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use image_builder::proto::builder as pb;
 use image_builder::testkit::{self, BaseImage, GitRepo, LocalRegistry, Service};
@@ -21,17 +19,6 @@ fn repo(base: &str, run: &str) -> GitRepo {
         ("README", "context\n"),
     ])
     .unwrap()
-}
-
-/// Waits until the service's own log has a line with `needle`.
-async fn wait_for_service_log(service: &Service, needle: &str) {
-    for _ in 0..600 {
-        if service.log().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the service never logged {needle:?}:\n{}", service.log());
 }
 
 /// After the restart: the build ends done_success under `id`, alone, resumed once from

@@ -37,16 +37,6 @@ async fn ops_client(
         .unwrap()
 }
 
-async fn wait_for_service_log(service: &Service, needle: &str) {
-    for _ in 0..600 {
-        if service.log().contains(needle) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the service never logged {needle:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
     let shared = shared();

@@ -53,6 +53,37 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// Streams a build's durable journal from `from_seq`, live until the build ends: each record
+/// through `map` (`None` skips it); a journal error ends the stream with its status.
+pub(super) fn stream_journal<T, F>(
+    name: &'static str,
+    orchestrator: Orchestrator,
+    id: BuildId,
+    from_seq: u64,
+    mut map: F,
+) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    F: FnMut(u64, Record, &image_builder_state::journal::Follower) -> Option<T> + Send + 'static,
+{
+    feed_stream(name, move |tx| async move {
+        let mut follower = orchestrator.follow(id, from_seq);
+        while let Some(next) = follower.next().await {
+            let item = match next {
+                Ok((seq, record)) => match map(seq, record, &follower) {
+                    Some(item) => Ok(item),
+                    None => continue,
+                },
+                Err(e) => Err(Status::from(Error::from(e))),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    })
+}
+
 /// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
 /// so a listener that lost its stream continues where it was without a duplicate.
 pub const LOG_OFFSET_METADATA: &str = "x-image-builder-log-offset";
@@ -249,33 +280,21 @@ impl ImageBuilder for ImageBuilderService {
         tracing::Span::current().record("build_id", tracing::field::display(id));
         let orchestrator = self.orchestrator.clone();
         let censored = req.censored;
-        let stream = feed_stream("Logs", move |tx| async move {
-            let mut follower = orchestrator.follow(id, 0);
-            while let Some(next) = follower.next().await {
-                let item = match next {
-                    Ok((_, Record::Log { offset, data })) => {
-                        let end = offset + data.len() as u64;
-                        if end <= from_byte {
-                            continue;
-                        }
-                        let skip = from_byte.saturating_sub(offset) as usize;
-                        let content = if censored {
-                            orchestrator
-                                .censor(&String::from_utf8_lossy(&data[skip..]))
-                                .into_bytes()
-                        } else {
-                            data[skip..].to_vec()
-                        };
-                        Ok(pb::LogsResponse { content })
-                    }
-                    Ok(_) => continue,
-                    Err(e) => Err(Status::from(Error::from(e))),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
+        let censor = self.orchestrator.clone();
+        let stream = stream_journal("Logs", orchestrator, id, 0, move |_, record, _| {
+            let Record::Log { offset, data } = record else {
+                return None;
+            };
+            if offset + data.len() as u64 <= from_byte {
+                return None;
             }
+            let rest = &data[from_byte.saturating_sub(offset) as usize..];
+            let content = if censored {
+                censor.censor(&String::from_utf8_lossy(rest)).into_bytes()
+            } else {
+                rest.to_vec()
+            };
+            Some(pb::LogsResponse { content })
         });
         Ok(Response::new(stream))
     }

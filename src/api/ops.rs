@@ -5,8 +5,8 @@ use image_builder_state::view::Summary;
 use image_builder_state::{BuildId, BuildSource, BuildView, Record};
 use tonic::{Request, Response, Status};
 
-use super::image_builder::{ResponseStream, feed_stream, parse_build_id};
-use crate::orchestrator::{Error, Orchestrator};
+use super::image_builder::{ResponseStream, parse_build_id, stream_journal};
+use crate::orchestrator::Orchestrator;
 use crate::proto::ops as pb;
 use crate::proto::ops::build_ops_server::BuildOps;
 
@@ -196,25 +196,19 @@ impl BuildOps for OpsService {
         let id = id_of(&req.build_id)?;
         self.orchestrator.view(id)?;
         let orchestrator = self.orchestrator.clone();
-        let stream = feed_stream("ops.Journal", move |tx| async move {
-            let mut follower = orchestrator.follow(id, req.from_seq);
-            while let Some(next) = follower.next().await {
-                let item = match next {
-                    Ok((seq, record)) => {
-                        let state = follower
-                            .view()
-                            .map(|v| v.phase().to_string())
-                            .unwrap_or_default();
-                        Ok(journal_record(seq, &record, &state))
-                    }
-                    Err(e) => Err(Status::from(Error::from(e))),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let stream = stream_journal(
+            "ops.Journal",
+            orchestrator,
+            id,
+            req.from_seq,
+            |seq, record, follower| {
+                let state = follower
+                    .view()
+                    .map(|v| v.phase().to_string())
+                    .unwrap_or_default();
+                Some(journal_record(seq, &record, &state))
+            },
+        );
         Ok(Response::new(stream))
     }
 

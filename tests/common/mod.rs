@@ -219,3 +219,14 @@ pub fn processes_with(needle: &str) -> Vec<u32> {
     }
     pids
 }
+
+/// Waits until the service's own log has a line with `needle` (a failpoint reached, say).
+pub async fn wait_for_service_log(service: &Service, needle: &str) {
+    for _ in 0..600 {
+        if service.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the service never logged {needle:?}:\n{}", service.log());
+}
