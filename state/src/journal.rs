@@ -371,6 +371,11 @@ impl Journal {
         Ok(views)
     }
 
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        self.read_store(|s| s.size_on_disk())
+    }
+
     /// A receiver that changes after every durable commit: wake on it, then read.
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.shared.generation.subscribe()
@@ -702,6 +707,47 @@ mod tests {
         assert!(journal.view(done).unwrap().is_none());
         assert_eq!(journal.summaries().unwrap().len(), 1);
         assert_eq!(journal.records(running, 0).unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_store_stays_bounded_when_old_builds_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let round = |journal: Journal| async move {
+            let mut ids = Vec::new();
+            for _ in 0..100 {
+                let id = BuildId::new();
+                journal
+                    .create(id, spec(), "b".into(), "w".into())
+                    .await
+                    .unwrap();
+                for _ in 0..10 {
+                    journal.log(id, vec![b'x'; 2048]).await.unwrap();
+                }
+                journal
+                    .transition(id, Event::Failed { reason: "r".into() })
+                    .await
+                    .unwrap();
+                ids.push(id);
+            }
+            for id in ids {
+                journal.remove(id).await.unwrap();
+            }
+            journal.size_on_disk().unwrap()
+        };
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            sizes.push(round(journal.clone()).await);
+        }
+        // Each round writes ~2 MiB of logs and removes them; over four more rounds the store
+        // must grow by less than one round's worth (it reuses the space).
+        let growth = sizes[5].saturating_sub(sizes[1]);
+        println!("store size after each round: {sizes:?}");
+        assert!(
+            growth < 2 << 20,
+            "the store grew by {growth} bytes over 4 rounds: {sizes:?}"
+        );
+        assert!(journal.summaries().unwrap().is_empty());
     }
 
     #[tokio::test]

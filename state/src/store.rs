@@ -61,6 +61,8 @@ pub trait Store: Send + Sync + 'static {
     fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error>;
     /// Every summary, newest build first.
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+    /// Bytes the store takes on disk.
+    fn size_on_disk(&self) -> Result<u64, Error>;
 }
 
 /// [`Store`] on sled: tree `journal.v1` keyed by build id and big-endian sequence number, tree
@@ -203,6 +205,10 @@ impl Store for SledStore {
 
     fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.summary.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn size_on_disk(&self) -> Result<u64, Error> {
+        Ok(self.db.size_on_disk()?)
     }
 
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
