@@ -88,6 +88,10 @@ struct Shared {
     visible: RwLock<()>,
     /// Views of builds appended to by this process, including not-yet-durable records.
     heads: Mutex<HashMap<BuildId, BuildView>>,
+    /// Builds removed by this process: no record may be appended to them again (an append
+    /// racing a removal would otherwise leave records without their build). Taken after
+    /// `heads`.
+    removed: Mutex<std::collections::HashSet<BuildId>>,
     /// Bumped after every durable group commit.
     generation: watch::Sender<u64>,
 }
@@ -138,6 +142,7 @@ impl Journal {
             store,
             visible: RwLock::new(()),
             heads: Mutex::new(HashMap::new()),
+            removed: Mutex::new(std::collections::HashSet::new()),
             generation,
         });
         repair_summaries(&*shared.store)?;
@@ -231,6 +236,11 @@ impl Journal {
                 });
             }
             heads.remove(&id);
+            self.shared
+                .removed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id);
             let (done, wait) = oneshot::channel();
             let batch = WriteBatch {
                 removed_builds: vec![id],
@@ -260,6 +270,9 @@ impl Journal {
     ) -> Result<BuildView> {
         let (pending, view) = {
             let mut heads = self.lock_heads();
+            if self.is_removed(id) {
+                return Err(Error::NotFound(id));
+            }
             let mut view = match heads.get(&id) {
                 Some(view) => view.clone(),
                 None => self.view(id)?.ok_or(Error::NotFound(id))?,
@@ -313,6 +326,14 @@ impl Journal {
             self.lock_heads().clear();
         }
         result
+    }
+
+    fn is_removed(&self, id: BuildId) -> bool {
+        self.shared
+            .removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
     }
 
     fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<BuildId, BuildView>> {
@@ -705,6 +726,13 @@ mod tests {
         assert!(journal.remove(running).await.is_err());
         journal.remove(done).await.unwrap();
         assert!(journal.view(done).unwrap().is_none());
+        assert!(
+            matches!(
+                journal.transition(done, Event::Retried).await,
+                Err(Error::NotFound(_))
+            ),
+            "nothing is appended to a removed build"
+        );
         assert_eq!(journal.summaries().unwrap().len(), 1);
         assert_eq!(journal.records(running, 0).unwrap().len(), 2);
     }
