@@ -23,9 +23,9 @@ impl From<orchestrator::Error> for Status {
             orchestrator::Error::Journal(image_builder_state::journal::Error::NotFound(_)) => {
                 Code::NotFound
             }
-            orchestrator::Error::Journal(image_builder_state::journal::Error::Illegal { .. }) => {
-                Code::FailedPrecondition
-            }
+            orchestrator::Error::Journal(image_builder_state::journal::Error::Illegal {
+                ..
+            }) => Code::FailedPrecondition,
             orchestrator::Error::Journal(_) => Code::Internal,
             orchestrator::Error::JoinFailed => Code::Aborted,
             orchestrator::Error::Conflict(_) => Code::FailedPrecondition,
