@@ -130,6 +130,15 @@ fn build_json(b: &pb::Build) -> serde_json::Value {
     })
 }
 
+/// Prints an action's reply: the JSON document, or its message for people.
+fn print_reply(json: bool, doc: &serde_json::Value, message: &str) {
+    if json {
+        println!("{doc}");
+    } else {
+        println!("{message}");
+    }
+}
+
 /// Runs a `builds` subcommand.
 pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Result<()> {
     let mut client = connect(&connection.address).await?;
@@ -227,14 +236,8 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"build_id": r.build_id, "message": r.message, "joined_clients": r.joined_clients})
-                );
-            } else {
-                println!("{}", r.message);
-            }
+            let doc = serde_json::json!({"build_id": r.build_id, "message": r.message, "joined_clients": r.joined_clients});
+            print_reply(json, &doc, &r.message);
         }
         BuildsCommand::Retry { build_id } => {
             let r = client
@@ -242,14 +245,8 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"build_id": r.build_id, "attempt": r.attempt, "message": r.message})
-                );
-            } else {
-                println!("{}", r.message);
-            }
+            let doc = serde_json::json!({"build_id": r.build_id, "attempt": r.attempt, "message": r.message});
+            print_reply(json, &doc, &r.message);
         }
     }
     Ok(())

@@ -74,12 +74,7 @@ async fn crash_after(event: &str, phase_logged: &str, phase: &str, name: &str) {
     )
     .unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
     wait_for_service_log(&service, &format!("build moved phase={phase_logged}")).await;
     service.kill();
     assert_resumed_to_success(&mut service, &id, phase, None).await;
@@ -107,12 +102,7 @@ async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
     let repo = repo(&shared.base, "echo sleeping-now && sleep 7");
     let mut service = service("crash-building");
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
     wait_for_log(&mut client, &id, "sleeping-now\n").await;
     service.kill();
     let orphans = processes_with("sleep 7");
@@ -151,12 +141,7 @@ async fn killed_in_pushing_mid_upload() {
     });
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
     let seen = wait_for_log(&mut client, &id, "bytes from").await;
     assert!(seen.contains("copying"), "{seen}");
     service.kill();

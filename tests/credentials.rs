@@ -153,21 +153,16 @@ async fn credentials_follow_mk3_rules_rotate_without_restart_and_never_leak() {
     service.set_env(&[("FAILPOINTS", "transition.resolved.after=pause")]);
     service.restart().unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(with_auth(ref_build(&bases[3]), additional(&host)))
-        .await
-        .unwrap()
-        .into_inner();
-    let lost_id = build_id(&stream.message().await.unwrap().unwrap());
-    for _ in 0..600 {
-        if service
-            .log()
-            .contains("failpoint reached failpoint=transition.resolved.after")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_stream, lost_id) = start_build(
+        &mut client,
+        with_auth(ref_build(&bases[3]), additional(&host)),
+    )
+    .await;
+    wait_for_service_log(
+        &service,
+        "failpoint reached failpoint=transition.resolved.after",
+    )
+    .await;
     service.kill();
     service.set_env(&[]);
     service.restart().unwrap();

@@ -23,12 +23,7 @@ async fn every_listener_gets_the_same_bytes() {
         GitRepo::new(&[("Dockerfile", &format!("FROM {}\nRUN {run}\n", shared.base))]).unwrap();
     let mut service = service("listeners");
     let mut client = service.client().await.unwrap();
-    let mut build = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&build.message().await.unwrap().unwrap());
+    let (mut build, id) = start_build(&mut client, head_build(&repo.uri())).await;
     let logs = |client: &mut pb::image_builder_client::ImageBuilderClient<_>,
                 offset: Option<u64>| {
         let mut request = Request::new(pb::LogsRequest {

@@ -47,12 +47,7 @@ async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
     .unwrap();
     let service = service("ops-cancel");
     let mut client = service.client().await.unwrap();
-    let mut first = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&first.message().await.unwrap().unwrap());
+    let (mut first, id) = start_build(&mut client, head_build(&repo.uri())).await;
     let joined = {
         let mut client = service.client().await.unwrap();
         let request = head_build(&repo.uri());
@@ -127,12 +122,7 @@ async fn a_cancel_interrupted_by_a_crash_still_ends_cancelled() {
     )
     .unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
     wait_for_service_log(
         &service,
         "failpoint reached failpoint=transition.resolved.after",
@@ -249,12 +239,7 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
     config["grpcAddress"] = format!("127.0.0.1:{port}").into();
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
     let follower = Command::new(binary())
         .args([
             "builds",
@@ -334,12 +319,7 @@ async fn retention_removes_old_builds_while_new_ones_run() {
         &format!("FROM {}\nRUN echo long && sleep 4\n", shared.base),
     )])
     .unwrap();
-    let mut running = client
-        .build(head_build(&repo.uri()))
-        .await
-        .unwrap()
-        .into_inner();
-    let running_id = build_id(&running.message().await.unwrap().unwrap());
+    let (mut running, running_id) = start_build(&mut client, head_build(&repo.uri())).await;
     let mut gone = false;
     for _ in 0..200 {
         let list = client

@@ -253,8 +253,7 @@ async fn a_client_reconnecting_after_a_restart_joins_the_resumed_build() {
     config["insecureRegistries"] = serde_json::json!([source.addr(), target.addr()]);
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
-    let mut stream = client.build(ref_build(&base)).await.unwrap().into_inner();
-    let id = build_id(&stream.message().await.unwrap().unwrap());
+    let (_stream, id) = start_build(&mut client, ref_build(&base)).await;
     service.kill();
 
     service.restart().unwrap();

@@ -276,7 +276,7 @@ impl ImageBuilder for ImageBuilderService {
             ));
         };
         // Answer NotFound as the call's status, not inside the stream.
-        self.orchestrator.view(id)?;
+        self.orchestrator.ensure_exists(id)?;
         tracing::Span::current().record("build_id", tracing::field::display(id));
         let orchestrator = self.orchestrator.clone();
         let censored = req.censored;

@@ -194,7 +194,7 @@ impl BuildOps for OpsService {
     ) -> Result<Response<Self::JournalStream>, Status> {
         let req = request.into_inner();
         let id = id_of(&req.build_id)?;
-        self.orchestrator.view(id)?;
+        self.orchestrator.ensure_exists(id)?;
         let orchestrator = self.orchestrator.clone();
         let stream = stream_journal(
             "ops.Journal",

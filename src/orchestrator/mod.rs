@@ -159,6 +159,8 @@ struct Inner {
     journal: Journal,
     steps: Steps,
     credentials: Arc<Credentials>,
+    /// A request that allows every registry the installation's credentials.
+    allow_all: RequestAuth,
     repos: Repositories,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -192,6 +194,10 @@ impl Orchestrator {
             journal,
             steps,
             credentials,
+            allow_all: RequestAuth {
+                allow_all: true,
+                ..RequestAuth::default()
+            },
             repos,
             limits,
             metrics,
@@ -527,6 +533,16 @@ impl Orchestrator {
         self.inner.journal.follow(id, from_seq)
     }
 
+    /// Fails with NotFound unless the build exists; reads no record (cheap before a stream
+    /// that reads them all anyway).
+    pub fn ensure_exists(&self, id: BuildId) -> Result<(), Error> {
+        if self.inner.journal.exists(id)? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("build {id} does not exist")))
+        }
+    }
+
     /// The durable view of a build.
     pub fn view(&self, id: BuildId) -> Result<BuildView, Error> {
         self.inner
@@ -604,11 +620,7 @@ impl Inner {
 
     /// The installation's credentials everywhere: for its own repositories.
     fn installation(&self) -> RequestKeychain<'_> {
-        static ALL: std::sync::OnceLock<RequestAuth> = std::sync::OnceLock::new();
-        self.keychain(ALL.get_or_init(|| RequestAuth {
-            allow_all: true,
-            ..RequestAuth::default()
-        }))
+        self.keychain(&self.allow_all)
     }
 
     /// The credentials to read a build's base image with: the request's for an image it named,

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{BuildLog, Inner, StepError};
+use crate::registry;
 
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
 /// `slot` is its place under the concurrency limit, held until the task ends.
@@ -94,7 +95,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                         phase_action(view.phase())
                     ),
                 },
-                event = step(&inner, &view, &secrets, &log) => credentials_lost(event, secrets_lost),
+                event = step(&inner, &view, &secrets, secrets_lost, &log) => event,
             }
         };
         if let Event::Failed { reason } = &event {
@@ -147,19 +148,6 @@ async fn stop_for_cancel(
     Some(Event::Cancelled { reason })
 }
 
-/// A build that needed the credentials of its request fails, after a restart lost them, with a
-/// message that says so.
-fn credentials_lost(event: Event, lost: bool) -> Event {
-    match event {
-        Event::Failed { reason } if lost && reason.contains("unauthorized") => Event::Failed {
-            reason: format!(
-                "{reason}; the registry credentials of this request are not kept across a restart of the service: submit the build again with them"
-            ),
-        },
-        other => other,
-    }
-}
-
 /// Time left before the build's limit, counted from its admission (which survives restarts).
 fn deadline(inner: &Inner, view: &BuildView) -> Duration {
     let admitted = view
@@ -174,6 +162,7 @@ async fn step(
     inner: &Inner,
     view: &BuildView,
     secrets: &super::BuildSecrets,
+    secrets_lost: bool,
     log: &BuildLog,
 ) -> Event {
     let phase = view.phase();
@@ -201,8 +190,14 @@ async fn step(
         }
         Phase::Queued | Phase::Done | Phase::Failed | Phase::Cancelled => unreachable_here(phase),
     };
-    outcome.unwrap_or_else(|e| Event::Failed {
-        reason: format!("{} failed: {e}", phase_action(phase)),
+    outcome.unwrap_or_else(|e| {
+        let mut reason = format!("{} failed: {e}", phase_action(phase));
+        // A registry refusing us after a restart lost the request's own credentials: say so.
+        let refused = matches!(&e, StepError::Registry(r) if matches!(r.root(), registry::Error::Unauthorized { .. }));
+        if secrets_lost && refused {
+            reason.push_str("; the registry credentials of this request are not kept across a restart of the service: submit the build again with them");
+        }
+        Event::Failed { reason }
     })
 }
 

@@ -354,6 +354,11 @@ impl Journal {
         decode_records(id, self.read_store(|s| s.records(id, from_seq))?)
     }
 
+    /// Whether a build has durable records (one key lookup, no fold).
+    pub fn exists(&self, id: BuildId) -> Result<bool> {
+        Ok(self.read_store(|s| s.last_seq(id))?.is_some())
+    }
+
     /// The durable view of a build, folded from its records.
     pub fn view(&self, id: BuildId) -> Result<Option<BuildView>> {
         let records = self.records(id, 0)?;

@@ -230,3 +230,13 @@ pub async fn wait_for_service_log(service: &Service, needle: &str) {
     }
     panic!("the service never logged {needle:?}:\n{}", service.log());
 }
+
+/// Starts a Build call and takes its first answer: the stream, and the build id it names.
+pub async fn start_build(
+    client: &mut ImageBuilderClient<Channel>,
+    request: pb::BuildRequest,
+) -> (tonic::Streaming<pb::BuildResponse>, String) {
+    let mut stream = client.build(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("a first answer");
+    (stream, build_id(&first))
+}
