@@ -50,7 +50,7 @@ pub struct Inspected {
 /// Reads one build.
 pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> {
     let records: Vec<(u64, Result<Record, record::Error>)> = store
-        .records(id, 0)?
+        .records(id, 0, usize::MAX)?
         .into_iter()
         .map(|(seq, bytes)| (seq, Record::decode(&bytes)))
         .collect();

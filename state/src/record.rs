@@ -1,5 +1,10 @@
 //! Journal records and their on-disk encoding: one format-version byte, then the record in
 //! bincode 2 (serde). A record never holds a credential.
+//!
+//! Versions: 1 wrote build output inline, one [`Record::Log`] per line. 2 adds
+//! [`Record::LogAppended`], which names bytes kept in the build's log segment file (see
+//! `store.rs`). The layout of version 1 is a prefix of version 2's, so both decode; a binary
+//! that knows only version 1 refuses version 2 by name instead of misreading it.
 
 use serde::{Deserialize, Serialize};
 
@@ -7,7 +12,10 @@ use crate::build::BuildSpec;
 use crate::machine::Event;
 
 /// The encoding written today. Readers reject any other version by name instead of guessing.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The oldest encoding this binary still reads.
+pub const OLDEST_READABLE_VERSION: u8 = 1;
 
 /// One entry of a build's append-only journal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +38,8 @@ pub enum Record {
         /// When, ms since the epoch.
         at_ms: i64,
     },
-    /// Bytes of the build log, starting at `offset` in the whole log.
+    /// Bytes of the build log, starting at `offset` in the whole log, kept in the record
+    /// itself. Written by format version 1 (one record per line); read, never written, today.
     Log {
         /// Where these bytes start in the build's log.
         offset: u64,
@@ -45,6 +54,14 @@ pub enum Record {
         /// When, ms since the epoch.
         at_ms: i64,
     },
+    /// `len` bytes of the build log, starting at `offset` in the whole log, are durable in the
+    /// build's log segment. The bytes themselves are not in the record (format version 2).
+    LogAppended {
+        /// Where these bytes start in the build's log.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
 }
 
 /// A stored record could not be read back.
@@ -55,7 +72,7 @@ pub enum Error {
     Empty,
     /// Written by a format this build of the service does not know.
     #[error(
-        "record format version {found} is unknown (this binary reads version {FORMAT_VERSION}); was the store written by a newer image-builder?"
+        "record format version {found} is unknown (this binary reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}); was the store written by a newer image-builder?"
     )]
     UnknownVersion {
         /// The version byte found.
@@ -82,7 +99,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 /// Decodes a value written by [`encode`], checking the version byte first.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
     let (&version, body) = bytes.split_first().ok_or(Error::Empty)?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::UnknownVersion { found: version });
     }
     let (value, used) = bincode::serde::decode_from_slice(body, bincode::config::standard())?;
@@ -148,6 +165,10 @@ mod tests {
                 offset: 3,
                 data: b"hello\n".to_vec(),
             },
+            Record::LogAppended {
+                offset: 9,
+                len: 65536,
+            },
         ];
         for r in records {
             let bytes = r.encode().unwrap();
@@ -168,6 +189,18 @@ mod tests {
         let err = Record::decode(&bytes).unwrap_err();
         assert!(matches!(err, Error::UnknownVersion { found: 9 }));
         assert!(err.to_string().contains("version 9 is unknown"));
+    }
+
+    #[test]
+    fn version_one_records_still_decode() {
+        let mut bytes = Record::Log {
+            offset: 0,
+            data: b"old\n".to_vec(),
+        }
+        .encode()
+        .unwrap();
+        bytes[0] = 1;
+        assert!(matches!(Record::decode(&bytes), Ok(Record::Log { .. })));
     }
 
     #[test]

@@ -177,16 +177,8 @@ impl BuildView {
                     at_ms: *at_ms,
                 });
             }
-            Record::Log { offset, data } => {
-                if *offset != self.log_len {
-                    return Err(FoldError::LogGap {
-                        seq,
-                        expected: self.log_len,
-                        found: *offset,
-                    });
-                }
-                self.log_len += data.len() as u64;
-            }
+            Record::Log { offset, data } => self.extend_log(seq, *offset, data.len() as u64)?,
+            Record::LogAppended { offset, len } => self.extend_log(seq, *offset, *len)?,
             Record::CancelRequested { reason, .. } => {
                 if !self.phase().is_final() {
                     self.cancel_requested = Some(reason.clone());
@@ -194,6 +186,18 @@ impl BuildView {
             }
         }
         self.next_seq += 1;
+        Ok(())
+    }
+
+    fn extend_log(&mut self, seq: u64, offset: u64, len: u64) -> Result<(), FoldError> {
+        if offset != self.log_len {
+            return Err(FoldError::LogGap {
+                seq,
+                expected: self.log_len,
+                found: offset,
+            });
+        }
+        self.log_len += len;
         Ok(())
     }
 

@@ -8,22 +8,33 @@
 //!
 //! Written-but-not-yet-durable data is never visible: readers take a shared lock that the
 //! committer holds exclusively from its write until its sync returns.
+//!
+//! Build output is not in the records: [`Journal::log`] puts the bytes in the build's log
+//! segment, durable before the record that names them (`LogAppended`) is written.
+//!
+//! Files: `commit.rs` (the committer thread), `follow.rs` (readers that tail a build),
+//! `repair.rs` (the pass run at open).
 
-use std::collections::{HashMap, VecDeque};
+mod commit;
+mod follow;
+mod repair;
+
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
+use commit::{Commit, Committer, commit_loop};
+pub use follow::{Follower, LOG_PIECE_BYTES, LogReader};
+use repair::repair_summaries;
+
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::{Event, IllegalTransition};
 use crate::now_ms;
 use crate::record::{self, Record};
-use crate::store::{self, SledStore, Store, WriteBatch};
+use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
 use crate::view::{BuildView, FoldError, Summary};
-
-/// Most appends one group commit takes; the rest wait for the next.
-const MAX_GROUP: usize = 4096;
 
 /// Why a journal operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,6 +77,24 @@ pub enum Error {
     /// The committer thread is gone (the journal is shutting down).
     #[error("the journal is closed")]
     Closed,
+    /// A durable record names log bytes its segment does not hold (the file was cut short
+    /// or removed behind the service's back).
+    #[error(
+        "build {id}: the log segment ends before byte {offset}, which the journal says is durable"
+    )]
+    LogMissing {
+        /// The build.
+        id: BuildId,
+        /// The first byte missing.
+        offset: u64,
+    },
+}
+
+impl Error {
+    /// Whether the store failed because its file system is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Store(e) if e.is_disk_full())
+    }
 }
 
 impl From<store::Error> for Error {
@@ -74,15 +103,9 @@ impl From<store::Error> for Error {
     }
 }
 
-type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// One append waiting for the committer.
-struct Commit {
-    batch: WriteBatch,
-    done: oneshot::Sender<Result<()>>,
-}
-
-struct Shared {
+pub(super) struct Shared {
     store: Arc<dyn Store>,
     /// Held shared by readers, exclusively by the committer from write to sync.
     visible: RwLock<()>,
@@ -102,31 +125,6 @@ struct Shared {
 pub struct Journal {
     committer: Arc<Committer>,
     shared: Arc<Shared>,
-}
-
-/// The committer thread's queue; dropping it drains the queue and joins the thread.
-struct Committer {
-    queue: Option<mpsc::Sender<Commit>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Committer {
-    fn send(&self, commit: Commit) -> Result<()> {
-        self.queue
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(commit)
-            .map_err(|_| Error::Closed)
-    }
-}
-
-impl Drop for Committer {
-    fn drop(&mut self) {
-        self.queue = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl Journal {
@@ -246,18 +244,27 @@ impl Journal {
                 removed_builds: vec![id],
                 ..WriteBatch::default()
             };
-            self.committer.send(Commit { batch, done })?;
+            self.committer.send(Commit {
+                logs: Vec::new(),
+                batch,
+                done,
+            })?;
             wait
         };
         self.wait(pending).await
     }
 
-    /// Appends bytes to a build's log; returns the offset they start at.
+    /// Appends bytes to a build's log (into its segment; the record names them); returns the
+    /// offset they start at. Resolves once the bytes and the record are durable.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
         let mut offset = 0;
-        self.append(id, |view| {
+        let mut bytes = Some(data);
+        self.append_with(id, |view, logs| {
             offset = view.log_len;
-            Ok(vec![Record::Log { offset, data }])
+            let bytes = bytes.take().unwrap_or_default();
+            let len = bytes.len() as u64;
+            logs.push(LogBytes { id, offset, bytes });
+            Ok(vec![Record::LogAppended { offset, len }])
         })
         .await?;
         Ok(offset)
@@ -268,6 +275,15 @@ impl Journal {
         id: BuildId,
         make: impl FnOnce(&BuildView) -> Result<Vec<Record>>,
     ) -> Result<BuildView> {
+        self.append_with(id, |view, _| make(view)).await
+    }
+
+    /// Appends the records `make` gives (it may also give log bytes they name).
+    async fn append_with(
+        &self,
+        id: BuildId,
+        make: impl FnOnce(&BuildView, &mut Vec<LogBytes>) -> Result<Vec<Record>>,
+    ) -> Result<BuildView> {
         let (pending, view) = {
             let mut heads = self.lock_heads();
             if self.is_removed(id) {
@@ -277,7 +293,8 @@ impl Journal {
                 Some(view) => view.clone(),
                 None => self.view(id)?.ok_or(Error::NotFound(id))?,
             };
-            let records = make(&view)?;
+            let mut logs = Vec::new();
+            let records = make(&view, &mut logs)?;
             let mut numbered = Vec::with_capacity(records.len());
             for record in records {
                 let seq = view.next_seq;
@@ -285,7 +302,7 @@ impl Journal {
                     .map_err(|source| Error::Fold { id, source })?;
                 numbered.push((seq, record));
             }
-            let pending = self.enqueue(&view, numbered)?;
+            let pending = self.enqueue_with_logs(&view, numbered, logs)?;
             heads.insert(id, view.clone());
             (pending, view)
         };
@@ -300,13 +317,22 @@ impl Journal {
         view: &BuildView,
         records: Vec<(u64, Record)>,
     ) -> Result<oneshot::Receiver<Result<()>>> {
+        self.enqueue_with_logs(view, records, Vec::new())
+    }
+
+    fn enqueue_with_logs(
+        &self,
+        view: &BuildView,
+        records: Vec<(u64, Record)>,
+        logs: Vec<LogBytes>,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let mut batch = WriteBatch::default();
         let id = view.id;
         let encode_err = |seq, e| Error::Record {
             id,
             seq,
             source: Arc::new(e),
         };
-        let mut batch = WriteBatch::default();
         for (seq, record) in records {
             let bytes = record.encode().map_err(|e| encode_err(seq, e))?;
             batch.records.push((id, seq, bytes));
@@ -314,7 +340,7 @@ impl Journal {
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
         batch.summaries.push((id, summary));
         let (done, wait) = oneshot::channel();
-        self.committer.send(Commit { batch, done })?;
+        self.committer.send(Commit { logs, batch, done })?;
         Ok(wait)
     }
 
@@ -351,12 +377,41 @@ impl Journal {
 
     /// A build's durable records from `from_seq` on, in order.
     pub fn records(&self, id: BuildId, from_seq: u64) -> Result<Vec<(u64, Record)>> {
-        decode_records(id, self.read_store(|s| s.records(id, from_seq))?)
+        self.records_batch(id, from_seq, usize::MAX)
+    }
+
+    /// A build's durable records from `from_seq` on, in order, about `max_bytes` of them at
+    /// most (at least one, if there is one): how readers keep their memory bounded.
+    pub fn records_batch(
+        &self,
+        id: BuildId,
+        from_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        decode_records(id, self.read_store(|s| s.records(id, from_seq, max_bytes))?)
+    }
+
+    /// Up to `len` durable bytes of a build's log from `offset`, which the caller knows to be
+    /// durable (a record it read names them). Needs no lock: durable log bytes never change.
+    pub fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let bytes = self.shared.store.read_log(id, offset, len)?;
+        if bytes.len() < len {
+            return Err(Error::LogMissing {
+                id,
+                offset: offset + bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Whether a build has durable records (one key lookup, no fold).
     pub fn exists(&self, id: BuildId) -> Result<bool> {
-        Ok(self.read_store(|s| s.last_seq(id))?.is_some())
+        Ok(self.last_seq(id)?.is_some())
+    }
+
+    /// The sequence number of a build's newest durable record.
+    pub fn last_seq(&self, id: BuildId) -> Result<Option<u64>> {
+        self.read_store(|s| s.last_seq(id))
     }
 
     /// The durable view of a build, folded from its records.
@@ -411,6 +466,7 @@ impl Journal {
     pub async fn barrier(&self) -> Result<()> {
         let (done, wait) = oneshot::channel();
         self.committer.send(Commit {
+            logs: Vec::new(),
             batch: WriteBatch::default(),
             done,
         })?;
@@ -418,94 +474,7 @@ impl Journal {
     }
 }
 
-impl Journal {
-    /// Follows a build's durable records from `from_seq` on: what is stored now, then each
-    /// record as it becomes durable, ending after the record that puts the build in a final
-    /// phase. No gap, no duplicate, and a slow follower holds up nobody.
-    pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
-        Follower {
-            journal: self.clone(),
-            commits: self.commits(),
-            id,
-            from_seq,
-            read_seq: 0,
-            view: None,
-            buffer: VecDeque::new(),
-            ended: false,
-        }
-    }
-}
-
-/// A reader that tails one build's journal; see [`Journal::follow`].
-pub struct Follower {
-    journal: Journal,
-    commits: watch::Receiver<u64>,
-    id: BuildId,
-    from_seq: u64,
-    read_seq: u64,
-    view: Option<BuildView>,
-    buffer: VecDeque<(u64, Record)>,
-    ended: bool,
-}
-
-impl Follower {
-    /// The next record, waiting for it if need be; `None` once the build has ended and every
-    /// record was returned. The first call fails with [`Error::NotFound`] for an unknown build.
-    pub async fn next(&mut self) -> Option<Result<(u64, Record)>> {
-        loop {
-            if let Some(record) = self.buffer.pop_front() {
-                return Some(Ok(record));
-            }
-            if self.ended {
-                return None;
-            }
-            // Mark the current generation seen before reading, so a commit that lands after
-            // the read wakes us.
-            self.commits.borrow_and_update();
-            let records = match self.journal.records(self.id, self.read_seq) {
-                Ok(records) => records,
-                Err(e) => return Some(Err(e)),
-            };
-            if records.is_empty() {
-                if self.view.is_none() {
-                    self.ended = true;
-                    return Some(Err(Error::NotFound(self.id)));
-                }
-                if self.commits.changed().await.is_err() {
-                    return Some(Err(Error::Closed));
-                }
-                continue;
-            }
-            for (seq, record) in records {
-                let id = self.id;
-                let folded = match &mut self.view {
-                    None => BuildView::fold(id, [(seq, &record)]).map(|v| self.view = Some(v)),
-                    Some(view) => view.apply(seq, &record),
-                };
-                if let Err(source) = folded {
-                    self.ended = true;
-                    return Some(Err(Error::Fold { id, source }));
-                }
-                self.read_seq = seq + 1;
-                if seq >= self.from_seq {
-                    self.buffer.push_back((seq, record));
-                }
-            }
-            // Ended means ended as of the newest durable record: a retried build's earlier
-            // final phase does not stop a reader from seeing the attempts after it.
-            if self.view.as_ref().is_some_and(|v| v.phase().is_final()) {
-                self.ended = true;
-            }
-        }
-    }
-
-    /// The build as folded from every record read so far.
-    pub fn view(&self) -> Option<&BuildView> {
-        self.view.as_ref()
-    }
-}
-
-fn decode_records(id: BuildId, raw: Vec<(u64, Vec<u8>)>) -> Result<Vec<(u64, Record)>> {
+pub(super) fn decode_records(id: BuildId, raw: Vec<(u64, Vec<u8>)>) -> Result<Vec<(u64, Record)>> {
     raw.into_iter()
         .map(|(seq, bytes)| {
             Record::decode(&bytes)
@@ -517,99 +486,6 @@ fn decode_records(id: BuildId, raw: Vec<(u64, Vec<u8>)>) -> Result<Vec<(u64, Rec
                 })
         })
         .collect()
-}
-
-/// The committer: one batch and one sync for every append waiting at that moment.
-fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
-    while let Ok(first) = queue.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(more) => group.push(more),
-                Err(_) => break,
-            }
-        }
-        let mut batch = WriteBatch::default();
-        let mut waiters = Vec::with_capacity(group.len());
-        for commit in group {
-            batch.records.extend(commit.batch.records);
-            batch.summaries.extend(commit.batch.summaries);
-            batch
-                .removed_summaries
-                .extend(commit.batch.removed_summaries);
-            batch.removed_builds.extend(commit.batch.removed_builds);
-            waiters.push(commit.done);
-        }
-        let result = {
-            let _exclusive = shared.visible.write().unwrap_or_else(|p| p.into_inner());
-            let wrote = if batch.is_empty() {
-                Ok(())
-            } else {
-                shared.store.write(batch)
-            };
-            wrote
-                .and_then(|()| shared.store.sync())
-                .map_err(Error::from)
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "journal commit failed");
-        }
-        shared.generation.send_modify(|g| *g += 1);
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
-        }
-    }
-}
-
-/// Makes every summary agree with its build's records: missing, stale or unreadable summaries
-/// are refolded; summaries of builds without records are dropped. A build whose records do not
-/// fold is reported and left alone (its records are never rewritten).
-fn repair_summaries(store: &dyn Store) -> Result<()> {
-    let mut batch = WriteBatch::default();
-    let ids = store.journal_ids()?;
-    for &id in &ids {
-        let Some(last_seq) = store.last_seq(id)? else {
-            continue;
-        };
-        let current = store
-            .summary(id)?
-            .and_then(|bytes| record::decode::<Summary>(&bytes).ok())
-            .filter(|s| s.last_seq == last_seq);
-        if current.is_some() {
-            continue;
-        }
-        let records = match decode_records(id, store.records(id, 0)?) {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::error!(build_id = %id, error = %e, "journal record unreadable; build left as it is");
-                continue;
-            }
-        };
-        match BuildView::fold(id, records.iter().map(|(seq, r)| (*seq, r))) {
-            Ok(view) => {
-                tracing::info!(build_id = %id, "rebuilt the build's summary from its journal");
-                let bytes = record::encode(&view.summary()).map_err(|e| Error::Record {
-                    id,
-                    seq: last_seq,
-                    source: Arc::new(e),
-                })?;
-                batch.summaries.push((id, bytes));
-            }
-            Err(source) => {
-                tracing::error!(build_id = %id, error = %source, "journal does not fold; build left as it is")
-            }
-        }
-    }
-    for (id, _) in store.summaries()? {
-        if ids.binary_search(&id).is_err() {
-            batch.removed_summaries.push(id);
-        }
-    }
-    if !batch.is_empty() {
-        store.write(batch)?;
-        store.sync()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

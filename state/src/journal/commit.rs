@@ -1,0 +1,105 @@
+//! The committer: one thread that takes every append waiting at that moment, writes their log
+//! bytes (each build on its own), then their records in one batch, and syncs once. An append's
+//! future resolves only after that sync; readers never see what is written but not synced.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use super::{Error, Result, Shared};
+use crate::build::BuildId;
+use crate::store::{LogBytes, WriteBatch};
+
+/// Most appends one group commit takes; the rest wait for the next.
+const MAX_GROUP: usize = 4096;
+
+/// One append waiting for the committer.
+pub(super) struct Commit {
+    /// Log bytes that must be durable before `batch` is written.
+    pub(super) logs: Vec<LogBytes>,
+    pub(super) batch: WriteBatch,
+    pub(super) done: oneshot::Sender<Result<()>>,
+}
+
+/// The committer thread's queue; dropping it drains the queue and joins the thread.
+pub(super) struct Committer {
+    pub(super) queue: Option<mpsc::Sender<Commit>>,
+    pub(super) thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    pub(super) fn send(&self, commit: Commit) -> Result<()> {
+        self.queue
+            .as_ref()
+            .ok_or(Error::Closed)?
+            .send(commit)
+            .map_err(|_| Error::Closed)
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The committer: one batch and one sync for every append waiting at that moment.
+pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        // Log bytes first, each build's on its own: a build whose segment cannot be written
+        // fails alone, with every later record of it in this group, and never leaves a record
+        // naming bytes that are not on disk.
+        let mut failed: HashMap<BuildId, Error> = HashMap::new();
+        let mut batch = WriteBatch::default();
+        let mut waiters = Vec::with_capacity(group.len());
+        for commit in group {
+            let builds = || commit.batch.records.iter().map(|(id, _, _)| *id);
+            if let Some(e) = builds().find_map(|id| failed.get(&id)) {
+                let _ = commit.done.send(Err(e.clone()));
+                continue;
+            }
+            if !commit.logs.is_empty()
+                && let Err(e) = shared.store.append_logs(&commit.logs)
+            {
+                let e = Error::from(e);
+                tracing::error!(error = %e, "cannot write build log bytes");
+                for id in builds() {
+                    failed.insert(id, e.clone());
+                }
+                let _ = commit.done.send(Err(e));
+                continue;
+            }
+            batch.extend(commit.batch);
+            waiters.push(commit.done);
+        }
+        let result = {
+            let _exclusive = shared.visible.write().unwrap_or_else(|p| p.into_inner());
+            let wrote = if batch.is_empty() {
+                Ok(())
+            } else {
+                shared.store.write(batch)
+            };
+            wrote
+                .and_then(|()| shared.store.sync())
+                .map_err(Error::from)
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "journal commit failed");
+        }
+        shared.generation.send_modify(|g| *g += 1);
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}

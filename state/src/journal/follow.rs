@@ -1,0 +1,217 @@
+//! Readers that tail one build: [`Follower`] yields its durable records, [`LogReader`] its
+//! durable log bytes. Both read the store in bounded batches, only as fast as their caller
+//! asks, and wake on each durable commit: a reader's memory does not grow with the log.
+
+use std::collections::VecDeque;
+
+use tokio::sync::watch;
+
+use super::{Error, Journal, Result};
+use crate::build::BuildId;
+use crate::record::Record;
+use crate::view::BuildView;
+
+/// Bytes of records a follower reads from the store at once.
+const RECORD_BATCH_BYTES: usize = 64 * 1024;
+
+/// The largest piece of log a [`LogReader`] returns at once.
+pub const LOG_PIECE_BYTES: usize = 64 * 1024;
+
+impl Journal {
+    /// Follows a build's durable records from `from_seq` on: what is stored now, then each
+    /// record as it becomes durable, ending after the record that puts the build in a final
+    /// phase. No gap, no duplicate, and a slow follower holds up nobody.
+    pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
+        Follower {
+            journal: self.clone(),
+            commits: self.commits(),
+            id,
+            from_seq,
+            read_seq: 0,
+            view: None,
+            buffer: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// Follows a build's durable log from byte `from_byte` on, in pieces of at most
+    /// [`LOG_PIECE_BYTES`], ending with the build.
+    pub fn follow_log(&self, id: BuildId, from_byte: u64) -> LogReader {
+        LogReader {
+            records: self.follow(id, 0),
+            from_byte,
+            extent: None,
+        }
+    }
+}
+
+/// A reader that tails one build's journal; see [`Journal::follow`].
+pub struct Follower {
+    journal: Journal,
+    commits: watch::Receiver<u64>,
+    id: BuildId,
+    from_seq: u64,
+    read_seq: u64,
+    view: Option<BuildView>,
+    buffer: VecDeque<(u64, Record)>,
+    ended: bool,
+}
+
+impl Follower {
+    /// The next record, waiting for it if need be; `None` once the build has ended and every
+    /// record was returned. The first call fails with [`Error::NotFound`] for an unknown build.
+    pub async fn next(&mut self) -> Option<Result<(u64, Record)>> {
+        loop {
+            if let Some(record) = self.buffer.pop_front() {
+                return Some(Ok(record));
+            }
+            if self.ended {
+                return None;
+            }
+            // Mark the current generation seen before reading, so a commit that lands after
+            // the read wakes us.
+            self.commits.borrow_and_update();
+            let records =
+                match self
+                    .journal
+                    .records_batch(self.id, self.read_seq, RECORD_BATCH_BYTES)
+                {
+                    Ok(records) => records,
+                    Err(e) => return Some(Err(e)),
+                };
+            if records.is_empty() {
+                if self.view.is_none() {
+                    self.ended = true;
+                    return Some(Err(Error::NotFound(self.id)));
+                }
+                if self.commits.changed().await.is_err() {
+                    return Some(Err(Error::Closed));
+                }
+                continue;
+            }
+            for (seq, record) in records {
+                let id = self.id;
+                let folded = match &mut self.view {
+                    None => BuildView::fold(id, [(seq, &record)]).map(|v| self.view = Some(v)),
+                    Some(view) => view.apply(seq, &record),
+                };
+                if let Err(source) = folded {
+                    self.ended = true;
+                    return Some(Err(Error::Fold { id, source }));
+                }
+                self.read_seq = seq + 1;
+                if seq >= self.from_seq {
+                    self.buffer.push_back((seq, record));
+                }
+                // Ended means ended as of the newest durable record: a retried build's
+                // earlier final phase does not stop a reader from seeing the attempts after
+                // it. A batch may hold more than the build's first ending, so look after each.
+            }
+            if self.view.as_ref().is_some_and(|v| v.phase().is_final())
+                && self.read_seq >= self.last_durable_seq_plus_one()
+            {
+                self.ended = true;
+            }
+        }
+    }
+
+    /// One past the newest durable record: whether a batch reached the end of the journal.
+    fn last_durable_seq_plus_one(&self) -> u64 {
+        match self.journal.last_seq(self.id) {
+            Ok(Some(seq)) => seq + 1,
+            // An error here shows again on the next read; say "not at the end" meanwhile.
+            Ok(None) | Err(_) => u64::MAX,
+        }
+    }
+
+    /// The build as folded from every record read so far.
+    pub fn view(&self) -> Option<&BuildView> {
+        self.view.as_ref()
+    }
+
+    /// The build this follower reads.
+    pub fn id(&self) -> BuildId {
+        self.id
+    }
+}
+
+/// Where a log piece comes from: bytes a record holds (format 1) or a durable extent of the
+/// build's segment (format 2), from `at` to `end`.
+enum Extent {
+    Inline { data: Vec<u8>, start: usize },
+    Segment { at: u64, end: u64 },
+}
+
+/// A reader of one build's durable log bytes; see [`Journal::follow_log`].
+pub struct LogReader {
+    records: Follower,
+    from_byte: u64,
+    extent: Option<Extent>,
+}
+
+impl LogReader {
+    /// The next piece of log: its offset in the whole log and at most [`LOG_PIECE_BYTES`]
+    /// bytes, waiting for it if need be; `None` once the build has ended and every byte was
+    /// returned.
+    pub async fn next(&mut self) -> Option<Result<(u64, Vec<u8>)>> {
+        loop {
+            match self.extent.take() {
+                Some(Extent::Inline { data, start }) => {
+                    let end = (start + LOG_PIECE_BYTES).min(data.len());
+                    let piece = data[start..end].to_vec();
+                    let offset = self.from_byte;
+                    self.from_byte += piece.len() as u64;
+                    if end < data.len() {
+                        self.extent = Some(Extent::Inline { data, start: end });
+                    }
+                    return Some(Ok((offset, piece)));
+                }
+                Some(Extent::Segment { at, end }) => {
+                    let len = (end - at).min(LOG_PIECE_BYTES as u64) as usize;
+                    let id = self.records.id();
+                    return match self.records.journal.read_log(id, at, len) {
+                        Ok(piece) => {
+                            self.from_byte = at + len as u64;
+                            if self.from_byte < end {
+                                self.extent = Some(Extent::Segment {
+                                    at: self.from_byte,
+                                    end,
+                                });
+                            }
+                            Some(Ok((at, piece)))
+                        }
+                        Err(e) => Some(Err(e)),
+                    };
+                }
+                None => {}
+            }
+            let (_, record) = match self.records.next().await? {
+                Ok(next) => next,
+                Err(e) => return Some(Err(e)),
+            };
+            let (offset, len) = match &record {
+                Record::Log { offset, data } => (*offset, data.len() as u64),
+                Record::LogAppended { offset, len } => (*offset, *len),
+                _ => continue,
+            };
+            let end = offset + len;
+            if end <= self.from_byte {
+                continue;
+            }
+            let at = self.from_byte.max(offset);
+            self.from_byte = at;
+            self.extent = Some(match record {
+                Record::Log { data, .. } => Extent::Inline {
+                    data,
+                    start: (at - offset) as usize,
+                },
+                _ => Extent::Segment { at, end },
+            });
+        }
+    }
+
+    /// The build as folded from every record read so far.
+    pub fn view(&self) -> Option<&BuildView> {
+        self.records.view()
+    }
+}
