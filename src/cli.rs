@@ -263,8 +263,12 @@ async fn logs(address: &str, build_id: &str, follow: bool) -> anyhow::Result<()>
         .await
         .map_err(status_error)?
         .into_inner();
-    let stop_at = (!follow).then_some(build.records);
+    // Without --follow, stop at what the build held when asked: its records and log bytes.
+    let stop_at = (!follow).then_some((build.records, build.log_bytes));
+    // Where to resume after a break: a log record may have been cut between its pieces, so
+    // resume at that record, from the byte reached.
     let mut next = 0u64;
+    let mut offset = 0u64;
     let mut out = std::io::stdout();
     let mut broken_since: Option<std::time::Instant> = None;
     loop {
@@ -272,6 +276,7 @@ async fn logs(address: &str, build_id: &str, follow: bool) -> anyhow::Result<()>
             .journal(pb::JournalRequest {
                 build_id: build_id.into(),
                 from_seq: next,
+                from_log_offset: offset,
             })
             .await
         {
@@ -288,8 +293,12 @@ async fn logs(address: &str, build_id: &str, follow: bool) -> anyhow::Result<()>
                         if let Some(pb::journal_record::Record::Log(chunk)) = record.record {
                             out.write_all(&chunk.data)?;
                             out.flush()?;
+                            offset = chunk.offset + chunk.data.len() as u64;
+                            next = record.seq;
                         }
-                        if stop_at.is_some_and(|end| next >= end) {
+                        if stop_at.is_some_and(|(records, bytes)| {
+                            record.seq + 1 >= records && offset >= bytes
+                        }) {
                             return Ok(());
                         }
                     }
@@ -327,6 +336,7 @@ async fn watch(client: &mut BuildOpsClient<Channel>, build_id: &str) -> anyhow::
         .journal(pb::JournalRequest {
             build_id: build_id.into(),
             from_seq: 0,
+            from_log_offset: 0,
         })
         .await
         .map_err(status_error)?

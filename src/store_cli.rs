@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use image_builder_state::inspect;
-use image_builder_state::store::SledStore;
+use image_builder_state::store::{SledStore, Store};
 use image_builder_state::{BuildId, Record};
 
 fn open(data_dir: &Path) -> anyhow::Result<SledStore> {
@@ -77,13 +77,17 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                     Ok(Record::CancelRequested { reason, at_ms }) => {
                         println!("{seq:>6}  cancel      at {at_ms}: {reason}")
                     }
-                    Ok(Record::Log { offset, data }) => {
-                        print!(
-                            "{seq:>6}  log @{offset:<6} {}",
-                            String::from_utf8_lossy(data)
-                        );
-                        if !data.ends_with(b"\n") {
-                            println!();
+                    Ok(Record::Log { offset, data }) => print_log(*seq, *offset, data),
+                    Ok(Record::LogAppended { offset, len }) => {
+                        match store.read_log(id, *offset, *len as usize) {
+                            Ok(data) if data.len() as u64 == *len => {
+                                print_log(*seq, *offset, &data)
+                            }
+                            Ok(data) => println!(
+                                "{seq:>6}  log @{offset:<6} SEGMENT SHORT: {} of {len} bytes",
+                                data.len()
+                            ),
+                            Err(e) => println!("{seq:>6}  log @{offset:<6} UNREADABLE  {e}"),
                         }
                     }
                     Err(e) => println!("{seq:>6}  UNREADABLE  {e}"),
@@ -126,4 +130,14 @@ pub fn check(data_dir: &Path) -> anyhow::Result<()> {
         anyhow::bail!("{serious} journal problems");
     }
     Ok(())
+}
+
+fn print_log(seq: u64, offset: u64, data: &[u8]) {
+    print!(
+        "{seq:>6}  log @{offset:<6} {}",
+        String::from_utf8_lossy(data)
+    );
+    if !data.ends_with(b"\n") {
+        println!();
+    }
 }

@@ -3,13 +3,15 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use image_builder_state::{BuildId, Phase, Record, now_ms};
+use image_builder_state::journal::{Entry, Reader};
+use image_builder_state::{BuildId, Phase, now_ms};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert;
+use crate::credentials::StreamRedactor;
 use crate::orchestrator::{Error, Orchestrator, Submitted};
 use crate::proto::builder as pb;
 use crate::proto::builder::image_builder_server::ImageBuilder;
@@ -53,35 +55,42 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
-/// Streams a build's durable journal from `from_seq`, live until the build ends: each record
-/// through `map` (`None` skips it); a journal error ends the stream with its status.
+/// Streams a build's durable journal from record `from_seq` and log byte `from_byte`, live
+/// until the build ends: each entry through `map` (`None` skips it), then `map(None, ..)` once
+/// at the end for anything held back. A journal error ends the stream with its status.
+///
+/// Pull-based: the store is read only when the client takes the next message, so a listener
+/// holds one batch of records and one log piece at most, whatever the log's size and however
+/// slowly it reads.
 pub(super) fn stream_journal<T, F>(
-    name: &'static str,
-    orchestrator: Orchestrator,
+    orchestrator: &Orchestrator,
     id: BuildId,
     from_seq: u64,
-    mut map: F,
+    from_byte: u64,
+    map: F,
 ) -> ResponseStream<T>
 where
     T: Send + 'static,
-    F: FnMut(u64, Record, &image_builder_state::journal::Follower) -> Option<T> + Send + 'static,
+    F: FnMut(Option<Entry>, &Reader) -> Option<T> + Send + 'static,
 {
-    feed_stream(name, move |tx| async move {
-        let mut follower = orchestrator.follow(id, from_seq);
-        while let Some(next) = follower.next().await {
-            let item = match next {
-                Ok((seq, record)) => match map(seq, record, &follower) {
-                    Some(item) => Ok(item),
-                    None => continue,
-                },
-                Err(e) => Err(Status::from(Error::from(e))),
-            };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
+    let reader = orchestrator.read(id, from_seq, from_byte);
+    Box::pin(futures::stream::unfold(
+        Some((reader, map)),
+        |state| async move {
+            let (mut reader, mut map) = state?;
+            loop {
+                match reader.next().await {
+                    Some(Ok(entry)) => {
+                        if let Some(item) = map(Some(entry), &reader) {
+                            return Some((Ok(item), Some((reader, map))));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(Status::from(Error::from(e))), None)),
+                    None => return map(None, &reader).map(|item| (Ok(item), None)),
+                }
             }
-        }
-    })
+        },
+    ))
 }
 
 /// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
@@ -278,23 +287,28 @@ impl ImageBuilder for ImageBuilderService {
         // Answer NotFound as the call's status, not inside the stream.
         self.orchestrator.ensure_exists(id)?;
         tracing::Span::current().record("build_id", tracing::field::display(id));
-        let orchestrator = self.orchestrator.clone();
-        let censored = req.censored;
-        let censor = self.orchestrator.clone();
-        let stream = stream_journal("Logs", orchestrator, id, 0, move |_, record, _| {
-            let Record::Log { offset, data } = record else {
-                return None;
+        let mut censor = req
+            .censored
+            .then(|| StreamRedactor::new(self.orchestrator.censored()));
+        let stream = stream_journal(&self.orchestrator, id, 0, from_byte, move |entry, _| {
+            let bytes = match entry {
+                Some(Entry::Log { bytes, .. }) => bytes,
+                Some(Entry::Record { .. }) => return None,
+                None => Vec::new(),
             };
-            if offset + data.len() as u64 <= from_byte {
-                return None;
-            }
-            let rest = &data[from_byte.saturating_sub(offset) as usize..];
-            let content = if censored {
-                censor.censor(&String::from_utf8_lossy(rest)).into_bytes()
-            } else {
-                rest.to_vec()
+            let content = match censor.as_mut() {
+                None => bytes,
+                Some(censor) => {
+                    let mut out = Vec::with_capacity(bytes.len());
+                    if bytes.is_empty() {
+                        censor.finish(&mut out);
+                    } else {
+                        censor.push(&bytes, &mut out);
+                    }
+                    out
+                }
             };
-            Some(pb::LogsResponse { content })
+            (!content.is_empty()).then_some(pb::LogsResponse { content })
         });
         Ok(Response::new(stream))
     }

@@ -9,6 +9,7 @@ use super::image_builder::{ResponseStream, parse_build_id, stream_journal};
 use crate::orchestrator::Orchestrator;
 use crate::proto::ops as pb;
 use crate::proto::ops::build_ops_server::BuildOps;
+use image_builder_state::journal::Entry;
 
 /// Default and largest page of ListBuilds.
 const DEFAULT_PAGE: usize = 100;
@@ -104,6 +105,14 @@ pub fn journal_record(seq: u64, record: &Record, state: &str) -> pb::JournalReco
                 data: data.clone(),
             }),
         ),
+        // Its bytes are in the segment; a journal reader sends them as `Log` pieces.
+        Record::LogAppended { offset, .. } => (
+            0,
+            R::Log(pb::LogChunk {
+                offset: *offset,
+                data: Vec::new(),
+            }),
+        ),
         Record::CancelRequested { reason, at_ms } => (*at_ms, R::CancelRequested(reason.clone())),
     };
     pb::JournalRecord {
@@ -195,18 +204,28 @@ impl BuildOps for OpsService {
         let req = request.into_inner();
         let id = id_of(&req.build_id)?;
         self.orchestrator.ensure_exists(id)?;
-        let orchestrator = self.orchestrator.clone();
         let stream = stream_journal(
-            "ops.Journal",
-            orchestrator,
+            &self.orchestrator,
             id,
             req.from_seq,
-            |seq, record, follower| {
-                let state = follower
+            req.from_log_offset,
+            |entry, reader| {
+                let state = reader
                     .view()
                     .map(|v| v.phase().to_string())
                     .unwrap_or_default();
-                Some(journal_record(seq, &record, &state))
+                Some(match entry? {
+                    Entry::Record { seq, record } => journal_record(seq, &record, &state),
+                    Entry::Log { seq, offset, bytes } => pb::JournalRecord {
+                        seq,
+                        at_ms: 0,
+                        record: Some(pb::journal_record::Record::Log(pb::LogChunk {
+                            offset,
+                            data: bytes,
+                        })),
+                        state,
+                    },
+                })
             },
         );
         Ok(Response::new(stream))

@@ -9,6 +9,7 @@
 //! Pushes (base and workspace repositories) always use the installation's credentials.
 
 pub mod ecr;
+pub mod redact;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use async_trait::async_trait;
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
+
+pub use redact::{Needles, StreamRedactor};
 
 /// A credential for one registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -453,34 +456,8 @@ impl Keychain for RequestKeychain<'_> {
 
 /// Replaces every known credential value, and the user-info of any URL, in `line`.
 pub fn redact(line: &str, values: &[String]) -> String {
-    let mut out = line.to_owned();
-    for value in values {
-        if !value.is_empty() && out.contains(value.as_str()) {
-            out = out.replace(value.as_str(), "[redacted]");
-        }
-    }
-    strip_userinfo(&out)
-}
-
-/// `scheme://user:pass@host` becomes `scheme://[redacted]@host`.
-fn strip_userinfo(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut rest = line;
-    while let Some(i) = rest.find("://") {
-        let (head, tail) = rest.split_at(i + 3);
-        out.push_str(head);
-        let authority_end = tail.find(['/', ' ', '\'', '"']).unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
-            Some(at) => {
-                out.push_str("[redacted]");
-                out.push_str(&tail[at..authority_end]);
-            }
-            None => out.push_str(&tail[..authority_end]),
-        }
-        rest = &tail[authority_end..];
-    }
-    out.push_str(rest);
-    out
+    let needles = Needles::new(values.iter().cloned());
+    String::from_utf8_lossy(&needles.redact(line.as_bytes())).into_owned()
 }
 
 #[cfg(test)]

@@ -1,30 +1,28 @@
-//! Child processes of a build (git, buildah): their output goes line by line into the build
-//! log as it is produced, and they are marked so that they can be found and stopped, whether
+//! Child processes of a build (git, buildah): their output goes into the build log as it is
+//! produced, read in large pieces, and they are marked so that they can be found and stopped, whether
 //! the step is dropped (timeout, cancel, shutdown) or the service crashed and restarted.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{ExitStatus, Stdio};
 
-use futures::StreamExt;
 use image_builder_state::BuildId;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
-use tokio_stream::wrappers::SplitStream;
 
-use crate::orchestrator::BuildLog;
+use crate::orchestrator::{BuildLog, Output, Tail};
 
 /// Environment variable every build process carries, naming its build.
 pub const BUILD_ID_ENV: &str = "IMAGE_BUILDER_BUILD_ID";
 
-/// Output lines kept for error messages.
-const TAIL_LINES: usize = 6;
+/// How much one read of a pipe takes.
+const READ_BYTES: usize = 64 * 1024;
 
 /// How a process ended, with its last output lines for the error message.
 #[derive(Debug)]
 pub struct Finished {
     /// The exit status.
     pub status: ExitStatus,
-    /// The last lines it printed (stdout and stderr together).
+    /// The last lines it printed (stdout and stderr together, redacted).
     pub tail: Vec<String>,
 }
 
@@ -43,7 +41,8 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Runs `cmd` for build `id`, appending each output line to `log` as it comes.
+/// Runs `cmd` for build `id`, passing its output to `log` as fast as it comes (the log
+/// journals it in chunks, redacted, without making the process wait on the disk).
 pub async fn run_logged(
     mut cmd: Command,
     id: BuildId,
@@ -57,36 +56,38 @@ pub async fn run_logged(
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut guard = StopOnDrop { id, armed: true };
-    let stdout = child
-        .stdout
-        .take()
-        .map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
-    let stderr = child
-        .stderr
-        .take()
-        .map(|s| SplitStream::new(tokio::io::BufReader::new(s).split(b'\n')));
-    let mut lines = futures::stream::select(
-        futures::stream::iter(stdout).flatten(),
-        futures::stream::iter(stderr).flatten(),
+    let tail = Tail::default();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    tokio::join!(
+        pump(stdout, log.output(tail.clone())),
+        pump(stderr, log.output(tail.clone()))
     );
-    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
-    while let Some(line) = lines.next().await {
-        let Ok(line) = line else { break };
-        let text = String::from_utf8_lossy(&line)
-            .trim_end_matches('\r')
-            .to_owned();
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(text.clone());
-        log.line(text).await;
-    }
     let status = child.wait().await?;
     guard.armed = false;
     Ok(Finished {
         status,
-        tail: tail.into_iter().filter(|l| !l.trim().is_empty()).collect(),
+        tail: tail.lines(),
     })
+}
+
+/// Copies one pipe into the log until it ends (or fails: the process's status tells).
+async fn pump(pipe: Option<impl AsyncRead + Unpin>, mut output: Output) {
+    if let Some(mut pipe) = pipe {
+        let mut buf = vec![0u8; READ_BYTES];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => output.write(&buf[..n]).await,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a build process's output");
+                    break;
+                }
+            }
+        }
+    }
+    output.finish().await;
 }
 
 /// Finds every process of build `id` (those carrying its marker, and all their descendants)

@@ -1,16 +1,74 @@
-//! A build's log as the steps write it: each line goes into the journal, and is durable,
-//! before any listener sees it. Past the configured size, one truncation marker is written and
-//! further lines are dropped; the build goes on.
+//! A build's log as the steps write it, on its way to the journal.
+//!
+//! Writers (a step's lines, a builder process's output) redact what they write and count it
+//! against `maxLogBytes`, then hand it to the build's one log writer task through a bounded
+//! queue. The writer cuts the stream into chunks, closed at [`CHUNK_BYTES`] or [`CHUNK_AGE`]
+//! after their first byte, whichever comes first, and journals each chunk while the next one
+//! fills. So a builder never waits on an fsync, unless the journal falls behind by the whole
+//! queue: then the writers wait (back pressure), and memory stays bounded.
+//!
+//! Listeners read only durable chunks. [`BuildLog::flush`] waits until everything written
+//! before it is durable: the build's task calls it before every transition, so a build's log
+//! is whole in the journal before the build is seen to move on.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use image_builder_state::{BuildId, Journal};
+use image_builder_state::{BuildId, Journal, journal};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use crate::credentials::{Needles, StreamRedactor};
 use crate::registry::Progress;
 
 /// The line written once when a build's log reaches its size limit.
 pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
+
+/// A chunk is journaled once it holds this many bytes...
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// ...or this long after its first byte, whichever comes first.
+pub const CHUNK_AGE: Duration = Duration::from_millis(20);
+/// Pieces of at most [`CHUNK_BYTES`] waiting for the writer: with the chunk being filled and
+/// the one being journaled, what a build's log holds in memory at most.
+const QUEUE_PIECES: usize = 16;
+
+/// Output lines kept for error messages.
+pub const TAIL_LINES: usize = 6;
+
+/// The build log could not be journaled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The journal refused or failed a chunk; later output was dropped.
+    #[error("the build log could not be journaled: {0}")]
+    Journal(#[from] journal::Error),
+    /// The writer task is gone (the service is shutting down).
+    #[error("the build log's writer has stopped")]
+    Closed,
+}
+
+impl Error {
+    /// Whether the store's file system is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Error::Journal(e) if e.is_disk_full())
+    }
+
+    /// The file the store failed on, if it names one.
+    pub fn store_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::Journal(journal::Error::Store(e)) => e.path(),
+            _ => None,
+        }
+    }
+}
+
+enum Message {
+    Bytes(Vec<u8>),
+    Flush(oneshot::Sender<Result<(), Error>>),
+}
 
 #[derive(Debug)]
 struct Budget {
@@ -18,62 +76,111 @@ struct Budget {
     truncated: bool,
 }
 
-/// Appends lines to one build's journaled log.
+/// What every handle of one build's log shares.
+struct Shared {
+    limit: u64,
+    budget: Mutex<Budget>,
+    needles: Needles,
+}
+
+/// Writes one build's log. Cheap to clone; the writer task ends (after journaling what it
+/// holds) when the last clone is dropped.
 #[derive(Clone)]
 pub struct BuildLog {
-    journal: Journal,
-    id: BuildId,
-    limit: u64,
-    budget: Arc<Mutex<Budget>>,
-    redacted: Arc<Vec<String>>,
+    queue: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
 }
 
 impl BuildLog {
-    /// The log of build `id`, which holds `len` bytes already, kept under `limit` bytes.
-    pub fn new(journal: Journal, id: BuildId, len: u64, limit: u64) -> Self {
+    /// The log of build `id`, which holds `len` bytes already, kept under `limit` bytes, with
+    /// `redacted` values (and any URL user-info) removed from everything written. Starts the
+    /// build's log writer task.
+    pub fn new(journal: Journal, id: BuildId, len: u64, limit: u64, redacted: Vec<String>) -> Self {
         let room = limit.saturating_sub(TRUNCATION_MARKER.len() as u64);
+        let (queue, pieces) = mpsc::channel(QUEUE_PIECES);
+        tokio::spawn(write_chunks(journal, id, pieces));
         Self {
-            journal,
-            id,
-            limit,
-            budget: Arc::new(Mutex::new(Budget {
-                len,
-                truncated: len > room,
-            })),
-            redacted: Arc::new(Vec::new()),
+            queue,
+            shared: Arc::new(Shared {
+                limit,
+                budget: Mutex::new(Budget {
+                    len,
+                    truncated: len > room,
+                }),
+                needles: Needles::new(redacted),
+            }),
         }
     }
 
-    /// The same log, with these credential values (and any URL user-info) removed from every
-    /// line before it is journaled.
-    pub fn redacting(mut self, values: Vec<String>) -> Self {
-        self.redacted = Arc::new(values);
-        self
+    /// Writes one line (a newline is added). Waits only if the journal is a whole queue
+    /// behind.
+    pub async fn line(&self, text: impl Into<String>) {
+        let mut text = text.into().into_bytes();
+        text.push(b'\n');
+        let redacted = self.shared.needles.redact(&text);
+        self.write_redacted(redacted).await;
     }
 
-    /// Appends one line (a newline is added) and waits until it is durable. A journal failure
-    /// is reported here and not to the step: the transition that follows fails the same way
-    /// and stops the build, to be resumed after a restart.
-    pub async fn line(&self, text: impl Into<String>) {
-        let mut bytes = crate::credentials::redact(&text.into(), &self.redacted).into_bytes();
-        bytes.push(b'\n');
-        let bytes = {
-            let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-            if budget.truncated {
+    /// A writer for one output stream of a process: takes bytes as the pipe gives them.
+    pub fn output(&self, tail: Tail) -> Output {
+        Output {
+            log: self.clone(),
+            redactor: StreamRedactor::new(self.shared.needles.clone()),
+            tail,
+        }
+    }
+
+    /// Waits until everything written before this call is durable; says why not if it
+    /// cannot be (then later output is dropped, and the build must fail).
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (done, wait) = oneshot::channel();
+        self.queue
+            .send(Message::Flush(done))
+            .await
+            .map_err(|_| Error::Closed)?;
+        wait.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Counts redacted bytes against the budget and queues what fits.
+    async fn write_redacted(&self, bytes: Vec<u8>) {
+        let Some(bytes) = self.admit(bytes) else {
+            return;
+        };
+        for piece in bytes.chunks(CHUNK_BYTES) {
+            if self
+                .queue
+                .send(Message::Bytes(piece.to_vec()))
+                .await
+                .is_err()
+            {
                 return;
             }
-            let room = self.limit.saturating_sub(TRUNCATION_MARKER.len() as u64);
-            if budget.len + bytes.len() as u64 > room {
-                budget.truncated = true;
-                TRUNCATION_MARKER.as_bytes().to_vec()
-            } else {
-                budget.len += bytes.len() as u64;
-                bytes
-            }
-        };
-        if let Err(e) = self.journal.log(self.id, bytes).await {
-            tracing::error!(build_id = %self.id, error = %e, "cannot journal a log line");
         }
+    }
+
+    /// What of `bytes` fits under `maxLogBytes`: all of it, or the lines that fit and the
+    /// truncation marker once, or nothing after that.
+    fn admit(&self, mut bytes: Vec<u8>) -> Option<Vec<u8>> {
+        let mut budget = self.shared.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if budget.truncated || bytes.is_empty() {
+            return None;
+        }
+        let room = self
+            .shared
+            .limit
+            .saturating_sub(TRUNCATION_MARKER.len() as u64);
+        let left = room.saturating_sub(budget.len) as usize;
+        if bytes.len() <= left {
+            budget.len += bytes.len() as u64;
+            return Some(bytes);
+        }
+        // Keep the whole lines that fit, so the marker starts a line of its own.
+        let keep = memchr::memrchr(b'\n', &bytes[..left]).map_or(0, |nl| nl + 1);
+        bytes.truncate(keep);
+        bytes.extend_from_slice(TRUNCATION_MARKER.as_bytes());
+        budget.truncated = true;
+        budget.len += bytes.len() as u64;
+        Some(bytes)
     }
 }
 
@@ -81,5 +188,295 @@ impl BuildLog {
 impl Progress for BuildLog {
     async fn line(&self, text: String) {
         BuildLog::line(self, text).await;
+    }
+}
+
+/// The last lines written through a process's outputs, shared by its stdout and stderr.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    /// The last non-blank lines, oldest first (already redacted).
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .cloned()
+            .collect()
+    }
+
+    fn remember(&self, redacted: &[u8]) {
+        let mut lines = redacted
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .rev()
+            .take(TAIL_LINES)
+            .collect::<Vec<_>>();
+        lines.reverse();
+        let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for line in lines {
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            let text = String::from_utf8_lossy(line);
+            tail.push_back(text.trim_end_matches('\r').chars().take(512).collect());
+        }
+    }
+}
+
+/// One output stream of a process on its way into the build log; see [`BuildLog::output`].
+pub struct Output {
+    log: BuildLog,
+    redactor: StreamRedactor,
+    tail: Tail,
+}
+
+impl Output {
+    /// Takes bytes as a read of the pipe gave them (cut anywhere).
+    pub async fn write(&mut self, bytes: &[u8]) {
+        let mut out = Vec::with_capacity(bytes.len() + 64);
+        self.redactor.push(bytes, &mut out);
+        self.pass_on(out).await;
+    }
+
+    /// The stream has ended: passes on what was held back, ending it with a newline.
+    pub async fn finish(mut self) {
+        let mut out = Vec::new();
+        self.redactor.finish(&mut out);
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        self.pass_on(out).await;
+    }
+
+    async fn pass_on(&mut self, out: Vec<u8>) {
+        if out.is_empty() {
+            return;
+        }
+        self.tail.remember(&out);
+        self.log.write_redacted(out).await;
+    }
+}
+
+type Append = Pin<Box<dyn Future<Output = Result<u64, journal::Error>> + Send>>;
+type Waiters = Vec<oneshot::Sender<Result<(), Error>>>;
+
+/// The build's log writer: fills a chunk from the queue, journals it while the next fills,
+/// answers flushes once what came before them is durable.
+async fn write_chunks(journal: Journal, id: BuildId, mut pieces: mpsc::Receiver<Message>) {
+    let mut chunk: Vec<u8> = Vec::new();
+    let mut opened: Option<Instant> = None;
+    let mut waiting: Waiters = Vec::new();
+    let mut in_flight: Option<(Append, Waiters)> = None;
+    let mut failed: Option<Error> = None;
+    let mut closed = false;
+    loop {
+        if let Some(e) = &failed {
+            chunk.clear();
+            opened = None;
+            for waiter in waiting.drain(..) {
+                let _ = waiter.send(Err(e.clone()));
+            }
+        }
+        let due = !waiting.is_empty()
+            || closed
+            || chunk.len() >= CHUNK_BYTES
+            || opened.is_some_and(|t| t.elapsed() >= CHUNK_AGE);
+        if in_flight.is_none() && !chunk.is_empty() && due {
+            let data = std::mem::take(&mut chunk);
+            opened = None;
+            let journal = journal.clone();
+            let append: Append = Box::pin(async move { journal.log(id, data).await });
+            in_flight = Some((append, std::mem::take(&mut waiting)));
+        }
+        if in_flight.is_none() && chunk.is_empty() {
+            for waiter in waiting.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+            if closed {
+                return;
+            }
+        }
+        let deadline = opened.map(|t| t + CHUNK_AGE);
+        tokio::select! {
+            result = async {
+                match in_flight.as_mut() {
+                    Some((append, _)) => append.await,
+                    None => std::future::pending().await,
+                }
+            }, if in_flight.is_some() => {
+                let waiters = in_flight.take().map(|(_, waiters)| waiters).unwrap_or_default();
+                let result = result.map(drop).map_err(Error::from);
+                if let Err(e) = &result {
+                    tracing::error!(build_id = %id, error = %e, "cannot journal build output; later output is dropped");
+                    failed = Some(e.clone());
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+            message = pieces.recv(), if !closed && chunk.len() < CHUNK_BYTES => match message {
+                Some(Message::Bytes(bytes)) if failed.is_none() => {
+                    opened.get_or_insert_with(Instant::now);
+                    chunk.extend_from_slice(&bytes);
+                }
+                Some(Message::Bytes(_)) => {}
+                Some(Message::Flush(done)) => match (&failed, chunk.is_empty(), &mut in_flight) {
+                    (Some(e), _, _) => { let _ = done.send(Err(e.clone())); }
+                    (None, true, Some((_, waiters))) => waiters.push(done),
+                    (None, true, None) => { let _ = done.send(Ok(())); }
+                    (None, false, _) => waiting.push(done),
+                },
+                None => closed = true,
+            },
+            () = sleep_until(deadline), if deadline.is_some() && in_flight.is_none() => {}
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use image_builder_state::build::{BuildSource, BuildSpec};
+    use image_builder_state::{Event, Record};
+
+    use super::*;
+
+    async fn journal_with_build() -> (tempfile::TempDir, Journal, BuildId) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let id = BuildId::new();
+        let spec = BuildSpec {
+            source: BuildSource::Reference {
+                reference: "alpine".into(),
+            },
+            force_rebuild: false,
+            triggered_by: "test".into(),
+            supervisor_ref: String::new(),
+            had_request_auth: false,
+        };
+        journal
+            .create(id, spec, "b".into(), "w".into())
+            .await
+            .unwrap();
+        (dir, journal, id)
+    }
+
+    async fn whole_log(journal: &Journal, id: BuildId) -> Vec<u8> {
+        journal
+            .transition(
+                id,
+                Event::Failed {
+                    reason: "end".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let mut reader = journal.follow_log(id, 0);
+        let mut out = Vec::new();
+        while let Some(piece) = reader.next().await {
+            out.extend(piece.unwrap().1);
+        }
+        out
+    }
+
+    fn log_records(journal: &Journal, id: BuildId) -> usize {
+        journal
+            .records(id, 0)
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| matches!(r, Record::LogAppended { .. }))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn many_lines_become_few_chunks_and_flush_makes_them_durable() {
+        let (_dir, journal, id) = journal_with_build().await;
+        let log = BuildLog::new(journal.clone(), id, 0, u64::MAX, Vec::new());
+        let mut expected = String::new();
+        for i in 0..20_000 {
+            let line = format!("output line {i}");
+            log.line(line.clone()).await;
+            expected.push_str(&line);
+            expected.push('\n');
+        }
+        log.flush().await.unwrap();
+        assert_eq!(
+            journal.view(id).unwrap().unwrap().log_len,
+            expected.len() as u64,
+            "flush returns once every byte before it is durable"
+        );
+        let chunks = log_records(&journal, id);
+        let most = expected.len().div_ceil(CHUNK_BYTES) * 4;
+        assert!(
+            chunks <= most,
+            "{chunks} chunks for {} bytes",
+            expected.len()
+        );
+        assert_eq!(whole_log(&journal, id).await, expected.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_credential_split_across_two_pipe_reads_is_redacted() {
+        let (_dir, journal, id) = journal_with_build().await;
+        let log = BuildLog::new(
+            journal.clone(),
+            id,
+            0,
+            u64::MAX,
+            vec!["hunter2-secret".into()],
+        );
+        let tail = Tail::default();
+        let mut out = log.output(tail.clone());
+        out.write(b"login with hunter").await;
+        out.write(b"2-secret done\nnext line").await;
+        out.finish().await;
+        log.flush().await.unwrap();
+        let text = String::from_utf8(whole_log(&journal, id).await).unwrap();
+        assert_eq!(text, "login with [redacted] done\nnext line\n");
+        assert_eq!(tail.lines(), ["login with [redacted] done", "next line"]);
+    }
+
+    #[tokio::test]
+    async fn the_budget_holds_across_chunks_and_the_marker_starts_a_line() {
+        let (_dir, journal, id) = journal_with_build().await;
+        let limit = 100_000u64;
+        let log = BuildLog::new(journal.clone(), id, 0, limit, Vec::new());
+        let mut out = log.output(Tail::default());
+        for _ in 0..1000 {
+            out.write("0123456789012345678\n".repeat(10).as_bytes())
+                .await;
+        }
+        out.finish().await;
+        log.line("after the limit").await;
+        log.flush().await.unwrap();
+        let text = String::from_utf8(whole_log(&journal, id).await).unwrap();
+        assert!(text.len() as u64 <= limit, "{}", text.len());
+        assert!(text.ends_with(&format!("\n{TRUNCATION_MARKER}")));
+        assert_eq!(text.matches(TRUNCATION_MARKER).count(), 1);
+        assert!(!text.contains("after the limit"));
+    }
+
+    #[tokio::test]
+    async fn a_journal_failure_is_reported_by_flush() {
+        let (_dir, journal, id) = journal_with_build().await;
+        let log = BuildLog::new(journal.clone(), id, 0, u64::MAX, Vec::new());
+        journal
+            .transition(id, Event::Failed { reason: "x".into() })
+            .await
+            .unwrap();
+        journal.remove(id).await.unwrap();
+        log.line("to a removed build").await;
+        let err = log.flush().await.unwrap_err();
+        assert!(err.to_string().contains("could not be journaled"), "{err}");
+        log.line("dropped").await;
+        assert!(log.flush().await.is_err(), "later output is refused too");
     }
 }

@@ -15,14 +15,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use image_builder_state::journal::{self, Follower};
+use image_builder_state::journal::{self, Follower, Reader};
 use image_builder_state::view::Summary;
 use image_builder_state::{BuildId, BuildSource, BuildSpec, BuildView, Journal};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use log::BuildLog;
+pub use log::{BuildLog, Output, Tail};
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
 use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
@@ -510,17 +510,14 @@ impl Orchestrator {
         Ok(removed)
     }
 
-    /// Removes what `LogsRequest.censored` hides: every known credential value and the
+    /// What `LogsRequest.censored` hides: every known credential value and the
     /// installation's registry hosts.
-    pub fn censor(&self, text: &str) -> String {
-        let mut out = crate::credentials::redact(text, &self.inner.sensitive_values(None));
-        for repository in [&self.inner.repos.base, &self.inner.repos.workspace] {
-            let host = crate::credentials::registry_host(repository);
-            if !host.is_empty() {
-                out = out.replace(&host, "[registry]");
-            }
-        }
-        out
+    pub fn censored(&self) -> crate::credentials::Needles {
+        let hosts = [&self.inner.repos.base, &self.inner.repos.workspace]
+            .into_iter()
+            .map(|repository| crate::credentials::registry_host(repository));
+        crate::credentials::Needles::new(self.inner.sensitive_values(None))
+            .replacing(hosts, b"[registry]")
     }
 
     /// Every build, newest first.
@@ -531,6 +528,12 @@ impl Orchestrator {
     /// Follows a build's durable records from `from_seq` until it ends.
     pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
         self.inner.journal.follow(id, from_seq)
+    }
+
+    /// Reads a build's durable journal, log bytes included, from record `from_seq` and log
+    /// byte `from_byte`, until it ends.
+    pub fn read(&self, id: BuildId, from_seq: u64, from_byte: u64) -> Reader {
+        self.inner.journal.read(id, from_seq, from_byte)
     }
 
     /// Fails with NotFound unless the build exists; reads no record (cheap before a stream

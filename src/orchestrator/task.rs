@@ -52,8 +52,8 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         id,
         view.log_len,
         inner.limits.max_log_bytes,
-    )
-    .redacting(inner.sensitive_values(secrets.as_ref()));
+        inner.sensitive_values(secrets.as_ref()),
+    );
     if resumed {
         log.line(format!(
             "image-builder restarted; resuming this build at its last recorded step ({})",
@@ -101,6 +101,17 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         if let Event::Failed { reason } = &event {
             log.line(format!("build failed: {reason}")).await;
         }
+        // The log of this step is durable before anyone sees the build move on.
+        let event = match log.flush().await {
+            Ok(()) => event,
+            Err(e) if matches!(event, Event::Failed { .. } | Event::Cancelled { .. }) => {
+                tracing::error!(error = %e, "the build ends without the rest of its log");
+                event
+            }
+            Err(e) => Event::Failed {
+                reason: log_failure(&e),
+            },
+        };
         let name = event.name();
         failpoint(&format!("transition.{name}.before"));
         view = match inner.journal.transition(id, event).await {
@@ -146,6 +157,23 @@ async fn stop_for_cancel(
     ))
     .await;
     Some(Event::Cancelled { reason })
+}
+
+/// Why a build whose output cannot be journaled fails, in words an operator can act on.
+fn log_failure(e: &super::log::Error) -> String {
+    let mut reason = format!("the build stopped: {e}");
+    if e.is_disk_full() {
+        if let Some((dir, free)) = e.store_path().and_then(|p| {
+            let dir = p.parent()?.to_path_buf();
+            image_builder_state::store::free_bytes(&dir).map(|free| (dir, free))
+        }) {
+            reason.push_str(&format!(
+                "; {free} bytes are free on the file system of {}: free space there (new builds work again as soon as there is room)",
+                dir.display()
+            ));
+        }
+    }
+    reason
 }
 
 /// Time left before the build's limit, counted from its admission (which survives restarts).

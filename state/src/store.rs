@@ -50,6 +50,14 @@ impl Error {
         }
     }
 
+    /// The file this error is about, if it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::Segment { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// Whether the file system ran out of space (or quota).
     pub fn is_disk_full(&self) -> bool {
         self.io().is_some_and(|e| {
@@ -58,6 +66,26 @@ impl Error {
                 || e.raw_os_error() == Some(122) // EDQUOT
         })
     }
+}
+
+/// What a record counts for against a batch's `max_bytes` at least: small records take more
+/// memory decoded than stored.
+pub const RECORD_FLOOR_BYTES: usize = 128;
+
+/// Bytes free for an unprivileged writer on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: statvfs(3) with a NUL-terminated path and a buffer of the right type; the buffer
+    // is read only when the call succeeded.
+    let stat = unsafe {
+        if libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// Writes that go to disk together.
@@ -113,7 +141,8 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every record written so far durable.
     fn sync(&self) -> Result<(), Error>;
     /// A build's records with sequence numbers from `from_seq` on, in order, stopping after
-    /// the record that brings the total size to `max_bytes` or more (at least one record).
+    /// the record that brings the total size to `max_bytes` or more (at least one record;
+    /// each counts as [`RECORD_FLOOR_BYTES`] at least).
     fn records(
         &self,
         id: BuildId,
@@ -431,7 +460,7 @@ impl Store for SledStore {
         for entry in self.journal.range(start..=end) {
             let (key, value) = entry?;
             let (_, seq) = split_record_key(&key)?;
-            size += value.len();
+            size += value.len().max(RECORD_FLOOR_BYTES);
             out.push((seq, value.to_vec()));
             if size >= max_bytes {
                 break;
@@ -519,7 +548,7 @@ mod tests {
         assert_eq!(seqs, [0, 1, 2, 256, 300]);
         assert_eq!(store.records(a, 2, usize::MAX).unwrap().len(), 3);
         assert_eq!(
-            store.records(a, 0, 2).unwrap().len(),
+            store.records(a, 0, 2 * RECORD_FLOOR_BYTES).unwrap().len(),
             2,
             "stops at max_bytes"
         );

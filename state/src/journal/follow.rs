@@ -11,8 +11,10 @@ use crate::build::BuildId;
 use crate::record::Record;
 use crate::view::BuildView;
 
-/// Bytes of records a follower reads from the store at once.
-const RECORD_BATCH_BYTES: usize = 64 * 1024;
+/// Bytes of records a follower reads from the store at once (each record counts as at least
+/// [`store::RECORD_FLOOR_BYTES`](crate::store::RECORD_FLOOR_BYTES), about what it takes in
+/// memory once decoded).
+const RECORD_BATCH_BYTES: usize = 32 * 1024;
 
 /// The largest piece of log a [`LogReader`] returns at once.
 pub const LOG_PIECE_BYTES: usize = 64 * 1024;
@@ -37,11 +39,7 @@ impl Journal {
     /// Follows a build's durable log from byte `from_byte` on, in pieces of at most
     /// [`LOG_PIECE_BYTES`], ending with the build.
     pub fn follow_log(&self, id: BuildId, from_byte: u64) -> LogReader {
-        LogReader {
-            records: self.follow(id, 0),
-            from_byte,
-            extent: None,
-        }
+        LogReader(self.read(id, 0, from_byte))
     }
 }
 
@@ -138,16 +136,144 @@ impl Follower {
 /// Where a log piece comes from: bytes a record holds (format 1) or a durable extent of the
 /// build's segment (format 2), from `at` to `end`.
 enum Extent {
-    Inline { data: Vec<u8>, start: usize },
-    Segment { at: u64, end: u64 },
+    Inline {
+        seq: u64,
+        offset: u64,
+        data: Vec<u8>,
+        start: usize,
+    },
+    Segment {
+        seq: u64,
+        at: u64,
+        end: u64,
+    },
 }
 
-/// A reader of one build's durable log bytes; see [`Journal::follow_log`].
-pub struct LogReader {
+/// What a [`Reader`] yields: a record, or a piece of log that a record names.
+#[derive(Debug)]
+pub enum Entry {
+    /// A record that is not a log record.
+    Record {
+        /// Its sequence number.
+        seq: u64,
+        /// The record.
+        record: Record,
+    },
+    /// At most [`LOG_PIECE_BYTES`] of log, from the log record `seq`.
+    Log {
+        /// The log record these bytes belong to.
+        seq: u64,
+        /// Where they start in the whole log.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Journal {
+    /// Reads a build's durable journal from record `from_seq` and log byte `from_byte` on,
+    /// log records as their bytes in bounded pieces, following it live until the build ends.
+    pub fn read(&self, id: BuildId, from_seq: u64, from_byte: u64) -> Reader {
+        Reader {
+            records: self.follow(id, from_seq),
+            from_byte,
+            extent: None,
+        }
+    }
+}
+
+/// A reader of one build's durable journal with its log bytes; see [`Journal::read`].
+pub struct Reader {
     records: Follower,
     from_byte: u64,
     extent: Option<Extent>,
 }
+
+impl Reader {
+    /// The next entry, waiting for it if need be; `None` once the build has ended and every
+    /// entry was returned.
+    pub async fn next(&mut self) -> Option<Result<Entry>> {
+        loop {
+            if let Some(extent) = self.extent.take() {
+                return Some(self.piece(extent));
+            }
+            let (seq, record) = match self.records.next().await? {
+                Ok(next) => next,
+                Err(e) => return Some(Err(e)),
+            };
+            let (offset, len) = match &record {
+                Record::Log { offset, data } => (*offset, data.len() as u64),
+                Record::LogAppended { offset, len } => (*offset, *len),
+                _ => return Some(Ok(Entry::Record { seq, record })),
+            };
+            let end = offset + len;
+            if end <= self.from_byte {
+                continue;
+            }
+            let at = self.from_byte.max(offset);
+            self.extent = Some(match record {
+                Record::Log { data, .. } => Extent::Inline {
+                    seq,
+                    offset,
+                    data,
+                    start: (at - offset) as usize,
+                },
+                _ => Extent::Segment { seq, at, end },
+            });
+        }
+    }
+
+    /// The next piece of `extent`; what is left of it stays for the next call.
+    fn piece(&mut self, extent: Extent) -> Result<Entry> {
+        let (seq, at, bytes) = match extent {
+            Extent::Inline {
+                seq,
+                offset,
+                data,
+                start,
+            } => {
+                let end = (start + LOG_PIECE_BYTES).min(data.len());
+                let bytes = data[start..end].to_vec();
+                if end < data.len() {
+                    self.extent = Some(Extent::Inline {
+                        seq,
+                        offset,
+                        data,
+                        start: end,
+                    });
+                }
+                (seq, offset + start as u64, bytes)
+            }
+            Extent::Segment { seq, at, end } => {
+                let len = (end - at).min(LOG_PIECE_BYTES as u64);
+                let id = self.records.id();
+                let bytes = self.records.journal.read_log(id, at, len as usize)?;
+                if at + len < end {
+                    self.extent = Some(Extent::Segment {
+                        seq,
+                        at: at + len,
+                        end,
+                    });
+                }
+                (seq, at, bytes)
+            }
+        };
+        self.from_byte = at + bytes.len() as u64;
+        Ok(Entry::Log {
+            seq,
+            offset: at,
+            bytes,
+        })
+    }
+
+    /// The build as folded from every record read so far.
+    pub fn view(&self) -> Option<&BuildView> {
+        self.records.view()
+    }
+}
+
+/// A reader of one build's durable log bytes; see [`Journal::follow_log`].
+pub struct LogReader(Reader);
 
 impl LogReader {
     /// The next piece of log: its offset in the whole log and at most [`LOG_PIECE_BYTES`]
@@ -155,63 +281,16 @@ impl LogReader {
     /// returned.
     pub async fn next(&mut self) -> Option<Result<(u64, Vec<u8>)>> {
         loop {
-            match self.extent.take() {
-                Some(Extent::Inline { data, start }) => {
-                    let end = (start + LOG_PIECE_BYTES).min(data.len());
-                    let piece = data[start..end].to_vec();
-                    let offset = self.from_byte;
-                    self.from_byte += piece.len() as u64;
-                    if end < data.len() {
-                        self.extent = Some(Extent::Inline { data, start: end });
-                    }
-                    return Some(Ok((offset, piece)));
-                }
-                Some(Extent::Segment { at, end }) => {
-                    let len = (end - at).min(LOG_PIECE_BYTES as u64) as usize;
-                    let id = self.records.id();
-                    return match self.records.journal.read_log(id, at, len) {
-                        Ok(piece) => {
-                            self.from_byte = at + len as u64;
-                            if self.from_byte < end {
-                                self.extent = Some(Extent::Segment {
-                                    at: self.from_byte,
-                                    end,
-                                });
-                            }
-                            Some(Ok((at, piece)))
-                        }
-                        Err(e) => Some(Err(e)),
-                    };
-                }
-                None => {}
-            }
-            let (_, record) = match self.records.next().await? {
-                Ok(next) => next,
+            match self.0.next().await? {
+                Ok(Entry::Log { offset, bytes, .. }) => return Some(Ok((offset, bytes))),
+                Ok(Entry::Record { .. }) => {}
                 Err(e) => return Some(Err(e)),
-            };
-            let (offset, len) = match &record {
-                Record::Log { offset, data } => (*offset, data.len() as u64),
-                Record::LogAppended { offset, len } => (*offset, *len),
-                _ => continue,
-            };
-            let end = offset + len;
-            if end <= self.from_byte {
-                continue;
             }
-            let at = self.from_byte.max(offset);
-            self.from_byte = at;
-            self.extent = Some(match record {
-                Record::Log { data, .. } => Extent::Inline {
-                    data,
-                    start: (at - offset) as usize,
-                },
-                _ => Extent::Segment { at, end },
-            });
         }
     }
 
     /// The build as folded from every record read so far.
     pub fn view(&self) -> Option<&BuildView> {
-        self.records.view()
+        self.0.view()
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 use tokio::sync::{oneshot, watch};
 
 use commit::{Commit, Committer, commit_loop};
-pub use follow::{Follower, LOG_PIECE_BYTES, LogReader};
+pub use follow::{Entry, Follower, LOG_PIECE_BYTES, LogReader, Reader};
 use repair::repair_summaries;
 
 use crate::build::{BuildId, BuildSpec};
