@@ -142,7 +142,7 @@ async fn a_cancel_interrupted_by_a_crash_still_ends_cancelled() {
     let mut journal = ops
         .journal(ops::JournalRequest {
             build_id: id.clone(),
-            from_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -163,15 +163,9 @@ async fn stop_for_cancel(
 fn log_failure(e: &super::log::Error) -> String {
     let mut reason = format!("the build stopped: {e}");
     if e.is_disk_full() {
-        if let Some((dir, free)) = e.store_path().and_then(|p| {
-            let dir = p.parent()?.to_path_buf();
-            image_builder_state::store::free_bytes(&dir).map(|free| (dir, free))
-        }) {
-            reason.push_str(&format!(
-                "; {free} bytes are free on the file system of {}: free space there (new builds work again as soon as there is room)",
-                dir.display()
-            ));
-        }
+        reason.push_str(
+            "; free space there: new builds work again as soon as there is room, without a restart",
+        );
     }
     reason
 }

@@ -30,6 +30,20 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
+    /// The file system holding the segments is (nearly) full: the append was refused before
+    /// anything was written.
+    #[error(
+        "store: no room for {needed} bytes of build log in {}: {free} bytes are free there, and {RESERVED_BYTES} are kept free for the journal",
+        path.display()
+    )]
+    DiskFull {
+        /// The segments' directory.
+        path: PathBuf,
+        /// Bytes free before the append.
+        free: u64,
+        /// Bytes the append needed.
+        needed: u64,
+    },
     /// A log segment file could not be written, synced, read or removed.
     #[error("store: log segment {path}: {source}")]
     Segment {
@@ -39,6 +53,10 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// Bytes a log append leaves free on the store's file system at least, so that the records
+/// which end a build (its failure, say) still fit when build output has filled the disk.
+pub const RESERVED_BYTES: u64 = 4 << 20;
 
 impl Error {
     /// The I/O error underneath, if the file system refused us.
@@ -53,18 +71,19 @@ impl Error {
     /// The file this error is about, if it names one.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Error::Segment { path, .. } => Some(path),
+            Error::Segment { path, .. } | Error::DiskFull { path, .. } => Some(path),
             _ => None,
         }
     }
 
     /// Whether the file system ran out of space (or quota).
     pub fn is_disk_full(&self) -> bool {
-        self.io().is_some_and(|e| {
-            e.kind() == std::io::ErrorKind::StorageFull
+        matches!(self, Error::DiskFull { .. })
+            || self.io().is_some_and(|e| {
+                e.kind() == std::io::ErrorKind::StorageFull
                 || e.raw_os_error() == Some(28) // ENOSPC
                 || e.raw_os_error() == Some(122) // EDQUOT
-        })
+            })
     }
 }
 
@@ -204,6 +223,16 @@ impl Segments {
     /// Writes each build's bytes at their offsets and syncs every file written, and the
     /// directory where a segment was created.
     fn append(&self, logs: &[LogBytes]) -> Result<(), Error> {
+        let needed: u64 = logs.iter().map(|l| l.bytes.len() as u64).sum();
+        if let Some(free) = free_bytes(&self.dir).or_else(|| free_bytes(self.dir.parent()?))
+            && free < needed + RESERVED_BYTES
+        {
+            return Err(Error::DiskFull {
+                path: self.dir.clone(),
+                free,
+                needed,
+            });
+        }
         let mut files: HashMap<BuildId, File> = HashMap::new();
         let mut created = false;
         for LogBytes { id, offset, bytes } in logs {
