@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use image_builder::api::image_builder::LOG_OFFSET_METADATA;
 use image_builder::proto::builder as pb;
+use image_builder::proto::ops;
 use image_builder::testkit::{GitRepo, Service};
 
 const RESUMED: &str = "image-builder restarted; resuming this build at its last recorded step";
@@ -96,6 +97,72 @@ async fn killed_during_heavy_output_every_byte_seen_is_kept_once_and_listeners_r
     for offset in [seen.len() - 7, seen.len(), first_run.len() + 3] {
         let rest = logs_from(&service, &id, offset).await;
         assert_eq!(rest, log.as_bytes()[offset..], "resume at byte {offset}");
+    }
+}
+
+/// Log bytes of an ops Journal stream from (`from_seq`, `from_log_offset`); stops after `most`
+/// log messages (a stream that breaks there). Returns the bytes, and the seq and offset a
+/// reader resumes from: the last log record seen (it may have more pieces) and the byte reached.
+async fn journal_log(
+    service: &Service,
+    id: &str,
+    from_seq: u64,
+    from_log_offset: u64,
+    most: usize,
+) -> (Vec<u8>, u64, u64) {
+    let mut client = ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
+        .await
+        .unwrap();
+    let mut stream = client
+        .journal(ops::JournalRequest {
+            build_id: id.into(),
+            from_seq,
+            from_log_offset,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut bytes, mut seq, mut offset) = (Vec::new(), from_seq, from_log_offset);
+    let mut messages = 0;
+    while let Some(record) = stream.message().await.unwrap() {
+        if let Some(ops::journal_record::Record::Log(chunk)) = record.record {
+            assert_eq!(chunk.offset, offset, "pieces come in order, with no gap");
+            offset += chunk.data.len() as u64;
+            seq = record.seq;
+            bytes.extend(chunk.data);
+            messages += 1;
+            if messages == most {
+                break;
+            }
+        }
+    }
+    (bytes, seq, offset)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ops_journal_resumes_a_broken_stream_inside_a_log_record() {
+    let shared = shared();
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN seq 1 60000 | sed 's/^/numbered output line /'\n",
+            shared.base
+        ),
+    )])
+    .unwrap();
+    let service = service("logs-journal-resume");
+    let mut client = service.client().await.unwrap();
+    let responses = build_all(&mut client, head_build(&repo.uri()))
+        .await
+        .unwrap();
+    let id = build_id(&responses[0]);
+    let log = logs_all(&mut client, &id).await.unwrap();
+    assert!(log.len() > 1 << 20, "{} bytes", log.len());
+    for most in [1, 3, 7, 12] {
+        let (head, seq, offset) = journal_log(&service, &id, 0, 0, most).await;
+        let (tail, _, end) = journal_log(&service, &id, seq, offset, usize::MAX).await;
+        assert_eq!(end, log.len() as u64);
+        assert_eq!([head, tail].concat(), log, "broken after {most} pieces");
     }
 }
 

@@ -344,7 +344,6 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use image_builder_state::build::{BuildSource, BuildSpec};
     use image_builder_state::{Event, Record};
 
     use super::*;
@@ -352,20 +351,7 @@ mod tests {
     async fn journal_with_build() -> (tempfile::TempDir, Journal, BuildId) {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        let id = BuildId::new();
-        let spec = BuildSpec {
-            source: BuildSource::Reference {
-                reference: "alpine".into(),
-            },
-            force_rebuild: false,
-            triggered_by: "test".into(),
-            supervisor_ref: String::new(),
-            had_request_auth: false,
-        };
-        journal
-            .create(id, spec, "b".into(), "w".into())
-            .await
-            .unwrap();
+        let id = image_builder_state::testing::new_build(&journal).await;
         (dir, journal, id)
     }
 

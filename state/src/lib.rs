@@ -12,6 +12,8 @@ pub mod journal;
 pub mod machine;
 pub mod record;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod view;
 
 pub use build::{BuildId, BuildSource, BuildSpec, CloneTargetMode, DockerfileSource};

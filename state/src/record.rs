@@ -39,7 +39,8 @@ pub enum Record {
         at_ms: i64,
     },
     /// Bytes of the build log, starting at `offset` in the whole log, kept in the record
-    /// itself. Written by format version 1 (one record per line); read, never written, today.
+    /// itself: chunks under `journal::INLINE_LOG_BYTES` (format version 1 wrote every line
+    /// this way).
     Log {
         /// Where these bytes start in the build's log.
         offset: u64,

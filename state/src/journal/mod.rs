@@ -103,6 +103,9 @@ impl From<store::Error> for Error {
     }
 }
 
+/// Log chunks smaller than this stay inside their record instead of going to the segment.
+pub const INLINE_LOG_BYTES: usize = 4096;
+
 pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(super) struct Shared {
@@ -254,16 +257,25 @@ impl Journal {
         self.wait(pending).await
     }
 
-    /// Appends bytes to a build's log (into its segment; the record names them); returns the
-    /// offset they start at. Resolves once the bytes and the record are durable.
+    /// Appends bytes to a build's log; returns the offset they start at. Resolves once the
+    /// bytes and their record are durable. A chunk of [`INLINE_LOG_BYTES`] or more goes into
+    /// the build's segment and the record names it; a smaller one is kept in the record itself,
+    /// so that many builds printing a little each share one sync instead of one each.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
         let mut offset = 0;
         let mut bytes = Some(data);
         self.append_with(id, |view, logs| {
             offset = view.log_len;
-            let bytes = bytes.take().unwrap_or_default();
-            let len = bytes.len() as u64;
-            logs.push(LogBytes { id, offset, bytes });
+            let data = bytes.take().unwrap_or_default();
+            if data.len() < INLINE_LOG_BYTES {
+                return Ok(vec![Record::Log { offset, data }]);
+            }
+            let len = data.len() as u64;
+            logs.push(LogBytes {
+                id,
+                offset,
+                bytes: data,
+            });
             Ok(vec![Record::LogAppended { offset, len }])
         })
         .await?;
@@ -491,20 +503,8 @@ pub(super) fn decode_records(id: BuildId, raw: Vec<(u64, Vec<u8>)>) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::BuildSource;
     use crate::machine::Phase;
-
-    fn spec() -> BuildSpec {
-        BuildSpec {
-            source: BuildSource::Reference {
-                reference: "alpine".into(),
-            },
-            force_rebuild: false,
-            triggered_by: "test".into(),
-            supervisor_ref: String::new(),
-            had_request_auth: false,
-        }
-    }
+    use crate::testing::{new_build, spec};
 
     #[tokio::test]
     async fn a_build_survives_reopening() {
@@ -533,11 +533,7 @@ mod tests {
     async fn an_illegal_transition_is_refused_and_not_written() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        let id = BuildId::new();
-        journal
-            .create(id, spec(), "b".into(), "w".into())
-            .await
-            .unwrap();
+        let id = new_build(&journal).await;
         let err = journal.transition(id, Event::Built).await.unwrap_err();
         assert!(matches!(err, Error::Illegal { .. }), "{err}");
         assert_eq!(journal.records(id, 0).unwrap().len(), 1);
@@ -625,11 +621,7 @@ mod tests {
         let round = |journal: Journal| async move {
             let mut ids = Vec::new();
             for _ in 0..100 {
-                let id = BuildId::new();
-                journal
-                    .create(id, spec(), "b".into(), "w".into())
-                    .await
-                    .unwrap();
+                let id = new_build(&journal).await;
                 for _ in 0..10 {
                     journal.log(id, vec![b'x'; 2048]).await.unwrap();
                 }
@@ -667,11 +659,7 @@ mod tests {
         for _ in 0..32 {
             let journal = journal.clone();
             tasks.push(tokio::spawn(async move {
-                let id = BuildId::new();
-                journal
-                    .create(id, spec(), "b".into(), "w".into())
-                    .await
-                    .unwrap();
+                let id = new_build(&journal).await;
                 for i in 0..10 {
                     journal
                         .log(id, format!("{i}\n").into_bytes())
@@ -695,11 +683,7 @@ mod tests {
     async fn a_follower_sees_every_record_once_then_ends() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        let id = BuildId::new();
-        journal
-            .create(id, spec(), "b".into(), "w".into())
-            .await
-            .unwrap();
+        let id = new_build(&journal).await;
         journal.log(id, b"early\n".to_vec()).await.unwrap();
         let mut follower = journal.follow(id, 0);
         let writer = {

@@ -1,0 +1,300 @@
+//! Build output at volume, through the real service, each figure beside its peer in the same
+//! run:
+//! - a Dockerfile whose RUN prints 200,000 lines (about 12.6 MB), built and pushed through
+//!   gRPC, vs `buildah bud` + `buildah push` by hand (same storage options, output to a file);
+//! - the store's growth for that build vs the log's bytes;
+//! - one Logs listener replaying a 16 MiB log vs reading the same bytes from a file;
+//! - 200 Logs listeners on that log that never read (one connection each): the service's RSS
+//!   growth, and cache-hit Build latency meanwhile;
+//! - one output line of 300 MB with no newline: the service's peak RSS above idle.
+//!
+//! `cargo bench --bench logs` (needs root, buildah, docker-registry: `scripts/setup.sh`).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image_builder::proto::builder as pb;
+use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
+use image_builder::proto::contentservice as cs;
+use image_builder::testkit::{self, BaseImage, GitRepo, LocalRegistry, Service};
+use tonic::transport::Channel;
+
+fn dockerfile_request(uri: &str, version: &str) -> pb::BuildRequest {
+    pb::BuildRequest {
+        source: Some(pb::BuildSource {
+            from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
+                source: Some(cs::WorkspaceInitializer {
+                    spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                        remote_uri: uri.into(),
+                        ..Default::default()
+                    })),
+                }),
+                dockerfile_version: version.into(),
+                dockerfile_path: "Dockerfile".into(),
+                context_path: ".".into(),
+            })),
+        }),
+        triggered_by: "bench".into(),
+        ..Default::default()
+    }
+}
+
+/// Builds to the end; returns the build id and the final answer.
+async fn build(
+    client: &mut ImageBuilderClient<Channel>,
+    request: pb::BuildRequest,
+) -> (String, pb::BuildResponse) {
+    let mut stream = client.build(request).await.unwrap().into_inner();
+    let mut id = String::new();
+    let mut last = None;
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(info) = &r.info
+            && !info.build_id.is_empty()
+        {
+            id = info.build_id.clone();
+        }
+        last = Some(r);
+    }
+    (id, last.unwrap())
+}
+
+async fn replay(client: &mut ImageBuilderClient<Channel>, id: &str) -> usize {
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            build_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        n += chunk.content.len();
+    }
+    n
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn du(path: &Path) -> u64 {
+    let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `buildah bud` + `buildah push` by hand, with the service's storage options, output to a file.
+fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
+    let buildah = |args: &[&str]| {
+        let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
+        let status = Command::new("buildah")
+            .env("BUILDAH_ISOLATION", "chroot")
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "buildah {args:?}");
+    };
+    let dockerfile = context.join("Dockerfile");
+    let start = Instant::now();
+    buildah(&[
+        "bud",
+        "--tls-verify=false",
+        "--isolation",
+        "chroot",
+        "--layers=false",
+        "--format",
+        "docker",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "-t",
+        tag,
+        context.to_str().unwrap(),
+    ]);
+    buildah(&[
+        "push",
+        "--tls-verify=false",
+        tag,
+        &format!("docker://{tag}"),
+    ]);
+    start.elapsed()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let registry = LocalRegistry::start().unwrap();
+    let base = testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        registry.addr(),
+        "bench/busybox:1",
+    )
+    .unwrap();
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = serde_json::json!({
+        "baseImageRepository": format!("{}/bench-logs/base", registry.addr()),
+        "workspaceImageRepository": format!("{}/bench-logs/workspace", registry.addr()),
+        "insecureRegistries": [registry.addr()],
+        "dataDir": data.path().display().to_string(),
+        "maxLogBytes": 64u64 << 20,
+    });
+    let service = Service::start(Path::new(env!("CARGO_BIN_EXE_image-builder")), config).unwrap();
+    let pid = service.pid().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut client = runtime.block_on(service.client()).unwrap();
+
+    // 200,000 lines of 63 bytes: numbers 100000.. padded by sed.
+    let lines_200k = format!(
+        "FROM {base}\nRUN seq 100000 299999 | sed 's/$/ of the build output, as a compiler would print it ...../'\n"
+    );
+    let repo = GitRepo::new(&[("Dockerfile", &lines_200k)]).unwrap();
+    let store = data.path().join("store");
+    let idle_kib = status_kib(pid, "VmRSS:");
+    let store_before = du(&store);
+    let start = Instant::now();
+    let (id_200k, last) =
+        runtime.block_on(build(&mut client, dockerfile_request(&repo.uri(), "200k")));
+    let service_200k = start.elapsed();
+    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+    let store_growth = du(&store) - store_before;
+    let log_200k = runtime.block_on(replay(&mut client, &id_200k));
+
+    let by_hand_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let by_hand = buildah_by_hand(
+        by_hand_dir.path(),
+        repo.path(),
+        &format!("{}/bench-logs/by-hand:200k", registry.addr()),
+    );
+
+    // A 16 MiB log: 262,144 lines of 64 bytes.
+    let lines_16m = format!(
+        "FROM {base}\nRUN seq 100000 362143 | sed 's/$/ of the build output, padded to sixty-four bytes ..../'\n"
+    );
+    let repo_16m = GitRepo::new(&[("Dockerfile", &lines_16m)]).unwrap();
+    let (id_16m, last) = runtime.block_on(build(
+        &mut client,
+        dockerfile_request(&repo_16m.uri(), "16m"),
+    ));
+    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+    let start = Instant::now();
+    let log_16m = runtime.block_on(replay(&mut client, &id_16m));
+    let replay_time = start.elapsed();
+    let file = by_hand_dir.path().join("16m.log");
+    std::fs::write(&file, vec![b'x'; log_16m]).unwrap();
+    let start = Instant::now();
+    let read_back = std::fs::read(&file).unwrap().len();
+    let file_time = start.elapsed();
+    assert_eq!(read_back, log_16m);
+
+    // 200 listeners that never read, one connection each.
+    let before_listeners = status_kib(pid, "VmRSS:");
+    let url = service.grpc_url();
+    let (streams, mut hits) = runtime.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..200 {
+            let mut c = ImageBuilderClient::connect(url.clone()).await.unwrap();
+            let stream = c
+                .logs(pb::LogsRequest {
+                    build_id: id_16m.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            streams.push((c, stream));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // A cache hit of another ref while they sit there.
+        let mut hits = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let (_, last) = build(&mut client, dockerfile_request(&repo.uri(), "200k")).await;
+            assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32);
+            hits.push(t.elapsed());
+        }
+        (streams, hits)
+    });
+    let with_listeners = status_kib(pid, "VmRSS:");
+    drop(streams);
+
+    // One 300 MB line with no newline.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let before_line = status_kib(pid, "VmRSS:");
+    let one_line = format!("FROM {base}\nRUN head -c 300000000 /dev/zero | tr '\\0' x\n");
+    let repo_line = GitRepo::new(&[("Dockerfile", &one_line)]).unwrap();
+    let start = Instant::now();
+    let (_, last) = runtime.block_on(build(
+        &mut client,
+        dockerfile_request(&repo_line.uri(), "line"),
+    ));
+    let line_time = start.elapsed();
+    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+    let peak_line = status_kib(pid, "VmHWM:");
+
+    let mb = |bytes: usize, d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+    println!("| measurement | image-builder | peer | ratio | goal |");
+    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| 200k-line build + push, end to end (s) | {:.2} | {:.2} (`buildah bud` + `push` by hand) | {:.2}× | ≤ 1.15× |",
+        service_200k.as_secs_f64(),
+        by_hand.as_secs_f64(),
+        service_200k.as_secs_f64() / by_hand.as_secs_f64()
+    );
+    println!(
+        "| store growth for that build (MB) | {:.1} | {:.1} (its log) | {:.2}× | ≤ 1.25× |",
+        store_growth as f64 / 1e6,
+        log_200k as f64 / 1e6,
+        store_growth as f64 / log_200k as f64
+    );
+    println!(
+        "| one listener replays a {:.1} MB log (MB/s) | {:.0} | {:.0} (read from a file) | {:.3}× | ≥ 100 MB/s |",
+        log_16m as f64 / 1e6,
+        mb(log_16m, replay_time),
+        mb(read_back, file_time),
+        mb(log_16m, replay_time) / mb(read_back, file_time)
+    );
+    println!(
+        "| 200 non-reading listeners on that log: RSS growth (MiB) | {:.1} | – | – | < 64 MiB |",
+        mib(with_listeners.saturating_sub(before_listeners))
+    );
+    println!(
+        "| cache-hit Build meanwhile, p50 / p99 (ms) | {:.1} / {:.1} | – | – | – |",
+        percentile(&mut hits, 0.5).as_secs_f64() * 1000.0,
+        percentile(&mut hits, 0.99).as_secs_f64() * 1000.0
+    );
+    println!(
+        "| one 300 MB line without a newline: peak RSS above idle (MiB) | {:.1} (build {:.1} s) | – | – | < 64 MiB |",
+        mib(peak_line.saturating_sub(before_line)),
+        line_time.as_secs_f64()
+    );
+    println!();
+    println!(
+        "service RSS: idle {:.1} MiB, before the listeners {:.1} MiB",
+        mib(idle_kib),
+        mib(before_listeners)
+    );
+}
