@@ -43,7 +43,7 @@ fn raw_chunks_mb_per_s(dir: &std::path::Path) -> f64 {
 /// One build's output as a builder process gives it (pipe reads of 64 KiB holding 80-byte
 /// lines) through the log writer, until the final flush says every byte is durable.
 async fn build_output_mb_per_s(journal: &Journal) -> (f64, usize) {
-    let id = new_build(&journal).await;
+    let id = new_build(journal).await;
     let log = BuildLog::new(
         journal.clone(),
         id,

@@ -156,8 +156,8 @@ pub enum Entry {
     Record {
         /// Its sequence number.
         seq: u64,
-        /// The record.
-        record: Record,
+        /// The record (boxed: a `Created` record is large, log pieces are the common case).
+        record: Box<Record>,
     },
     /// At most [`LOG_PIECE_BYTES`] of log, from the log record `seq`.
     Log {
@@ -204,7 +204,12 @@ impl Reader {
             let (offset, len) = match &record {
                 Record::Log { offset, data } => (*offset, data.len() as u64),
                 Record::LogAppended { offset, len } => (*offset, *len),
-                _ => return Some(Ok(Entry::Record { seq, record })),
+                _ => {
+                    return Some(Ok(Entry::Record {
+                        seq,
+                        record: Box::new(record),
+                    }));
+                }
             };
             let end = offset + len;
             if end <= self.from_byte {
