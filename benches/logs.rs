@@ -60,19 +60,11 @@ async fn build(
 }
 
 async fn replay(client: &mut ImageBuilderClient<Channel>, id: &str) -> usize {
-    let mut stream = client
-        .logs(pb::LogsRequest {
-            build_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(chunk) = stream.message().await.unwrap() {
-        n += chunk.content.len();
-    }
-    n
+    let request = pb::LogsRequest {
+        build_id: id.into(),
+        ..Default::default()
+    };
+    testkit::read_logs(client, request).await.unwrap().len()
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {

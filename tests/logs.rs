@@ -8,7 +8,7 @@ use common::*;
 use image_builder::api::image_builder::LOG_OFFSET_METADATA;
 use image_builder::proto::builder as pb;
 use image_builder::proto::ops;
-use image_builder::testkit::{GitRepo, Service};
+use image_builder::testkit::{self, GitRepo, Service};
 
 const RESUMED: &str = "image-builder restarted; resuming this build at its last recorded step";
 
@@ -30,12 +30,7 @@ async fn logs_from(service: &Service, id: &str, offset: usize) -> Vec<u8> {
     request
         .metadata_mut()
         .insert(LOG_OFFSET_METADATA, offset.to_string().parse().unwrap());
-    let mut stream = client.logs(request).await.unwrap().into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        out.extend(chunk.content);
-    }
-    out
+    testkit::read_logs(&mut client, request).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -454,12 +454,6 @@ impl Keychain for RequestKeychain<'_> {
     }
 }
 
-/// Replaces every known credential value, and the user-info of any URL, in `line`.
-pub fn redact(line: &str, values: &[String]) -> String {
-    let needles = Needles::new(values.iter().cloned());
-    String::from_utf8_lossy(&needles.redact(line.as_bytes())).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,22 +608,5 @@ mod tests {
             None,
             "the base repository is elsewhere"
         );
-    }
-
-    #[test]
-    fn redaction_removes_values_and_url_userinfo() {
-        let values = vec!["s3cret-value".to_owned()];
-        assert_eq!(
-            redact("token s3cret-value here", &values),
-            "token [redacted] here"
-        );
-        assert_eq!(
-            redact(
-                "fatal: 'https://bob:pw@git.example.com/r.git' not found",
-                &[]
-            ),
-            "fatal: 'https://[redacted]@git.example.com/r.git' not found"
-        );
-        assert_eq!(redact("see http://host/path", &[]), "see http://host/path");
     }
 }

@@ -217,6 +217,13 @@ mod tests {
             redact("fetch https://bob:pw@git.example/r.git now", &[]),
             "fetch https://[redacted]@git.example/r.git now"
         );
+        assert_eq!(
+            redact(
+                "fatal: 'https://bob:pw@git.example.com/r.git' not found",
+                &[]
+            ),
+            "fatal: 'https://[redacted]@git.example.com/r.git' not found"
+        );
         assert_eq!(redact("see http://host/path", &[]), "see http://host/path");
         assert_eq!(redact("a b c", &["b", "c"]), "a [redacted] [redacted]");
     }

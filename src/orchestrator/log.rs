@@ -37,7 +37,7 @@ pub const CHUNK_AGE: Duration = Duration::from_millis(20);
 const QUEUE_PIECES: usize = 16;
 
 /// Output lines kept for error messages.
-pub const TAIL_LINES: usize = 6;
+const TAIL_LINES: usize = 6;
 
 /// The build log could not be journaled.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -365,10 +365,12 @@ mod tests {
             )
             .await
             .unwrap();
-        let mut reader = journal.follow_log(id, 0);
+        let mut reader = journal.read(id, 0, 0);
         let mut out = Vec::new();
-        while let Some(piece) = reader.next().await {
-            out.extend(piece.unwrap().1);
+        while let Some(entry) = reader.next().await {
+            if let journal::Entry::Log { bytes, .. } = entry.unwrap() {
+                out.extend(bytes);
+            }
         }
         out
     }

@@ -25,7 +25,7 @@ pub use image::{
 pub use moto::{MOTO_ACCOUNT, MotoServer, alias_loopback};
 pub use process::free_port;
 pub use registry::LocalRegistry;
-pub use service::Service;
+pub use service::{Service, read_logs};
 pub use token_server::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 
 /// A testkit operation failed.

@@ -232,3 +232,16 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// Everything one Logs call streams, until the build ends.
+pub async fn read_logs(
+    client: &mut ImageBuilderClient<Channel>,
+    request: impl tonic::IntoRequest<crate::proto::builder::LogsRequest>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client.logs(request).await?.into_inner();
+    let mut log = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        log.extend_from_slice(&chunk.content);
+    }
+    Ok(log)
+}

@@ -220,6 +220,25 @@ impl Segments {
         }
     }
 
+    /// Opens (or creates) a build's segment for writing; the folder is made on first use, so
+    /// that opening a store to inspect it writes nothing.
+    fn open_for_append(&self, id: BuildId) -> std::io::Result<File> {
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.path(id))
+        };
+        open().or_else(|e| {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+            std::fs::create_dir_all(&self.dir)?;
+            open()
+        })
+    }
+
     /// Writes each build's bytes at their offsets and syncs every file written, and the
     /// directory where a segment was created.
     fn append(&self, logs: &[LogBytes]) -> Result<(), Error> {
@@ -241,25 +260,7 @@ impl Segments {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
                     created |= *offset == 0;
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(self.path(id))
-                        .or_else(|e| {
-                            // The directory goes with retention of the last build; make it again.
-                            if e.kind() == std::io::ErrorKind::NotFound {
-                                std::fs::create_dir_all(&self.dir)?;
-                                OpenOptions::new()
-                                    .write(true)
-                                    .create(true)
-                                    .truncate(false)
-                                    .open(self.path(id))
-                            } else {
-                                Err(e)
-                            }
-                        })
-                        .map_err(self.err(id))?;
+                    let file = self.open_for_append(id).map_err(self.err(id))?;
                     e.insert(file)
                 }
             };

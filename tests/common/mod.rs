@@ -92,19 +92,15 @@ pub async fn logs_with(
     build_id: &str,
     censored: bool,
 ) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = client
-        .logs(pb::LogsRequest {
+    testkit::read_logs(
+        client,
+        pb::LogsRequest {
             build_id: build_id.into(),
             censored,
             ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut log = Vec::new();
-    while let Some(chunk) = stream.message().await? {
-        log.extend_from_slice(&chunk.content);
-    }
-    Ok(log)
+        },
+    )
+    .await
 }
 
 pub fn status(response: &pb::BuildResponse) -> pb::BuildStatus {

@@ -1,5 +1,5 @@
-//! Readers that tail one build: [`Follower`] yields its durable records, [`LogReader`] its
-//! durable log bytes. Both read the store in bounded batches, only as fast as their caller
+//! Readers that tail one build: [`Follower`] yields its durable records, [`Reader`] the same
+//! with log records turned into their durable bytes. Both read the store in bounded batches, only as fast as their caller
 //! asks, and wake on each durable commit: a reader's memory does not grow with the log.
 
 use std::collections::VecDeque;
@@ -16,7 +16,7 @@ use crate::view::BuildView;
 /// memory once decoded).
 const RECORD_BATCH_BYTES: usize = 32 * 1024;
 
-/// The largest piece of log a [`LogReader`] returns at once.
+/// The largest piece of log a [`Reader`] returns at once.
 pub const LOG_PIECE_BYTES: usize = 64 * 1024;
 
 impl Journal {
@@ -34,12 +34,6 @@ impl Journal {
             buffer: VecDeque::new(),
             ended: false,
         }
-    }
-
-    /// Follows a build's durable log from byte `from_byte` on, in pieces of at most
-    /// [`LOG_PIECE_BYTES`], ending with the build.
-    pub fn follow_log(&self, id: BuildId, from_byte: u64) -> LogReader {
-        LogReader(self.read(id, 0, from_byte))
     }
 }
 
@@ -274,28 +268,5 @@ impl Reader {
     /// The build as folded from every record read so far.
     pub fn view(&self) -> Option<&BuildView> {
         self.records.view()
-    }
-}
-
-/// A reader of one build's durable log bytes; see [`Journal::follow_log`].
-pub struct LogReader(Reader);
-
-impl LogReader {
-    /// The next piece of log: its offset in the whole log and at most [`LOG_PIECE_BYTES`]
-    /// bytes, waiting for it if need be; `None` once the build has ended and every byte was
-    /// returned.
-    pub async fn next(&mut self) -> Option<Result<(u64, Vec<u8>)>> {
-        loop {
-            match self.0.next().await? {
-                Ok(Entry::Log { offset, bytes, .. }) => return Some(Ok((offset, bytes))),
-                Ok(Entry::Record { .. }) => {}
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
-
-    /// The build as folded from every record read so far.
-    pub fn view(&self) -> Option<&BuildView> {
-        self.0.view()
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 use tokio::sync::{oneshot, watch};
 
 use commit::{Commit, Committer, commit_loop};
-pub use follow::{Entry, Follower, LOG_PIECE_BYTES, LogReader, Reader};
+pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 use repair::repair_summaries;
 
 use crate::build::{BuildId, BuildSpec};
@@ -181,7 +181,7 @@ impl Journal {
             }
             let view =
                 BuildView::fold(id, [(0, &record)]).map_err(|source| Error::Fold { id, source })?;
-            let pending = self.enqueue(&view, vec![(0, record)])?;
+            let pending = self.enqueue(&view, vec![(0, record)], Vec::new())?;
             heads.insert(id, view.clone());
             (pending, view)
         };
@@ -314,7 +314,7 @@ impl Journal {
                     .map_err(|source| Error::Fold { id, source })?;
                 numbered.push((seq, record));
             }
-            let pending = self.enqueue_with_logs(&view, numbered, logs)?;
+            let pending = self.enqueue(&view, numbered, logs)?;
             heads.insert(id, view.clone());
             (pending, view)
         };
@@ -325,14 +325,6 @@ impl Journal {
     /// Encodes records and the new summary and queues them for the committer. Called with the
     /// heads lock held, so the queue order is the sequence order of every build.
     fn enqueue(
-        &self,
-        view: &BuildView,
-        records: Vec<(u64, Record)>,
-    ) -> Result<oneshot::Receiver<Result<()>>> {
-        self.enqueue_with_logs(view, records, Vec::new())
-    }
-
-    fn enqueue_with_logs(
         &self,
         view: &BuildView,
         records: Vec<(u64, Record)>,
