@@ -112,6 +112,11 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                 reason: log_failure(&e),
             },
         };
+        // A build about to end takes no more joiners: one who joined now would be answered
+        // with this build's end, though it asked after it (and maybe for a rebuild).
+        if view.check(&event).is_ok_and(|phase| phase.is_final()) {
+            inner.forget_flight(&view.workspace_ref, id);
+        }
         let name = event.name();
         failpoint(&format!("transition.{name}.before"));
         view = match inner.journal.transition(id, event).await {
