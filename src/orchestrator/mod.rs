@@ -7,6 +7,7 @@
 //! build is resumed from its last journaled phase (running ones are admitted before queued
 //! ones).
 
+mod flight;
 mod log;
 mod steps;
 mod task;
@@ -22,6 +23,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use flight::{Flight, ForgetUnlessKept};
 pub use log::{BuildLog, Output, Tail};
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
@@ -117,28 +119,6 @@ pub struct ResolvedRefs {
     pub workspace_ref: String,
 }
 
-/// A build in flight for a workspace ref; `created` turns true once its record is durable.
-#[derive(Clone)]
-struct Flight {
-    id: BuildId,
-    created: watch::Receiver<bool>,
-    /// Build calls that joined this build after the one that started it.
-    joined: Arc<std::sync::atomic::AtomicUsize>,
-    /// Fires when someone cancels the build.
-    cancel: CancellationToken,
-}
-
-impl Flight {
-    fn new(id: BuildId, created: watch::Receiver<bool>) -> Self {
-        Self {
-            id,
-            created,
-            joined: Arc::default(),
-            cancel: CancellationToken::new(),
-        }
-    }
-}
-
 /// What a cancel did.
 #[derive(Debug, Clone)]
 pub struct Cancelled {
@@ -225,7 +205,7 @@ impl Orchestrator {
         let count = unfinished.len();
         for view in unfinished {
             let (_, created) = watch::channel(true);
-            let flight = Flight::new(view.id, created);
+            let flight = Flight::new(view.id, view.attempt, created);
             let cancel = flight.cancel.clone();
             self.lock_flights()
                 .insert(view.workspace_ref.clone(), flight);
@@ -321,7 +301,7 @@ impl Orchestrator {
                 }
                 None => {
                     let (created, rx) = watch::channel(false);
-                    let flight = Flight::new(BuildId::new(), rx);
+                    let flight = Flight::new(BuildId::new(), 1, rx);
                     flights.insert(workspace_ref.clone(), flight.clone());
                     (flight, Some(created))
                 }
@@ -341,36 +321,58 @@ impl Orchestrator {
                 created_at_ms,
             });
         };
-        match self
+        // The durable part runs in a task of its own: a caller that goes away (a deadline, a
+        // dropped connection) cannot leave the flight half-made for later callers to join.
+        let accept = tokio::spawn(self.clone().accept(
+            spec,
+            secrets,
+            base_ref,
+            workspace_ref,
+            flight,
+            created,
+        ));
+        accept.await.map_err(|e| {
+            tracing::error!(error = %e, "accepting a build failed");
+            Error::JoinFailed
+        })?
+    }
+
+    /// Records the new build of `flight` and starts it; its flight is forgotten if that fails.
+    async fn accept(
+        self,
+        spec: BuildSpec,
+        secrets: BuildSecrets,
+        base_ref: String,
+        workspace_ref: String,
+        flight: Flight,
+        created: watch::Sender<bool>,
+    ) -> Result<Submitted, Error> {
+        let id = flight.id;
+        let forget = ForgetUnlessKept::new(&self.inner, &workspace_ref, &flight);
+        task::failpoint("submit.create");
+        let view = self
             .inner
             .journal
             .create(id, spec, base_ref.clone(), workspace_ref.clone())
-            .await
-        {
-            Ok(view) => {
-                self.inner
-                    .secrets
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, secrets);
-                let _ = created.send(true);
-                self.inner.metrics.build_started();
-                tracing::info!(build_id = %id, %workspace_ref, "build accepted");
-                let created_at_ms = view.created_at_ms;
-                self.spawn(view, false, flight.cancel.clone());
-                Ok(Submitted::Running {
-                    id,
-                    joined: false,
-                    base_ref,
-                    workspace_ref,
-                    created_at_ms,
-                })
-            }
-            Err(e) => {
-                self.inner.forget_flight(&workspace_ref, id);
-                Err(e.into())
-            }
-        }
+            .await?;
+        forget.keep();
+        self.inner
+            .secrets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, secrets);
+        let _ = created.send(true);
+        self.inner.metrics.build_started();
+        tracing::info!(build_id = %id, %workspace_ref, "build accepted");
+        let created_at_ms = view.created_at_ms;
+        self.spawn(view, false, flight.cancel.clone());
+        Ok(Submitted::Running {
+            id,
+            joined: false,
+            base_ref,
+            workspace_ref,
+            created_at_ms,
+        })
     }
 
     /// The newest build of a workspace ref.
@@ -441,7 +443,7 @@ impl Orchestrator {
             )));
         }
         let (created, rx) = watch::channel(false);
-        let flight = Flight::new(id, rx);
+        let flight = Flight::new(id, view.attempt + 1, rx);
         {
             let mut flights = self.lock_flights();
             if let Some(other) = flights.get(&view.workspace_ref) {
@@ -452,25 +454,36 @@ impl Orchestrator {
             }
             flights.insert(view.workspace_ref.clone(), flight.clone());
         }
+        // As in `submit`: the durable part finishes even if the caller goes away.
+        let retry = tokio::spawn(self.clone().start_attempt(view, flight, created));
+        retry.await.map_err(|e| {
+            tracing::error!(error = %e, "retrying a build failed");
+            Error::JoinFailed
+        })?
+    }
+
+    /// Journals the next attempt of the failed or cancelled build `view` and starts it; its
+    /// flight is forgotten if that fails.
+    async fn start_attempt(
+        self,
+        view: BuildView,
+        flight: Flight,
+        created: watch::Sender<bool>,
+    ) -> Result<Retried, Error> {
+        let id = view.id;
+        let forget = ForgetUnlessKept::new(&self.inner, &view.workspace_ref, &flight);
         let attempt = view.attempt + 1;
         let marker = format!(
             "==== attempt {attempt} of build {id} (retry requested; the log above is of earlier attempts) ====\n"
         );
-        let retried = async {
-            self.inner.journal.log(id, marker.into_bytes()).await?;
-            self.inner
-                .journal
-                .transition(id, image_builder_state::Event::Retried)
-                .await
-        }
-        .await;
-        let view = match retried {
-            Ok(view) => view,
-            Err(e) => {
-                self.inner.forget_flight(&view.workspace_ref, id);
-                return Err(e.into());
-            }
-        };
+        task::failpoint("retry.journal");
+        self.inner.journal.log(id, marker.into_bytes()).await?;
+        let view = self
+            .inner
+            .journal
+            .transition(id, image_builder_state::Event::Retried)
+            .await?;
+        forget.keep();
         let _ = created.send(true);
         self.inner.metrics.build_started();
         let needs_request_credentials = view.spec.had_request_auth;
@@ -668,9 +681,9 @@ impl Inner {
         values
     }
 
-    /// Forgets what a build kept in memory once it has ended.
-    fn forget(&self, workspace_ref: &str, id: BuildId) {
-        self.forget_flight(workspace_ref, id);
+    /// Forgets what attempt `attempt` of a build kept in memory once it has ended.
+    fn forget(&self, workspace_ref: &str, id: BuildId, attempt: u32) {
+        self.forget_flight(workspace_ref, id, attempt);
         self.secrets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -681,10 +694,14 @@ impl Inner {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ends the flight of `workspace_ref` if it is still build `id`'s.
-    fn forget_flight(&self, workspace_ref: &str, id: BuildId) {
+    /// Ends the flight of `workspace_ref` if it is still attempt `attempt` of build `id` (a
+    /// retry's flight, for the same id, must outlive the end of the attempt before it).
+    fn forget_flight(&self, workspace_ref: &str, id: BuildId, attempt: u32) {
         let mut flights = self.lock_flights();
-        if flights.get(workspace_ref).is_some_and(|f| f.id == id) {
+        if flights
+            .get(workspace_ref)
+            .is_some_and(|f| f.id == id && f.attempt == attempt)
+        {
             flights.remove(workspace_ref);
         }
     }

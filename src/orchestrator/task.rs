@@ -33,7 +33,7 @@ pub(super) async fn drive(
 }
 
 /// Evaluates a named failpoint; a `pause` or `sleep` action blocks this worker only.
-fn failpoint(name: &str) {
+pub(super) fn failpoint(name: &str) {
     #[cfg(feature = "failpoints")]
     if fail::list().iter().any(|(point, _)| point == name) {
         // Scenario runners wait for this line before they act (kill the process, say).
@@ -74,7 +74,11 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         let event = if view.cancel_requested.is_some() || cancel.is_cancelled() {
             match stop_for_cancel(&inner, id, &log).await {
                 Some(event) => event,
-                None => return,
+                None => {
+                    // The cancel finishes at the next start; meanwhile nobody may join.
+                    inner.forget(&view.workspace_ref, id, view.attempt);
+                    return;
+                }
             }
         } else if view.phase() == Phase::Queued {
             Event::Admitted
@@ -115,7 +119,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         // A build about to end takes no more joiners: one who joined now would be answered
         // with this build's end, though it asked after it (and maybe for a rebuild).
         if view.check(&event).is_ok_and(|phase| phase.is_final()) {
-            inner.forget_flight(&view.workspace_ref, id);
+            inner.forget_flight(&view.workspace_ref, id, view.attempt);
         }
         let name = event.name();
         failpoint(&format!("transition.{name}.before"));
@@ -125,7 +129,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                 // Nothing more can be recorded; the build stays where the journal has it and
                 // resumes at the next start.
                 tracing::error!(error = %e, "cannot journal the build's next transition; stopping it");
-                inner.forget(&view.workspace_ref, id);
+                inner.forget(&view.workspace_ref, id, view.attempt);
                 return;
             }
         };
@@ -137,7 +141,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
     inner
         .metrics
         .build_done(view.phase() == Phase::Done, seconds);
-    inner.forget(&view.workspace_ref, id);
+    inner.forget(&view.workspace_ref, id, view.attempt);
 }
 
 /// Finishes a cancel whose intent is journaled: stops what the build left running, removes its
