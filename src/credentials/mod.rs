@@ -14,12 +14,12 @@ pub mod redact;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
+use sha2::Digest;
 
 pub use redact::{Needles, StreamRedactor};
 
@@ -180,7 +180,9 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<HashMap<String, Secret>, Err
 }
 
 struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
+    /// SHA-256 of the bytes last parsed: a rotation is seen whatever the file's size and
+    /// modification time say (a same-length write within one mtime tick changes neither).
+    digest: Option<[u8; 32]>,
     auths: HashMap<String, Secret>,
 }
 
@@ -196,7 +198,7 @@ impl DockerConfig {
         let config = Self {
             path: path.to_owned(),
             loaded: Mutex::new(Loaded {
-                stamp: None,
+                digest: None,
                 auths: HashMap::new(),
             }),
         };
@@ -204,29 +206,22 @@ impl DockerConfig {
         Ok(config)
     }
 
-    /// Re-reads the file if its modification time or size changed. A file that went bad keeps
-    /// the last good credentials (and says so in the service log).
+    /// Re-reads the file and parses it again if its content changed. A file that went bad
+    /// keeps the last good credentials (and says so in the service log).
     fn refresh(&self) -> Result<(), Error> {
-        let meta = std::fs::metadata(&self.path).map_err(|source| Error::Read {
-            path: self.path.clone(),
-            source,
-        })?;
-        let stamp = (
-            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            meta.len(),
-        );
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.stamp == Some(stamp) {
-            return Ok(());
-        }
         let text = std::fs::read(&self.path).map_err(|source| Error::Read {
             path: self.path.clone(),
             source,
         })?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&text).into();
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.digest == Some(digest) {
+            return Ok(());
+        }
         let auths = parse_config(&self.path, &text)?;
         tracing::info!(path = %self.path.display(), registries = auths.len(), "loaded registry credentials");
         *loaded = Loaded {
-            stamp: Some(stamp),
+            digest: Some(digest),
             auths,
         };
         Ok(())
@@ -524,12 +519,32 @@ mod tests {
                 password: "22".into()
             })
         );
+        // A rotation of the same length within the same mtime tick is still seen.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({"auths": {"r": {"auth": b64("a:33")}}}).to_string(),
+        )
+        .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(
+            config.lookup("r"),
+            Some(Secret::Basic {
+                user: "a".into(),
+                password: "33".into()
+            })
+        );
         std::fs::write(&path, "{not json").unwrap();
         assert_eq!(
             config.lookup("r"),
             Some(Secret::Basic {
                 user: "a".into(),
-                password: "22".into()
+                password: "33".into()
             })
         );
         let err = DockerConfig::open(&path).err().unwrap().to_string();
