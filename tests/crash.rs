@@ -151,3 +151,36 @@ async fn killed_in_pushing_mid_upload() {
         "the log before the crash is kept byte for byte"
     );
 }
+
+/// Files in /dev/shm whose names carry build `id`: its builder's credentials files.
+fn credentials_files_of(id: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(id))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_credentials_file_left_by_a_kill_is_removed_at_the_next_start() {
+    let shared = shared();
+    let repo = repo(&shared.base, "echo sleeping-now && sleep 4");
+    let mut service = service("crash-auth-file");
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
+    wait_for_log(&mut client, &id, "sleeping-now\n").await;
+    service.kill();
+    let stale = credentials_files_of(&id);
+    assert_eq!(stale.len(), 1, "the killed run's file is left: {stale:?}");
+
+    assert_resumed_to_success(&mut service, &id, "building", None).await;
+    assert!(
+        !stale[0].exists(),
+        "{} outlived the run that wrote it",
+        stale[0].display()
+    );
+    assert!(credentials_files_of(&id).is_empty());
+}

@@ -5,10 +5,12 @@
 pub mod buildah;
 pub mod process;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildSource, BuildView};
+use sha2::{Digest, Sha256};
 
 use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
@@ -20,45 +22,97 @@ pub struct LocalExecutor {
     checkouts: GitCheckouts,
     buildah: Buildah,
     credentials: Arc<Credentials>,
+    auth_files: AuthFiles,
 }
 
 impl LocalExecutor {
     /// An executor with work directories under `checkouts` and buildah storage in `buildah`,
-    /// giving buildah the registry credentials each build may use.
+    /// giving buildah the registry credentials each build may use. Removes the credentials
+    /// files a killed run of this installation left behind.
     pub fn new(checkouts: GitCheckouts, buildah: Buildah, credentials: Arc<Credentials>) -> Self {
+        let auth_files = AuthFiles::new(buildah.dir());
+        let stale = auth_files.sweep();
+        if stale > 0 {
+            tracing::info!(
+                stale,
+                "removed builder credentials files left by a previous run"
+            );
+        }
         Self {
             checkouts,
             buildah,
             credentials,
+            auth_files,
         }
     }
 }
 
-/// A docker config file for one build's builder, in memory-backed storage when the machine
-/// has it (`/dev/shm`), never under the data dir, readable by us only, removed when dropped.
-struct AuthFile {
-    path: std::path::PathBuf,
+/// Where builders' credentials files go: memory-backed storage when the machine has it
+/// (`/dev/shm`), never under the data dir. Their names carry a key of this installation (its
+/// buildah storage path), so that the files a killed run left behind are found and removed at
+/// the next start, and another installation's never are.
+struct AuthFiles {
+    dir: PathBuf,
+    prefix: String,
 }
 
-impl AuthFile {
-    fn write(id: BuildId, content: &serde_json::Value) -> std::io::Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            std::path::PathBuf::from("/dev/shm")
+impl AuthFiles {
+    fn new(installation: &Path) -> Self {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()
         };
-        let path = dir.join(format!("image-builder-{id}.auth.json"));
+        let path = installation
+            .canonicalize()
+            .unwrap_or_else(|_| installation.to_owned());
+        let key = hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..8]);
+        Self {
+            dir,
+            prefix: format!("image-builder-{key}-"),
+        }
+    }
+
+    /// Removes the files of this installation: at start, none of them belongs to a live build.
+    fn sweep(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&self.prefix) && n.ends_with(AUTH_SUFFIX))
+            })
+            .filter(|e| std::fs::remove_file(e.path()).is_ok())
+            .count()
+    }
+
+    /// A new file for build `id`, readable by us only, removed when dropped.
+    fn write(&self, id: BuildId, content: &serde_json::Value) -> std::io::Result<AuthFile> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let nonce = uuid::Uuid::now_v7().simple();
+        let path = self
+            .dir
+            .join(format!("{}{id}-{nonce}{AUTH_SUFFIX}", self.prefix));
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)?;
+        let file_guard = AuthFile { path };
         file.write_all(content.to_string().as_bytes())?;
-        Ok(Self { path })
+        Ok(file_guard)
     }
+}
+
+const AUTH_SUFFIX: &str = ".auth.json";
+
+/// One build's credentials file for its builder; removed when dropped.
+struct AuthFile {
+    path: PathBuf,
 }
 
 impl Drop for AuthFile {
@@ -102,7 +156,7 @@ impl Build for LocalExecutor {
                 &crate::credentials::registry_host(&build.base_ref),
             )
             .await;
-        let auth = AuthFile::write(build.id, &auth).map_err(|e| {
+        let auth = self.auth_files.write(build.id, &auth).map_err(|e| {
             StepError::Unsupported(format!("cannot write the builder's credentials file: {e}"))
         })?;
         log.line(format!("building {} with buildah", build.base_ref))
