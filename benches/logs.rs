@@ -153,6 +153,7 @@ fn main() {
         "insecureRegistries": [registry.addr()],
         "dataDir": data.path().display().to_string(),
         "maxLogBytes": 64u64 << 20,
+        "allowLocalRepositories": true,
     });
     let service = Service::start(Path::new(env!("CARGO_BIN_EXE_image-builder")), config).unwrap();
     let pid = service.pid().unwrap();

@@ -53,6 +53,11 @@ pub struct Config {
     /// How long a build may run once admitted, e.g. `"90s"`, `"60m"`. Default `60m` (mk3's).
     #[serde(default = "default_build_timeout", with = "humantime_serde")]
     pub build_timeout: Duration,
+    /// Whether Dockerfile builds may clone repositories on this machine (plain paths and
+    /// `file://` URLs). Default `false`: otherwise any client could read the service's disk
+    /// through a build context. Tests and the demo turn it on.
+    #[serde(default)]
+    pub allow_local_repositories: bool,
     /// Builds that run at once; the rest wait in the journal as queued, in order. Default 4.
     #[serde(default = "default_max_concurrent_builds")]
     pub max_concurrent_builds: usize,

@@ -104,6 +104,8 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         "baseImageRepository": format!("{addr}/base-images"),
         "workspaceImageRepository": format!("{addr}/workspace-images"),
         "insecureRegistries": [addr],
+        // The demo's build context is a git repository it makes on this machine.
+        "allowLocalRepositories": true,
     });
     println!("== starting image-builder run --config (config: {config})");
     let binary = std::env::current_exe()?;

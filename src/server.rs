@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         build_timeout: config.build_timeout,
         max_concurrent_builds: config.max_concurrent_builds,
         max_log_bytes: config.max_log_bytes,
+        allow_local_repositories: config.allow_local_repositories,
     };
     let repos = Repositories {
         base: config.base_image_repository.clone(),

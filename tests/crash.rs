@@ -138,6 +138,7 @@ async fn killed_in_pushing_mid_upload() {
         "baseImageRepository": format!("{}/crash-push/base", source.addr()),
         "workspaceImageRepository": format!("{}/crash-push/workspace", target.addr()),
         "insecureRegistries": [source.addr(), target.addr()],
+        "allowLocalRepositories": true,
     });
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();

@@ -459,3 +459,151 @@ async fn git_credentials_are_used_for_the_clone_and_never_written() {
     let leaked = testkit::files_containing(&service.data_dir(), marker.as_bytes());
     assert!(leaked.is_empty(), "the password is at rest in {leaked:?}");
 }
+
+/// Command lines and environments of the service's build processes (those carrying the
+/// build marker variable), polled until `stop` is set: what they showed while they ran.
+/// Returns the texts that held `needle`, and how many of their command lines named `seen`
+/// (so the scan is known to have caught them at work).
+fn scan_processes(
+    needle: &'static str,
+    seen: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, usize)> {
+    std::thread::spawn(move || {
+        let (mut leaks, mut caught) = (Vec::new(), 0);
+        let me = std::process::id().to_string();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                    continue;
+                }
+                let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+                let environ = String::from_utf8_lossy(&environ).replace('\0', " ");
+                if !environ.contains("IMAGE_BUILDER_BUILD_ID=") {
+                    continue;
+                }
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                for (file, text) in [("cmdline", cmdline), ("environ", environ)] {
+                    if text.contains(needle) {
+                        leaks.push(format!("/proc/{pid}/{file}: {text}"));
+                    }
+                    if file == "cmdline" && text.contains(&seen) {
+                        caught += 1;
+                    }
+                }
+            }
+        }
+        (leaks, caught)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_in_the_remote_url_is_used_but_never_kept_shown_or_passed_in_argv() {
+    use image_builder::proto::ops;
+    let shared = shared();
+    let marker = "url-pw-marker-51c2e8";
+    let repo = GitRepo::new(&[
+        (
+            "Dockerfile",
+            &dockerfile(&shared.base, "echo from-url-auth"),
+        ),
+        ("greeting.txt", "x\n"),
+    ])
+    .unwrap();
+    let remote = testkit::GitHttpServer::start(&repo, "builder", marker).unwrap();
+    let bare = remote.uri();
+    let sent = bare.replacen("http://", &format!("http://builder:{marker}@"), 1);
+    let mut service = service("git-url-auth");
+    let mut client = service.client().await.unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let host = bare.trim_start_matches("http://").to_owned();
+    let scan = scan_processes(marker, host, stop.clone());
+    let built = build_all(&mut client, head_build(&sent)).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (leaks, caught) = scan.join().unwrap();
+    let id = build_id(&built[0]);
+    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    let last = built.last().unwrap();
+    assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{log}");
+    assert!(log.contains("from-url-auth\n"), "{log}");
+    assert!(caught > 0, "the scan saw git's processes at work");
+    assert!(
+        leaks.is_empty(),
+        "the password showed in a process: {leaks:?}"
+    );
+
+    // mk3's base ref is the hash of the URL exactly as sent, password included.
+    let expected = image_builder::refs::dockerfile_base_ref(
+        &format!("{}/git-url-auth/base", shared.registry.addr()),
+        &image_builder::refs::DockerfileKey {
+            clone_target: "",
+            context_path: ".",
+            dockerfile_path: "Dockerfile",
+            dockerfile_version: "1",
+            remote_uri: &sent,
+        },
+    );
+    assert_eq!(last.base_ref, expected);
+    let resolved = client
+        .resolve_workspace_image(pb::ResolveWorkspaceImageRequest {
+            source: head_build(&sent).source,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.base_ref, expected);
+
+    let mut ops = ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
+        .await
+        .unwrap();
+    let shown = ops
+        .get_build(ops::GetBuildRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shown.source.contains(&bare), "{}", shown.source);
+    service.stop();
+    for text in [
+        log,
+        format!("{shown:?}{built:?}{resolved:?}"),
+        service.log(),
+    ] {
+        assert!(!text.contains(marker), "the password leaked:\n{text}");
+    }
+    let leaked = testkit::files_containing(&service.data_dir(), marker.as_bytes());
+    assert!(leaked.is_empty(), "the password is at rest in {leaked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_resumed_after_a_restart_asks_again_for_the_password_its_url_carried() {
+    let shared = shared();
+    let marker = "url-pw-marker-resume-93d1";
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!("FROM {}\nRUN echo sleeping-now && sleep 5\n", shared.base),
+    )])
+    .unwrap();
+    let remote = testkit::GitHttpServer::start(&repo, "builder", marker).unwrap();
+    let sent = remote
+        .uri()
+        .replacen("http://", &format!("http://builder:{marker}@"), 1);
+    let mut service = service("git-url-auth-resume");
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, head_build(&sent)).await;
+    wait_for_log(&mut client, &id, "sleeping-now\n").await;
+    service.kill();
+    service.restart().unwrap();
+    let mut client = service.client().await.unwrap();
+    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    assert!(
+        log.contains("git credentials of this build are not kept across a restart"),
+        "{log}"
+    );
+    assert!(!log.contains(marker), "{log}");
+}

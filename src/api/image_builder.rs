@@ -107,16 +107,19 @@ fn log_offset(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| {
             Status::invalid_argument(format!(
-                "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {value:?}"
+                "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {}",
+                convert::echo(&String::from_utf8_lossy(value.as_bytes()))
             ))
         })
 }
 
 pub(super) fn parse_build_id(text: &str) -> Result<BuildId, Status> {
-    text.parse()
-        .map_err(|e: image_builder_state::build::ParseBuildIdError| {
-            Status::invalid_argument(format!("build_id: {e}"))
-        })
+    text.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "build_id {} is not a build id (expected a UUID such as 0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12)",
+            convert::echo(text)
+        ))
+    })
 }
 
 #[tonic::async_trait]
@@ -130,7 +133,7 @@ impl ImageBuilder for ImageBuilderService {
         let request = convert::registry_auth(req.auth.as_ref())?;
         let resolved = self
             .orchestrator
-            .resolve_base(req.r#ref.trim(), &request)
+            .resolve_base(convert::image_ref("ref", &req.r#ref)?, &request)
             .await?;
         Ok(Response::new(pb::ResolveBaseImageResponse {
             r#ref: resolved,
@@ -143,9 +146,12 @@ impl ImageBuilder for ImageBuilderService {
         request: Request<pb::ResolveWorkspaceImageRequest>,
     ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
         let req = request.into_inner();
-        let source = convert::source(req.source.as_ref())?;
+        let (source, remote_userinfo) = convert::source(req.source.as_ref())?;
         let request = convert::registry_auth(req.auth.as_ref())?;
-        let refs = self.orchestrator.resolve_refs(&source, &request).await?;
+        let refs = self
+            .orchestrator
+            .resolve_refs(&source, remote_userinfo.as_ref(), &request)
+            .await?;
         let exists = self
             .orchestrator
             .lookup_own(&refs.workspace_ref)

@@ -34,8 +34,26 @@ impl From<orchestrator::Error> for Status {
         if code == Code::Internal {
             tracing::error!(error = %err, "request failed on an internal error");
         }
-        Status::new(code, err.to_string())
+        Status::new(code, bounded_message(err.to_string()))
     }
+}
+
+/// Longest status message sent: whatever an error quotes, a default client's metadata limit
+/// is never at risk.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, cut at [`MAX_MESSAGE_BYTES`] (on a character boundary) with its full length said.
+fn bounded_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let total = message.len();
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(&format!("… ({total} bytes)"));
+    }
+    message
 }
 
 fn registry_code(err: &registry::Error) -> Code {

@@ -27,6 +27,7 @@ use flight::{Flight, ForgetUnlessKept};
 pub use log::{BuildLog, Output, Tail};
 pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
+use crate::context::UrlUserinfo;
 use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
 use crate::refs::{self, DockerfileKey};
 use crate::registry::Untracked;
@@ -101,6 +102,8 @@ pub struct Limits {
     pub max_concurrent_builds: usize,
     /// Bytes of log kept per build.
     pub max_log_bytes: u64,
+    /// Whether Dockerfile builds may clone repositories on this machine.
+    pub allow_local_repositories: bool,
 }
 
 /// A build waiting for a slot.
@@ -236,9 +239,12 @@ impl Orchestrator {
     }
 
     /// The refs a source resolves to (asks the registry for reference sources).
+    /// `remote_userinfo` is what the request's git remote URL carried: mk3 hashes the URL as
+    /// sent, so it goes back in for the hash (and nowhere else).
     pub async fn resolve_refs(
         &self,
         source: &BuildSource,
+        remote_userinfo: Option<&UrlUserinfo>,
         request: &RequestAuth,
     ) -> Result<ResolvedRefs, Error> {
         let base_ref = match source {
@@ -250,7 +256,8 @@ impl Orchestrator {
                     context_path: &d.context_path,
                     dockerfile_path: &d.dockerfile_path,
                     dockerfile_version: &d.dockerfile_version,
-                    remote_uri: &d.remote_uri,
+                    remote_uri: &remote_userinfo
+                        .map_or_else(|| d.remote_uri.clone(), |u| u.restore(&d.remote_uri)),
                 },
             ),
         };
@@ -279,10 +286,24 @@ impl Orchestrator {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        if let BuildSource::Dockerfile(d) = &spec.source
+            && crate::api::is_local_remote(&d.remote_uri)
+            && !self.inner.limits.allow_local_repositories
+        {
+            return Err(Error::InvalidRequest(
+                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets allowLocalRepositories".into(),
+            ));
+        }
         let ResolvedRefs {
             base_ref,
             workspace_ref,
-        } = self.resolve_refs(&spec.source, &secrets.registry).await?;
+        } = self
+            .resolve_refs(
+                &spec.source,
+                secrets.remote_userinfo.as_ref(),
+                &secrets.registry,
+            )
+            .await?;
         if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
             self.inner.metrics.cache_hit();
             return Ok(Submitted::CacheHit {

@@ -38,6 +38,8 @@ pub struct BuildSecrets {
     pub git: Option<GitCredentials>,
     /// What the request allows of the installation's registry credentials, and its own.
     pub registry: RequestAuth,
+    /// The user-info the request's git remote URL carried, for mk3's ref hash.
+    pub remote_userinfo: Option<crate::context::UrlUserinfo>,
 }
 
 /// Finds the base image of a reference source.

@@ -307,6 +307,8 @@ impl World {
                     "baseImageRepository": format!("{via_workspace}/base-images"),
                     "workspaceImageRepository": format!("{via_workspace}/workspace"),
                     "insecureRegistries": [registry_addr, proxy_addr],
+                    // The environment's git repositories live on this machine.
+                    "allowLocalRepositories": true,
                 });
                 if proxy_addr.is_empty() {
                     config["insecureRegistries"] = serde_json::json!([registry_addr]);

@@ -39,8 +39,7 @@ impl GitHttpServer {
             .arg(&script)
             .arg(dir.path())
             .arg(port.to_string())
-            .arg(user)
-            .arg(password)
+            .env("GIT_HTTP_AUTH", format!("{user}:{password}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = spawn(command)?;

@@ -1,12 +1,15 @@
 """Serves the git repositories under a directory over smart HTTP (git http-backend) on
 127.0.0.1, requiring basic auth with the user and password given: a private git remote for
-tests. Usage: git_http_server.py ROOT PORT USER PASSWORD"""
+tests. Usage: GIT_HTTP_AUTH=USER:PASSWORD git_http_server.py ROOT PORT"""
 import base64
 import http.server
 import subprocess
+import os
 import sys
 
-ROOT, PORT, USER, PASSWORD = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ROOT, PORT = sys.argv[1], int(sys.argv[2])
+# The credential comes through the environment, never argv (where any process could read it).
+USER, PASSWORD = os.environ["GIT_HTTP_AUTH"].split(":", 1)
 EXPECTED = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 

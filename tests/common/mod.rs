@@ -38,6 +38,7 @@ pub fn config(registry: &str, name: &str) -> serde_json::Value {
         "baseImageRepository": format!("{registry}/{name}/base"),
         "workspaceImageRepository": format!("{registry}/{name}/workspace"),
         "insecureRegistries": [registry],
+        "allowLocalRepositories": true,
     })
 }
 
