@@ -240,13 +240,36 @@ async fn a_full_disk_fails_the_build_with_its_cause_and_new_builds_work_once_the
         &log[..log.len().min(2000)]
     );
 
-    // Space returns: a new build works, without a restart.
-    disk.resize("64m");
+    // Nearly no room left at all: new builds are refused with the cause, not Internal.
+    let free = image_builder_state::store::free_bytes(&store).unwrap();
+    let ballast = store.join("ballast");
+    std::fs::write(&ballast, vec![0u8; (free - (1 << 20)) as usize]).unwrap();
     let quiet = GitRepo::new(&[(
         "Dockerfile",
         &format!("FROM {}\nRUN echo room-again\n", shared.base),
     )])
     .unwrap();
+    let refused = client.build(head_build(&quiet.uri())).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    for words in [
+        "no room for a new build",
+        &store.display().to_string(),
+        "bytes are free",
+    ] {
+        assert!(
+            refused.message().contains(words),
+            "{words:?} in {:?}",
+            refused.message()
+        );
+    }
+
+    // Space returns: a new build works, without a restart.
+    std::fs::remove_file(&ballast).unwrap();
+    disk.resize("64m");
     let responses = build_all(&mut client, head_build(&quiet.uri()))
         .await
         .unwrap();

@@ -26,6 +26,7 @@ impl From<orchestrator::Error> for Status {
             orchestrator::Error::Journal(image_builder_state::journal::Error::Illegal {
                 ..
             }) => Code::FailedPrecondition,
+            orchestrator::Error::Journal(e) if e.is_disk_full() => Code::ResourceExhausted,
             orchestrator::Error::Journal(_) => Code::Internal,
             orchestrator::Error::JoinFailed => Code::Aborted,
             orchestrator::Error::Conflict(_) => Code::FailedPrecondition,

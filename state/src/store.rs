@@ -30,19 +30,21 @@ pub enum Error {
         /// Its length.
         len: usize,
     },
-    /// The file system holding the segments is (nearly) full: the append was refused before
-    /// anything was written.
+    /// The store's file system is (nearly) full: the write was refused before anything was
+    /// written, so that the records that end builds still fit.
     #[error(
-        "store: no room for {needed} bytes of build log in {}: {free} bytes are free there, and {RESERVED_BYTES} are kept free for the journal",
+        "store: no room for {what} in {}: {free} bytes are free there, and {reserve} are kept free for the journal's records",
         path.display()
     )]
     DiskFull {
-        /// The segments' directory.
+        /// The store's directory (or its segments').
         path: PathBuf,
-        /// Bytes free before the append.
+        /// Bytes free.
         free: u64,
-        /// Bytes the append needed.
-        needed: u64,
+        /// What was refused.
+        what: String,
+        /// Bytes the refused write had to leave free.
+        reserve: u64,
     },
     /// A log segment file could not be written, synced, read or removed.
     #[error("store: log segment {path}: {source}")]
@@ -57,6 +59,25 @@ pub enum Error {
 /// Bytes a log append leaves free on the store's file system at least, so that the records
 /// which end a build (its failure, say) still fit when build output has filled the disk.
 pub const RESERVED_BYTES: u64 = 4 << 20;
+
+/// Bytes a new build leaves free at least: below this, new builds are refused while running
+/// ones can still end (their records are small and need no room of their own).
+pub const NEW_BUILD_RESERVED_BYTES: u64 = 2 << 20;
+
+/// Refuses a write of `needed` bytes (`what`) into `dir` that would leave less than
+/// `reserve` bytes free on its file system.
+fn ensure_room(dir: &Path, what: &str, needed: u64, reserve: u64) -> Result<(), Error> {
+    let free = free_bytes(dir).or_else(|| free_bytes(dir.parent()?));
+    match free {
+        Some(free) if free < needed + reserve => Err(Error::DiskFull {
+            path: dir.to_owned(),
+            free,
+            what: what.to_owned(),
+            reserve,
+        }),
+        _ => Ok(()),
+    }
+}
 
 impl Error {
     /// The I/O error underneath, if the file system refused us.
@@ -171,6 +192,9 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `len` bytes of a build's log segment from `offset`; fewer only where the
     /// segment ends.
     fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error>;
+    /// Refuses a new build when the store's file system has less than
+    /// [`NEW_BUILD_RESERVED_BYTES`] free.
+    fn ensure_room_for_build(&self) -> Result<(), Error>;
     /// Removes the log segments of builds not in `keep` (left by a removal that crashed
     /// between its records and its segment). Returns how many went.
     fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, Error>;
@@ -243,15 +267,12 @@ impl Segments {
     /// directory where a segment was created.
     fn append(&self, logs: &[LogBytes]) -> Result<(), Error> {
         let needed: u64 = logs.iter().map(|l| l.bytes.len() as u64).sum();
-        if let Some(free) = free_bytes(&self.dir).or_else(|| free_bytes(self.dir.parent()?))
-            && free < needed + RESERVED_BYTES
-        {
-            return Err(Error::DiskFull {
-                path: self.dir.clone(),
-                free,
-                needed,
-            });
-        }
+        ensure_room(
+            &self.dir,
+            &format!("{needed} bytes of build log"),
+            needed,
+            RESERVED_BYTES,
+        )?;
         let mut files: HashMap<BuildId, File> = HashMap::new();
         let mut created = false;
         for LogBytes { id, offset, bytes } in logs {
@@ -501,6 +522,11 @@ impl Store for SledStore {
 
     fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
         self.segments.read(id, offset, len)
+    }
+
+    fn ensure_room_for_build(&self) -> Result<(), Error> {
+        let dir = self.segments.dir.parent().unwrap_or(&self.segments.dir);
+        ensure_room(dir, "a new build", 0, NEW_BUILD_RESERVED_BYTES)
     }
 
     fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, Error> {

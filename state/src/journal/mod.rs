@@ -174,6 +174,7 @@ impl Journal {
             workspace_ref,
             at_ms: now_ms(),
         };
+        self.shared.store.ensure_room_for_build()?;
         let pending = {
             let mut heads = self.lock_heads();
             if heads.contains_key(&id) || self.read_store(|s| s.last_seq(id))?.is_some() {
