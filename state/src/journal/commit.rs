@@ -83,17 +83,42 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             batch.extend(commit.batch);
             waiters.push(commit.done);
         }
-        let result = {
-            let _exclusive = shared.visible.write().unwrap_or_else(|p| p.into_inner());
-            let wrote = if batch.is_empty() {
-                Ok(())
-            } else {
-                shared.store.write(batch)
-            };
-            wrote
-                .and_then(|()| shared.store.sync())
-                .map_err(Error::from)
+        // Records first, then the sync; the frontier moves past them only once they are
+        // durable, and their summaries are written after that (derived data: a summary lost
+        // to a crash is refolded at open), so no reader ever sees what is not durable.
+        let written: Vec<(BuildId, u64)> = batch
+            .records
+            .iter()
+            .map(|(id, seq, _)| (*id, *seq))
+            .collect();
+        let removed = batch.removed_builds.clone();
+        let summaries = WriteBatch {
+            summaries: std::mem::take(&mut batch.summaries),
+            ..WriteBatch::default()
         };
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            shared.store.write(batch)
+        }
+        .and_then(|()| shared.store.sync())
+        .map_err(Error::from);
+        if result.is_ok() {
+            let mut frontier = shared.frontier.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, seq) in written {
+                let next = frontier.entry(id).or_insert(0);
+                *next = (*next).max(seq + 1);
+            }
+            for id in removed {
+                frontier.remove(&id);
+            }
+            drop(frontier);
+            if !summaries.is_empty()
+                && let Err(e) = shared.store.write(summaries)
+            {
+                tracing::error!(error = %e, "cannot write build summaries; they are refolded at the next start");
+            }
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "journal commit failed");
         }

@@ -6,8 +6,10 @@
 //! every append waiting at that moment, writes them in one batch and syncs once, so many
 //! concurrent builds share one fsync. An append's future resolves only after that sync.
 //!
-//! Written-but-not-yet-durable data is never visible: readers take a shared lock that the
-//! committer holds exclusively from its write until its sync returns.
+//! Written-but-not-yet-durable data is never visible, and readers never wait for a sync: the
+//! journal keeps a durable frontier for every build with records in flight (the next sequence
+//! number not yet durable), and readers see only the records below it. Summaries are written
+//! after the sync of the records they reflect (they are derived, and repaired at open).
 //!
 //! Build output is not in the records: [`Journal::log`] puts the bytes in the build's log
 //! segment, durable before the record that names them (`LogAppended`) is written.
@@ -21,7 +23,7 @@ mod repair;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
@@ -110,8 +112,9 @@ pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(super) struct Shared {
     store: Arc<dyn Store>,
-    /// Held shared by readers, exclusively by the committer from write to sync.
-    visible: RwLock<()>,
+    /// For each build with records written since open: the first sequence number that is not
+    /// durable yet. Readers see records below it only. Held for map operations only.
+    frontier: Mutex<HashMap<BuildId, u64>>,
     /// Views of builds appended to by this process, including not-yet-durable records.
     heads: Mutex<HashMap<BuildId, BuildView>>,
     /// Builds removed by this process: no record may be appended to them again (an append
@@ -141,7 +144,7 @@ impl Journal {
         let (generation, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             store,
-            visible: RwLock::new(()),
+            frontier: Mutex::new(HashMap::new()),
             heads: Mutex::new(HashMap::new()),
             removed: Mutex::new(std::collections::HashSet::new()),
             generation,
@@ -177,7 +180,7 @@ impl Journal {
         self.shared.store.ensure_room_for_build()?;
         let pending = {
             let mut heads = self.lock_heads();
-            if heads.contains_key(&id) || self.read_store(|s| s.last_seq(id))?.is_some() {
+            if heads.contains_key(&id) || self.shared.store.last_seq(id)?.is_some() {
                 return Err(Error::Exists(id));
             }
             let view =
@@ -223,11 +226,7 @@ impl Journal {
     /// not ended.
     pub async fn remove(&self, id: BuildId) -> Result<()> {
         let pending = {
-            let mut heads = self.lock_heads();
-            let view = match heads.get(&id) {
-                Some(view) => view.clone(),
-                None => self.view(id)?.ok_or(Error::NotFound(id))?,
-            };
+            let (mut heads, view) = self.lock_head(id)?;
             if !view.phase().is_final() {
                 return Err(Error::Illegal {
                     id,
@@ -298,14 +297,10 @@ impl Journal {
         make: impl FnOnce(&BuildView, &mut Vec<LogBytes>) -> Result<Vec<Record>>,
     ) -> Result<BuildView> {
         let (pending, view) = {
-            let mut heads = self.lock_heads();
+            let (mut heads, mut view) = self.lock_head(id)?;
             if self.is_removed(id) {
                 return Err(Error::NotFound(id));
             }
-            let mut view = match heads.get(&id) {
-                Some(view) => view.clone(),
-                None => self.view(id)?.ok_or(Error::NotFound(id))?,
-            };
             let mut logs = Vec::new();
             let records = make(&view, &mut logs)?;
             let mut numbered = Vec::with_capacity(records.len());
@@ -338,6 +333,16 @@ impl Journal {
             seq,
             source: Arc::new(e),
         };
+        if let Some((first, _)) = records.first() {
+            // Everything before the first record queued is durable (or in flight, and then
+            // the frontier is set already).
+            self.shared
+                .frontier
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_insert(*first);
+        }
         for (seq, record) in records {
             let bytes = record.encode().map_err(|e| encode_err(seq, e))?;
             batch.records.push((id, seq, bytes));
@@ -367,17 +372,39 @@ impl Journal {
             .contains(&id)
     }
 
-    fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<BuildId, BuildView>> {
+    fn lock_heads(&self) -> MutexGuard<'_, HashMap<BuildId, BuildView>> {
         self.shared.heads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read_store<T>(&self, f: impl FnOnce(&dyn Store) -> Result<T, store::Error>) -> Result<T> {
-        let _visible = self
-            .shared
-            .visible
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        Ok(f(&*self.shared.store)?)
+    /// The heads lock and build `id`'s current view. A build this process has not appended
+    /// to yet is folded from the store before the lock is taken, so appenders of other builds
+    /// never wait on the store.
+    fn lock_head(
+        &self,
+        id: BuildId,
+    ) -> Result<(MutexGuard<'_, HashMap<BuildId, BuildView>>, BuildView)> {
+        let loaded = if self.lock_heads().contains_key(&id) {
+            None
+        } else {
+            self.view(id)?
+        };
+        let heads = self.lock_heads();
+        let view = match heads.get(&id) {
+            Some(view) => view.clone(),
+            None => loaded.ok_or(Error::NotFound(id))?,
+        };
+        Ok((heads, view))
+    }
+
+    /// The first sequence number of build `id` that is not durable, if it has records in
+    /// flight or written since open.
+    fn frontier(&self, id: BuildId) -> Option<u64> {
+        self.shared
+            .frontier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
     }
 
     /// A build's durable records from `from_seq` on, in order.
@@ -393,7 +420,11 @@ impl Journal {
         from_seq: u64,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Record)>> {
-        decode_records(id, self.read_store(|s| s.records(id, from_seq, max_bytes))?)
+        let mut raw = self.shared.store.records(id, from_seq, max_bytes)?;
+        if let Some(frontier) = self.frontier(id) {
+            raw.retain(|(seq, _)| *seq < frontier);
+        }
+        decode_records(id, raw)
     }
 
     /// Up to `len` durable bytes of a build's log from `offset`, which the caller knows to be
@@ -416,7 +447,12 @@ impl Journal {
 
     /// The sequence number of a build's newest durable record.
     pub fn last_seq(&self, id: BuildId) -> Result<Option<u64>> {
-        self.read_store(|s| s.last_seq(id))
+        let last = self.shared.store.last_seq(id)?;
+        Ok(match self.frontier(id) {
+            Some(0) => None,
+            Some(frontier) => last.map(|last| last.min(frontier - 1)),
+            None => last,
+        })
     }
 
     /// The durable view of a build, folded from its records.
@@ -432,7 +468,9 @@ impl Journal {
 
     /// Every build's summary, newest first.
     pub fn summaries(&self) -> Result<Vec<Summary>> {
-        self.read_store(|s| s.summaries())?
+        self.shared
+            .store
+            .summaries()?
             .into_iter()
             .map(|(id, bytes)| {
                 record::decode(&bytes).map_err(|e| Error::Record {
@@ -459,7 +497,7 @@ impl Journal {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        self.read_store(|s| s.size_on_disk())
+        Ok(self.shared.store.size_on_disk()?)
     }
 
     /// A receiver that changes after every durable commit: wake on it, then read.

@@ -1,0 +1,204 @@
+//! Nothing undurable is ever visible, and readers never wait for a sync: with the store's sync
+//! held open in the middle of each commit, every reader answers at once and shows exactly the
+//! state after the last durable commit. A property test over random appends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
+
+use image_builder_state::store::{LogBytes, SledStore, Store, WriteBatch};
+use image_builder_state::testing::spec;
+use image_builder_state::{BuildId, Event, Journal};
+use proptest::prelude::*;
+
+/// A sled store whose `sync` waits for the test to let it through, and that says when a
+/// batch of records has been written (visible to sled's readers, not yet durable).
+struct GatedStore {
+    inner: SledStore,
+    open: Mutex<bool>,
+    opened: Condvar,
+    gated: AtomicBool,
+    written: Mutex<mpsc::Sender<()>>,
+}
+
+impl GatedStore {
+    fn set_open(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.opened.notify_all();
+    }
+}
+
+impl Store for GatedStore {
+    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), image_builder_state::store::Error> {
+        self.inner.append_logs(logs)
+    }
+    fn write(&self, batch: WriteBatch) -> Result<(), image_builder_state::store::Error> {
+        let records = !batch.records.is_empty();
+        self.inner.write(batch)?;
+        if records && self.gated.load(Ordering::SeqCst) {
+            let _ = self.written.lock().unwrap().send(());
+        }
+        Ok(())
+    }
+    fn sync(&self) -> Result<(), image_builder_state::store::Error> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.sync()
+    }
+    fn records(
+        &self,
+        id: BuildId,
+        from_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, image_builder_state::store::Error> {
+        self.inner.records(id, from_seq, max_bytes)
+    }
+    fn read_log(
+        &self,
+        id: BuildId,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, image_builder_state::store::Error> {
+        self.inner.read_log(id, offset, len)
+    }
+    fn ensure_room_for_build(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.ensure_room_for_build()
+    }
+    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, image_builder_state::store::Error> {
+        self.inner.prune_logs(keep)
+    }
+    fn last_seq(&self, id: BuildId) -> Result<Option<u64>, image_builder_state::store::Error> {
+        self.inner.last_seq(id)
+    }
+    fn journal_ids(&self) -> Result<Vec<BuildId>, image_builder_state::store::Error> {
+        self.inner.journal_ids()
+    }
+    fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, image_builder_state::store::Error> {
+        self.inner.summary(id)
+    }
+    fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, image_builder_state::store::Error> {
+        self.inner.summaries()
+    }
+    fn size_on_disk(&self) -> Result<u64, image_builder_state::store::Error> {
+        self.inner.size_on_disk()
+    }
+}
+
+/// What readers show of one build.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    exists: bool,
+    next_seq: u64,
+    log_len: u64,
+    listed_last_seq: Option<u64>,
+    records: usize,
+}
+
+fn seen(journal: &Journal, id: BuildId) -> Seen {
+    let view = journal.view(id).unwrap();
+    Seen {
+        exists: journal.exists(id).unwrap(),
+        next_seq: view.as_ref().map_or(0, |v| v.next_seq),
+        log_len: view.as_ref().map_or(0, |v| v.log_len),
+        listed_last_seq: journal
+            .summaries()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.id == id)
+            .map(|s| s.last_seq),
+        records: journal.records(id, 0).unwrap().len(),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Log(usize),
+    Fail,
+    Retry,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (1usize..20_000).prop_map(Op::Log),
+        1 => Just(Op::Fail),
+        1 => Just(Op::Retry),
+    ]
+}
+
+/// Runs `append` with the sync held open: once its records are written, readers must answer
+/// at once with `before`; after the sync, the journal moves on.
+fn gated<F>(
+    runtime: &tokio::runtime::Runtime,
+    store: &GatedStore,
+    written: &mpsc::Receiver<()>,
+    journal: &Journal,
+    id: BuildId,
+    append: F,
+) -> Result<(), TestCaseError>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let before = seen(journal, id);
+    store.set_open(false);
+    let task = runtime.spawn(append);
+    written
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the committer writes the records");
+    // The committer now waits in sync with the records written: readers answer at once (a
+    // reader waiting for the sync would hang here, the sync being held open) and see nothing new.
+    let (answer, answered) = mpsc::channel();
+    let reader = journal.clone();
+    std::thread::spawn(move || {
+        let _ = answer.send(seen(&reader, id));
+    });
+    let during = answered.recv_timeout(Duration::from_secs(5));
+    // Let the commit through whatever the check says, so that a failing case ends cleanly.
+    store.set_open(true);
+    runtime.block_on(task).unwrap();
+    let during = during.map_err(|_| TestCaseError::fail("a reader waited for the held sync"))?;
+    prop_assert_eq!(during, before);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn readers_never_see_what_is_not_durable_and_never_wait_for_a_sync(ops in proptest::collection::vec(op(), 1..12)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, written) = mpsc::channel();
+        let store = Arc::new(GatedStore {
+            inner: SledStore::open(dir.path()).unwrap(),
+            open: Mutex::new(true),
+            opened: Condvar::new(),
+            gated: AtomicBool::new(true),
+            written: Mutex::new(tx),
+        });
+        let journal = Journal::with_store(store.clone()).unwrap();
+        let id = BuildId::new();
+        let j = journal.clone();
+        gated(&runtime, &store, &written, &journal, id, async move {
+            j.create(id, spec(), "b".into(), "w".into()).await.unwrap();
+        })?;
+        prop_assert!(journal.exists(id).unwrap());
+        for op in ops {
+            let phase = journal.view(id).unwrap().unwrap().phase();
+            let j = journal.clone();
+            match op {
+                Op::Log(n) if !phase.is_final() => gated(&runtime, &store, &written, &journal, id, async move {
+                    j.log(id, vec![b'x'; n]).await.unwrap();
+                })?,
+                Op::Fail if !phase.is_final() => gated(&runtime, &store, &written, &journal, id, async move {
+                    j.transition(id, Event::Failed { reason: "r".into() }).await.unwrap();
+                })?,
+                Op::Retry if phase.is_final() => gated(&runtime, &store, &written, &journal, id, async move {
+                    j.transition(id, Event::Retried).await.unwrap();
+                })?,
+                _ => {}
+            }
+        }
+    }
+}
