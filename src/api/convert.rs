@@ -22,11 +22,13 @@ const MAX_HOSTS: usize = 64;
 /// Most characters of client input echoed back in a message.
 const ECHO_CHARS: usize = 200;
 
-/// `text` for an error message: at most 200 characters of it, saying how long it was when cut.
+/// `text` for an error message, quoted and escaped: at most 200 characters of it, saying how
+/// long it was when cut.
 pub fn echo(text: &str) -> String {
-    match text.char_indices().nth(ECHO_CHARS) {
-        None => format!("{text:?}"),
-        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    let quoted = format!("{text:?}");
+    match quoted.char_indices().nth(ECHO_CHARS) {
+        None => quoted,
+        Some((cut, _)) => format!("{}… ({} bytes)", &quoted[..cut], text.len()),
     }
 }
 

@@ -98,17 +98,22 @@ where
 pub const LOG_OFFSET_METADATA: &str = "x-image-builder-log-offset";
 
 fn log_offset(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
-    let Some(value) = metadata.get(LOG_OFFSET_METADATA) else {
-        return Ok(0);
-    };
-    value
-        .to_str()
+    match metadata.get(LOG_OFFSET_METADATA) {
+        None => Ok(0),
+        Some(value) => parse_log_offset(value.as_bytes()),
+    }
+}
+
+/// The value of [`LOG_OFFSET_METADATA`]: a whole number of bytes, or `InvalidArgument` with a
+/// bounded echo of what was sent.
+pub fn parse_log_offset(value: &[u8]) -> Result<u64, Status> {
+    std::str::from_utf8(value)
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| {
             Status::invalid_argument(format!(
                 "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {}",
-                convert::echo(&String::from_utf8_lossy(value.as_bytes()))
+                convert::echo(&String::from_utf8_lossy(value))
             ))
         })
 }

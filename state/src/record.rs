@@ -227,5 +227,24 @@ mod tests {
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = Record::decode(&bytes);
         }
+
+        #[test]
+        fn a_flipped_or_cut_record_never_panics(
+            reason in ".{0,40}",
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = Record::Transition {
+                event: Event::Failed { reason },
+                at_ms: 7,
+            }
+            .encode()
+            .unwrap();
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            let _ = Record::decode(&bytes);
+            let _ = Record::decode(&bytes[..cut.index(bytes.len())]);
+        }
     }
 }

@@ -1,0 +1,126 @@
+//! Property tests over every parser that takes outside input: the config file, scenario files,
+//! image references, the log-offset metadata, Build requests (and, in `state/`, journal
+//! records). Each runs a bounded number of random cases: no input panics, and refusals are
+//! precise and bounded.
+
+use image_builder::api::build_request;
+use image_builder::api::image_builder::parse_log_offset;
+use image_builder::config::Config;
+use image_builder::proto::builder as pb;
+use image_builder::proto::contentservice as cs;
+use proptest::prelude::*;
+
+/// Text that looks like what each parser takes, and noise.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        ".{0,300}",
+        "[a-z0-9./:@_-]{0,80}",
+        "[\\PC\\x00-\\x1f]{0,64}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn config_text_never_panics(input in text()) {
+        let _ = Config::parse(&input);
+    }
+
+    #[test]
+    fn a_bad_config_value_is_refused_naming_its_key(
+        key in prop_oneof![
+            Just("buildTimeout"), Just("maxConcurrentBuilds"), Just("grpcAddress"),
+            Just("maxLogBytes"), Just("retention"), Just("allowLocalRepositories"),
+        ],
+        value in prop_oneof![Just(serde_json::json!("nope")), Just(serde_json::json!(-1)), Just(serde_json::json!([1]))],
+    ) {
+        let mut config = serde_json::json!({
+            "baseImageRepository": "r/b",
+            "workspaceImageRepository": "r/w",
+        });
+        config[key] = value;
+        match Config::parse(&config.to_string()) {
+            Ok(_) => prop_assert!(false, "{key} = {} was accepted", config[key]),
+            Err(e) => prop_assert!(e.to_string().contains(key), "{e}"),
+        }
+    }
+
+    #[test]
+    fn scenario_text_never_panics(input in text()) {
+        let _ = image_builder::scenario::model::parse(&input);
+    }
+
+    #[test]
+    fn scenario_yaml_shapes_never_panic(
+        name in "[a-z ]{0,12}",
+        step in prop_oneof![Just("build"), Just("wait"), Just("expect_log"), Just("kill"), Just("nonsense")],
+        body in "[a-z{}:, 0-9\\[\\]]{0,40}",
+    ) {
+        let yaml = format!("name: {name}\nsteps:\n  - {step}: {body}\n");
+        let _ = image_builder::scenario::model::parse(&yaml);
+    }
+
+    #[test]
+    fn references_never_panic(input in text()) {
+        if let Err(e) = image_builder::registry::parse_reference(&input) {
+            prop_assert!(!e.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn log_offsets_parse_exactly_or_are_refused_briefly(n in any::<u64>(), junk in proptest::collection::vec(any::<u8>(), 0..5000)) {
+        prop_assert_eq!(parse_log_offset(n.to_string().as_bytes()).unwrap(), n);
+        prop_assert_eq!(parse_log_offset(format!(" {n} ").as_bytes()).unwrap(), n);
+        if let Err(status) = parse_log_offset(&junk) {
+            prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            prop_assert!(status.message().len() <= 1024, "{} bytes", status.message().len());
+        }
+    }
+
+    #[test]
+    fn build_requests_never_panic_and_refusals_are_bounded(
+        reference in text(),
+        uri in text(),
+        target in text(),
+        mode in 0i32..6,
+        dockerfile in text(),
+        context in text(),
+        any_of in proptest::collection::vec(text(), 0..80),
+        file in any::<bool>(),
+    ) {
+        let from = if file {
+            pb::build_source::From::File(pb::BuildSourceDockerfile {
+                source: Some(cs::WorkspaceInitializer {
+                    spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                        remote_uri: uri,
+                        target_mode: mode,
+                        clone_taget: target,
+                        ..Default::default()
+                    })),
+                }),
+                dockerfile_version: "1".into(),
+                dockerfile_path: dockerfile,
+                context_path: context,
+            })
+        } else {
+            pb::build_source::From::Ref(pb::BuildSourceReference { r#ref: reference })
+        };
+        let request = pb::BuildRequest {
+            source: Some(pb::BuildSource { from: Some(from) }),
+            auth: Some(pb::BuildRegistryAuth {
+                mode: Some(pb::build_registry_auth::Mode::Selective(pb::BuildRegistryAuthSelective {
+                    any_of,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = build_request(&request) {
+            let status = tonic::Status::from(e);
+            prop_assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+            prop_assert!(status.message().len() <= 1100, "{} bytes", status.message().len());
+        }
+    }
+}
