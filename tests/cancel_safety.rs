@@ -86,9 +86,7 @@ async fn a_retry_whose_client_left_midway_still_runs_and_the_image_can_be_built_
     );
     let id = build_id(&responses[0]);
 
-    let mut ops = ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
-        .await
-        .unwrap();
+    let mut ops = ops_client(&service).await;
     let gone = ops
         .retry_build(with_deadline(ops::RetryBuildRequest {
             build_id: id.clone(),

@@ -557,9 +557,7 @@ async fn a_password_in_the_remote_url_is_used_but_never_kept_shown_or_passed_in_
         .into_inner();
     assert_eq!(resolved.base_ref, expected);
 
-    let mut ops = ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
-        .await
-        .unwrap();
+    let mut ops = ops_client(&service).await;
     let shown = ops
         .get_build(ops::GetBuildRequest {
             build_id: id.clone(),

@@ -105,9 +105,7 @@ async fn journal_log(
     from_log_offset: u64,
     most: usize,
 ) -> (Vec<u8>, u64, u64) {
-    let mut client = ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
-        .await
-        .unwrap();
+    let mut client = ops_client(service).await;
     let mut stream = client
         .journal(ops::JournalRequest {
             build_id: id.into(),

@@ -29,14 +29,6 @@ fn addr(service: &Service) -> String {
     service.grpc_url().trim_start_matches("http://").to_owned()
 }
 
-async fn ops_client(
-    service: &Service,
-) -> ops::build_ops_client::BuildOpsClient<tonic::transport::Channel> {
-    ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
     let shared = shared();

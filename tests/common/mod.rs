@@ -237,3 +237,12 @@ pub async fn start_build(
     let first = stream.message().await.unwrap().expect("a first answer");
     (stream, build_id(&first))
 }
+
+/// A client of the service's ops API.
+pub async fn ops_client(
+    service: &Service,
+) -> image_builder::proto::ops::build_ops_client::BuildOpsClient<Channel> {
+    image_builder::proto::ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
+        .await
+        .unwrap()
+}
