@@ -94,7 +94,7 @@ fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
     let buildah = |args: &[&str]| {
         let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
         let status = Command::new("buildah")
-            .env("BUILDAH_ISOLATION", "chroot")
+            .env("BUILDAH_ISOLATION", "oci")
             .arg("--root")
             .arg(root.join("root"))
             .arg("--runroot")
@@ -114,7 +114,7 @@ fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
         "bud",
         "--tls-verify=false",
         "--isolation",
-        "chroot",
+        "oci",
         "--layers=false",
         "--format",
         "docker",

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what image-builder's demo and tests need on a fresh Debian machine: the registry,
-# buildah, skopeo, umoci, busybox-static and git from Debian's packages. protoc is vendored by
+# buildah with runc, skopeo, umoci, busybox-static and git from Debian's packages. protoc is vendored by
 # the build (protoc-bin-vendored), so no system package is needed for it. Idempotent.
 set -euo pipefail
 
 need=()
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v buildah >/dev/null || need+=(buildah)
+# RUN steps run in containers of their own (buildah's oci isolation): runc, and the CNI
+# plugins of buildah's private network (a dependency of buildah's containers-common).
+command -v runc >/dev/null || need+=(runc)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v umoci >/dev/null || need+=(umoci)
 [[ -x /bin/busybox ]] || need+=(busybox-static)

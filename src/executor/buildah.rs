@@ -1,5 +1,8 @@
-//! buildah as the local builder: `bud` with vfs storage and chroot isolation (works as root
-//! without a container runtime), its storage under the data dir, then `push` to the base ref.
+//! buildah as the local builder: `bud` with vfs storage, its storage under the data dir, then
+//! `push` to the base ref. RUN steps run with OCI isolation (runc): their own pid, mount and
+//! network namespaces, on buildah's private bridge network, so a Dockerfile can reach the
+//! outside world but not the service's loopback ports, and cannot see its processes. (Chroot
+//! isolation, used before, shared the host's network and pid namespaces.)
 
 use std::path::{Path, PathBuf};
 
@@ -70,7 +73,7 @@ impl Buildah {
     fn command(&self) -> Command {
         let mut cmd = Command::new("buildah");
         cmd.env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
-            .env("BUILDAH_ISOLATION", "chroot")
+            .env("BUILDAH_ISOLATION", "oci")
             .env("LC_ALL", "C")
             .arg("--root")
             .arg(self.dir.join("root"))
@@ -94,7 +97,7 @@ impl Buildah {
         cmd.args([
             "bud",
             "--isolation",
-            "chroot",
+            "oci",
             "--layers=false",
             "--format",
             "docker",
