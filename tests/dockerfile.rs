@@ -642,8 +642,5 @@ async fn a_run_step_cannot_reach_the_service_or_see_its_processes() {
     ] {
         assert!(log.contains(&line), "{line:?} missing from\n{log}");
     }
-    assert!(
-        !log.lines().any(|l| l.starts_with("reached port")),
-        "{log}"
-    );
+    assert!(!log.lines().any(|l| l.starts_with("reached port")), "{log}");
 }

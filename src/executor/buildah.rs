@@ -141,9 +141,11 @@ impl Buildah {
         id: BuildId,
         log: &BuildLog,
     ) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         let Finished { status, tail } = process::run_logged(cmd, id, log)
             .await
             .map_err(Error::Start)?;
+        tracing::info!(build_id = %id, action, %status, elapsed_ms = started.elapsed().as_millis() as u64, "buildah finished");
         if status.success() {
             return Ok(());
         }
