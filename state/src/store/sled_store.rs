@@ -1,0 +1,307 @@
+//! [`SledStore`]: the [`Store`] on sled and log segment files; the only file that names sled.
+
+use std::path::Path;
+
+use super::segments::Segments;
+use super::{
+    Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch, ensure_room,
+};
+use crate::build::BuildId;
+
+/// [`Store`] on sled: tree `journal.v1` keyed by build id and big-endian sequence number, tree
+/// `summary.v1` keyed by build id. Build ids are UUIDv7, so key order is creation order. Log
+/// segments are files `logs/<build id>.log` beside sled's own files, written at the offsets
+/// the journal gives (bytes past the durable length, left by a crash, are overwritten by the
+/// next append and never read).
+pub struct SledStore {
+    db: sled::Db,
+    journal: sled::Tree,
+    summary: sled::Tree,
+    segments: Segments,
+}
+
+const JOURNAL_TREE: &str = "journal.v1";
+/// The folder of log segments inside the store's folder.
+const LOGS_DIR: &str = "logs";
+const SUMMARY_TREE: &str = "summary.v1";
+
+fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(id.as_bytes());
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn split_record_key(key: &[u8]) -> Result<(BuildId, u64), Error> {
+    let bad = || Error::BadKey {
+        keyspace: JOURNAL_TREE,
+        len: key.len(),
+    };
+    let id: [u8; 16] = key
+        .get(..16)
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(bad)?;
+    let seq: [u8; 8] = key
+        .get(16..)
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(bad)?;
+    Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
+}
+
+fn summary_id(key: &[u8]) -> Result<BuildId, Error> {
+    let id: [u8; 16] = key.try_into().map_err(|_| Error::BadKey {
+        keyspace: SUMMARY_TREE,
+        len: key.len(),
+    })?;
+    Ok(BuildId::from_bytes(id))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            // sled's own background flush is not our durability: every commit syncs itself.
+            .flush_every_ms(None)
+            .open()?;
+        Self::from_db(db, dir)
+    }
+
+    /// Opens an existing store without writing to it: for inspecting the store of a stopped
+    /// service. Fails if another process holds the store.
+    pub fn open_existing(dir: &Path) -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .path(dir)
+            .create_new(false)
+            .flush_every_ms(None)
+            .open()?;
+        Self::from_db(db, dir)
+    }
+
+    fn from_db(db: sled::Db, dir: &Path) -> Result<Self, Error> {
+        Ok(Self {
+            journal: db.open_tree(JOURNAL_TREE)?,
+            summary: db.open_tree(SUMMARY_TREE)?,
+            db,
+            segments: Segments::new(dir.join(LOGS_DIR)),
+        })
+    }
+}
+
+impl Store for SledStore {
+    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error> {
+        self.segments.append(logs)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), Error> {
+        let mut records = sled::Batch::default();
+        for (id, seq, value) in batch.records {
+            records.insert(&record_key(id, seq)[..], value);
+        }
+        let mut summaries = sled::Batch::default();
+        for (id, value) in batch.summaries {
+            summaries.insert(&id.as_bytes()[..], value);
+        }
+        for id in batch.removed_summaries.iter().chain(&batch.removed_builds) {
+            summaries.remove(&id.as_bytes()[..]);
+        }
+        for id in &batch.removed_builds {
+            for key in self
+                .journal
+                .range(record_key(*id, 0)..=record_key(*id, u64::MAX))
+                .keys()
+            {
+                records.remove(key?);
+            }
+        }
+        self.journal.apply_batch(records)?;
+        self.summary.apply_batch(summaries)?;
+        for id in &batch.removed_builds {
+            self.segments.remove(*id)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), Error> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn records(
+        &self,
+        id: BuildId,
+        from_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let start = record_key(id, from_seq);
+        let end = record_key(id, u64::MAX);
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for entry in self.journal.range(start..=end) {
+            let (key, value) = entry?;
+            let (_, seq) = split_record_key(&key)?;
+            size += value.len().max(RECORD_FLOOR_BYTES);
+            out.push((seq, value.to_vec()));
+            if size >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+        self.segments.read(id, offset, len)
+    }
+
+    fn ensure_room_for_build(&self) -> Result<(), Error> {
+        let dir = self.segments.dir.parent().unwrap_or(&self.segments.dir);
+        ensure_room(dir, "a new build", 0, NEW_BUILD_RESERVED_BYTES)
+    }
+
+    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, Error> {
+        let mut pruned = 0;
+        for id in self.segments.ids()? {
+            if keep.binary_search(&id).is_err() {
+                self.segments.remove(id)?;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    fn last_seq(&self, id: BuildId) -> Result<Option<u64>, Error> {
+        match self.journal.scan_prefix(id.as_bytes()).next_back() {
+            Some(entry) => Ok(Some(split_record_key(&entry?.0)?.1)),
+            None => Ok(None),
+        }
+    }
+
+    fn journal_ids(&self) -> Result<Vec<BuildId>, Error> {
+        let mut ids = Vec::new();
+        let mut next = self.journal.first()?;
+        while let Some((key, _)) = next {
+            let (id, _) = split_record_key(&key)?;
+            ids.push(id);
+            // Skip the rest of this build's records in one seek.
+            next = self.journal.get_gt(record_key(id, u64::MAX))?;
+        }
+        Ok(ids)
+    }
+
+    fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.summary.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn size_on_disk(&self) -> Result<u64, Error> {
+        Ok(self.db.size_on_disk()? + self.segments.size())
+    }
+
+    fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
+        self.summary
+            .iter()
+            .rev()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((summary_id(&key)?, value.to_vec()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_one_build_read_back_in_order_and_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let mut batch = WriteBatch::default();
+        for seq in [0u64, 1, 2, 256, 300] {
+            batch.records.push((a, seq, vec![seq as u8]));
+            batch.records.push((b, seq, vec![0xff]));
+        }
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        let seqs: Vec<u64> = store
+            .records(a, 0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 256, 300]);
+        assert_eq!(store.records(a, 2, usize::MAX).unwrap().len(), 3);
+        assert_eq!(
+            store.records(a, 0, 2 * RECORD_FLOOR_BYTES).unwrap().len(),
+            2,
+            "stops at max_bytes"
+        );
+        assert_eq!(
+            store.records(a, 0, 0).unwrap().len(),
+            1,
+            "at least one record"
+        );
+        assert_eq!(store.last_seq(a).unwrap(), Some(300));
+        assert_eq!(store.journal_ids().unwrap(), [a, b]);
+        assert_eq!(store.last_seq(BuildId::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn log_segments_hold_exactly_the_bytes_written_and_go_with_their_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let bytes = |id, offset, text: &[u8]| LogBytes {
+            id,
+            offset,
+            bytes: text.to_vec(),
+        };
+        store
+            .append_logs(&[
+                bytes(a, 0, b"hello "),
+                bytes(b, 0, b"other"),
+                bytes(a, 6, b"world\n"),
+            ])
+            .unwrap();
+        assert_eq!(store.read_log(a, 0, 100).unwrap(), b"hello world\n");
+        assert_eq!(store.read_log(a, 6, 3).unwrap(), b"wor");
+        assert_eq!(store.read_log(BuildId::new(), 0, 10).unwrap(), b"");
+        let size = store.size_on_disk().unwrap();
+        assert!(size >= 17, "{size}");
+
+        store
+            .write(WriteBatch {
+                removed_builds: vec![a],
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        assert_eq!(store.read_log(a, 0, 100).unwrap(), b"");
+        assert_eq!(
+            store.prune_logs(&[]).unwrap(),
+            1,
+            "b is not among the builds kept"
+        );
+        assert_eq!(store.read_log(b, 0, 100).unwrap(), b"");
+    }
+
+    #[test]
+    fn summaries_list_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let ids: Vec<BuildId> = (0..3).map(|_| BuildId::new()).collect();
+        let mut batch = WriteBatch::default();
+        for id in &ids {
+            batch.summaries.push((*id, vec![1]));
+        }
+        store.write(batch).unwrap();
+        let listed: Vec<BuildId> = store
+            .summaries()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(listed, [ids[2], ids[1], ids[0]]);
+    }
+}
