@@ -39,7 +39,7 @@ pub enum BuildsCommand {
     /// Builds, newest first.
     List {
         /// Only builds in these states (queued, resolving, checking_cache, building, pushing,
-        /// done, failed, cancelled).
+        /// done, failed, cancelled, damaged).
         #[arg(long = "state")]
         states: Vec<String>,
         /// Only builds of this workspace image.

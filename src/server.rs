@@ -101,11 +101,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;
     // Resume before serving, so a Build call for a resumed build's image joins it.
     let resumed = orchestrator.resume_unfinished()?;
+    let damaged = orchestrator.damaged_count();
+    if damaged > 0 {
+        tracing::warn!(
+            damaged,
+            "{damaged} builds in the store are damaged (served up to their damage, never \
+             resumed): `image-builder builds list --state damaged` lists them with the reason; \
+             `image-builder store check`, with the service stopped, names every bad record"
+        );
+    }
     tracing::info!(
         grpc_address = %grpc.local_addr()?,
         metrics_address = %metrics_listener.local_addr()?,
         data_dir = %config.data_dir.display(),
         resumed,
+        damaged,
         "image-builder serving"
     );
 

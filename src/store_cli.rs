@@ -16,10 +16,18 @@ fn open(data_dir: &Path) -> anyhow::Result<SledStore> {
         );
     }
     SledStore::open_existing(&dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open the store in {}: {e} (is the service still running? stop it first)",
-            dir.display()
-        )
+        // sled takes an exclusive lock on its files: only then is another process the cause
+        // (sled wraps the lock's EWOULDBLOCK in an error of its own words).
+        let locked = e.io().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock")
+        });
+        let hint = if locked {
+            "another process holds it: is the service still running? stop it first"
+        } else {
+            "its files may be damaged; keep a copy of the folder before anything else touches it"
+        };
+        anyhow::anyhow!("cannot open the store in {}: {e} ({hint})", dir.display())
     })
 }
 
@@ -32,6 +40,12 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                 "{:<36}  {:<14}  {:>7}  {:>6}  WORKSPACE REF",
                 "BUILD ID", "STATE", "ATTEMPT", "RECORDS"
             );
+            for (id, damage) in image_builder_state::journal::damage_reports(&store)? {
+                println!(
+                    "{id:<36}  {:<14}  readable up to record {}: {}",
+                    "DAMAGED", damage.readable_until, damage.reason
+                );
+            }
             for b in inspect::builds(&store)?.iter().rev() {
                 match &b.view {
                     Ok(v) => println!(
@@ -55,8 +69,15 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
         Some(id) => {
             let id: BuildId = id.parse()?;
             let b = inspect::build(&store, id)?;
-            if b.records.is_empty() {
-                anyhow::bail!("build {id} is not in the store");
+            if b.records.is_empty() && b.unreadable.is_none() {
+                let reports = image_builder_state::journal::damage_reports(&store)?;
+                match reports.iter().find(|(damaged, _)| *damaged == id) {
+                    Some((_, damage)) => anyhow::bail!(
+                        "build {id} has no record left in the store: {}",
+                        damage.reason
+                    ),
+                    None => anyhow::bail!("build {id} is not in the store"),
+                }
             }
             for (seq, record) in &b.records {
                 match record {
@@ -92,6 +113,9 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                     }
                     Err(e) => println!("{seq:>6}  UNREADABLE  {e}"),
                 }
+            }
+            if let Some((seq, reason)) = &b.unreadable {
+                println!("{seq:>6}  UNREADABLE from here on: {reason}");
             }
             match &b.view {
                 Ok(v) => println!(

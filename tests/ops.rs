@@ -348,3 +348,166 @@ async fn retention_removes_old_builds_while_new_ones_run() {
         "the running build was not held up"
     );
 }
+
+/// Flips one byte in sled's file at `needle`'s first occurrence.
+fn flip_at(db: &std::path::Path, needle: &[u8]) {
+    let mut bytes = std::fs::read(db).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the key is in sled's file");
+    bytes[at + 2] ^= 0x20;
+    std::fs::write(db, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
+    let shared = shared();
+    let mut service = service("ops-damage");
+    let mut client = service.client().await.unwrap();
+    let mut ops = ops_client(&service).await;
+    let whole = build_all(&mut client, ref_build(&shared.base))
+        .await
+        .unwrap();
+    let whole = build_id(&whole[0]);
+    let dockerfile_build = |word: &'static str| {
+        let repo = GitRepo::new(&[(
+            "Dockerfile",
+            &format!("FROM {}\nRUN echo {word}-output\n", shared.base),
+        )])
+        .unwrap();
+        let request = head_build(&repo.uri());
+        let mut client = client.clone();
+        async move {
+            let all = build_all(&mut client, request).await.unwrap();
+            assert_eq!(status(all.last().unwrap()), pb::BuildStatus::DoneSuccess);
+            (build_id(&all[0]), repo)
+        }
+    };
+    let (cut, _cut_repo) = dockerfile_build("cut").await;
+    let (lost, _lost_repo) = dockerfile_build("lost").await;
+    let get = |ops: &mut ops::build_ops_client::BuildOpsClient<_>, id: &str| {
+        let mut ops = ops.clone();
+        let id = id.to_owned();
+        async move {
+            ops.get_build(ops::GetBuildRequest { build_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let cut_before = get(&mut ops, &cut).await;
+    service.kill();
+
+    // The damaged byte is in the record that ended `cut`: sled will drop it and everything
+    // written after it (all of `lost`) when it reopens, and say nothing.
+    let cut_id: image_builder_state::BuildId = cut.parse().unwrap();
+    let mut key = cut_id.as_bytes().to_vec();
+    key.extend_from_slice(&(cut_before.records - 1).to_be_bytes());
+    flip_at(&service.data_dir().join("store").join("db"), &key);
+
+    service.restart().unwrap();
+    wait_for_service_log(&service, "image-builder serving").await;
+    assert!(
+        service.log().contains("2 builds in the store are damaged"),
+        "{}",
+        service.log()
+    );
+    let mut client = service.client().await.unwrap();
+    let mut ops = ops_client(&service).await;
+
+    let (ok, stdout, stderr) = cli(
+        &addr(&service),
+        &["list", "--state", "damaged", "--output", "json"],
+    );
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["build_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [lost.as_str(), cut.as_str()], "newest first");
+
+    let lost_now = get(&mut ops, &lost).await;
+    assert_eq!(lost_now.state, "damaged");
+    assert!(
+        lost_now.failure.contains("lost all of its records"),
+        "{}",
+        lost_now.failure
+    );
+    let cut_now = get(&mut ops, &cut).await;
+    assert_eq!(cut_now.state, "damaged");
+    assert_eq!(
+        cut_now.workspace_ref, cut_before.workspace_ref,
+        "what is readable is shown"
+    );
+    assert!(
+        cut_now.failure.contains("lost records"),
+        "{}",
+        cut_now.failure
+    );
+    assert_eq!(get(&mut ops, &whole).await.state, "done");
+
+    // The log of the cut build is served whole up to the damage, then DataLoss.
+    let mut stream = client
+        .logs(pb::LogsRequest {
+            build_id: cut.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut log = Vec::new();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => log.extend_from_slice(&chunk.content),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let end = end.expect("the stream ends with an error, not as if the log were whole");
+    assert_eq!(end.code(), tonic::Code::DataLoss, "{end:?}");
+    assert!(end.message().contains(&cut), "{}", end.message());
+    assert!(String::from_utf8_lossy(&log).contains("cut-output"));
+    let lost_logs = logs_all(&mut client, &lost).await.unwrap_err();
+    assert_eq!(lost_logs.code(), tonic::Code::DataLoss, "{lost_logs:?}");
+    let retry = ops
+        .retry_build(ops::RetryBuildRequest {
+            build_id: cut.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), tonic::Code::DataLoss, "{retry:?}");
+
+    // The service goes on building.
+    let again = build_all(&mut client, ref_build(&shared.base))
+        .await
+        .unwrap();
+    assert_eq!(status(again.last().unwrap()), pb::BuildStatus::DoneSuccess);
+
+    // `store check` on the stopped service names both and fails.
+    let check = |data_dir: &std::path::Path| {
+        Command::new(binary())
+            .args(["store", "check", "--data-dir"])
+            .arg(data_dir)
+            .output()
+            .unwrap()
+    };
+    let running = check(&service.data_dir());
+    assert!(!running.status.success());
+    assert!(
+        String::from_utf8_lossy(&running.stderr).contains("is the service still running"),
+        "{}",
+        String::from_utf8_lossy(&running.stderr)
+    );
+    service.stop();
+    let report = check(&service.data_dir());
+    let stdout = String::from_utf8_lossy(&report.stdout);
+    assert!(!report.status.success(), "{stdout}");
+    for id in [&cut, &lost] {
+        assert!(stdout.contains(&format!("build {id}: damaged")), "{stdout}");
+    }
+    assert!(!stdout.contains(&whole), "{stdout}");
+}

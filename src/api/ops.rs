@@ -1,7 +1,7 @@
 //! `imagebuilder.ops.v1.BuildOps`: inspect, cancel, retry and replay builds. Beside mk3's
 //! service on the same port; mk3's messages are untouched.
 
-use image_builder_state::view::Summary;
+use image_builder_state::view::{Damage, Summary};
 use image_builder_state::{BuildId, BuildSource, BuildView, Record};
 use tonic::{Request, Response, Status};
 
@@ -78,10 +78,29 @@ fn build(view: &BuildView) -> pb::Build {
     }
 }
 
+/// A damaged build as GetBuild shows it: what is readable of it, state `damaged`, and what is
+/// wrong as its failure.
+fn damaged_build(id: BuildId, readable: Option<&BuildView>, damage: &Damage) -> pb::Build {
+    let mut shown = match readable {
+        Some(view) => build(view),
+        None => pb::Build {
+            build_id: id.to_string(),
+            created_at_ms: id.created_at_ms(),
+            ..pb::Build::default()
+        },
+    };
+    shown.state = DAMAGED.to_owned();
+    shown.failure = damage.reason.clone();
+    shown
+}
+
+/// The state a damaged build is listed in.
+const DAMAGED: &str = "damaged";
+
 fn summary(s: &Summary) -> pb::BuildSummary {
     pb::BuildSummary {
         build_id: s.id.to_string(),
-        state: s.phase.to_string(),
+        state: s.state(),
         attempt: s.attempt,
         workspace_ref: s.workspace_ref.clone(),
         base_ref: s.base_ref.clone(),
@@ -135,6 +154,10 @@ impl BuildOps for OpsService {
         request: Request<pb::GetBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
         let id = id_of(&request.get_ref().build_id)?;
+        if let Some(damage) = self.orchestrator.damage(id) {
+            let readable = self.orchestrator.readable_view(id);
+            return Ok(Response::new(damaged_build(id, readable.as_ref(), &damage)));
+        }
         Ok(Response::new(build(&self.orchestrator.view(id)?)))
     }
 
@@ -147,6 +170,7 @@ impl BuildOps for OpsService {
         let known: Vec<&str> = image_builder_state::Phase::ALL
             .iter()
             .map(|p| p.as_str())
+            .chain([DAMAGED])
             .collect();
         if let Some(bad) = req.states.iter().find(|s| !known.contains(&s.as_str())) {
             return Err(Status::invalid_argument(format!(
@@ -169,7 +193,7 @@ impl BuildOps for OpsService {
         let mut more = false;
         for s in self.orchestrator.list()? {
             if after.is_some_and(|a| s.id >= a)
-                || (!req.states.is_empty() && !req.states.iter().any(|x| x == s.phase.as_str()))
+                || (!req.states.is_empty() && !req.states.contains(&s.state()))
                 || (req.created_after_ms > 0 && s.created_at_ms < req.created_after_ms)
                 || (req.created_before_ms > 0 && s.created_at_ms >= req.created_before_ms)
                 || (!req.workspace_ref.is_empty() && s.workspace_ref != req.workspace_ref)

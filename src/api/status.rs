@@ -26,6 +26,9 @@ impl From<orchestrator::Error> for Status {
             orchestrator::Error::Journal(image_builder_state::journal::Error::Illegal {
                 ..
             }) => Code::FailedPrecondition,
+            orchestrator::Error::Journal(image_builder_state::journal::Error::Damaged {
+                ..
+            }) => Code::DataLoss,
             orchestrator::Error::Journal(e) if e.is_disk_full() => Code::ResourceExhausted,
             orchestrator::Error::Journal(_) => Code::Internal,
             orchestrator::Error::JoinFailed => Code::Aborted,

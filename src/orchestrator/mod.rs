@@ -523,7 +523,11 @@ impl Orchestrator {
         let old: Vec<BuildId> = self
             .list()?
             .into_iter()
-            .filter(|s| s.phase.is_final() && s.finished_at_ms.is_some_and(|at| at < cutoff))
+            .filter(|s| match &s.damage {
+                // A damaged build never ends: it goes once it has been known damaged as long.
+                Some(damage) => damage.found_at_ms < cutoff,
+                None => s.phase.is_final() && s.finished_at_ms.is_some_and(|at| at < cutoff),
+            })
             .map(|s| s.id)
             .collect();
         let mut removed = 0;
@@ -578,6 +582,21 @@ impl Orchestrator {
         } else {
             Err(Error::NotFound(format!("build {id} does not exist")))
         }
+    }
+
+    /// What is wrong with a build, if its journal is damaged.
+    pub fn damage(&self, id: BuildId) -> Option<image_builder_state::view::Damage> {
+        self.inner.journal.damage(id)
+    }
+
+    /// What can still be read of a damaged build.
+    pub fn readable_view(&self, id: BuildId) -> Option<BuildView> {
+        self.inner.journal.readable_view(id)
+    }
+
+    /// How many builds are damaged.
+    pub fn damaged_count(&self) -> usize {
+        self.inner.journal.damaged().len()
     }
 
     /// The durable view of a build.

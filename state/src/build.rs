@@ -21,6 +21,14 @@ impl BuildId {
         self.0.as_bytes()
     }
 
+    /// When the id was made, ms since the epoch (a UUIDv7 starts with it).
+    pub fn created_at_ms(&self) -> i64 {
+        let b = self.0.as_bytes();
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&b[..6]);
+        i64::from_be_bytes(ms)
+    }
+
     /// Rebuilds an id from its key bytes.
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(Uuid::from_bytes(bytes))

@@ -3,9 +3,10 @@
 //! will not start.
 
 use crate::build::BuildId;
+use crate::journal::damage_reports;
 use crate::record::{self, Record};
 use crate::store::{self, Store};
-use crate::view::{BuildView, FoldError, Summary};
+use crate::view::{BuildView, Damage, FoldError, Summary};
 
 /// Something wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,24 @@ pub enum Problem {
         /// Why.
         source: FoldError,
     },
+    /// The store cannot read a build's records from this one on (sled reports corruption).
+    #[error("build {id}, records {seq} and later: unreadable: {reason}")]
+    Unreadable {
+        /// The build.
+        id: BuildId,
+        /// The first record that cannot be read.
+        seq: u64,
+        /// What the store said.
+        reason: String,
+    },
+    /// Records the witness saw durable are gone, or the service found the build damaged.
+    #[error("build {id}: damaged, readable up to record {}: {}", damage.readable_until, damage.reason)]
+    Damaged {
+        /// The build.
+        id: BuildId,
+        /// What is wrong.
+        damage: Damage,
+    },
     /// The summary kept for listing disagrees with the records (the service repairs this at
     /// start).
     #[error("build {id}: the listing summary is stale or unreadable (repaired at the next start)")]
@@ -45,24 +64,46 @@ pub struct Inspected {
     pub records: Vec<(u64, Result<Record, record::Error>)>,
     /// Its fold, when every record decoded.
     pub view: Result<BuildView, FoldError>,
+    /// Where the store stopped being able to read the build's records, and why.
+    pub unreadable: Option<(u64, String)>,
 }
 
 /// Reads one build.
 pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> {
-    let records: Vec<(u64, Result<Record, record::Error>)> = store
-        .records(id, 0, usize::MAX)?
-        .into_iter()
-        .map(|(seq, bytes)| (seq, Record::decode(&bytes)))
-        .collect();
+    let mut records: Vec<(u64, Result<Record, record::Error>)> = Vec::new();
+    let mut unreadable = None;
+    let mut next = 0;
+    // One record at a time, so that a page the store cannot read costs only what is in it.
+    loop {
+        match store.records(id, next..u64::MAX, 0) {
+            Ok(raw) => {
+                let Some((seq, bytes)) = raw.into_iter().next() else {
+                    break;
+                };
+                records.push((seq, Record::decode(&bytes)));
+                next = seq + 1;
+            }
+            Err(e @ store::Error::Sled(sled::Error::Corruption { .. })) => {
+                unreadable = Some((next, e.to_string()));
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let decoded: Option<Vec<(u64, &Record)>> = records
         .iter()
         .map(|(seq, r)| r.as_ref().ok().map(|r| (*seq, r)))
         .collect();
     let view = match decoded {
-        Some(ok) => BuildView::fold(id, ok),
-        None => Err(FoldError::Empty),
+        Some(ok) if unreadable.is_none() => BuildView::fold(id, ok),
+        _ => Err(FoldError::Empty),
     };
-    Ok(Inspected { id, records, view })
+    Ok(Inspected {
+        id,
+        records,
+        view,
+        unreadable,
+    })
 }
 
 /// Reads every build, oldest first.
@@ -74,9 +115,14 @@ pub fn builds(store: &dyn Store) -> Result<Vec<Inspected>, store::Error> {
         .collect()
 }
 
-/// Every problem in the store.
+/// Every problem in the store: each record that cannot be read or decoded, each journal
+/// that does not fold, each build that lost records the witness saw durable, each build the
+/// service found damaged, each stale summary.
 pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
     let mut problems = Vec::new();
+    for (id, damage) in damage_reports(store)? {
+        problems.push(Problem::Damaged { id, damage });
+    }
     for inspected in builds(store)? {
         let id = inspected.id;
         let mut decoded = true;
@@ -85,6 +131,10 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
                 decoded = false;
                 problems.push(Problem::Undecodable { id, seq, source });
             }
+        }
+        if let Some((seq, reason)) = inspected.unreadable {
+            decoded = false;
+            problems.push(Problem::Unreadable { id, seq, reason });
         }
         match inspected.view {
             Ok(view) => {

@@ -54,6 +54,33 @@ pub enum FoldError {
     },
 }
 
+impl FoldError {
+    /// The first record that did not fit: the records before it fold (0 for an empty
+    /// journal).
+    pub fn seq(&self) -> u64 {
+        match self {
+            FoldError::Empty => 0,
+            FoldError::NotCreatedFirst { seq }
+            | FoldError::CreatedTwice { seq }
+            | FoldError::Illegal { seq, .. }
+            | FoldError::LogGap { seq, .. } => *seq,
+            FoldError::SeqGap { expected, .. } => *expected,
+        }
+    }
+}
+
+/// What is wrong with a damaged build (one the store can no longer give back whole), as kept
+/// in the store beside its records; see `journal/damage.rs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Damage {
+    /// Records before this one can be read; the build is served up to here.
+    pub readable_until: u64,
+    /// What is wrong, for a person.
+    pub reason: String,
+    /// When it was found, ms since the epoch.
+    pub found_at_ms: i64,
+}
+
 /// When the build entered each phase it passed through.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseEntry {
@@ -241,6 +268,7 @@ impl BuildView {
             finished_at_ms: self.finished_at_ms(),
             failure: self.failure.clone(),
             attempt: self.attempt,
+            damage: None,
         }
     }
 }
@@ -269,6 +297,19 @@ pub struct Summary {
     pub failure: Option<String>,
     /// The attempt running or last run.
     pub attempt: u32,
+    /// Set when the build is damaged (never stored in the summary: the journal adds it).
+    #[serde(skip)]
+    pub damage: Option<Damage>,
+}
+
+impl Summary {
+    /// What a listing says of the build: its phase, or `damaged`.
+    pub fn state(&self) -> String {
+        match self.damage {
+            Some(_) => "damaged".to_owned(),
+            None => self.phase.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -51,10 +51,10 @@ impl Store for GatedStore {
     fn records(
         &self,
         id: BuildId,
-        from_seq: u64,
+        seqs: std::ops::Range<u64>,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, image_builder_state::store::Error> {
-        self.inner.records(id, from_seq, max_bytes)
+        self.inner.records(id, seqs, max_bytes)
     }
     fn read_log(
         &self,
@@ -72,6 +72,15 @@ impl Store for GatedStore {
     }
     fn last_seq(&self, id: BuildId) -> Result<Option<u64>, image_builder_state::store::Error> {
         self.inner.last_seq(id)
+    }
+    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, image_builder_state::store::Error> {
+        self.inner.damage()
+    }
+    fn witnessed(&self) -> Vec<(BuildId, image_builder_state::store::Witnessed)> {
+        self.inner.witnessed()
+    }
+    fn start_witness(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.start_witness()
     }
     fn journal_ids(&self) -> Result<Vec<BuildId>, image_builder_state::store::Error> {
         self.inner.journal_ids()

@@ -33,6 +33,7 @@ impl Journal {
             view: None,
             buffer: VecDeque::new(),
             ended: false,
+            failed: None,
         }
     }
 }
@@ -47,6 +48,8 @@ pub struct Follower {
     view: Option<BuildView>,
     buffer: VecDeque<(u64, Record)>,
     ended: bool,
+    /// Why the follower stops, given once the records before it were returned.
+    failed: Option<Error>,
 }
 
 impl Follower {
@@ -56,6 +59,9 @@ impl Follower {
         loop {
             if let Some(record) = self.buffer.pop_front() {
                 return Some(Ok(record));
+            }
+            if let Some(error) = self.failed.take() {
+                return Some(Err(error));
             }
             if self.ended {
                 return None;
@@ -89,7 +95,9 @@ impl Follower {
                 };
                 if let Err(source) = folded {
                     self.ended = true;
-                    return Some(Err(Error::Fold { id, source }));
+                    let error = Error::Fold { id, source };
+                    self.failed = Some(self.journal.damage_from(id, seq, error));
+                    break;
                 }
                 self.read_seq = seq + 1;
                 if seq >= self.from_seq {
@@ -101,6 +109,7 @@ impl Follower {
             }
             if self.view.as_ref().is_some_and(|v| v.phase().is_final())
                 && self.read_seq >= self.last_durable_seq_plus_one()
+                && self.journal.damage(self.id).is_none()
             {
                 self.ended = true;
             }
@@ -246,7 +255,11 @@ impl Reader {
             Extent::Segment { seq, at, end } => {
                 let len = (end - at).min(LOG_PIECE_BYTES as u64);
                 let id = self.records.id();
-                let bytes = self.records.journal.read_log(id, at, len as usize)?;
+                let bytes = self
+                    .records
+                    .journal
+                    .read_log(id, at, len as usize)
+                    .map_err(|e| self.records.journal.damage_from(id, seq, e))?;
                 if at + len < end {
                     self.extent = Some(Extent::Segment {
                         seq,

@@ -15,9 +15,10 @@
 //! segment, durable before the record that names them (`LogAppended`) is written.
 //!
 //! Files: `commit.rs` (the committer thread), `follow.rs` (readers that tail a build),
-//! `repair.rs` (the pass run at open).
+//! `repair.rs` (the pass run at open), `damage.rs` (builds the store cannot give back whole).
 
 mod commit;
+mod damage;
 mod follow;
 mod repair;
 
@@ -29,14 +30,15 @@ use tokio::sync::{oneshot, watch};
 
 use commit::{Commit, Committer, commit_loop};
 pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
-use repair::repair_summaries;
 
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::{Event, IllegalTransition};
 use crate::now_ms;
 use crate::record::{self, Record};
 use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
+pub use crate::view::Damage;
 use crate::view::{BuildView, FoldError, Summary};
+pub use damage::damage_reports;
 
 /// Why a journal operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,6 +77,18 @@ pub enum Error {
         id: BuildId,
         /// The refused edge.
         source: IllegalTransition,
+    },
+    /// The build's journal is damaged: what is readable was served, the rest cannot be.
+    #[error(
+        "build {id} is damaged: its journal can be read up to record {readable_until} only ({reason})"
+    )]
+    Damaged {
+        /// The build.
+        id: BuildId,
+        /// Records before this one are readable.
+        readable_until: u64,
+        /// What is wrong.
+        reason: String,
     },
     /// The committer thread is gone (the journal is shutting down).
     #[error("the journal is closed")]
@@ -123,6 +137,8 @@ pub(super) struct Shared {
     removed: Mutex<std::collections::HashSet<BuildId>>,
     /// Bumped after every durable group commit.
     generation: watch::Sender<u64>,
+    /// Damaged builds (see `damage.rs`): loaded at open, added to when a read finds damage.
+    damaged: Mutex<HashMap<BuildId, Damage>>,
 }
 
 /// The durable journal of every build. Cheap to clone; the store closes when the last clone
@@ -148,8 +164,16 @@ impl Journal {
             heads: Mutex::new(HashMap::new()),
             removed: Mutex::new(std::collections::HashSet::new()),
             generation,
+            damaged: Mutex::new(HashMap::new()),
         });
-        repair_summaries(&*shared.store)?;
+        let damaged = repair::find_damage(&*shared.store)?;
+        if !damaged.is_empty() {
+            tracing::warn!(
+                damaged = damaged.len(),
+                "the store holds damaged builds; list them with `builds list --state damaged`"
+            );
+        }
+        *shared.damaged.lock().unwrap_or_else(|p| p.into_inner()) = damaged.into_iter().collect();
         let (commits, queue) = mpsc::channel();
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -226,8 +250,14 @@ impl Journal {
     /// not ended.
     pub async fn remove(&self, id: BuildId) -> Result<()> {
         let pending = {
-            let (mut heads, view) = self.lock_head(id)?;
-            if !view.phase().is_final() {
+            // A damaged build goes whatever its phase: it never moves again.
+            let (mut heads, view) = if self.damage(id).is_some() {
+                (self.lock_heads(), None)
+            } else {
+                let (heads, view) = self.lock_head(id)?;
+                (heads, Some(view))
+            };
+            if let Some(view) = view.filter(|v| !v.phase().is_final()) {
                 return Err(Error::Illegal {
                     id,
                     source: crate::machine::IllegalTransition {
@@ -254,7 +284,9 @@ impl Journal {
             })?;
             wait
         };
-        self.wait(pending).await
+        self.wait(pending).await?;
+        self.lock_damaged().remove(&id);
+        Ok(())
     }
 
     /// Appends bytes to a build's log; returns the offset they start at. Resolves once the
@@ -372,6 +404,13 @@ impl Journal {
             .contains(&id)
     }
 
+    fn lock_damaged(&self) -> MutexGuard<'_, HashMap<BuildId, Damage>> {
+        self.shared
+            .damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_heads(&self) -> MutexGuard<'_, HashMap<BuildId, BuildView>> {
         self.shared.heads.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -420,11 +459,41 @@ impl Journal {
         from_seq: u64,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Record)>> {
-        let mut raw = self.shared.store.records(id, from_seq, max_bytes)?;
-        if let Some(frontier) = self.frontier(id) {
-            raw.retain(|(seq, _)| *seq < frontier);
+        // Twice at most: a read that finds damage is done again up to it.
+        for _ in 0..2 {
+            let limit = self.damage(id).map(|d| d.readable_until);
+            if limit.is_some_and(|limit| from_seq >= limit) {
+                return Err(self.damaged_error(id));
+            }
+            // Past the readable part may be a page the store cannot read: never read there.
+            let until = limit.unwrap_or(u64::MAX);
+            let mut raw = match self.shared.store.records(id, from_seq..until, max_bytes) {
+                Ok(raw) => raw,
+                Err(e) => match self.damage_from(id, from_seq, e.into()) {
+                    Error::Damaged { .. } => continue,
+                    other => return Err(other),
+                },
+            };
+            if let Some(frontier) = self.frontier(id) {
+                raw.retain(|(seq, _)| *seq < frontier);
+            }
+            let mut records = Vec::with_capacity(raw.len());
+            for (seq, bytes) in raw {
+                match Record::decode(&bytes) {
+                    Ok(record) => records.push((seq, record)),
+                    Err(e) => {
+                        let reason = format!("record {seq} does not decode: {e}");
+                        let error = self.mark_damaged(id, seq, reason);
+                        if records.is_empty() {
+                            return Err(error);
+                        }
+                        break;
+                    }
+                }
+            }
+            return Ok(records);
         }
-        decode_records(id, raw)
+        Err(self.damaged_error(id))
     }
 
     /// Up to `len` durable bytes of a build's log from `offset`, which the caller knows to be
@@ -442,7 +511,7 @@ impl Journal {
 
     /// Whether a build has durable records (one key lookup, no fold).
     pub fn exists(&self, id: BuildId) -> Result<bool> {
-        Ok(self.last_seq(id)?.is_some())
+        Ok(self.damage(id).is_some() || self.last_seq(id)?.is_some())
     }
 
     /// The sequence number of a build's newest durable record.
@@ -456,40 +525,82 @@ impl Journal {
     }
 
     /// The durable view of a build, folded from its records.
+    /// A damaged build has no view: [`Error::Damaged`] (see [`Journal::readable_view`]).
     pub fn view(&self, id: BuildId) -> Result<Option<BuildView>> {
         let records = self.records(id, 0)?;
+        if self.damage(id).is_some() {
+            return Err(self.damaged_error(id));
+        }
         if records.is_empty() {
             return Ok(None);
         }
         BuildView::fold(id, records.iter().map(|(seq, r)| (*seq, r)))
             .map(Some)
-            .map_err(|source| Error::Fold { id, source })
+            .map_err(|source| self.damage_from(id, 0, Error::Fold { id, source }))
     }
 
-    /// Every build's summary, newest first.
+    /// Every build's summary, newest first. A damaged build is listed with its damage, from
+    /// what is readable of it (with no more than its id when nothing is).
     pub fn summaries(&self) -> Result<Vec<Summary>> {
-        self.shared
+        let mut damaged: HashMap<BuildId, Damage> = self.lock_damaged().clone();
+        let mut summaries = self
+            .shared
             .store
             .summaries()?
             .into_iter()
             .map(|(id, bytes)| {
-                record::decode(&bytes).map_err(|e| Error::Record {
+                let mut summary: Summary = record::decode(&bytes).map_err(|e| Error::Record {
                     id,
                     seq: u64::MAX,
                     source: Arc::new(e),
-                })
+                })?;
+                if let Some(damage) = damaged.remove(&id) {
+                    summary.failure = Some(damage.reason.clone());
+                    summary.damage = Some(damage);
+                }
+                Ok(summary)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if !damaged.is_empty() {
+            summaries.extend(damaged.into_iter().map(|(id, damage)| {
+                let mut summary = match self.readable_view(id) {
+                    Some(view) => view.summary(),
+                    None => Summary {
+                        id,
+                        last_seq: 0,
+                        phase: crate::machine::Phase::Queued,
+                        base_ref: String::new(),
+                        workspace_ref: String::new(),
+                        triggered_by: String::new(),
+                        created_at_ms: id.created_at_ms(),
+                        finished_at_ms: None,
+                        failure: None,
+                        attempt: 0,
+                        damage: None,
+                    },
+                };
+                summary.failure = Some(damage.reason.clone());
+                summary.damage = Some(damage);
+                summary
+            }));
+            summaries.sort_by_key(|s| std::cmp::Reverse(s.id));
+        }
+        Ok(summaries)
     }
 
     /// Every build not yet in a final phase, oldest first: what a restart resumes.
     pub fn unfinished(&self) -> Result<Vec<BuildView>> {
         let mut views = Vec::new();
         for summary in self.summaries()?.into_iter().rev() {
-            if !summary.phase.is_final()
-                && let Some(view) = self.view(summary.id)?
-            {
-                views.push(view);
+            if summary.phase.is_final() || summary.damage.is_some() {
+                continue;
+            }
+            match self.view(summary.id) {
+                Ok(Some(view)) => views.push(view),
+                Ok(None) => {}
+                // Logged when found; a damaged build is never resumed.
+                Err(Error::Damaged { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(views)

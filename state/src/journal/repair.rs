@@ -1,17 +1,77 @@
-//! The repair pass run when a journal opens: summaries agree with records, and log segments
-//! whose builds are gone are removed.
+//! The pass run when a journal opens: builds that lost records or do not fold are found
+//! damaged, summaries agree with records, and log segments whose builds are gone are removed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Error, Result, decode_records};
+use super::damage;
+use super::{Error, Result};
+use crate::build::BuildId;
 use crate::record;
 use crate::store::{Store, WriteBatch};
-use crate::view::{BuildView, Summary};
+use crate::view::{BuildView, Damage, Summary};
+
+/// Runs the open-time pass and returns every damaged build. What it costs grows with the
+/// builds written since the last open (the witness) and the summaries that are stale, not
+/// with the store: damage in older builds is found when they are read (or by `store check`).
+/// New damage is durable before the witness starts afresh.
+pub(super) fn find_damage(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
+    let mut found: HashMap<BuildId, Damage> = HashMap::new();
+    let mut add = |id, damage: Damage| {
+        let worse = found
+            .get(&id)
+            .is_none_or(|known| damage.readable_until < known.readable_until);
+        if worse {
+            found.insert(id, damage);
+        }
+    };
+    for (id, damage) in damage::lost_records(store)? {
+        add(id, damage);
+    }
+    for (id, damage) in repair_summaries(store)? {
+        add(id, damage);
+    }
+    let mut all: HashMap<BuildId, Damage> = damage::stored(store)?.into_iter().collect();
+    let new: Vec<(BuildId, Damage)> = found
+        .into_iter()
+        .filter(|(id, damage)| {
+            all.get(id)
+                .is_none_or(|known| damage.readable_until < known.readable_until)
+        })
+        .collect();
+    if !new.is_empty() {
+        for (id, damage) in &new {
+            tracing::error!(
+                build_id = %id,
+                readable_until = damage.readable_until,
+                reason = %damage.reason,
+                "build is damaged: it is served up to the record named and takes no new record"
+            );
+        }
+        store.write(damage::batch(&new)?)?;
+        store.sync()?;
+        all.extend(new);
+    }
+    store.start_witness()?;
+    // A damaged build's segment stays, even with no record left to name it: it is evidence.
+    let mut keep = store.journal_ids()?;
+    keep.extend(all.keys());
+    keep.sort();
+    let pruned = store.prune_logs(&keep)?;
+    if pruned > 0 {
+        tracing::info!(
+            pruned,
+            "removed log segments whose builds were already removed"
+        );
+    }
+    Ok(all.into_iter().collect())
+}
 
 /// Makes every summary agree with its build's records: missing, stale or unreadable summaries
-/// are refolded; summaries of builds without records are dropped. A build whose records do not
-/// fold is reported and left alone (its records are never rewritten).
-pub(super) fn repair_summaries(store: &dyn Store) -> Result<()> {
+/// are refolded; summaries of builds without records are dropped. Returns the builds whose
+/// records do not fold (their records are never rewritten).
+fn repair_summaries(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
+    let mut damaged = Vec::new();
     let mut batch = WriteBatch::default();
     let ids = store.journal_ids()?;
     for &id in &ids {
@@ -25,14 +85,15 @@ pub(super) fn repair_summaries(store: &dyn Store) -> Result<()> {
         if current.is_some() {
             continue;
         }
-        let records = match decode_records(id, store.records(id, 0, usize::MAX)?) {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::error!(build_id = %id, error = %e, "journal record unreadable; build left as it is");
-                continue;
-            }
-        };
-        match BuildView::fold(id, records.iter().map(|(seq, r)| (*seq, r))) {
+        let folded = store
+            .records(id, 0..u64::MAX, usize::MAX)
+            .map_err(Error::from)
+            .and_then(|raw| super::decode_records(id, raw))
+            .and_then(|records| {
+                BuildView::fold(id, records.iter().map(|(seq, r)| (*seq, r)))
+                    .map_err(|source| Error::Fold { id, source })
+            });
+        match folded {
             Ok(view) => {
                 tracing::info!(build_id = %id, "rebuilt the build's summary from its journal");
                 let bytes = record::encode(&view.summary()).map_err(|e| Error::Record {
@@ -42,9 +103,10 @@ pub(super) fn repair_summaries(store: &dyn Store) -> Result<()> {
                 })?;
                 batch.summaries.push((id, bytes));
             }
-            Err(source) => {
-                tracing::error!(build_id = %id, error = %source, "journal does not fold; build left as it is")
-            }
+            Err(e) => match damage::locate(store, id)? {
+                Some(damage) => damaged.push((id, damage)),
+                None => return Err(e),
+            },
         }
     }
     for (id, _) in store.summaries()? {
@@ -56,12 +118,5 @@ pub(super) fn repair_summaries(store: &dyn Store) -> Result<()> {
         store.write(batch)?;
         store.sync()?;
     }
-    let pruned = store.prune_logs(&ids)?;
-    if pruned > 0 {
-        tracing::info!(
-            pruned,
-            "removed log segments whose builds were already removed"
-        );
-    }
-    Ok(())
+    Ok(damaged)
 }

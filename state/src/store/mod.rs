@@ -10,10 +10,12 @@
 
 mod segments;
 mod sled_store;
+mod witness;
 
 use std::path::{Path, PathBuf};
 
 pub use sled_store::SledStore;
+pub use witness::Witnessed;
 
 use crate::build::BuildId;
 
@@ -46,6 +48,14 @@ pub enum Error {
         what: String,
         /// Bytes the refused write had to leave free.
         reserve: u64,
+    },
+    /// The witness file could not be read or written.
+    #[error("store: witness file {path}: {source}")]
+    Witness {
+        /// The witness file.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
     },
     /// A log segment file could not be written, synced, read or removed.
     #[error("store: log segment {path}: {source}")]
@@ -84,7 +94,7 @@ impl Error {
     /// The I/O error underneath, if the file system refused us.
     pub fn io(&self) -> Option<&std::io::Error> {
         match self {
-            Error::Segment { source, .. } => Some(source),
+            Error::Segment { source, .. } | Error::Witness { source, .. } => Some(source),
             Error::Sled(sled::Error::Io(e)) => Some(e),
             _ => None,
         }
@@ -93,7 +103,9 @@ impl Error {
     /// The file this error is about, if it names one.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Error::Segment { path, .. } | Error::DiskFull { path, .. } => Some(path),
+            Error::Segment { path, .. }
+            | Error::Witness { path, .. }
+            | Error::DiskFull { path, .. } => Some(path),
             _ => None,
         }
     }
@@ -140,6 +152,8 @@ pub struct WriteBatch {
     pub removed_summaries: Vec<BuildId>,
     /// Builds whose records, summary and log segment go away (retention).
     pub removed_builds: Vec<BuildId>,
+    /// Damage reports to put: build, encoded report (see `journal::Damage`).
+    pub damage: Vec<(BuildId, Vec<u8>)>,
 }
 
 /// Bytes for one build's log segment, at an offset in its log.
@@ -160,6 +174,7 @@ impl WriteBatch {
             && self.summaries.is_empty()
             && self.removed_summaries.is_empty()
             && self.removed_builds.is_empty()
+            && self.damage.is_empty()
     }
 
     /// Adds everything `other` holds to this batch.
@@ -168,6 +183,7 @@ impl WriteBatch {
         self.summaries.extend(other.summaries);
         self.removed_summaries.extend(other.removed_summaries);
         self.removed_builds.extend(other.removed_builds);
+        self.damage.extend(other.damage);
     }
 }
 
@@ -181,13 +197,13 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<(), Error>;
     /// Makes every record written so far durable.
     fn sync(&self) -> Result<(), Error>;
-    /// A build's records with sequence numbers from `from_seq` on, in order, stopping after
-    /// the record that brings the total size to `max_bytes` or more (at least one record;
-    /// each counts as [`RECORD_FLOOR_BYTES`] at least).
+    /// A build's records with sequence numbers in `seqs`, in order, stopping after the
+    /// record that brings the total size to `max_bytes` or more (at least one record; each
+    /// counts as [`RECORD_FLOOR_BYTES`] at least). Nothing past `seqs.end` is read.
     fn records(
         &self,
         id: BuildId,
-        from_seq: u64,
+        seqs: std::ops::Range<u64>,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Error>;
     /// Up to `len` bytes of a build's log segment from `offset`; fewer only where the
@@ -209,4 +225,16 @@ pub trait Store: Send + Sync + 'static {
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
     /// Bytes the store takes on disk.
     fn size_on_disk(&self) -> Result<u64, Error>;
+    /// Every damage report, by build.
+    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+    /// What the store's witness saw made durable before this open (see `witness.rs`): the
+    /// journal compares it with what the store holds now. Empty for a store without one.
+    fn witnessed(&self) -> Vec<(BuildId, Witnessed)> {
+        Vec::new()
+    }
+    /// Starts witnessing afresh, once what [`Store::witnessed`] returned was checked and any
+    /// damage it showed is durable. Until then nothing is witnessed.
+    fn start_witness(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }

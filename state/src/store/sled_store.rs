@@ -1,8 +1,11 @@
 //! [`SledStore`]: the [`Store`] on sled and log segment files; the only file that names sled.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::segments::Segments;
+use super::witness::{self, Witness, Witnessed};
 use super::{
     Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch, ensure_room,
 };
@@ -17,13 +20,22 @@ pub struct SledStore {
     db: sled::Db,
     journal: sled::Tree,
     summary: sled::Tree,
+    damage: sled::Tree,
     segments: Segments,
+    dir: PathBuf,
+    /// What the witness saw before this open.
+    witnessed: Vec<(BuildId, Witnessed)>,
+    /// The witness, once started (never for a read-only store).
+    witness: Mutex<Option<Witness>>,
+    /// The newest record written per build since the last sync: witnessed after the next.
+    unwitnessed: Mutex<HashMap<BuildId, u64>>,
 }
 
 const JOURNAL_TREE: &str = "journal.v1";
 /// The folder of log segments inside the store's folder.
 const LOGS_DIR: &str = "logs";
 const SUMMARY_TREE: &str = "summary.v1";
+const DAMAGE_TREE: &str = "damage.v1";
 
 fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
     let mut key = [0u8; 24];
@@ -48,12 +60,18 @@ fn split_record_key(key: &[u8]) -> Result<(BuildId, u64), Error> {
     Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
 }
 
-fn summary_id(key: &[u8]) -> Result<BuildId, Error> {
+fn id_key(keyspace: &'static str, key: &[u8]) -> Result<BuildId, Error> {
     let id: [u8; 16] = key.try_into().map_err(|_| Error::BadKey {
-        keyspace: SUMMARY_TREE,
+        keyspace,
         len: key.len(),
     })?;
     Ok(BuildId::from_bytes(id))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl SledStore {
@@ -80,12 +98,31 @@ impl SledStore {
     }
 
     fn from_db(db: sled::Db, dir: &Path) -> Result<Self, Error> {
+        let witnessed = witness::read(dir)
+            .map_err(|source| Error::Witness {
+                path: dir.join(witness::FILE_NAME),
+                source,
+            })?
+            .into_iter()
+            .collect();
         Ok(Self {
             journal: db.open_tree(JOURNAL_TREE)?,
             summary: db.open_tree(SUMMARY_TREE)?,
+            damage: db.open_tree(DAMAGE_TREE)?,
             db,
             segments: Segments::new(dir.join(LOGS_DIR)),
+            dir: dir.to_owned(),
+            witnessed,
+            witness: Mutex::new(None),
+            unwitnessed: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn witness_error(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        |source| Error::Witness {
+            path: self.dir.join(witness::FILE_NAME),
+            source,
+        }
     }
 }
 
@@ -95,9 +132,35 @@ impl Store for SledStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), Error> {
+        if !batch.removed_builds.is_empty() {
+            // Witnessed before they go: a crash between the two must not look like a loss.
+            let removed: Vec<_> = batch
+                .removed_builds
+                .iter()
+                .map(|&id| (id, Witnessed::Removed))
+                .collect();
+            let mut unwitnessed = lock(&self.unwitnessed);
+            for id in &batch.removed_builds {
+                unwitnessed.remove(id);
+            }
+            if let Some(witness) = lock(&self.witness).as_mut() {
+                witness.note(&removed).map_err(self.witness_error())?;
+            }
+        }
+        {
+            let mut unwitnessed = lock(&self.unwitnessed);
+            for &(id, seq, _) in &batch.records {
+                let newest = unwitnessed.entry(id).or_insert(seq);
+                *newest = (*newest).max(seq);
+            }
+        }
         let mut records = sled::Batch::default();
         for (id, seq, value) in batch.records {
             records.insert(&record_key(id, seq)[..], value);
+        }
+        let mut damage = sled::Batch::default();
+        for (id, value) in batch.damage {
+            damage.insert(&id.as_bytes()[..], value);
         }
         let mut summaries = sled::Batch::default();
         for (id, value) in batch.summaries {
@@ -107,6 +170,7 @@ impl Store for SledStore {
             summaries.remove(&id.as_bytes()[..]);
         }
         for id in &batch.removed_builds {
+            damage.remove(&id.as_bytes()[..]);
             for key in self
                 .journal
                 .range(record_key(*id, 0)..=record_key(*id, u64::MAX))
@@ -117,6 +181,7 @@ impl Store for SledStore {
         }
         self.journal.apply_batch(records)?;
         self.summary.apply_batch(summaries)?;
+        self.damage.apply_batch(damage)?;
         for id in &batch.removed_builds {
             self.segments.remove(*id)?;
         }
@@ -124,21 +189,29 @@ impl Store for SledStore {
     }
 
     fn sync(&self) -> Result<(), Error> {
+        // Taken before the flush: what is written meanwhile waits for the next sync.
+        let synced: Vec<_> = lock(&self.unwitnessed)
+            .drain()
+            .map(|(id, seq)| (id, Witnessed::Through(seq)))
+            .collect();
         self.db.flush()?;
+        if let Some(witness) = lock(&self.witness).as_mut() {
+            witness.note(&synced).map_err(self.witness_error())?;
+        }
         Ok(())
     }
 
     fn records(
         &self,
         id: BuildId,
-        from_seq: u64,
+        seqs: std::ops::Range<u64>,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
-        let start = record_key(id, from_seq);
-        let end = record_key(id, u64::MAX);
+        let start = record_key(id, seqs.start);
+        let end = record_key(id, seqs.end);
         let mut out = Vec::new();
         let mut size = 0usize;
-        for entry in self.journal.range(start..=end) {
+        for entry in self.journal.range(start..end) {
             let (key, value) = entry?;
             let (_, seq) = split_record_key(&key)?;
             size += value.len().max(RECORD_FLOOR_BYTES);
@@ -203,9 +276,29 @@ impl Store for SledStore {
             .rev()
             .map(|entry| {
                 let (key, value) = entry?;
-                Ok((summary_id(&key)?, value.to_vec()))
+                Ok((id_key(SUMMARY_TREE, &key)?, value.to_vec()))
             })
             .collect()
+    }
+
+    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
+        self.damage
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((id_key(DAMAGE_TREE, &key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn witnessed(&self) -> Vec<(BuildId, Witnessed)> {
+        self.witnessed.clone()
+    }
+
+    fn start_witness(&self) -> Result<(), Error> {
+        let witness = Witness::start(&self.dir).map_err(self.witness_error())?;
+        *lock(&self.witness) = Some(witness);
+        Ok(())
     }
 }
 
@@ -226,20 +319,23 @@ mod tests {
         store.write(batch).unwrap();
         store.sync().unwrap();
         let seqs: Vec<u64> = store
-            .records(a, 0, usize::MAX)
+            .records(a, 0..u64::MAX, usize::MAX)
             .unwrap()
             .into_iter()
             .map(|r| r.0)
             .collect();
         assert_eq!(seqs, [0, 1, 2, 256, 300]);
-        assert_eq!(store.records(a, 2, usize::MAX).unwrap().len(), 3);
+        assert_eq!(store.records(a, 2..u64::MAX, usize::MAX).unwrap().len(), 3);
         assert_eq!(
-            store.records(a, 0, 2 * RECORD_FLOOR_BYTES).unwrap().len(),
+            store
+                .records(a, 0..u64::MAX, 2 * RECORD_FLOOR_BYTES)
+                .unwrap()
+                .len(),
             2,
             "stops at max_bytes"
         );
         assert_eq!(
-            store.records(a, 0, 0).unwrap().len(),
+            store.records(a, 0..u64::MAX, 0).unwrap().len(),
             1,
             "at least one record"
         );
