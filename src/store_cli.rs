@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use image_builder_state::inspect;
-use image_builder_state::store::{SledStore, Store};
+use image_builder_state::store::SledStore;
 use image_builder_state::{BuildId, Record};
 
 fn open(data_dir: &Path) -> anyhow::Result<SledStore> {
@@ -99,18 +99,14 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                         println!("{seq:>6}  cancel      at {at_ms}: {reason}")
                     }
                     Ok(Record::Log { offset, data }) => print_log(*seq, *offset, data),
-                    Ok(Record::LogAppended { offset, len }) => {
-                        match store.read_log(id, *offset, *len as usize) {
-                            Ok(data) if data.len() as u64 == *len => {
-                                print_log(*seq, *offset, &data)
-                            }
-                            Ok(data) => println!(
-                                "{seq:>6}  log @{offset:<6} SEGMENT SHORT: {} of {len} bytes",
-                                data.len()
-                            ),
-                            Err(e) => println!("{seq:>6}  log @{offset:<6} UNREADABLE  {e}"),
-                        }
-                    }
+                    Ok(
+                        record @ (Record::LogAppended { offset, .. }
+                        | Record::LogChecked { offset, .. }),
+                    ) => match inspect::named_log(&store, id, record) {
+                        Some(Ok(data)) => print_log(*seq, *offset, &data),
+                        Some(Err(e)) => println!("{seq:>6}  BAD LOG     {e}"),
+                        None => {}
+                    },
                     Err(e) => println!("{seq:>6}  UNREADABLE  {e}"),
                 }
             }

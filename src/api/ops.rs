@@ -125,7 +125,7 @@ pub fn journal_record(seq: u64, record: &Record, state: &str) -> pb::JournalReco
             }),
         ),
         // Its bytes are in the segment; a journal reader sends them as `Log` pieces.
-        Record::LogAppended { offset, .. } => (
+        Record::LogAppended { offset, .. } | Record::LogChecked { offset, .. } => (
             0,
             R::Log(pb::LogChunk {
                 offset: *offset,

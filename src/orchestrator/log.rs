@@ -380,7 +380,7 @@ mod tests {
             .records(id, 0)
             .unwrap()
             .iter()
-            .filter(|(_, r)| matches!(r, Record::LogAppended { .. }))
+            .filter(|(_, r)| matches!(r, Record::LogChecked { .. }))
             .count()
     }
 

@@ -47,6 +47,16 @@ pub enum Problem {
         /// What is wrong.
         damage: Damage,
     },
+    /// The log bytes a record names are missing from the segment or fail their checksum.
+    #[error("build {id}, record {seq}: {reason}")]
+    BadLog {
+        /// The build.
+        id: BuildId,
+        /// The record naming the bytes.
+        seq: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// The summary kept for listing disagrees with the records (the service repairs this at
     /// start).
     #[error("build {id}: the listing summary is stale or unreadable (repaired at the next start)")]
@@ -106,6 +116,37 @@ pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> 
     })
 }
 
+/// The log bytes `record` names in its build's segment, checked against the record's length
+/// (and checksum, format 3); `None` for a record that names none.
+pub fn named_log(
+    store: &dyn Store,
+    id: BuildId,
+    record: &Record,
+) -> Option<Result<Vec<u8>, String>> {
+    let (offset, len, crc32) = match record {
+        Record::LogAppended { offset, len } => (*offset, *len, None),
+        Record::LogChecked { offset, len, crc32 } => (*offset, *len, Some(*crc32)),
+        _ => return None,
+    };
+    let data = match store.read_log(id, offset, len as usize) {
+        Ok(data) => data,
+        Err(e) => return Some(Err(format!("log bytes at {offset} unreadable: {e}"))),
+    };
+    Some(if data.len() as u64 != len {
+        Err(format!(
+            "log bytes at {offset}: the segment holds {} of the {len} bytes the journal says are durable",
+            data.len()
+        ))
+    } else if crc32.is_some_and(|crc| crc != crc32fast::hash(&data)) {
+        Err(format!(
+            "log bytes {offset} to {} fail their checksum: the segment file was damaged",
+            offset + len
+        ))
+    } else {
+        Ok(data)
+    })
+}
+
 /// Reads every build, oldest first.
 pub fn builds(store: &dyn Store) -> Result<Vec<Inspected>, store::Error> {
     store
@@ -127,9 +168,16 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
         let id = inspected.id;
         let mut decoded = true;
         for (seq, record) in inspected.records {
-            if let Err(source) = record {
-                decoded = false;
-                problems.push(Problem::Undecodable { id, seq, source });
+            match record {
+                Err(source) => {
+                    decoded = false;
+                    problems.push(Problem::Undecodable { id, seq, source });
+                }
+                Ok(record) => {
+                    if let Some(Err(reason)) = named_log(store, id, &record) {
+                        problems.push(Problem::BadLog { id, seq, reason });
+                    }
+                }
             }
         }
         if let Some((seq, reason)) = inspected.unreadable {

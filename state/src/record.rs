@@ -3,8 +3,9 @@
 //!
 //! Versions: 1 wrote build output inline, one [`Record::Log`] per line. 2 adds
 //! [`Record::LogAppended`], which names bytes kept in the build's log segment file (see
-//! `store.rs`). The layout of version 1 is a prefix of version 2's, so both decode; a binary
-//! that knows only version 1 refuses version 2 by name instead of misreading it.
+//! `store/`). 3 adds [`Record::LogChecked`], the same with a checksum of the bytes, which
+//! replaces it. Each layout is a prefix of the next, so all decode; a binary that knows an
+//! older version refuses a newer one by name instead of misreading it.
 
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +13,7 @@ use crate::build::BuildSpec;
 use crate::machine::Event;
 
 /// The encoding written today. Readers reject any other version by name instead of guessing.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// The oldest encoding this binary still reads.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
@@ -63,6 +64,18 @@ pub enum Record {
         /// How many bytes.
         len: u64,
     },
+    /// `len` bytes of the build log, starting at `offset` in the whole log, are durable in the
+    /// build's log segment, and their CRC-32 is `crc32`: readers check the bytes before they
+    /// serve them, so a damaged segment is never served as the log (format version 3). At
+    /// most [`journal::LOG_PIECE_BYTES`](crate::journal::LOG_PIECE_BYTES) bytes each.
+    LogChecked {
+        /// Where these bytes start in the build's log.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+        /// CRC-32 (IEEE) of the bytes.
+        crc32: u32,
+    },
 }
 
 /// A stored record could not be read back.
@@ -111,6 +124,20 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
 }
 
 impl Record {
+    /// Where the log bytes this record holds or names start, and how many there are; `None`
+    /// for a record that is not a log record.
+    pub fn log_extent(&self) -> Option<(u64, u64)> {
+        match self {
+            Record::Log { offset, data } => Some((*offset, data.len() as u64)),
+            Record::LogAppended { offset, len } | Record::LogChecked { offset, len, .. } => {
+                Some((*offset, *len))
+            }
+            Record::Created { .. } | Record::Transition { .. } | Record::CancelRequested { .. } => {
+                None
+            }
+        }
+    }
+
     /// The stored form of this record.
     pub fn encode(&self) -> Result<Vec<u8>, Error> {
         encode(self)
@@ -169,6 +196,11 @@ mod tests {
             Record::LogAppended {
                 offset: 9,
                 len: 65536,
+            },
+            Record::LogChecked {
+                offset: 9,
+                len: 65536,
+                crc32: 0xdead_beef,
             },
         ];
         for r in records {

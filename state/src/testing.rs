@@ -28,3 +28,23 @@ pub async fn new_build(journal: &Journal) -> BuildId {
         .unwrap();
     id
 }
+
+/// Runs `open` until the store's lock is free, for at most two seconds: sled's I/O threads
+/// can hold its files for a moment after the last handle is dropped, so a test that reopens a
+/// store in the same process may find it still locked.
+pub fn when_unlocked<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Ok(opened) => return opened,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            #[allow(clippy::panic)]
+            Err(e) => panic!("cannot open the store: {e}"),
+        }
+    }
+}

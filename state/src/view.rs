@@ -205,7 +205,9 @@ impl BuildView {
                 });
             }
             Record::Log { offset, data } => self.extend_log(seq, *offset, data.len() as u64)?,
-            Record::LogAppended { offset, len } => self.extend_log(seq, *offset, *len)?,
+            Record::LogAppended { offset, len } | Record::LogChecked { offset, len, .. } => {
+                self.extend_log(seq, *offset, *len)?
+            }
             Record::CancelRequested { reason, .. } => {
                 if !self.phase().is_final() {
                     self.cancel_requested = Some(reason.clone());

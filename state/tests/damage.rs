@@ -7,13 +7,13 @@ use std::path::Path;
 use image_builder_state::journal::{Error, Journal};
 use image_builder_state::machine::{Event, Phase};
 use image_builder_state::store::{SledStore, Store, WriteBatch};
-use image_builder_state::testing::new_build;
+use image_builder_state::testing::{new_build, when_unlocked};
 use image_builder_state::{BuildId, Record, inspect};
 
 /// Builds, each with small and large log chunks; the even ones end Done, the odd ones stay
 /// in Building (a restart would resume them).
 async fn fill(dir: &Path, builds: usize) -> Vec<BuildId> {
-    let journal = Journal::open(dir).unwrap();
+    let journal = when_unlocked(|| Journal::open(dir));
     let mut ids = Vec::new();
     for n in 0..builds {
         let id = new_build(&journal).await;
@@ -69,7 +69,7 @@ async fn a_flipped_byte_in_sleds_file_loses_no_build_silently() {
     std::fs::write(&db_path, &db).unwrap();
 
     // Without the witness this open sees builds 0..7 and nothing else, with no error.
-    let journal = Journal::open(dir.path()).unwrap();
+    let journal = when_unlocked(|| Journal::open(dir.path()));
     let damaged: BTreeSet<BuildId> = journal.damaged().into_iter().map(|(id, _)| id).collect();
     assert_eq!(
         damaged,
@@ -115,7 +115,7 @@ async fn a_flipped_byte_in_sleds_file_loses_no_build_silently() {
     let fresh = new_build(&journal).await;
     journal.transition(fresh, Event::Admitted).await.unwrap();
     drop(journal);
-    let journal = Journal::open(dir.path()).unwrap();
+    let journal = when_unlocked(|| Journal::open(dir.path()));
     assert_eq!(journal.damaged().len(), ids.len() - cut);
     assert_eq!(
         journal.view(fresh).unwrap().unwrap().phase(),
@@ -126,7 +126,7 @@ async fn a_flipped_byte_in_sleds_file_loses_no_build_silently() {
     journal.remove(ids[cut]).await.unwrap();
     assert!(journal.damage(ids[cut]).is_none());
     drop(journal);
-    let journal = Journal::open(dir.path()).unwrap();
+    let journal = when_unlocked(|| Journal::open(dir.path()));
     assert_eq!(journal.damaged().len(), ids.len() - cut - 1);
 }
 
@@ -136,7 +136,7 @@ async fn a_record_that_does_not_decode_leaves_the_records_before_it_readable() {
     let ids = fill(dir.path(), 2).await;
     let id = ids[0];
     let (last, bad) = {
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = when_unlocked(|| SledStore::open(dir.path()));
         let last = store.last_seq(id).unwrap().unwrap();
         // A record that is not one: version byte 9, as a flipped bit in a value would give.
         let mut batch = WriteBatch::default();
@@ -155,7 +155,7 @@ async fn a_record_that_does_not_decode_leaves_the_records_before_it_readable() {
         store.sync().unwrap();
         (last, last + 1)
     };
-    let journal = Journal::open(dir.path()).unwrap();
+    let journal = when_unlocked(|| Journal::open(dir.path()));
     let damage = journal
         .damage(id)
         .expect("found at open: its summary was stale");
@@ -184,7 +184,7 @@ async fn a_record_that_does_not_decode_leaves_the_records_before_it_readable() {
 
     // `store check` (offline) names it, and the journal that is fine is not named.
     drop(journal);
-    let store = SledStore::open_existing(dir.path()).unwrap();
+    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
     let problems: Vec<String> = inspect::check(&store)
         .unwrap()
         .iter()
@@ -211,7 +211,7 @@ async fn store_check_names_builds_lost_to_a_flipped_byte() {
     let at = first_write_of(&db, ids[4]);
     db[at] ^= 1;
     std::fs::write(&db_path, &db).unwrap();
-    let store = SledStore::open_existing(dir.path()).unwrap();
+    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
     let problems: Vec<String> = inspect::check(&store)
         .unwrap()
         .iter()
@@ -226,4 +226,68 @@ async fn store_check_names_builds_lost_to_a_flipped_byte() {
         );
     }
     assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flipped_byte_in_a_log_segment_is_never_served_as_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = when_unlocked(|| Journal::open(dir.path()));
+    let id = new_build(&journal).await;
+    journal.transition(id, Event::Admitted).await.unwrap();
+    let piece = image_builder_state::journal::LOG_PIECE_BYTES;
+    // Three checksummed pieces in one append, then a fourth.
+    let mut first = vec![b'a'; piece];
+    first.extend(vec![b'b'; piece]);
+    first.extend(vec![b'c'; 100]);
+    journal.log(id, first).await.unwrap();
+    journal.log(id, vec![b'd'; 5000]).await.unwrap();
+    drop(journal);
+
+    let segment = dir.path().join("logs").join(format!("{id}.log"));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[piece + 10] ^= 0x01; // inside the second piece
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let journal = when_unlocked(|| Journal::open(dir.path()));
+    let mut reader = journal.read(id, 0, 0);
+    let mut log = Vec::new();
+    let end = loop {
+        match reader.next().await {
+            Some(Ok(image_builder_state::journal::Entry::Log { bytes, .. })) => log.extend(bytes),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    assert_eq!(
+        log,
+        vec![b'a'; piece],
+        "the first piece, whole, and nothing of the damaged one"
+    );
+    match end {
+        Some(Error::Damaged { reason, .. }) => {
+            assert!(reason.contains("fail their checksum"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(journal.damage(id).is_some(), "the build is marked damaged");
+    assert_eq!(
+        journal.summaries().unwrap()[0].state(),
+        "damaged",
+        "and listed so"
+    );
+    drop((reader, journal));
+
+    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
+    let problems: Vec<String> = inspect::check(&store)
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains(&format!("build {id}, record 3")) && p.contains("checksum")),
+        "{problems:?}"
+    );
 }

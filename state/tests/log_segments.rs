@@ -146,7 +146,11 @@ fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
     }
 }
 
@@ -191,4 +195,53 @@ async fn a_store_written_by_the_previous_release_reads_and_takes_new_appends() {
         b"resolving\nresumed\n"
     );
     assert_eq!(read_all(&journal, running, 12).await, b"sumed\n");
+}
+
+/// `tests/fixtures/store-v2` was written by the release with log segments but no checksums
+/// (record format version 2, no witness file): a finished build with a 10,000-byte segment
+/// chunk and an inline line, and a build left in Building with a 5,000-byte chunk.
+#[tokio::test]
+async fn a_store_of_format_two_reads_and_takes_checked_appends() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v2");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture, dir.path());
+    let done: BuildId = "01a21893-0b37-7713-b72e-3a5bf6e90b50".parse().unwrap();
+    let running: BuildId = "01a21893-0b44-72cf-bfd0-c2cf78bbad2c".parse().unwrap();
+    let big: Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+
+    let journal = Journal::open(dir.path()).unwrap();
+    assert!(journal.damaged().is_empty(), "{:?}", journal.damaged());
+    assert_eq!(journal.view(done).unwrap().unwrap().phase(), Phase::Done);
+    let mut expected = big.clone();
+    expected.extend_from_slice(b"small line\n");
+    assert_eq!(read_all(&journal, done, 0).await, expected);
+    assert_eq!(read_all(&journal, done, 9_999).await, expected[9_999..]);
+    assert!(
+        journal
+            .records(done, 0)
+            .unwrap()
+            .iter()
+            .any(|(_, r)| matches!(r, Record::LogAppended { .. }))
+    );
+
+    let unfinished = journal.unfinished().unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].phase(), Phase::Building);
+    journal.log(running, vec![b'y'; 6000]).await.unwrap();
+    journal
+        .transition(running, Event::Failed { reason: "r".into() })
+        .await
+        .unwrap();
+    drop(journal);
+    let journal = image_builder_state::testing::when_unlocked(|| Journal::open(dir.path()));
+    let mut expected = vec![b'z'; 5000];
+    expected.extend(vec![b'y'; 6000]);
+    assert_eq!(read_all(&journal, running, 0).await, expected);
+    assert!(
+        journal
+            .records(running, 0)
+            .unwrap()
+            .iter()
+            .any(|(_, r)| matches!(r, Record::LogChecked { len: 6000, .. }))
+    );
 }

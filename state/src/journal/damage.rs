@@ -250,7 +250,7 @@ impl Journal {
                     format!("record {seq} does not fit the build: {source}"),
                 )
             }
-            Error::LogMissing { .. } => {
+            Error::LogMissing { .. } | Error::LogCorrupt { .. } => {
                 let reason = error.to_string();
                 self.mark_damaged(id, at_seq, reason)
             }

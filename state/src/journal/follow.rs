@@ -137,7 +137,8 @@ impl Follower {
 }
 
 /// Where a log piece comes from: bytes a record holds (format 1) or a durable extent of the
-/// build's segment (format 2), from `at` to `end`.
+/// build's segment (format 2), from `at` to `end`, or a checksummed piece of the segment
+/// (format 3), read whole and checked before any of it is served.
 enum Extent {
     Inline {
         seq: u64,
@@ -149,6 +150,13 @@ enum Extent {
         seq: u64,
         at: u64,
         end: u64,
+    },
+    Checked {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        crc32: u32,
+        at: u64,
     },
 }
 
@@ -204,15 +212,11 @@ impl Reader {
                 Ok(next) => next,
                 Err(e) => return Some(Err(e)),
             };
-            let (offset, len) = match &record {
-                Record::Log { offset, data } => (*offset, data.len() as u64),
-                Record::LogAppended { offset, len } => (*offset, *len),
-                _ => {
-                    return Some(Ok(Entry::Record {
-                        seq,
-                        record: Box::new(record),
-                    }));
-                }
+            let Some((offset, len)) = record.log_extent() else {
+                return Some(Ok(Entry::Record {
+                    seq,
+                    record: Box::new(record),
+                }));
             };
             let end = offset + len;
             if end <= self.from_byte {
@@ -226,6 +230,13 @@ impl Reader {
                     data,
                     start: (at - offset) as usize,
                 },
+                Record::LogChecked { crc32, .. } => Extent::Checked {
+                    seq,
+                    offset,
+                    len,
+                    crc32,
+                    at,
+                },
                 _ => Extent::Segment { seq, at, end },
             });
         }
@@ -234,6 +245,35 @@ impl Reader {
     /// The next piece of `extent`; what is left of it stays for the next call.
     fn piece(&mut self, extent: Extent) -> Result<Entry> {
         let (seq, at, bytes) = match extent {
+            Extent::Checked {
+                seq,
+                offset,
+                len,
+                crc32,
+                at,
+            } => {
+                let journal = &self.records.journal;
+                let id = self.records.id();
+                let data = journal
+                    .read_log(id, offset, len as usize)
+                    .map_err(|e| journal.damage_from(id, seq, e))?;
+                if crc32fast::hash(&data) != crc32 {
+                    let corrupt = Error::LogCorrupt {
+                        id,
+                        seq,
+                        offset,
+                        len,
+                    };
+                    return Err(journal.damage_from(id, seq, corrupt));
+                }
+                // Checked whole: served from memory like bytes kept in a record.
+                return self.piece(Extent::Inline {
+                    seq,
+                    offset,
+                    data,
+                    start: (at - offset) as usize,
+                });
+            }
             Extent::Inline {
                 seq,
                 offset,

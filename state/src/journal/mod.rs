@@ -12,7 +12,7 @@
 //! after the sync of the records they reflect (they are derived, and repaired at open).
 //!
 //! Build output is not in the records: [`Journal::log`] puts the bytes in the build's log
-//! segment, durable before the record that names them (`LogAppended`) is written.
+//! segment, durable before the records that name them (`LogChecked`) are written.
 //!
 //! Files: `commit.rs` (the committer thread), `follow.rs` (readers that tail a build),
 //! `repair.rs` (the pass run at open), `damage.rs` (builds the store cannot give back whole).
@@ -93,6 +93,21 @@ pub enum Error {
     /// The committer thread is gone (the journal is shutting down).
     #[error("the journal is closed")]
     Closed,
+    /// Log bytes in the segment do not match the checksum their record keeps.
+    #[error(
+        "build {id}: log bytes {offset} to {} fail their checksum (record {seq}): the log segment file was damaged",
+        offset + len
+    )]
+    LogCorrupt {
+        /// The build.
+        id: BuildId,
+        /// The record that names the bytes.
+        seq: u64,
+        /// Where they start.
+        offset: u64,
+        /// How many.
+        len: u64,
+    },
     /// A durable record names log bytes its segment does not hold (the file was cut short
     /// or removed behind the service's back).
     #[error(
@@ -290,8 +305,9 @@ impl Journal {
     }
 
     /// Appends bytes to a build's log; returns the offset they start at. Resolves once the
-    /// bytes and their record are durable. A chunk of [`INLINE_LOG_BYTES`] or more goes into
-    /// the build's segment and the record names it; a smaller one is kept in the record itself,
+    /// bytes and their records are durable. A chunk of [`INLINE_LOG_BYTES`] or more goes into
+    /// the build's segment, named by one checksummed record per [`LOG_PIECE_BYTES`] (so a
+    /// reader checks a piece before serving it); a smaller one is kept in the record itself,
     /// so that many builds printing a little each share one sync instead of one each.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
         let mut offset = 0;
@@ -302,13 +318,24 @@ impl Journal {
             if data.len() < INLINE_LOG_BYTES {
                 return Ok(vec![Record::Log { offset, data }]);
             }
-            let len = data.len() as u64;
+            let records = data
+                .chunks(LOG_PIECE_BYTES)
+                .scan(offset, |at, piece| {
+                    let record = Record::LogChecked {
+                        offset: *at,
+                        len: piece.len() as u64,
+                        crc32: crc32fast::hash(piece),
+                    };
+                    *at += piece.len() as u64;
+                    Some(record)
+                })
+                .collect();
             logs.push(LogBytes {
                 id,
                 offset,
                 bytes: data,
             });
-            Ok(vec![Record::LogAppended { offset, len }])
+            Ok(records)
         })
         .await?;
         Ok(offset)
