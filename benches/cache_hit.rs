@@ -3,6 +3,7 @@
 //! loopback registry.
 //!
 //! `cargo bench --bench cache_hit` (BENCH_CALLS sets the number of Build calls, default 300).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,7 @@
 //! `write` + `fdatasync` of 64 KiB chunks.
 //!
 //! `cargo bench --bench journal` (BENCH_SECONDS sets each phase's length, default 3).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::io::Write;
 use std::time::{Duration, Instant};

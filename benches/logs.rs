@@ -10,6 +10,7 @@
 //! - one output line of 300 MB with no newline: the service's peak RSS above idle.
 //!
 //! `cargo bench --bench logs` (needs root, buildah, docker-registry: `scripts/setup.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::Path;
 use std::process::{Command, Stdio};

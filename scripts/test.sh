@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo test --workspace --no-fail-fast "$@"
+# House rules first, so CI enforces them: formatting, and every lint of [workspace.lints].
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --features image-builder/failpoints -- -D warnings
+cargo test --workspace --features image-builder/failpoints --no-fail-fast "$@"

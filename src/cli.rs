@@ -227,7 +227,7 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
             }
         }
         BuildsCommand::Logs { build_id, follow } => {
-            logs(&connection.address, &build_id, follow).await?
+            logs(&connection.address, &build_id, follow).await?;
         }
         BuildsCommand::Watch { build_id } => watch(&mut client, &build_id).await?,
         BuildsCommand::Cancel { build_id, reason } => {

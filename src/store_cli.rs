@@ -90,13 +90,13 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                         println!(
                             "{seq:>6}  created     at {at_ms}: {:?}; base {base_ref}; workspace {workspace_ref}",
                             spec.source
-                        )
+                        );
                     }
                     Ok(Record::Transition { event, at_ms }) => {
-                        println!("{seq:>6}  transition  at {at_ms}: {event:?}")
+                        println!("{seq:>6}  transition  at {at_ms}: {event:?}");
                     }
                     Ok(Record::CancelRequested { reason, at_ms }) => {
-                        println!("{seq:>6}  cancel      at {at_ms}: {reason}")
+                        println!("{seq:>6}  cancel      at {at_ms}: {reason}");
                     }
                     Ok(Record::Log { offset, data }) => print_log(*seq, *offset, data),
                     Ok(

@@ -1,6 +1,7 @@
 //! A catalogue of malformed and hostile requests against the real service: each gets its
 //! exact status code and a bounded message a person can act on, and the service builds
 //! normally afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! A client that goes away while its request is being made durable (a gRPC deadline does
 //! exactly this) leaves nothing half-made: the next Build of the same image works.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Crash anywhere, lose nothing: the service is killed with SIGKILL in each working state of a
 //! Dockerfile build, restarted, and each build ends as it would have without the crash, under
 //! the same build id, with one line in its log saying it was resumed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! credentials from a docker config file (re-read when it changes), per-request auth with
 //! mk3's rules, pushes with the installation's credentials only, censoring, and a scan that
 //! finds no credential anywhere it must not be.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 
@@ -33,7 +34,10 @@ fn selective(any_of: &[&str]) -> pb::BuildRegistryAuth {
     pb::BuildRegistryAuth {
         mode: Some(pb::build_registry_auth::Mode::Selective(
             pb::BuildRegistryAuthSelective {
-                any_of: any_of.iter().map(|s| s.to_string()).collect(),
+                any_of: any_of
+                    .iter()
+                    .map(std::string::ToString::to_string)
+                    .collect(),
                 ..Default::default()
             },
         )),

@@ -1,4 +1,5 @@
 //! Dockerfile builds from git, for real: local git repositories, buildah, the registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

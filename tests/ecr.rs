@@ -2,6 +2,7 @@
 //! registry that demands exactly that token accepts it; when the registry refuses a token in
 //! the middle of a push (as when a push outlives its token), the token is renewed and the push
 //! goes on.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

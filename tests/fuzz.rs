@@ -2,6 +2,7 @@
 //! image references, the log-offset metadata, Build requests (and, in `state/`, journal
 //! records). Each runs a bounded number of random cases: no input panics, and refusals are
 //! precise and bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use image_builder::api::build_request;
 use image_builder::api::image_builder::parse_log_offset;

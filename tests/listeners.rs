@@ -1,6 +1,7 @@
 //! Logs for every listener: attached before, during and after the build, after a restart, a
 //! slow one and one that reconnects from its offset all receive the same bytes, in order, with
 //! no gap and no duplicate; the slow one holds up nobody.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Build output at volume, for real: a builder printing hundreds of thousands of lines while
 //! the service is killed, listeners resuming at a byte offset across the restart, and a store
 //! whose file system fills up in the middle of a build.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

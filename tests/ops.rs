@@ -1,5 +1,6 @@
 //! The ops API and the CLI: inspect, cancel (also across a restart), retry, follow logs across
 //! a restart, and read the store of a stopped service.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The registry adapter against a real registry: index resolution and copies.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use async_trait::async_trait;
 use image_builder::registry::{self, NoCredentials, Progress, Registry, Untracked};

@@ -1,5 +1,6 @@
 //! The scenario runner pointed at a service it did not start (`--target`): steps that need no
 //! process control run, the others are skipped and said to be.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

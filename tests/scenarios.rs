@@ -1,6 +1,7 @@
 //! Every file in `scenarios/` is one test, played by the real runner (`image-builder scenario
 //! run FILE`) against the real service, registry, buildah and git. A failure names the file
 //! and shows the runner's step-by-step report.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,4 +1,5 @@
 //! The spine end to end: the real binary against a real registry, checked with skopeo.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -11,9 +11,9 @@
 pub mod ecr;
 pub mod redact;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -172,7 +172,7 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<HashMap<String, Secret>, Err
                 auths.insert(normalize_host(&host), secret);
             }
             None => {
-                tracing::warn!(registry = %normalize_host(&host), "pullSecretFile entry has no usable credential; ignored")
+                tracing::warn!(registry = %normalize_host(&host), "pullSecretFile entry has no usable credential; ignored");
             }
         }
     }
@@ -214,7 +214,7 @@ impl DockerConfig {
             source,
         })?;
         let digest: [u8; 32] = sha2::Sha256::digest(&text).into();
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut loaded = self.loaded.lock();
         if loaded.digest == Some(digest) {
             return Ok(());
         }
@@ -232,13 +232,13 @@ impl DockerConfig {
         if let Err(e) = self.refresh() {
             tracing::warn!(error = %e, "keeping the last good registry credentials");
         }
-        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = self.loaded.lock();
         loaded.auths.get(&normalize_host(host)).cloned()
     }
 
     /// Every credential value, for redaction.
     pub fn sensitive_values(&self) -> Vec<String> {
-        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = self.loaded.lock();
         loaded
             .auths
             .values()
@@ -251,7 +251,7 @@ impl DockerConfig {
         if let Err(e) = self.refresh() {
             tracing::warn!(error = %e, "keeping the last good registry credentials");
         }
-        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let loaded = self.loaded.lock();
         loaded.auths.keys().cloned().collect()
     }
 }

@@ -203,7 +203,7 @@ mod tests {
     use super::*;
 
     fn redact(text: &str, values: &[&str]) -> String {
-        let needles = Needles::new(values.iter().map(|v| v.to_string()));
+        let needles = Needles::new(values.iter().map(std::string::ToString::to_string));
         String::from_utf8(needles.redact(text.as_bytes())).unwrap()
     }
 
@@ -229,7 +229,9 @@ mod tests {
     }
 
     fn stream(input: &[&[u8]], values: &[&str]) -> Vec<u8> {
-        let mut redactor = StreamRedactor::new(Needles::new(values.iter().map(|v| v.to_string())));
+        let mut redactor = StreamRedactor::new(Needles::new(
+            values.iter().map(std::string::ToString::to_string),
+        ));
         let mut out = Vec::new();
         for piece in input {
             redactor.push(piece, &mut out);

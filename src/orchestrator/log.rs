@@ -11,10 +11,11 @@
 //! before it is durable: the build's task calls it before every transition, so a build's log
 //! is whole in the journal before the build is seen to move on.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -161,7 +162,7 @@ impl BuildLog {
     /// What of `bytes` fits under `maxLogBytes`: all of it, or the lines that fit and the
     /// truncation marker once, or nothing after that.
     fn admit(&self, mut bytes: Vec<u8>) -> Option<Vec<u8>> {
-        let mut budget = self.shared.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let mut budget = self.shared.budget.lock();
         if budget.truncated || bytes.is_empty() {
             return None;
         }
@@ -200,7 +201,6 @@ impl Tail {
     pub fn lines(&self) -> Vec<String> {
         self.0
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|l| !l.trim().is_empty())
             .cloned()
@@ -215,7 +215,7 @@ impl Tail {
             .take(TAIL_LINES)
             .collect::<Vec<_>>();
         lines.reverse();
-        let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tail = self.0.lock();
         for line in lines {
             if tail.len() == TAIL_LINES {
                 tail.pop_front();

@@ -12,8 +12,9 @@ mod log;
 mod steps;
 mod task;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use image_builder_state::journal::{self, Follower, Reader};
@@ -377,11 +378,7 @@ impl Orchestrator {
             .create(id, spec, base_ref.clone(), workspace_ref.clone())
             .await?;
         forget.keep();
-        self.inner
-            .secrets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, secrets);
+        self.inner.secrets.lock().insert(id, secrets);
         let _ = created.send(true);
         self.inner.metrics.build_started();
         tracing::info!(build_id = %id, %workspace_ref, "build accepted");
@@ -636,7 +633,7 @@ impl Orchestrator {
         }
     }
 
-    fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
+    fn lock_flights(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Flight>> {
         self.inner.lock_flights()
     }
 }
@@ -694,11 +691,7 @@ impl Inner {
 
     /// The in-memory secrets of a build (`None` after a restart: they are never stored).
     fn secrets_of(&self, id: BuildId) -> Option<BuildSecrets> {
-        self.secrets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+        self.secrets.lock().get(&id).cloned()
     }
 
     /// Every credential value a build's log must not show.
@@ -724,14 +717,11 @@ impl Inner {
     /// Forgets what attempt `attempt` of a build kept in memory once it has ended.
     fn forget(&self, workspace_ref: &str, id: BuildId, attempt: u32) {
         self.forget_flight(workspace_ref, id, attempt);
-        self.secrets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.secrets.lock().remove(&id);
     }
 
-    fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
-        self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_flights(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Flight>> {
+        self.flights.lock()
     }
 
     /// Ends the flight of `workspace_ref` if it is still attempt `attempt` of build `id` (a

@@ -118,7 +118,10 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         };
         // A build about to end takes no more joiners: one who joined now would be answered
         // with this build's end, though it asked after it (and maybe for a rebuild).
-        if view.check(&event).is_ok_and(|phase| phase.is_final()) {
+        if view
+            .check(&event)
+            .is_ok_and(image_builder_state::Phase::is_final)
+        {
             inner.forget_flight(&view.workspace_ref, id, view.attempt);
         }
         let name = event.name();

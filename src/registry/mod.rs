@@ -455,7 +455,7 @@ async fn copy_blob(
             }
             // A registry may refuse a mount and offer an upload instead: copy the bytes.
             Err(e) => {
-                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming")
+                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming");
             }
         }
     }

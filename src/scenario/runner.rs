@@ -1,9 +1,10 @@
 //! Plays one scenario: sets up its environment (registry, fault proxy, base images, git
 //! repositories, the service), runs its steps in order and reports each one.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_builder_state::{Journal, Phase};
@@ -901,11 +902,7 @@ impl World {
                     .map_err(|e| format!("RetryBuild: {}", e.message()))?;
                 // The first attempt's stream has ended; follow the build by its journal now.
                 let t = self.tracked(build)?;
-                t.state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .responses
-                    .clear();
+                t.state.lock().responses.clear();
                 Ok(())
             }
             Step::ExpectState {
@@ -1014,7 +1011,7 @@ impl World {
         tokio::spawn(async move {
             let mut first_tx = Some(first_tx);
             let mut record = |f: &mut dyn FnMut(&mut CallState)| {
-                f(&mut shared.lock().unwrap_or_else(|p| p.into_inner()));
+                f(&mut shared.lock());
                 if let Some(tx) = first_tx.take() {
                     let _ = tx.send(());
                 }
@@ -1058,7 +1055,7 @@ impl World {
 
     async fn build_id(&self, name: &str) -> Result<String, String> {
         let t = self.tracked(name)?;
-        let state = t.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = t.state.lock();
         if !state.build_id.is_empty() {
             return Ok(state.build_id.clone());
         }
@@ -1084,7 +1081,7 @@ impl World {
             .await
             .map_err(|_| "stream task vanished")?;
         let (last, error, id) = {
-            let s = t.state.lock().unwrap_or_else(|p| p.into_inner());
+            let s = t.state.lock();
             (
                 s.responses.last().cloned(),
                 s.error.clone(),
@@ -1125,13 +1122,7 @@ impl World {
 
     async fn workspace_ref(&self, name: &str) -> Result<String, String> {
         let t = self.tracked(name)?;
-        if let Some(r) = t
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .responses
-            .last()
-        {
+        if let Some(r) = t.state.lock().responses.last() {
             return Ok(r.r#ref.clone());
         }
         let id = self.build_id(name).await?;
@@ -1176,7 +1167,7 @@ impl World {
                 seen.push_str(&String::from_utf8_lossy(&self.full_log(&name).await?));
             }
             let t = self.tracked(&name)?;
-            let s = t.state.lock().unwrap_or_else(|p| p.into_inner());
+            let s = t.state.lock();
             seen.push_str(&format!("{:?}{:?}", s.responses, s.error));
         }
         let service = self.service()?;

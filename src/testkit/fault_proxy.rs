@@ -3,8 +3,9 @@
 //! rule matches, in which case it answers with an HTTP error (optionally with `Retry-After`),
 //! resets the connection in the middle of a body, adds latency, or stalls.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -113,20 +114,12 @@ impl FaultProxy {
     /// Adds a fault rule (rules are tried in the order added).
     pub fn inject(&self, fault: Fault) {
         let left = fault.times;
-        self.shared
-            .rules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Rule { fault, left });
+        self.shared.rules.lock().push(Rule { fault, left });
     }
 
     /// Removes every fault rule.
     pub fn clear(&self) {
-        self.shared
-            .rules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.shared.rules.lock().clear();
     }
 
     /// How many requests got a fault so far.
@@ -144,7 +137,7 @@ impl Drop for FaultProxy {
 impl Shared {
     /// The fault for this request, if a rule matches and has uses left.
     fn fault_for(&self, method: &str, path: &str) -> Option<FaultKind> {
-        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rules = self.rules.lock();
         let rule = rules.iter_mut().find(|r| {
             path.contains(&r.fault.path_contains)
                 && r.fault
@@ -216,9 +209,8 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         upstream = upstream.header("x-forwarded-host", host);
     }
     let body = reqwest::Body::wrap_stream(request.into_body().into_data_stream());
-    let answer = match upstream.body(body).send().await {
-        Ok(answer) => answer,
-        Err(_) => return plain(StatusCode::BAD_GATEWAY, "upstream unreachable"),
+    let Ok(answer) = upstream.body(body).send().await else {
+        return plain(StatusCode::BAD_GATEWAY, "upstream unreachable");
     };
     let mut response = Response::builder().status(answer.status().as_u16());
     for (name, value) in answer.headers() {

@@ -4,6 +4,8 @@
 //!
 //! Child processes are started from one long-lived thread with `PR_SET_PDEATHSIG`, so they die
 //! with the process that started them, even when it is killed.
+// A test rig: a broken environment is a failed test, so it may panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fault_proxy;
 mod git;

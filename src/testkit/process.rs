@@ -1,8 +1,9 @@
 //! Starting child processes that cannot outlive us, and running commands to completion.
 
+use parking_lot::Mutex;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{OnceLock, mpsc};
 
 use super::{Error, Result};
 
@@ -41,7 +42,6 @@ pub(crate) fn spawn(command: Command) -> Result<Child> {
     let (reply, answer) = mpsc::channel();
     keeper()
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .send((command, reply))
         .map_err(|_| Error::Command {
             command: line.clone(),

@@ -1,9 +1,10 @@
 //! The `image-builder` binary as a child process: started with a config, killed, restarted.
 
+use parking_lot::Mutex;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -87,7 +88,7 @@ impl Service {
                 if line.contains("image-builder serving") {
                     let _ = ready.send(line.clone());
                 }
-                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                let mut log = log.lock();
                 log.push_str(&line);
                 log.push('\n');
             }
@@ -139,7 +140,7 @@ impl Service {
 
     /// Everything the service wrote to stderr, across restarts.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.log.lock().clone()
     }
 
     /// The process id, while running.

@@ -13,6 +13,8 @@
 //! Working states are Queued, Resolving, CheckingCache, Building and Pushing; Done, Failed and
 //! Cancelled are final: Done accepts no event, Failed and Cancelled only Retried. A build waits in Queued until the concurrency limit
 //! admits it.
+// statig generates `State` and `Superstate` (a variant per handler) without docs.
+#![allow(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 use statig::prelude::*;

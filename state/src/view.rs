@@ -206,7 +206,7 @@ impl BuildView {
             }
             Record::Log { offset, data } => self.extend_log(seq, *offset, data.len() as u64)?,
             Record::LogAppended { offset, len } | Record::LogChecked { offset, len, .. } => {
-                self.extend_log(seq, *offset, *len)?
+                self.extend_log(seq, *offset, *len)?;
             }
             Record::CancelRequested { reason, .. } => {
                 if !self.phase().is_final() {
@@ -373,7 +373,7 @@ mod tests {
                         records.push(Record::Transition {
                             event,
                             at_ms: i as i64 + 2,
-                        })
+                        });
                     }
                     Some(_) => {}
                     None => {

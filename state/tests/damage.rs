@@ -1,5 +1,6 @@
 //! A store with damaged files: nothing is lost silently, what is readable stays readable, and
 //! the journal opens.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -266,7 +267,7 @@ async fn a_flipped_byte_in_a_log_segment_is_never_served_as_the_log() {
     );
     match end {
         Some(Error::Damaged { reason, .. }) => {
-            assert!(reason.contains("fail their checksum"), "{reason}")
+            assert!(reason.contains("fail their checksum"), "{reason}");
         }
         other => panic!("{other:?}"),
     }

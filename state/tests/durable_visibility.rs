@@ -1,6 +1,7 @@
 //! Nothing undurable is ever visible, and readers never wait for a sync: with the store's sync
 //! held open in the middle of each commit, every reader answers at once and shows exactly the
 //! state after the last durable commit. A property test over random appends.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};

@@ -104,7 +104,7 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
         .and_then(|()| shared.store.sync())
         .map_err(Error::from);
         if result.is_ok() {
-            let mut frontier = shared.frontier.lock().unwrap_or_else(|p| p.into_inner());
+            let mut frontier = shared.frontier.lock();
             for (id, seq) in written {
                 let next = frontier.entry(id).or_insert(0);
                 *next = (*next).max(seq + 1);

@@ -22,9 +22,10 @@ mod damage;
 mod follow;
 mod repair;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
@@ -188,7 +189,7 @@ impl Journal {
                 "the store holds damaged builds; list them with `builds list --state damaged`"
             );
         }
-        *shared.damaged.lock().unwrap_or_else(|p| p.into_inner()) = damaged.into_iter().collect();
+        *shared.damaged.lock() = damaged.into_iter().collect();
         let (commits, queue) = mpsc::channel();
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -282,11 +283,7 @@ impl Journal {
                 });
             }
             heads.remove(&id);
-            self.shared
-                .removed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id);
+            self.shared.removed.lock().insert(id);
             let (done, wait) = oneshot::channel();
             let batch = WriteBatch {
                 removed_builds: vec![id],
@@ -395,12 +392,7 @@ impl Journal {
         if let Some((first, _)) = records.first() {
             // Everything before the first record queued is durable (or in flight, and then
             // the frontier is set already).
-            self.shared
-                .frontier
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(id)
-                .or_insert(*first);
+            self.shared.frontier.lock().entry(id).or_insert(*first);
         }
         for (seq, record) in records {
             let bytes = record.encode().map_err(|e| encode_err(seq, e))?;
@@ -424,22 +416,15 @@ impl Journal {
     }
 
     fn is_removed(&self, id: BuildId) -> bool {
-        self.shared
-            .removed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
+        self.shared.removed.lock().contains(&id)
     }
 
     fn lock_damaged(&self) -> MutexGuard<'_, HashMap<BuildId, Damage>> {
-        self.shared
-            .damaged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.damaged.lock()
     }
 
     fn lock_heads(&self) -> MutexGuard<'_, HashMap<BuildId, BuildView>> {
-        self.shared.heads.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.heads.lock()
     }
 
     /// The heads lock and build `id`'s current view. A build this process has not appended
@@ -465,12 +450,7 @@ impl Journal {
     /// The first sequence number of build `id` that is not durable, if it has records in
     /// flight or written since open.
     fn frontier(&self, id: BuildId) -> Option<u64> {
-        self.shared
-            .frontier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .copied()
+        self.shared.frontier.lock().get(&id).copied()
     }
 
     /// A build's durable records from `from_seq` on, in order.

@@ -1,10 +1,10 @@
 //! Log segments: one append-only file per build beside sled's files.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use super::{Error, LogBytes, RESERVED_BYTES, ensure_room};
 use crate::build::BuildId;
@@ -97,7 +97,7 @@ impl Segments {
     }
 
     fn reader(&self, id: BuildId) -> Result<Option<std::sync::Arc<File>>, Error> {
-        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut readers = self.readers.lock();
         if let Some(file) = readers.get(&id) {
             return Ok(Some(file.clone()));
         }
@@ -135,10 +135,7 @@ impl Segments {
     }
 
     pub(super) fn remove(&self, id: BuildId) -> Result<(), Error> {
-        self.readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.readers.lock().remove(&id);
         match std::fs::remove_file(self.path(id)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(id)(e)),
             _ => Ok(()),

@@ -1,8 +1,8 @@
 //! [`SledStore`]: the [`Store`] on sled and log segment files; the only file that names sled.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use super::segments::Segments;
 use super::witness::{self, Witness, Witnessed};
@@ -66,12 +66,6 @@ fn id_key(keyspace: &'static str, key: &[u8]) -> Result<BuildId, Error> {
         len: key.len(),
     })?;
     Ok(BuildId::from_bytes(id))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl SledStore {
@@ -139,16 +133,16 @@ impl Store for SledStore {
                 .iter()
                 .map(|&id| (id, Witnessed::Removed))
                 .collect();
-            let mut unwitnessed = lock(&self.unwitnessed);
+            let mut unwitnessed = self.unwitnessed.lock();
             for id in &batch.removed_builds {
                 unwitnessed.remove(id);
             }
-            if let Some(witness) = lock(&self.witness).as_mut() {
+            if let Some(witness) = self.witness.lock().as_mut() {
                 witness.note(&removed).map_err(self.witness_error())?;
             }
         }
         {
-            let mut unwitnessed = lock(&self.unwitnessed);
+            let mut unwitnessed = self.unwitnessed.lock();
             for &(id, seq, _) in &batch.records {
                 let newest = unwitnessed.entry(id).or_insert(seq);
                 *newest = (*newest).max(seq);
@@ -190,12 +184,14 @@ impl Store for SledStore {
 
     fn sync(&self) -> Result<(), Error> {
         // Taken before the flush: what is written meanwhile waits for the next sync.
-        let synced: Vec<_> = lock(&self.unwitnessed)
+        let synced: Vec<_> = self
+            .unwitnessed
+            .lock()
             .drain()
             .map(|(id, seq)| (id, Witnessed::Through(seq)))
             .collect();
         self.db.flush()?;
-        if let Some(witness) = lock(&self.witness).as_mut() {
+        if let Some(witness) = self.witness.lock().as_mut() {
             witness.note(&synced).map_err(self.witness_error())?;
         }
         Ok(())
@@ -297,7 +293,7 @@ impl Store for SledStore {
 
     fn start_witness(&self) -> Result<(), Error> {
         let witness = Witness::start(&self.dir).map_err(self.witness_error())?;
-        *lock(&self.witness) = Some(witness);
+        *self.witness.lock() = Some(witness);
         Ok(())
     }
 }
