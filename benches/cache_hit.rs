@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::registry::{NoCredentials, Registry, Untracked};
-use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder::proto::contentservice as cs;
-use image_builder::testkit::{self, BaseImage, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 use tonic::transport::Channel;
 
 fn dockerfile_request(uri: &str, version: &str) -> pb::BuildRequest {

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --quiet --bin image-builder
-exec ./target/debug/image-builder demo "$@"
+cargo build --quiet -p image-builder --bin image-builder
+cargo build --quiet -p image-builder-testkit --bin image-builder-testkit
+exec ./target/debug/image-builder-testkit demo "$@"

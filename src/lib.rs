@@ -15,4 +15,3 @@ pub mod registry;
 pub mod scenario;
 pub mod server;
 pub mod telemetry;
-pub mod testkit;

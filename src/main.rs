@@ -1,7 +1,7 @@
-//! The `image-builder` command: `run` serves the API; `demo` shows a real build end to end.
+//! The `image-builder` command: `run` serves the API; `builds` and `store` are the SRE's
+//! commands; `scenario run --target` tests a running installation.
 
 mod cli;
-mod demo;
 mod store_cli;
 
 use std::path::PathBuf;
@@ -26,13 +26,6 @@ enum Commands {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Start a local registry and the service, run one build through the gRPC API and show its
-    /// status and log (the README's first command).
-    Demo {
-        /// Keep the registry and service running until Ctrl-C.
-        #[arg(long)]
-        keep: bool,
-    },
     /// Inspect, follow, cancel and retry the builds of a running service (ops API).
     Builds {
         #[command(flatten)]
@@ -45,7 +38,7 @@ enum Commands {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// Scenario-driven integration tests (see scenarios/README.md).
+    /// Scenario-driven tests of a running installation (see scenarios/README.md).
     Scenario {
         #[command(subcommand)]
         command: ScenarioCommand,
@@ -72,17 +65,18 @@ enum StoreCommand {
 
 #[derive(Subcommand)]
 enum ScenarioCommand {
-    /// Play scenario files against a service this command starts (or --target).
+    /// Play scenario files against a running service; steps that need to control the
+    /// service process or a fault proxy are skipped (the test kit's `image-builder-testkit
+    /// scenario run` starts everything itself and plays them all).
     Run {
         /// Scenario files (YAML).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
-        /// Play against an already running service (host:port); steps that need to control
-        /// the service process or a fault proxy are skipped.
+        /// The running service (host:port).
         #[arg(long, value_name = "ADDR")]
-        target: Option<String>,
-        /// With --target: the registry (host:port, plain HTTP) to push base images to.
-        #[arg(long, value_name = "ADDR", requires = "target")]
+        target: String,
+        /// The registry (host:port, plain HTTP) to push the scenarios' base images to.
+        #[arg(long, value_name = "ADDR")]
         registry: Option<String>,
     },
 }
@@ -105,7 +99,6 @@ fn main() -> ExitCode {
             Ok(config) => runtime.block_on(image_builder::server::run(config)),
             Err(e) => Err(anyhow::anyhow!("{e}")),
         },
-        Commands::Demo { keep } => runtime.block_on(demo::run(keep)),
         Commands::Store {
             command: StoreCommand::Inspect { data_dir, build_id },
         } => store_cli::inspect(&data_dir, build_id.as_deref()),
@@ -124,12 +117,13 @@ fn main() -> ExitCode {
                     registry,
                 },
         } => {
-            let options = image_builder::scenario::Options {
-                binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("image-builder")),
-                target,
+            let setup = image_builder::scenario::Target {
+                address: target,
                 registry,
+                cli_binary: std::env::current_exe()
+                    .unwrap_or_else(|_| PathBuf::from("image-builder")),
             };
-            match runtime.block_on(image_builder::scenario::run_files(&files, &options)) {
+            match runtime.block_on(image_builder::scenario::run_files(&files, &setup)) {
                 0 => Ok(()),
                 failed => Err(anyhow::anyhow!("{failed} scenario(s) failed")),
             }

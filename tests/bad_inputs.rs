@@ -10,7 +10,7 @@ use image_builder::api::image_builder::LOG_OFFSET_METADATA;
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder::proto::contentservice::CloneTargetMode;
-use image_builder::testkit::{GitRepo, Service};
+use image_builder_testkit::{GitRepo, Service};
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use image_builder::proto::builder as pb;
 use image_builder::proto::ops;
-use image_builder::testkit::{GitRepo, Service};
+use image_builder_testkit::{GitRepo, Service};
 use tonic::Code;
 
 /// A service whose `point` sleeps for 600 ms each time it is reached.

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::{self, BaseImage, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 
 const RESUMED: &str = "image-builder restarted; resuming this build at its last recorded step";
 

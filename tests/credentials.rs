@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 use tonic::Code;
 
 const INSTALL_PW: &str = "inst-marker-4b1d0c";

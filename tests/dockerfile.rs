@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use image_builder::proto::builder as pb;
 use image_builder::proto::contentservice::CloneTargetMode;
-use image_builder::testkit::{self, GitRepo, Service};
+use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::Code;
 
 fn dockerfile(base: &str, run: &str) -> String {

@@ -8,8 +8,8 @@ mod common;
 
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::{
-    self, BaseImage, Fault, FaultKind, FaultProxy, LocalRegistry, MotoServer, Service,
+use image_builder_testkit::{
+    self as testkit, BaseImage, Fault, FaultKind, FaultProxy, LocalRegistry, MotoServer, Service,
 };
 
 const ECR_NAME: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";

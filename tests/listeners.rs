@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use image_builder::api::image_builder::LOG_OFFSET_METADATA;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::GitRepo;
+use image_builder_testkit::GitRepo;
 use tokio_stream::StreamExt;
 use tonic::Request;
 

@@ -9,7 +9,7 @@ use common::*;
 use image_builder::api::image_builder::LOG_OFFSET_METADATA;
 use image_builder::proto::builder as pb;
 use image_builder::proto::ops;
-use image_builder::testkit::{self, GitRepo, Service};
+use image_builder_testkit::{self as testkit, GitRepo, Service};
 
 const RESUMED: &str = "image-builder restarted; resuming this build at its last recorded step";
 

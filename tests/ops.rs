@@ -10,7 +10,9 @@ use std::time::Duration;
 use common::*;
 use image_builder::proto::builder as pb;
 use image_builder::proto::ops;
-use image_builder::testkit::{self, Fault, FaultKind, FaultProxy, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::{
+    self as testkit, Fault, FaultKind, FaultProxy, GitRepo, LocalRegistry, Service,
+};
 
 fn cli(service_addr: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(binary())

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use image_builder::registry::{self, NoCredentials, Progress, Registry, Untracked};
-use image_builder::testkit::{self, BaseImage, LocalRegistry};
+use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry};
 use oci_client::Reference;
 use oci_client::client::{Client, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;

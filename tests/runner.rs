@@ -10,7 +10,7 @@ use common::*;
 fn a_scenario_plays_against_a_running_service_with_target() {
     let shared = shared();
     let service =
-        image_builder::testkit::Service::start(binary(), config(shared.registry.addr(), "target"))
+        image_builder_testkit::Service::start(binary(), config(shared.registry.addr(), "target"))
             .unwrap();
     let target = service.grpc_url().trim_start_matches("http://").to_owned();
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/happy-ref.yaml");

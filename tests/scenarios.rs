@@ -1,10 +1,10 @@
-//! Every file in `scenarios/` is one test, played by the real runner (`image-builder scenario
-//! run FILE`) against the real service, registry, buildah and git. A failure names the file
-//! and shows the runner's step-by-step report.
+//! Every file in `scenarios/` is one test, played by the real runner with the test kit's
+//! self-hosted setup (as `image-builder-testkit scenario run FILE` plays it) against the real
+//! service binary, registry, buildah and git. A failure names the file and shows the runner's
+//! step-by-step report.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -33,19 +33,13 @@ fn main() {
 }
 
 fn play(file: &std::path::Path) -> Result<(), Failed> {
-    let out = Command::new(env!("CARGO_BIN_EXE_image-builder"))
-        .args(["scenario", "run"])
-        .arg(file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .map_err(|e| format!("cannot run image-builder: {e}"))?;
-    if out.status.success() {
+    let setup = image_builder_testkit::SelfHosted {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_image-builder")),
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
+    let report = runtime.block_on(image_builder::scenario::runner::run_file(file, &setup));
+    if report.passed() {
         return Ok(());
     }
-    Err(format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .into())
+    Err(image_builder::scenario::format_report(file, &report).into())
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 use tonic::Code;
 
 #[tokio::test]

@@ -3,19 +3,24 @@
 //! real service. `image-builder scenario run FILE...` prints a line per step and a final
 //! `N passed, M failed`.
 
+pub mod environment;
+mod fault;
+pub mod fixtures;
 pub mod model;
 pub mod runner;
 
 use std::path::PathBuf;
 
-pub use runner::{Options, Outcome, Report};
+pub use environment::{Environment, Setup, Target};
+pub use fault::{Fault, FaultKind};
+pub use runner::{Outcome, Report};
 
 /// Runs every file and prints the results; returns the number of failed scenarios.
-pub async fn run_files(files: &[PathBuf], options: &Options) -> usize {
+pub async fn run_files(files: &[PathBuf], setup: &dyn Setup) -> usize {
     let mut passed = 0;
     let mut failed = 0;
     for file in files {
-        let report = runner::run_file(file, options).await;
+        let report = runner::run_file(file, setup).await;
         print_report(file, &report);
         if report.passed() {
             passed += 1;
@@ -27,18 +32,31 @@ pub async fn run_files(files: &[PathBuf], options: &Options) -> usize {
     failed
 }
 
-fn print_report(file: &std::path::Path, report: &Report) {
-    println!("scenario {} ({})", report.name, file.display());
+/// Prints a scenario's report, a line per step.
+pub fn print_report(file: &std::path::Path, report: &Report) {
+    print!("{}", format_report(file, report));
+}
+
+/// A scenario's report, a line per step.
+pub fn format_report(file: &std::path::Path, report: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "scenario {} ({})", report.name, file.display());
     if let Some(e) = &report.setup_error {
-        println!("  FAIL  set-up: {e}");
+        let _ = writeln!(out, "  FAIL  set-up: {e}");
     }
     for (i, kind, outcome, took) in &report.steps {
-        match outcome {
-            Outcome::Passed => println!("  ok    {i:>2} {kind} ({:.2}s)", took.as_secs_f64()),
-            Outcome::Failed(why) => println!("  FAIL  {i:>2} {kind}: {why}"),
-            Outcome::Skipped(why) if *i == 0 => println!("  ----  {kind}:\n{why}"),
-            Outcome::Skipped(why) => println!("  skip  {i:>2} {kind}: {why}"),
-        }
+        let _ = match outcome {
+            Outcome::Passed => writeln!(out, "  ok    {i:>2} {kind} ({:.2}s)", took.as_secs_f64()),
+            Outcome::Failed(why) => writeln!(out, "  FAIL  {i:>2} {kind}: {why}"),
+            Outcome::Skipped(why) if *i == 0 => writeln!(out, "  ----  {kind}:\n{why}"),
+            Outcome::Skipped(why) => writeln!(out, "  skip  {i:>2} {kind}: {why}"),
+        };
     }
-    println!("  => {}", if report.passed() { "passed" } else { "FAILED" });
+    let _ = writeln!(
+        out,
+        "  => {}",
+        if report.passed() { "passed" } else { "FAILED" }
+    );
+    out
 }

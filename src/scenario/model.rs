@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::testkit::Fault;
+use super::fault::Fault;
 
 /// One scenario: the environment it needs and the steps to play.
 #[derive(Debug, Deserialize)]

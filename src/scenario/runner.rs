@@ -1,9 +1,9 @@
-//! Plays one scenario: sets up its environment (registry, fault proxy, base images, git
-//! repositories, the service), runs its steps in order and reports each one.
+//! Plays one scenario: has its environment made (see [`super::environment`]), runs its steps
+//! in order and reports each one.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,23 +12,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
-use super::model::{self, DockerfileSpec, ProxyMode, Scenario, Step};
+use super::environment::{
+    Environment, FaultInjector, ServiceProcess, Setup, expand, write_pull_secret,
+};
+use super::fixtures;
+use super::model::{self, DockerfileSpec, Scenario, Step};
 use crate::api::image_builder::LOG_OFFSET_METADATA;
 use crate::proto::builder as pb;
 use crate::proto::builder::image_builder_client::ImageBuilderClient;
 use crate::proto::contentservice as cs;
-use crate::testkit::{self, BaseImage, FaultProxy, GitRepo, LocalRegistry, Service};
-
-/// How a scenario is run.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The `image-builder` binary to start as the service.
-    pub binary: PathBuf,
-    /// Play against this running service (`host:port`) instead of starting one.
-    pub target: Option<String>,
-    /// With `target`: the registry (`host:port`, plain HTTP) base images are pushed to.
-    pub registry: Option<String>,
-}
 
 /// The outcome of one step.
 #[derive(Debug)]
@@ -61,9 +53,6 @@ impl Report {
 
 type Check = Result<(), String>;
 
-/// The ECR host name ECR scenarios reach their registry by (moto's default account).
-const ECR_NAME: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
-
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)*) => {
         if !$cond {
@@ -93,30 +82,16 @@ struct Listener {
 }
 
 struct World {
-    /// The `image-builder` binary (for CLI steps).
-    binary: PathBuf,
+    env: Environment,
     /// Running `builds logs --follow` commands by name, with their build.
     followers: HashMap<String, (String, tokio::process::Child)>,
-    /// The service's environment at every start (AWS settings under ECR), beside FAILPOINTS.
-    base_env: Vec<(String, String)>,
-    _moto: Option<testkit::MotoServer>,
-    /// `user:password` of the registry's first user, for checks with skopeo.
-    registry_creds: Option<String>,
-    pull_secret: Option<(PathBuf, String, Vec<String>)>,
-    _secrets_dir: tempfile::TempDir,
-    _registry: Option<LocalRegistry>,
-    proxy: Option<FaultProxy>,
-    vars: Vec<(String, String)>,
-    repos: HashMap<String, GitRepo>,
-    service: Option<Service>,
-    grpc_url: String,
     builds: HashMap<String, Tracked>,
     groups: HashMap<String, Vec<String>>,
     listeners: HashMap<String, Listener>,
 }
 
 /// Runs the scenario in `path`.
-pub async fn run_file(path: &Path, options: &Options) -> Report {
+pub async fn run_file(path: &Path, setup: &dyn Setup) -> Report {
     let name = path.display().to_string();
     let scenario = match std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {name}: {e}"))
@@ -132,18 +107,24 @@ pub async fn run_file(path: &Path, options: &Options) -> Report {
             };
         }
     };
-    run(scenario, options).await
+    run(scenario, setup).await
 }
 
 /// Runs a parsed scenario.
-pub async fn run(scenario: Scenario, options: &Options) -> Report {
+pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
     let mut report = Report {
         name: scenario.name.clone(),
         steps: Vec::new(),
         setup_error: None,
     };
-    let mut world = match World::set_up(&scenario, options).await {
-        Ok(world) => world,
+    let mut world = match setup.set_up(&scenario.environment).await {
+        Ok(env) => World {
+            env,
+            followers: HashMap::new(),
+            builds: HashMap::new(),
+            groups: HashMap::new(),
+            listeners: HashMap::new(),
+        },
         Err(e) => {
             report.setup_error = Some(e);
             return report;
@@ -154,7 +135,7 @@ pub async fn run(scenario: Scenario, options: &Options) -> Report {
         let started = Instant::now();
         let outcome = if failed {
             Outcome::Skipped("an earlier step failed".into())
-        } else if options.target.is_some() && step.needs_process_control() {
+        } else if !setup.controls_service() && step.needs_process_control() {
             Outcome::Skipped("needs control of the service process (not with --target)".into())
         } else {
             match world.step(step).await {
@@ -169,7 +150,7 @@ pub async fn run(scenario: Scenario, options: &Options) -> Report {
             .steps
             .push((i + 1, step.kind(), outcome, started.elapsed()));
     }
-    if failed && let Some(service) = &world.service {
+    if failed && let Some(service) = &world.env.service {
         let log = service.log();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         report.steps.push((
@@ -189,234 +170,38 @@ fn parse_status(text: &str) -> Result<pb::BuildStatus, String> {
 }
 
 impl World {
-    async fn set_up(scenario: &Scenario, options: &Options) -> Result<Self, String> {
-        let env = &scenario.environment;
-        let ecr_token = testkit::MotoServer::token_password();
-        let moto = match (env.ecr, &options.target) {
-            (true, None) => {
-                testkit::alias_loopback(ECR_NAME)
-                    .map_err(|e| format!("alias {ECR_NAME} to loopback in /etc/hosts: {e}"))?;
-                Some(testkit::MotoServer::start().map_err(|e| format!("moto: {e}"))?)
-            }
-            _ => None,
-        };
-        let (registry, registry_addr) = match (&options.target, &options.registry) {
-            (Some(_), Some(addr)) => (None, addr.clone()),
-            (Some(_), None) => (None, String::new()),
-            (None, _) => {
-                let mut users: Vec<(&str, &str)> = env
-                    .registry_users
-                    .iter()
-                    .map(|u| (u.user.as_str(), u.password.as_str()))
-                    .collect();
-                if env.ecr {
-                    users.insert(0, ("AWS", ecr_token.as_str()));
-                }
-                let registry = LocalRegistry::start_with_users(&users)
-                    .map_err(|e| format!("registry: {e}"))?;
-                let addr = registry.addr().to_owned();
-                (Some(registry), addr)
-            }
-        };
-        let proxy = match (env.proxy, &options.target) {
-            (ProxyMode::None, _) | (_, Some(_)) => None,
-            _ => Some(
-                FaultProxy::start(&registry_addr)
-                    .await
-                    .map_err(|e| format!("fault proxy: {e}"))?,
-            ),
-        };
-        let mut proxy_addr = proxy
-            .as_ref()
-            .map(|p| p.addr().to_owned())
-            .unwrap_or_default();
-        // Under ECR, the service reaches the registry (or the proxy) by an ECR host name.
-        let direct_addr = registry_addr.clone();
-        let mut registry_addr = registry_addr;
-        if moto.is_some() {
-            let port = |addr: &str| addr.rsplit(':').next().unwrap_or_default().to_owned();
-            registry_addr = format!("{ECR_NAME}:{}", port(&registry_addr));
-            if !proxy_addr.is_empty() {
-                proxy_addr = format!("{ECR_NAME}:{}", port(&proxy_addr));
-            }
-        }
-        let via_base = if proxy.is_some() {
-            &proxy_addr
-        } else {
-            &registry_addr
-        };
-        let via_workspace = if env.proxy == ProxyMode::All {
-            &proxy_addr
-        } else {
-            &registry_addr
-        };
-        let mut vars = vec![
-            ("${registry}".to_owned(), registry_addr.clone()),
-            ("${proxy}".to_owned(), proxy_addr.clone()),
-        ];
-        for image in &env.base_images {
-            ensure!(
-                !registry_addr.is_empty(),
-                "base images need a registry: pass --registry with --target"
-            );
-            let made = BaseImage::busybox(image.payload_mb << 20)
-                .map_err(|e| format!("base image {}: {e}", image.name))?;
-            let creds = if env.ecr {
-                Some(format!("AWS:{ecr_token}"))
-            } else {
-                env.registry_users
-                    .first()
-                    .map(|u| format!("{}:{}", u.user, u.password))
-            };
-            testkit::push_image_as(
-                &made,
-                &direct_addr,
-                &format!("base/{}:1", image.name),
-                creds.as_deref(),
-            )
-            .map_err(|e| format!("push base image {}: {e}", image.name))?;
-            vars.push((
-                format!("${{base.{}}}", image.name),
-                format!("{via_base}/base/{}:1", image.name),
-            ));
-        }
-        let mut repos = HashMap::new();
-        for spec in &env.git {
-            let files: Vec<(String, String)> = spec
-                .files
-                .iter()
-                .map(|(path, content)| (path.clone(), expand(&vars, content)))
-                .collect();
-            let borrowed: Vec<(&str, &str)> = files
-                .iter()
-                .map(|(p, c)| (p.as_str(), c.as_str()))
-                .collect();
-            let repo = GitRepo::new(&borrowed)
-                .map_err(|e| format!("git repository {}: {e}", spec.name))?;
-            vars.push((format!("${{git.{}}}", spec.name), repo.uri()));
-            repos.insert(spec.name.clone(), repo);
-        }
-        let secrets_dir = tempfile::Builder::new()
-            .prefix("scenario-secrets-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
-        let mut base_env: Vec<(String, String)> = Vec::new();
-        let (service, grpc_url) = match &options.target {
-            Some(target) => (None, format!("http://{target}")),
-            None => {
-                let mut config = serde_json::json!({
-                    "baseImageRepository": format!("{via_workspace}/base-images"),
-                    "workspaceImageRepository": format!("{via_workspace}/workspace"),
-                    "insecureRegistries": [registry_addr, proxy_addr],
-                    // The environment's git repositories live on this machine.
-                    "allowLocalRepositories": true,
-                });
-                if proxy_addr.is_empty() {
-                    config["insecureRegistries"] = serde_json::json!([registry_addr]);
-                }
-                if let Some(user) = &env.pull_secret {
-                    let path = secrets_dir.path().join("pull-secret.json");
-                    write_pull_secret(&path, &[registry_addr.as_str(), proxy_addr.as_str()], user)?;
-                    config["pullSecretFile"] = path.display().to_string().into();
-                }
-                // A fixed port, so that clients such as `builds logs --follow` find the service
-                // again after a restart.
-                let port = testkit::free_port().map_err(|e| format!("free port: {e}"))?;
-                config["grpcAddress"] = format!("127.0.0.1:{port}").into();
-                let mut service_env = vec![("FAILPOINTS", env.failpoints.as_str())];
-                if let Some(moto) = &moto {
-                    config["enableAdditionalECRAuth"] = true.into();
-                    config["ecrEndpoint"] = moto.endpoint().into();
-                    service_env.extend([
-                        ("AWS_ACCESS_KEY_ID", "testing"),
-                        ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_EC2_METADATA_DISABLED", "true"),
-                    ]);
-                }
-                for (key, value) in &env.config {
-                    config[key] = value.clone();
-                }
-                base_env = service_env
-                    .iter()
-                    .filter(|(k, _)| *k != "FAILPOINTS")
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                let service = Service::start_with_env(&options.binary, config, &service_env)
-                    .map_err(|e| format!("service: {e}"))?;
-                let url = service.grpc_url();
-                (Some(service), url)
-            }
-        };
-        Ok(Self {
-            binary: options.binary.clone(),
-            followers: HashMap::new(),
-            base_env,
-            _moto: moto,
-            registry_creds: if env.ecr {
-                Some(format!("AWS:{ecr_token}"))
-            } else {
-                env.registry_users
-                    .first()
-                    .map(|u| format!("{}:{}", u.user, u.password))
-            },
-            pull_secret: env.pull_secret.as_ref().map(|u| {
-                (
-                    secrets_dir.path().join("pull-secret.json"),
-                    u.user.clone(),
-                    vec![registry_addr.clone(), proxy_addr.clone()],
-                )
-            }),
-            _secrets_dir: secrets_dir,
-            _registry: registry,
-            proxy,
-            vars,
-            repos,
-            service,
-            grpc_url,
-            builds: HashMap::new(),
-            groups: HashMap::new(),
-            listeners: HashMap::new(),
-        })
-    }
-
     async fn ops(
         &self,
     ) -> Result<crate::proto::ops::build_ops_client::BuildOpsClient<Channel>, String> {
-        crate::proto::ops::build_ops_client::BuildOpsClient::connect(self.grpc_url.clone())
+        crate::proto::ops::build_ops_client::BuildOpsClient::connect(self.env.grpc_url.clone())
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.grpc_url))
+            .map_err(|e| format!("cannot connect to {}: {e}", self.env.grpc_url))
     }
 
     async fn client(&self) -> Result<ImageBuilderClient<Channel>, String> {
-        ImageBuilderClient::connect(self.grpc_url.clone())
+        ImageBuilderClient::connect(self.env.grpc_url.clone())
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.grpc_url))
+            .map_err(|e| format!("cannot connect to {}: {e}", self.env.grpc_url))
     }
 
     /// Starts the (stopped) service again with its environment and these failpoints.
     fn start_again(&mut self, failpoints: &str) -> Check {
-        let base_env = self.base_env.clone();
-        let mut env: Vec<(&str, &str)> = base_env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        env.push(("FAILPOINTS", failpoints));
-        let service = self.service()?;
-        service.set_env(&env);
-        service.restart().map_err(|e| format!("restart: {e}"))?;
-        self.grpc_url = service.grpc_url();
+        let url = self.service()?.start(failpoints)?;
+        self.env.grpc_url = url;
         Ok(())
     }
 
-    fn service(&mut self) -> Result<&mut Service, String> {
-        self.service
-            .as_mut()
-            .ok_or_else(|| "no service process to control".to_owned())
+    fn service(&mut self) -> Result<&mut dyn ServiceProcess, String> {
+        match self.env.service.as_mut() {
+            Some(service) => Ok(service.as_mut()),
+            None => Err("no service process to control".to_owned()),
+        }
     }
 
-    fn proxy(&self) -> Result<&FaultProxy, String> {
-        self.proxy
-            .as_ref()
+    fn proxy(&self) -> Result<&dyn FaultInjector, String> {
+        self.env
+            .faults
+            .as_deref()
             .ok_or_else(|| "the scenario has no fault proxy: set environment.proxy".to_owned())
     }
 
@@ -437,10 +222,11 @@ impl World {
     ) -> Result<pb::BuildSource, String> {
         let from = match (reference, dockerfile) {
             (Some(r), None) => pb::build_source::From::Ref(pb::BuildSourceReference {
-                r#ref: expand(&self.vars, r),
+                r#ref: expand(&self.env.vars, r),
             }),
             (None, Some(d)) => {
                 let repo = self
+                    .env
                     .repos
                     .get(&d.repo)
                     .ok_or_else(|| format!("no git repository named {:?}", d.repo))?;
@@ -459,7 +245,7 @@ impl World {
                         spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
                             remote_uri: repo.uri(),
                             target_mode: mode as i32,
-                            clone_taget: expand(&self.vars, &d.target),
+                            clone_taget: expand(&self.env.vars, &d.target),
                             ..Default::default()
                         })),
                     }),
@@ -513,7 +299,7 @@ impl World {
                     .map_err(|e| format!("Logs: {e}"))?
                     .into_inner();
                 let mut seen = Vec::new();
-                let needle = expand(&self.vars, contains);
+                let needle = expand(&self.env.vars, contains);
                 while !String::from_utf8_lossy(&seen).contains(&needle) {
                     match stream.message().await.map_err(|e| format!("Logs: {e}"))? {
                         Some(chunk) => seen.extend(chunk.content),
@@ -569,7 +355,7 @@ impl World {
             }
             Step::Fault(fault) => {
                 let mut fault = fault.clone();
-                fault.path_contains = expand(&self.vars, &fault.path_contains);
+                fault.path_contains = expand(&self.env.vars, &fault.path_contains);
                 self.proxy()?.inject(fault);
                 Ok(())
             }
@@ -604,7 +390,7 @@ impl World {
                     want.as_str_name()
                 );
                 if let Some(text) = message_contains {
-                    let text = expand(&self.vars, text);
+                    let text = expand(&self.env.vars, text);
                     ensure!(
                         message.contains(&text),
                         "{build}'s message {message:?} lacks {text:?}"
@@ -621,11 +407,11 @@ impl World {
             } => {
                 let log = String::from_utf8_lossy(&self.full_log(build).await?).into_owned();
                 for text in contains {
-                    let text = expand(&self.vars, text);
+                    let text = expand(&self.env.vars, text);
                     ensure!(log.contains(&text), "{build}'s log lacks {text:?}:\n{log}");
                 }
                 for text in not_contains {
-                    let text = expand(&self.vars, text);
+                    let text = expand(&self.env.vars, text);
                     ensure!(
                         !log.contains(&text),
                         "{build}'s log contains {text:?}:\n{log}"
@@ -687,11 +473,11 @@ impl World {
                 content,
             } => {
                 let reference = self.workspace_ref(build).await?;
-                let creds = self.registry_creds.as_deref();
-                testkit::skopeo_inspect_as(&reference, creds)
+                let creds = self.env.registry_creds.as_deref();
+                fixtures::skopeo_inspect_as(&reference, creds)
                     .map_err(|e| format!("{reference} is not in the registry: {e}"))?;
                 if let Some(file) = file {
-                    let bytes = testkit::read_file_from_image_as(&reference, file, creds)
+                    let bytes = fixtures::read_file_from_image_as(&reference, file, creds)
                         .map_err(|e| format!("{file} in {reference}: {e}"))?;
                     if let Some(content) = content {
                         let got = String::from_utf8_lossy(&bytes);
@@ -758,7 +544,7 @@ impl World {
                     "resolve_base_image" => {
                         let r = reference
                             .as_deref()
-                            .map(|r| expand(&self.vars, r))
+                            .map(|r| expand(&self.env.vars, r))
                             .unwrap_or_default();
                         code_of(
                             client
@@ -830,16 +616,17 @@ impl World {
                 Ok(())
             }
             Step::RotatePullSecret { password } => {
-                let (path, user, hosts) = self
+                let secret = self
+                    .env
                     .pull_secret
                     .clone()
                     .ok_or("the scenario has no pull_secret in its environment")?;
-                let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+                let hosts: Vec<&str> = secret.hosts.iter().map(String::as_str).collect();
                 write_pull_secret(
-                    &path,
+                    &secret.path,
                     &hosts,
                     &model::UserSpec {
-                        user,
+                        user: secret.user,
                         password: password.clone(),
                     },
                 )
@@ -847,8 +634,8 @@ impl World {
             Step::ExpectNoLeak { values } => self.expect_no_leak(values).await,
             Step::FollowLogs { name, build } => {
                 let id = self.build_id(build).await?;
-                let address = self.grpc_url.trim_start_matches("http://").to_owned();
-                let child = tokio::process::Command::new(&self.binary)
+                let address = self.env.grpc_url.trim_start_matches("http://").to_owned();
+                let child = tokio::process::Command::new(&self.env.cli_binary)
                     .args(["builds", "logs", "--follow", &id, "--address", &address])
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
@@ -951,7 +738,11 @@ impl World {
             pb::build_registry_auth::Mode::Selective(pb::BuildRegistryAuthSelective {
                 allow_baserep: spec.allow_baserep,
                 allow_workspacerep: spec.allow_workspacerep,
-                any_of: spec.any_of.iter().map(|h| expand(&self.vars, h)).collect(),
+                any_of: spec
+                    .any_of
+                    .iter()
+                    .map(|h| expand(&self.env.vars, h))
+                    .collect(),
             })
         };
         let additional = spec
@@ -959,7 +750,7 @@ impl World {
             .iter()
             .map(|(host, creds)| {
                 (
-                    expand(&self.vars, host),
+                    expand(&self.env.vars, host),
                     base64::engine::general_purpose::STANDARD.encode(creds),
                 )
             })
@@ -1185,7 +976,7 @@ impl World {
                 !seen.contains(value.as_str()),
                 "a secret value is in a log, an answer or the metrics"
             );
-            let at_rest = testkit::files_containing(&data_dir, value.as_bytes());
+            let at_rest = fixtures::files_containing(&data_dir, value.as_bytes());
             ensure!(
                 at_rest.is_empty(),
                 "a secret value is at rest in {at_rest:?}"
@@ -1261,27 +1052,4 @@ fn parse_code(text: &str) -> Result<tonic::Code, String> {
         other => return Err(format!("{other:?} is not a known status code name")),
     };
     Ok(code)
-}
-
-/// Writes a docker config file with one credential for each host.
-fn write_pull_secret(path: &Path, hosts: &[&str], user: &model::UserSpec) -> Check {
-    use base64::Engine;
-    let token = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", user.user, user.password));
-    let auths: serde_json::Map<String, serde_json::Value> = hosts
-        .iter()
-        .filter(|h| !h.is_empty())
-        .map(|h| (h.to_string(), serde_json::json!({ "auth": token })))
-        .collect();
-    std::fs::write(path, serde_json::json!({ "auths": auths }).to_string())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// Replaces `${…}` variables.
-fn expand(vars: &[(String, String)], text: &str) -> String {
-    let mut out = text.to_owned();
-    for (name, value) in vars {
-        out = out.replace(name, value);
-    }
-    out
 }

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
-use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 use tonic::transport::Channel;
 
 /// A registry with `base/busybox:1` in it, shared by the tests of one binary.

@@ -4,8 +4,9 @@
 use std::process::{Child, Command, Stdio};
 
 use super::Result;
-use super::git::GitRepo;
-use super::process::{free_port, run, spawn, wait_for_port};
+use super::process::{free_port, spawn, wait_for_port};
+use image_builder::scenario::fixtures::GitRepo;
+use image_builder::scenario::fixtures::run;
 
 const SERVER: &str = include_str!("git_http_server.py");
 

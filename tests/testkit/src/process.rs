@@ -6,6 +6,7 @@ use std::process::{Child, Command};
 use std::sync::{OnceLock, mpsc};
 
 use super::{Error, Result};
+use image_builder::scenario::fixtures::describe;
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
@@ -57,37 +58,6 @@ pub(crate) fn spawn(command: Command) -> Result<Child> {
             command: line,
             detail: e.to_string(),
         })
-}
-
-/// Runs a command to completion; fails with its stderr if it fails.
-pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
-    let mut command = Command::new(program);
-    command.args(args);
-    let line = describe(&command);
-    let out = command.output().map_err(|e| Error::Command {
-        command: line.clone(),
-        detail: format!("cannot start: {e} (is it installed? the README's setup installs it)"),
-    })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: line,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn describe(command: &Command) -> String {
-    let mut line = command.get_program().to_string_lossy().into_owned();
-    for arg in command.get_args() {
-        line.push(' ');
-        line.push_str(&arg.to_string_lossy());
-    }
-    line
 }
 
 /// A loopback port that was free a moment ago.

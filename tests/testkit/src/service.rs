@@ -11,7 +11,7 @@ use tonic::transport::Channel;
 
 use super::process::spawn;
 use super::{Error, Result};
-use crate::proto::builder::image_builder_client::ImageBuilderClient;
+use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 
 /// A running (or stopped) service process with its config and data directory.
 pub struct Service {
@@ -237,7 +237,7 @@ fn strip_ansi(s: &str) -> String {
 /// Everything one Logs call streams, until the build ends.
 pub async fn read_logs(
     client: &mut ImageBuilderClient<Channel>,
-    request: impl tonic::IntoRequest<crate::proto::builder::LogsRequest>,
+    request: impl tonic::IntoRequest<image_builder::proto::builder::LogsRequest>,
 ) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client.logs(request).await?.into_inner();
     let mut log = Vec::new();

@@ -1,12 +1,12 @@
-//! `image-builder demo`: the main job on a fresh machine. Starts Debian's docker-registry on
-//! loopback, pushes a small busybox image to it, starts this binary's `run` on a generated
+//! `image-builder-testkit demo`: the main job on a fresh machine. Starts Debian's docker-registry on
+//! loopback, pushes a small busybox image to it, starts `image-builder run` on a generated
 //! config, builds a workspace image from the image and one from a Dockerfile in a local git
 //! repository (buildah), through the gRPC API, and prints their status, their logs, the build
 //! list, a second (cached) build and skopeo's view of the result.
 
+use crate::{self as testkit, BaseImage, LocalRegistry, Service};
 use anyhow::Context;
 use image_builder::proto::builder as pb;
-use image_builder::testkit::{self, BaseImage, LocalRegistry, Service};
 
 fn status_name(status: i32) -> &'static str {
     pb::BuildStatus::try_from(status)
@@ -90,7 +90,9 @@ async fn build(client: &mut Client, source: pb::BuildSource) -> anyhow::Result<S
 }
 
 /// Runs the demo; with `keep`, leaves everything running until Ctrl-C.
-pub async fn run(keep: bool) -> anyhow::Result<()> {
+/// Runs the demo with the service binary at `binary`; with `keep`, leaves everything running
+/// until Ctrl-C.
+pub async fn run(binary: &std::path::Path, keep: bool) -> anyhow::Result<()> {
     println!("== starting docker-registry on loopback");
     let registry = LocalRegistry::start().context("cannot start docker-registry")?;
     let addr = registry.addr().to_owned();
@@ -108,8 +110,7 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         "allowLocalRepositories": true,
     });
     println!("== starting image-builder run --config (config: {config})");
-    let binary = std::env::current_exe()?;
-    let service = Service::start(&binary, config)?;
+    let service = Service::start(binary, config)?;
     println!(
         "   gRPC at {}, metrics at {}",
         service.grpc_url(),
