@@ -8,6 +8,7 @@ mod fault;
 pub mod fixtures;
 pub mod model;
 pub mod runner;
+mod vocabulary;
 
 use std::path::PathBuf;
 

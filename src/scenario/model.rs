@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::fault::Fault;
+pub use super::vocabulary::{CallName, CloneMode, CodeName, StateName, StatusName};
 
 /// One scenario: the environment it needs and the steps to play.
 #[derive(Debug, Deserialize)]
@@ -128,8 +129,8 @@ pub struct DockerfileSpec {
     /// The repository's name in the environment.
     pub repo: String,
     /// `head`, `branch` or `commit`.
-    #[serde(default = "default_mode")]
-    pub mode: String,
+    #[serde(default)]
+    pub mode: CloneMode,
     /// The branch or commit.
     #[serde(default)]
     pub target: String,
@@ -144,9 +145,6 @@ pub struct DockerfileSpec {
     pub version: String,
 }
 
-fn default_mode() -> String {
-    "head".into()
-}
 fn default_dockerfile() -> String {
     "Dockerfile".into()
 }
@@ -196,7 +194,7 @@ pub enum Step {
         build: String,
         /// `done_success` or `done_failure`.
         #[serde(default)]
-        status: Option<String>,
+        status: Option<StatusName>,
         /// Seconds before giving up (default 180).
         #[serde(default)]
         timeout_s: Option<u64>,
@@ -250,7 +248,7 @@ pub enum Step {
         /// The build.
         build: String,
         /// `done_success` or `done_failure`.
-        status: String,
+        status: StatusName,
         /// Text the final message contains.
         #[serde(default)]
         message_contains: Option<String>,
@@ -307,7 +305,7 @@ pub enum Step {
     /// Assert the gRPC status code of a call.
     ExpectCall {
         /// `build`, `resolve_base_image`, `resolve_workspace_image` or `logs`.
-        call: String,
+        call: CallName,
         /// The image reference (build, resolves).
         #[serde(default, rename = "ref")]
         reference: Option<String>,
@@ -318,7 +316,7 @@ pub enum Step {
         #[serde(default)]
         build_id: Option<String>,
         /// The expected code, e.g. `invalid_argument`, `not_found`, `ok`.
-        code: String,
+        code: CodeName,
     },
     /// Assert a metric's value.
     ExpectMetric {
@@ -369,7 +367,7 @@ pub enum Step {
         /// The build.
         build: String,
         /// The state, e.g. `cancelled`.
-        state: String,
+        state: StateName,
         /// The attempt, if given.
         #[serde(default)]
         attempt: Option<u32>,
@@ -455,4 +453,75 @@ impl Step {
 /// Parses a scenario file's text.
 pub fn parse(text: &str) -> Result<Scenario, String> {
     serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: typed
+environment:
+  base_images: [{name: busybox}]
+  git:
+    - name: app
+      files: {Dockerfile: "FROM ${base.busybox}\n"}
+steps:
+  - build: {as: b, dockerfile: {repo: app, mode: branch, target: main}}
+  - wait: {build: b, status: done_success}
+  - expect_call: {call: resolve_base_image, ref: "x", code: invalid_argument}
+  - expect_state: {build: b, state: checking_cache}
+"#;
+
+    #[test]
+    fn names_parse_into_their_types() {
+        let scenario = parse(GOOD).unwrap();
+        assert_eq!(scenario.steps.len(), 4);
+        match &scenario.steps[0] {
+            Step::Build(spec) => {
+                assert_eq!(spec.dockerfile.as_ref().unwrap().mode, CloneMode::Branch);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            scenario.steps[1],
+            Step::Wait {
+                status: Some(StatusName::DoneSuccess),
+                ..
+            }
+        ));
+        assert!(matches!(
+            scenario.steps[2],
+            Step::ExpectCall {
+                call: CallName::ResolveBaseImage,
+                code: CodeName::InvalidArgument,
+                ..
+            }
+        ));
+        assert!(matches!(
+            scenario.steps[3],
+            Step::ExpectState {
+                state: StateName::CheckingCache,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_misspelt_name_fails_at_parse_time_naming_the_line() {
+        for (good, bad) in [
+            ("status: done_success", "status: done_sucess"),
+            ("code: invalid_argument", "code: invalid_argumnt"),
+            ("call: resolve_base_image", "call: resolve_base"),
+            ("state: checking_cache", "state: checking"),
+            ("mode: branch", "mode: brnch"),
+        ] {
+            let text = GOOD.replace(good, bad);
+            let line = text.lines().position(|l| l.contains(bad)).unwrap() + 1;
+            let err = parse(&text).unwrap_err();
+            let misspelt = bad.split(": ").nth(1).unwrap();
+            assert!(err.contains(misspelt), "{bad}: {err}");
+            assert!(err.contains(&format!("line {line}")), "{bad}: {err}");
+        }
+    }
 }

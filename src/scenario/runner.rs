@@ -163,10 +163,14 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
     report
 }
 
-fn parse_status(text: &str) -> Result<pb::BuildStatus, String> {
-    pb::BuildStatus::from_str_name(text).ok_or_else(|| {
-        format!("{text:?} is not a BuildStatus (done_success, done_failure, running, unknown)")
-    })
+/// The Build status a scenario names.
+fn proto_status(name: model::StatusName) -> pb::BuildStatus {
+    match name {
+        model::StatusName::Unknown => pb::BuildStatus::Unknown,
+        model::StatusName::Running => pb::BuildStatus::Running,
+        model::StatusName::DoneSuccess => pb::BuildStatus::DoneSuccess,
+        model::StatusName::DoneFailure => pb::BuildStatus::DoneFailure,
+    }
 }
 
 impl World {
@@ -230,15 +234,10 @@ impl World {
                     .repos
                     .get(&d.repo)
                     .ok_or_else(|| format!("no git repository named {:?}", d.repo))?;
-                let mode = match d.mode.as_str() {
-                    "head" => cs::CloneTargetMode::RemoteHead,
-                    "branch" => cs::CloneTargetMode::RemoteBranch,
-                    "commit" => cs::CloneTargetMode::RemoteCommit,
-                    other => {
-                        return Err(format!(
-                            "dockerfile.mode {other:?} is not head, branch or commit"
-                        ));
-                    }
+                let mode = match d.mode {
+                    model::CloneMode::Head => cs::CloneTargetMode::RemoteHead,
+                    model::CloneMode::Branch => cs::CloneTargetMode::RemoteBranch,
+                    model::CloneMode::Commit => cs::CloneTargetMode::RemoteCommit,
                 };
                 pb::build_source::From::File(pb::BuildSourceDockerfile {
                     source: Some(cs::WorkspaceInitializer {
@@ -270,7 +269,7 @@ impl World {
                 status,
                 timeout_s,
             } => {
-                let want = status.as_deref().map(parse_status).transpose()?;
+                let want = status.map(proto_status);
                 let timeout = Duration::from_secs(timeout_s.unwrap_or(180));
                 for name in self.members(build)? {
                     let (got, message) = tokio::time::timeout(timeout, self.final_status(&name))
@@ -381,7 +380,7 @@ impl World {
                 status,
                 message_contains,
             } => {
-                let want = parse_status(status)?;
+                let want = proto_status(*status);
                 let (got, message) = self.final_status(build).await?;
                 ensure!(
                     got == want,
@@ -519,10 +518,10 @@ impl World {
                 build_id,
                 code,
             } => {
-                let want = parse_code(code)?;
+                let want = code.code();
                 let mut client = self.client().await?;
-                let got = match call.as_str() {
-                    "build" => {
+                let got = match call {
+                    model::CallName::Build => {
                         let source = self
                             .source(reference.as_deref(), dockerfile.as_ref(), None)
                             .ok();
@@ -541,7 +540,7 @@ impl World {
                             Err(e) => e.code(),
                         }
                     }
-                    "resolve_base_image" => {
+                    model::CallName::ResolveBaseImage => {
                         let r = reference
                             .as_deref()
                             .map(|r| expand(&self.env.vars, r))
@@ -555,7 +554,7 @@ impl World {
                                 .await,
                         )
                     }
-                    "resolve_workspace_image" => {
+                    model::CallName::ResolveWorkspaceImage => {
                         let source = self
                             .source(reference.as_deref(), dockerfile.as_ref(), None)
                             .ok();
@@ -568,7 +567,7 @@ impl World {
                                 .await,
                         )
                     }
-                    "logs" => {
+                    model::CallName::Logs => {
                         let id = build_id.clone().unwrap_or_default();
                         code_of(
                             client
@@ -579,13 +578,8 @@ impl World {
                                 .await,
                         )
                     }
-                    other => {
-                        return Err(format!(
-                            "call {other:?} is not build, resolve_base_image, resolve_workspace_image or logs"
-                        ));
-                    }
                 };
-                ensure!(got == want, "{call} answered {got:?}, expected {want:?}");
+                ensure!(got == want, "{call:?} answered {got:?}, expected {want:?}");
                 Ok(())
             }
             Step::ExpectMetric { name, value } => {
@@ -706,9 +700,10 @@ impl World {
                     .map_err(|e| format!("GetBuild: {}", e.message()))?
                     .into_inner();
                 ensure!(
-                    &got.state == state,
-                    "{build} is {}, expected {state}",
-                    got.state
+                    got.state == state.as_str(),
+                    "{build} is {}, expected {}",
+                    got.state,
+                    state.as_str()
                 );
                 if let Some(attempt) = attempt {
                     ensure!(
@@ -1037,19 +1032,4 @@ fn code_of<T>(result: Result<T, tonic::Status>) -> tonic::Code {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
     }
-}
-
-fn parse_code(text: &str) -> Result<tonic::Code, String> {
-    let code = match text {
-        "ok" => tonic::Code::Ok,
-        "invalid_argument" => tonic::Code::InvalidArgument,
-        "not_found" => tonic::Code::NotFound,
-        "unauthenticated" => tonic::Code::Unauthenticated,
-        "permission_denied" => tonic::Code::PermissionDenied,
-        "unavailable" => tonic::Code::Unavailable,
-        "failed_precondition" => tonic::Code::FailedPrecondition,
-        "internal" => tonic::Code::Internal,
-        other => return Err(format!("{other:?} is not a known status code name")),
-    };
-    Ok(code)
 }
