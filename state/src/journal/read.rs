@@ -1,0 +1,205 @@
+//! The read side of the journal: durable records, log bytes, views and summaries. Readers
+//! see only what is durable (below each build's frontier) and never wait for a sync; a build
+//! found damaged while being read is marked so (see `damage.rs`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{Damage, Error, Journal, Result};
+use crate::build::BuildId;
+use crate::record::{self, Record};
+use crate::view::{BuildView, Summary};
+
+impl Journal {
+    /// The first sequence number of build `id` that is not durable, if it has records in
+    /// flight or written since open.
+    fn frontier(&self, id: BuildId) -> Option<u64> {
+        self.shared.frontier.lock().get(&id).copied()
+    }
+
+    /// A build's durable records from `from_seq` on, in order.
+    pub fn records(&self, id: BuildId, from_seq: u64) -> Result<Vec<(u64, Record)>> {
+        self.records_batch(id, from_seq, usize::MAX)
+    }
+
+    /// A build's durable records from `from_seq` on, in order, about `max_bytes` of them at
+    /// most (at least one, if there is one): how readers keep their memory bounded.
+    pub fn records_batch(
+        &self,
+        id: BuildId,
+        from_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        // Twice at most: a read that finds damage is done again up to it.
+        for _ in 0..2 {
+            let limit = self.damage(id).map(|d| d.readable_until);
+            if limit.is_some_and(|limit| from_seq >= limit) {
+                return Err(self.damaged_error(id));
+            }
+            // Past the readable part may be a page the store cannot read: never read there.
+            let until = limit.unwrap_or(u64::MAX);
+            let mut raw = match self.shared.store.records(id, from_seq..until, max_bytes) {
+                Ok(raw) => raw,
+                Err(e) => match self.damage_from(id, from_seq, e.into()) {
+                    Error::Damaged { .. } => continue,
+                    other => return Err(other),
+                },
+            };
+            if let Some(frontier) = self.frontier(id) {
+                raw.retain(|(seq, _)| *seq < frontier);
+            }
+            let mut records = Vec::with_capacity(raw.len());
+            for (seq, bytes) in raw {
+                match Record::decode(&bytes) {
+                    Ok(record) => records.push((seq, record)),
+                    Err(e) => {
+                        let reason = format!("record {seq} does not decode: {e}");
+                        let error = self.mark_damaged(id, seq, reason);
+                        if records.is_empty() {
+                            return Err(error);
+                        }
+                        break;
+                    }
+                }
+            }
+            return Ok(records);
+        }
+        Err(self.damaged_error(id))
+    }
+
+    /// Up to `len` durable bytes of a build's log from `offset`, which the caller knows to be
+    /// durable (a record it read names them). Needs no lock: durable log bytes never change.
+    pub fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let bytes = self.shared.store.read_log(id, offset, len)?;
+        if bytes.len() < len {
+            return Err(Error::LogMissing {
+                id,
+                offset: offset + bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Whether a build has durable records (one key lookup, no fold).
+    pub fn exists(&self, id: BuildId) -> Result<bool> {
+        Ok(self.damage(id).is_some() || self.last_seq(id)?.is_some())
+    }
+
+    /// The sequence number of a build's newest durable record.
+    pub fn last_seq(&self, id: BuildId) -> Result<Option<u64>> {
+        let last = self.shared.store.last_seq(id)?;
+        Ok(match self.frontier(id) {
+            Some(0) => None,
+            Some(frontier) => last.map(|last| last.min(frontier - 1)),
+            None => last,
+        })
+    }
+
+    /// The durable view of a build, folded from its records.
+    /// A damaged build has no view: [`Error::Damaged`] (see [`Journal::readable_view`]).
+    pub fn view(&self, id: BuildId) -> Result<Option<BuildView>> {
+        let records = self.records(id, 0)?;
+        if self.damage(id).is_some() {
+            return Err(self.damaged_error(id));
+        }
+        if records.is_empty() {
+            return Ok(None);
+        }
+        BuildView::fold(id, records.iter().map(|(seq, r)| (*seq, r)))
+            .map(Some)
+            .map_err(|source| self.damage_from(id, 0, Error::Fold { id, source }))
+    }
+
+    /// Every build's summary, newest first. A damaged build is listed with its damage, from
+    /// what is readable of it (with no more than its id when nothing is).
+    pub fn summaries(&self) -> Result<Vec<Summary>> {
+        let mut damaged: HashMap<BuildId, Damage> = self.lock_damaged().clone();
+        let mut summaries = self
+            .shared
+            .store
+            .summaries()?
+            .into_iter()
+            .map(|(id, bytes)| {
+                let mut summary: Summary = record::decode(&bytes).map_err(|e| Error::Record {
+                    id,
+                    seq: u64::MAX,
+                    source: Arc::new(e),
+                })?;
+                if let Some(damage) = damaged.remove(&id) {
+                    summary.failure = Some(damage.reason.clone());
+                    summary.damage = Some(damage);
+                }
+                Ok(summary)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !damaged.is_empty() {
+            summaries.extend(damaged.into_iter().map(|(id, damage)| {
+                let mut summary = match self.readable_view(id) {
+                    Some(view) => view.summary(),
+                    None => Summary {
+                        id,
+                        last_seq: 0,
+                        phase: crate::machine::Phase::Queued,
+                        base_ref: String::new(),
+                        workspace_ref: String::new(),
+                        triggered_by: String::new(),
+                        created_at_ms: id.created_at_ms(),
+                        finished_at_ms: None,
+                        failure: None,
+                        attempt: 0,
+                        damage: None,
+                    },
+                };
+                summary.failure = Some(damage.reason.clone());
+                summary.damage = Some(damage);
+                summary
+            }));
+            summaries.sort_by_key(|s| std::cmp::Reverse(s.id));
+        }
+        Ok(summaries)
+    }
+
+    /// Every build not yet in a final phase, oldest first: what a restart resumes.
+    pub fn unfinished(&self) -> Result<Vec<BuildView>> {
+        let mut views = Vec::new();
+        for summary in self.summaries()?.into_iter().rev() {
+            if summary.phase.is_final() || summary.damage.is_some() {
+                continue;
+            }
+            match self.view(summary.id) {
+                Ok(Some(view)) => views.push(view),
+                Ok(None) => {}
+                // Logged when found; a damaged build is never resumed.
+                Err(Error::Damaged { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(views)
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.shared.store.size_on_disk()?)
+    }
+
+    /// A receiver that changes after every durable commit: wake on it, then read.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.shared.generation.subscribe()
+    }
+}
+
+pub(super) fn decode_records(id: BuildId, raw: Vec<(u64, Vec<u8>)>) -> Result<Vec<(u64, Record)>> {
+    raw.into_iter()
+        .map(|(seq, bytes)| {
+            Record::decode(&bytes)
+                .map(|r| (seq, r))
+                .map_err(|e| Error::Record {
+                    id,
+                    seq,
+                    source: Arc::new(e),
+                })
+        })
+        .collect()
+}
