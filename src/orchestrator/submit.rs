@@ -1,0 +1,180 @@
+//! Where a request becomes a build: its refs resolved, answered from the cache, joined to the
+//! running build of the same workspace image (single flight), or journaled as a new build.
+
+use super::*;
+
+impl Orchestrator {
+    /// Resolves a reference to its pinned base ref (`ResolveBaseImage`), with the registry
+    /// credentials `request` allows.
+    pub async fn resolve_base(
+        &self,
+        reference: &str,
+        request: &RequestAuth,
+    ) -> Result<String, Error> {
+        if reference.trim().is_empty() {
+            return Err(Error::InvalidRequest(
+                "ref is empty: name an image, e.g. alpine:3.20".into(),
+            ));
+        }
+        Ok(self
+            .inner
+            .steps
+            .resolver
+            .resolve(reference, &self.inner.keychain(request), &Untracked)
+            .await?)
+    }
+
+    /// The refs a source resolves to (asks the registry for reference sources).
+    /// `remote_userinfo` is what the request's git remote URL carried: mk3 hashes the URL as
+    /// sent, so it goes back in for the hash (and nowhere else).
+    pub async fn resolve_refs(
+        &self,
+        source: &BuildSource,
+        remote_userinfo: Option<&UrlUserinfo>,
+        request: &RequestAuth,
+    ) -> Result<ResolvedRefs, Error> {
+        let base_ref = match source {
+            BuildSource::Reference { reference } => self.resolve_base(reference, request).await?,
+            BuildSource::Dockerfile(d) => refs::dockerfile_base_ref(
+                &self.inner.repos.base,
+                &DockerfileKey {
+                    clone_target: &d.clone_target,
+                    context_path: &d.context_path,
+                    dockerfile_path: &d.dockerfile_path,
+                    dockerfile_version: &d.dockerfile_version,
+                    remote_uri: &remote_userinfo
+                        .map_or_else(|| d.remote_uri.clone(), |u| u.restore(&d.remote_uri)),
+                },
+            ),
+        };
+        let workspace_ref = refs::workspace_ref(&self.inner.repos.workspace, &base_ref);
+        Ok(ResolvedRefs {
+            base_ref,
+            workspace_ref,
+        })
+    }
+
+    /// The manifest digest of an image of the installation's own repositories (a workspace
+    /// image, a Dockerfile build's base image), looked up with the installation's credentials
+    /// as mk3 does.
+    pub async fn lookup_own(&self, reference: &str) -> Result<Option<String>, Error> {
+        Ok(self
+            .inner
+            .steps
+            .cache
+            .lookup(reference, &self.inner.installation(), &Untracked)
+            .await?)
+    }
+
+    /// Accepts a build request: a cache hit, a join, or a new durable build. `secrets` stay
+    /// in memory for the build's steps and are never journaled.
+    pub async fn submit(&self, spec: BuildSpec, secrets: BuildSecrets) -> Result<Submitted, Error> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let BuildSource::Dockerfile(d) = &spec.source
+            && crate::api::is_local_remote(&d.remote_uri)
+            && !self.inner.limits.allow_local_repositories
+        {
+            return Err(Error::InvalidRequest(
+                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets allowLocalRepositories".into(),
+            ));
+        }
+        let ResolvedRefs {
+            base_ref,
+            workspace_ref,
+        } = self
+            .resolve_refs(
+                &spec.source,
+                secrets.remote_userinfo.as_ref(),
+                &secrets.registry,
+            )
+            .await?;
+        if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
+            self.inner.metrics.cache_hit();
+            return Ok(Submitted::CacheHit {
+                base_ref,
+                workspace_ref,
+            });
+        }
+        let (flight, leader) = {
+            let mut flights = self.lock_flights();
+            match flights.get(&workspace_ref) {
+                Some(flight) => {
+                    flight
+                        .joined
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (flight.clone(), None)
+                }
+                None => {
+                    let (created, rx) = watch::channel(false);
+                    let flight = Flight::new(BuildId::new(), 1, rx);
+                    flights.insert(workspace_ref.clone(), flight.clone());
+                    (flight, Some(created))
+                }
+            }
+        };
+        let id = flight.id;
+        let Some(created) = leader else {
+            let mut rx = flight.created;
+            rx.wait_for(|c| *c).await.map_err(|_| Error::JoinFailed)?;
+            let view = self.inner.journal.view(id)?;
+            let created_at_ms = view.map(|v| v.created_at_ms).unwrap_or_default();
+            return Ok(Submitted::Running {
+                id,
+                joined: true,
+                base_ref,
+                workspace_ref,
+                created_at_ms,
+            });
+        };
+        // The durable part runs in a task of its own: a caller that goes away (a deadline, a
+        // dropped connection) cannot leave the flight half-made for later callers to join.
+        let accept = tokio::spawn(self.clone().accept(
+            spec,
+            secrets,
+            base_ref,
+            workspace_ref,
+            flight,
+            created,
+        ));
+        accept.await.map_err(|e| {
+            tracing::error!(error = %e, "accepting a build failed");
+            Error::JoinFailed
+        })?
+    }
+
+    /// Records the new build of `flight` and starts it; its flight is forgotten if that fails.
+    async fn accept(
+        self,
+        spec: BuildSpec,
+        secrets: BuildSecrets,
+        base_ref: String,
+        workspace_ref: String,
+        flight: Flight,
+        created: watch::Sender<bool>,
+    ) -> Result<Submitted, Error> {
+        let id = flight.id;
+        let forget = ForgetUnlessKept::new(&self.inner, &workspace_ref, &flight);
+        task::failpoint("submit.create");
+        let view = self
+            .inner
+            .journal
+            .create(id, spec, base_ref.clone(), workspace_ref.clone())
+            .await?;
+        forget.keep();
+        self.inner.secrets.lock().insert(id, secrets);
+        let _ = created.send(true);
+        self.inner.metrics.build_started();
+        tracing::info!(build_id = %id, %workspace_ref, "build accepted");
+        let created_at_ms = view.created_at_ms;
+        self.spawn(view, false, flight.cancel.clone());
+        Ok(Submitted::Running {
+            id,
+            joined: false,
+            base_ref,
+            workspace_ref,
+            created_at_ms,
+        })
+    }
+}
