@@ -272,22 +272,69 @@ async fn admit(
     mut queue: mpsc::UnboundedReceiver<Admission>,
     slots: Arc<Semaphore>,
 ) {
-    while let Some(Admission {
+    // Builds waiting for a slot, in the order they came. A build cancelled while it waits
+    // leaves the line at once (its task journals Cancelled without a slot): it never waits
+    // for the builds before it to finish.
+    let mut waiting: std::collections::VecDeque<Admission> = std::collections::VecDeque::new();
+    loop {
+        while let Some(at) = waiting.iter().position(|a| a.cancel.is_cancelled()) {
+            let Some(admission) = waiting.remove(at) else {
+                break;
+            };
+            if !start(&inner, admission, None) {
+                return;
+            }
+        }
+        let any_cancelled = async {
+            if waiting.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            futures::future::select_all(waiting.iter().map(|a| Box::pin(a.cancel.cancelled())))
+                .await;
+        };
+        let slot = async {
+            if waiting.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            Arc::clone(&slots).acquire_owned().await
+        };
+        tokio::select! {
+            next = queue.recv() => match next {
+                Some(admission) => waiting.push_back(admission),
+                None => return,
+            },
+            slot = slot => {
+                let Ok(slot) = slot else { return };
+                let Some(admission) = waiting.pop_front() else { continue };
+                if !start(&inner, admission, Some(slot)) {
+                    return;
+                }
+            }
+            () = any_cancelled => {}
+        }
+    }
+}
+
+/// Spawns the task of an admitted build; false once the orchestrator is gone or stopping.
+fn start(
+    inner: &std::sync::Weak<Inner>,
+    admission: Admission,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> bool {
+    let Some(inner) = inner.upgrade() else {
+        return false;
+    };
+    if inner.shutdown.is_cancelled() {
+        return false;
+    }
+    let Admission {
         view,
         resumed,
         cancel,
-    }) = queue.recv().await
-    {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let Some(inner) = inner.upgrade() else { return };
-        if inner.shutdown.is_cancelled() {
-            return;
-        }
-        let tasks = inner.tasks.clone();
-        tasks.spawn(task::drive(inner, view, resumed, slot, cancel));
-    }
+    } = admission;
+    let tasks = inner.tasks.clone();
+    tasks.spawn(task::drive(inner, view, resumed, slot, cancel));
+    true
 }
 
 impl Inner {
@@ -364,3 +411,6 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

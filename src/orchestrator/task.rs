@@ -24,7 +24,7 @@ pub(super) async fn drive(
     inner: Arc<Inner>,
     view: BuildView,
     resumed: bool,
-    slot: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
     cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("build", build_id = %view.id);

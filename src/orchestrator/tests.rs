@@ -1,0 +1,290 @@
+//! The orchestrator with fake steps, in process: single flight, admission order, the cache,
+//! cancel and retry. The integration tests run the same paths against the real parts.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use image_builder_state::Phase;
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::credentials::Keychain;
+use crate::registry::Progress;
+
+/// A registry in memory and a builder that waits for the test to let each build through.
+struct Fakes {
+    /// Images the fake registry holds.
+    images: Mutex<HashSet<String>>,
+    /// Base refs, in the order their builds entered the builder.
+    entered: Mutex<Vec<String>>,
+    /// Builds inside the builder now, and the most there ever were.
+    inside: Mutex<(usize, usize)>,
+    /// One permit lets one build out of the builder.
+    gate: Semaphore,
+}
+
+impl Default for Fakes {
+    fn default() -> Self {
+        Self {
+            images: Mutex::default(),
+            entered: Mutex::default(),
+            inside: Mutex::default(),
+            gate: Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Resolve for Fakes {
+    async fn resolve(
+        &self,
+        reference: &str,
+        _: &dyn Keychain,
+        _: &dyn Progress,
+    ) -> Result<String, StepError> {
+        // Every image it resolves exists (as a base image does).
+        let pinned = format!("registry.test/{reference}@sha256:{:0>64}", reference.len());
+        self.images.lock().insert(pinned.clone());
+        Ok(pinned)
+    }
+}
+
+#[async_trait]
+impl CheckCache for Fakes {
+    async fn lookup(
+        &self,
+        reference: &str,
+        _: &dyn Keychain,
+        _: &dyn Progress,
+    ) -> Result<Option<String>, StepError> {
+        Ok(self
+            .images
+            .lock()
+            .contains(reference)
+            .then(|| "sha256:cafe".to_owned()))
+    }
+}
+
+#[async_trait]
+impl Build for Fakes {
+    async fn build(
+        &self,
+        build: &BuildView,
+        _: &BuildSecrets,
+        _: &BuildLog,
+    ) -> Result<(), StepError> {
+        self.entered.lock().push(build.base_ref.clone());
+        {
+            let mut inside = self.inside.lock();
+            inside.0 += 1;
+            inside.1 = inside.1.max(inside.0);
+        }
+        let permit = self.gate.acquire().await;
+        permit.map(tokio::sync::SemaphorePermit::forget).ok();
+        self.inside.lock().0 -= 1;
+        Ok(())
+    }
+
+    async fn stop_leftovers(&self, _: BuildId) -> usize {
+        0
+    }
+
+    async fn clean(&self, _: BuildId) {}
+}
+
+#[async_trait]
+impl Push for Fakes {
+    async fn push(
+        &self,
+        _: &str,
+        to: &str,
+        _: &dyn Keychain,
+        _: &BuildLog,
+    ) -> Result<String, StepError> {
+        self.images.lock().insert(to.to_owned());
+        Ok("sha256:cafe".to_owned())
+    }
+}
+
+struct Rig {
+    orchestrator: Orchestrator,
+    fakes: Arc<Fakes>,
+    _dir: tempfile::TempDir,
+}
+
+fn rig(max_concurrent_builds: usize) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path()).unwrap();
+    let fakes = Arc::new(Fakes::default());
+    let steps = Steps {
+        resolver: fakes.clone(),
+        cache: fakes.clone(),
+        builder: fakes.clone(),
+        pusher: fakes.clone(),
+    };
+    let base = "registry.test/base";
+    let workspace = "registry.test/workspace";
+    let orchestrator = Orchestrator::new(
+        journal,
+        steps,
+        Arc::new(Credentials::new(None, base, workspace).unwrap()),
+        Repositories {
+            base: base.into(),
+            workspace: workspace.into(),
+        },
+        Limits {
+            build_timeout: Duration::from_secs(20),
+            max_concurrent_builds,
+            max_log_bytes: 1 << 20,
+            allow_local_repositories: false,
+        },
+        Arc::new(Metrics::new()),
+    );
+    Rig {
+        orchestrator,
+        fakes,
+        _dir: dir,
+    }
+}
+
+fn spec(reference: &str) -> BuildSpec {
+    BuildSpec {
+        source: BuildSource::Reference {
+            reference: reference.into(),
+        },
+        force_rebuild: false,
+        triggered_by: "unit".into(),
+        supervisor_ref: String::new(),
+        had_request_auth: false,
+    }
+}
+
+async fn submit(orchestrator: &Orchestrator, reference: &str) -> (BuildId, bool) {
+    match orchestrator
+        .submit(spec(reference), BuildSecrets::default())
+        .await
+        .unwrap()
+    {
+        Submitted::Running { id, joined, .. } => (id, joined),
+        Submitted::CacheHit { .. } => panic!("{reference}: unexpected cache hit"),
+    }
+}
+
+/// Waits until the build ends; returns its final view.
+async fn ended(orchestrator: &Orchestrator, id: BuildId) -> BuildView {
+    let mut follower = orchestrator.follow(id, 0);
+    while let Some(next) = follower.next().await {
+        next.unwrap();
+    }
+    orchestrator.view(id).unwrap()
+}
+
+/// Waits until `n` builds have entered the builder.
+async fn entered(fakes: &Fakes, n: usize) {
+    for _ in 0..500 {
+        if fakes.entered.lock().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} builds entered the builder, expected {n}",
+        fakes.entered.lock().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_for_one_image_join_one_build() {
+    let rig = rig(4);
+    let (first, joined) = submit(&rig.orchestrator, "alpine").await;
+    assert!(!joined);
+    entered(&rig.fakes, 1).await;
+    let (second, joined) = submit(&rig.orchestrator, "alpine").await;
+    assert!(joined, "the second request joins the running build");
+    assert_eq!(first, second);
+    rig.fakes.gate.add_permits(1);
+    assert_eq!(ended(&rig.orchestrator, first).await.phase(), Phase::Done);
+    assert_eq!(rig.fakes.entered.lock().len(), 1, "built once");
+
+    // Done: the image exists, so the next request is answered from the cache.
+    let again = rig
+        .orchestrator
+        .submit(spec("alpine"), BuildSecrets::default())
+        .await
+        .unwrap();
+    assert!(matches!(again, Submitted::CacheHit { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_are_admitted_in_order_within_the_limit() {
+    let rig = rig(1);
+    let mut ids = Vec::new();
+    for reference in ["one", "two", "three"] {
+        ids.push(submit(&rig.orchestrator, reference).await.0);
+    }
+    entered(&rig.fakes, 1).await;
+    for (n, id) in ids.iter().enumerate() {
+        rig.fakes.gate.add_permits(1);
+        assert_eq!(ended(&rig.orchestrator, *id).await.phase(), Phase::Done);
+        if n + 1 < ids.len() {
+            entered(&rig.fakes, n + 2).await;
+        }
+    }
+    let order: Vec<String> = rig.fakes.entered.lock().clone();
+    let expected: Vec<String> = ["one", "two", "three"]
+        .iter()
+        .map(|r| format!("registry.test/{r}@sha256:{:0>64}", r.len()))
+        .collect();
+    assert_eq!(order, expected, "admitted in the order they came");
+    assert_eq!(rig.fakes.inside.lock().1, 1, "never more than one at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_queued_build_ends_and_its_retry_runs_to_done() {
+    let rig = rig(1);
+    let (running, _) = submit(&rig.orchestrator, "busy").await;
+    entered(&rig.fakes, 1).await;
+    let (queued, _) = submit(&rig.orchestrator, "waiting").await;
+    assert_eq!(
+        rig.orchestrator.view(queued).unwrap().phase(),
+        Phase::Queued
+    );
+
+    rig.orchestrator
+        .cancel(queued, "not needed".into())
+        .await
+        .unwrap();
+    let view = ended(&rig.orchestrator, queued).await;
+    assert_eq!(view.phase(), Phase::Cancelled);
+    assert_eq!(view.failure.as_deref(), Some("not needed"));
+    assert_eq!(
+        rig.orchestrator.view(running).unwrap().phase(),
+        Phase::Building,
+        "the queued build ended without waiting for the slot the running one holds"
+    );
+    let err = rig
+        .orchestrator
+        .cancel(queued, "again".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+
+    rig.fakes.gate.add_permits(2);
+    assert_eq!(ended(&rig.orchestrator, running).await.phase(), Phase::Done);
+    let retried = rig.orchestrator.retry(queued).await.unwrap();
+    assert_eq!(retried.attempt, 2);
+    let view = ended(&rig.orchestrator, queued).await;
+    assert_eq!(
+        view.phase(),
+        Phase::Done,
+        "{:?} {:?}",
+        view.failure,
+        rig.fakes.entered.lock()
+    );
+    assert_eq!(view.attempt, 2);
+    let err = rig.orchestrator.retry(running).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Conflict(_) | Error::Journal(_)),
+        "a build that succeeded is not retried: {err}"
+    );
+}
