@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
-use crate::orchestrator::{Build, BuildLog, BuildSecrets, StepError};
+use crate::orchestrator::{BuildBase, BuildLog, BuildSecrets, StepError};
 use buildah::Buildah;
 
 /// Builds on this machine: git checkouts plus buildah.
@@ -122,7 +122,7 @@ impl Drop for AuthFile {
 }
 
 #[async_trait]
-impl Build for LocalExecutor {
+impl BuildBase for LocalExecutor {
     async fn build(
         &self,
         build: &BuildView,

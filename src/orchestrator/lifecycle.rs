@@ -7,7 +7,7 @@ impl Orchestrator {
     /// Cancels a build: the intent is journaled first, then the build's task stops its step
     /// (builder processes, work directory) and journals Cancelled. A restart in between
     /// finishes the cancel. Every client following the build sees it end.
-    pub async fn cancel(&self, id: BuildId, reason: String) -> Result<Cancelled, Error> {
+    pub async fn cancel(&self, id: BuildId, reason: String) -> Result<CancelOutcome, Error> {
         let view = self.view(id)?;
         if view.phase().is_final() {
             return Err(Error::Conflict(format!(
@@ -44,12 +44,12 @@ impl Orchestrator {
             None => 0,
         };
         tracing::info!(build_id = %id, joined, "build cancel requested");
-        Ok(Cancelled { joined })
+        Ok(CancelOutcome { joined })
     }
 
     /// Runs a failed or cancelled build again, as its next attempt under the same id, with
     /// the installation's credentials only.
-    pub async fn retry(&self, id: BuildId) -> Result<Retried, Error> {
+    pub async fn retry(&self, id: BuildId) -> Result<RetryOutcome, Error> {
         let view = self.view(id)?;
         if !matches!(
             view.phase(),
@@ -87,7 +87,7 @@ impl Orchestrator {
         view: BuildView,
         flight: Flight,
         created: watch::Sender<bool>,
-    ) -> Result<Retried, Error> {
+    ) -> Result<RetryOutcome, Error> {
         let id = view.id;
         let forget = ForgetUnlessKept::new(&self.inner, &view.workspace_ref, &flight);
         let attempt = view.attempt + 1;
@@ -106,7 +106,7 @@ impl Orchestrator {
         self.inner.metrics.build_started();
         let needs_request_credentials = view.spec.had_request_auth;
         self.spawn(view, false, flight.cancel.clone());
-        Ok(Retried {
+        Ok(RetryOutcome {
             attempt,
             needs_request_credentials,
         })

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use flight::{Flight, ForgetUnlessKept};
 pub use log::{BuildLog, Output, Tail};
-pub use steps::{Build, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
+pub use steps::{BuildBase, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
 
 use crate::context::UrlUserinfo;
 use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
@@ -128,14 +128,14 @@ pub struct ResolvedRefs {
 
 /// What a cancel did.
 #[derive(Debug, Clone)]
-pub struct Cancelled {
+pub struct CancelOutcome {
     /// Build calls other than the first that were following the build.
     pub joined: usize,
 }
 
 /// What a retry did.
 #[derive(Debug, Clone)]
-pub struct Retried {
+pub struct RetryOutcome {
     /// The new attempt's number.
     pub attempt: u32,
     /// Whether the original request carried credentials of its own, which are not kept.

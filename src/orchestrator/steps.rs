@@ -70,7 +70,7 @@ pub trait CheckCache: Send + Sync {
 
 /// Makes the base image of a build exist.
 #[async_trait]
-pub trait Build: Send + Sync {
+pub trait BuildBase: Send + Sync {
     /// Builds and pushes `build.base_ref` (or confirms there is nothing to build), logging as
     /// it goes.
     async fn build(
@@ -109,7 +109,7 @@ pub struct Steps {
     /// Looks images up.
     pub cache: std::sync::Arc<dyn CheckCache>,
     /// Builds base images.
-    pub builder: std::sync::Arc<dyn Build>,
+    pub builder: std::sync::Arc<dyn BuildBase>,
     /// Copies base images to workspace refs.
     pub pusher: std::sync::Arc<dyn Push>,
 }

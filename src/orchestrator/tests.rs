@@ -66,7 +66,7 @@ impl CheckCache for Fakes {
 }
 
 #[async_trait]
-impl Build for Fakes {
+impl BuildBase for Fakes {
     async fn build(
         &self,
         build: &BuildView,

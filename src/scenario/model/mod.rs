@@ -160,7 +160,7 @@ fn default_version() -> String {
 /// A Build request.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BuildSpec {
+pub struct BuildStepSpec {
     /// The name later steps use; with `count`, the group's name.
     #[serde(rename = "as")]
     pub name: String,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{BuildSpec, CallName, CodeName, DockerfileSpec, StateName, StatusName};
+use super::{BuildStepSpec, CallName, CodeName, DockerfileSpec, StateName, StatusName};
 use crate::scenario::Fault;
 
 /// A step: an action or an assertion.
@@ -12,7 +12,7 @@ use crate::scenario::Fault;
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Step {
     /// Submit a Build (the stream is followed in the background).
-    Build(BuildSpec),
+    Build(BuildStepSpec),
     /// Wait until builds end; optionally assert their status.
     Wait {
         /// A build or group name.

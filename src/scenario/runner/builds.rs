@@ -204,7 +204,7 @@ impl World {
         }
     }
 
-    pub(super) async fn build(&mut self, spec: &model::BuildSpec) -> Check {
+    pub(super) async fn build(&mut self, spec: &model::BuildStepSpec) -> Check {
         let count = spec.count.unwrap_or(1);
         let mut names = Vec::new();
         for i in 0..count {
