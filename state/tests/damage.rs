@@ -39,6 +39,16 @@ async fn fill(dir: &Path, builds: usize) -> Vec<BuildId> {
     ids
 }
 
+/// What `store check` says of the store in `dir`, a line per problem.
+fn store_check(dir: &Path) -> Vec<String> {
+    let store = when_unlocked(|| SledStore::open_existing(dir));
+    inspect::check(&store)
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 /// Where `id` first appears in sled's file: the first write of that build.
 fn first_write_of(db: &[u8], id: BuildId) -> usize {
     db.windows(16)
@@ -185,12 +195,7 @@ async fn a_record_that_does_not_decode_leaves_the_records_before_it_readable() {
 
     // `store check` (offline) names it, and the journal that is fine is not named.
     drop(journal);
-    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
-    let problems: Vec<String> = inspect::check(&store)
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let problems = store_check(dir.path());
     assert!(
         problems
             .iter()
@@ -212,12 +217,7 @@ async fn store_check_names_builds_lost_to_a_flipped_byte() {
     let at = first_write_of(&db, ids[4]);
     db[at] ^= 1;
     std::fs::write(&db_path, &db).unwrap();
-    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
-    let problems: Vec<String> = inspect::check(&store)
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let problems = store_check(dir.path());
     for id in &ids[4..] {
         assert!(
             problems
@@ -279,12 +279,7 @@ async fn a_flipped_byte_in_a_log_segment_is_never_served_as_the_log() {
     );
     drop((reader, journal));
 
-    let store = when_unlocked(|| SledStore::open_existing(dir.path()));
-    let problems: Vec<String> = inspect::check(&store)
-        .unwrap()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let problems = store_check(dir.path());
     assert!(
         problems
             .iter()
