@@ -107,13 +107,7 @@ impl World {
                 Ok(())
             }
             Step::ExpectBuilds { count } => {
-                let list = self
-                    .client()
-                    .await?
-                    .list_builds(pb::ListBuildsRequest {})
-                    .await
-                    .map_err(|e| format!("ListBuilds: {e}"))?;
-                let n = list.into_inner().builds.len();
+                let n = self.list_builds().await?.len();
                 ensure!(n == *count, "the service has {n} builds, expected {count}");
                 Ok(())
             }
@@ -336,15 +330,9 @@ impl World {
         }
         // The stream broke (restart): the journal has the answer. Logs ends when the build does.
         self.full_log(name).await?;
-        let list = self
-            .client()
+        let info = self
+            .list_builds()
             .await?
-            .list_builds(pb::ListBuildsRequest {})
-            .await
-            .map_err(|e| format!("ListBuilds: {e}"))?;
-        let info = list
-            .into_inner()
-            .builds
             .into_iter()
             .find(|b| b.build_id == id)
             .ok_or_else(|| format!("build {id} is not listed"))?;
@@ -352,6 +340,18 @@ impl World {
             pb::BuildStatus::try_from(info.status).unwrap_or(pb::BuildStatus::Unknown),
             String::from("(stream ended with the service; status from ListBuilds)"),
         ))
+    }
+
+    /// mk3's ListBuilds: the builds the service lists.
+    async fn list_builds(&self) -> Result<Vec<pb::BuildInfo>, String> {
+        Ok(self
+            .client()
+            .await?
+            .list_builds(pb::ListBuildsRequest {})
+            .await
+            .map_err(|e| format!("ListBuilds: {e}"))?
+            .into_inner()
+            .builds)
     }
 
     pub(super) async fn workspace_ref(&self, name: &str) -> Result<String, String> {
