@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
-use image_builder::registry::{NoCredentials, Registry, Untracked};
+use image_builder::registry::{NoCredentials, Registry};
+use image_builder::steps::Untracked;
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use image_builder::orchestrator::BuildLog;
+use image_builder::steps::StepLog;
 use image_builder_state::Journal;
 use image_builder_state::testing::new_build;
 

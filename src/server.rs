@@ -16,8 +16,9 @@ use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
 use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
-use crate::orchestrator::{Limits, Orchestrator, Repositories, Steps};
+use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
+use crate::steps::Steps;
 use crate::telemetry::{self, Metrics};
 
 /// How long running steps get to stop after a shutdown signal.

@@ -2,7 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use async_trait::async_trait;
-use image_builder::registry::{self, NoCredentials, Progress, Registry, Untracked};
+use image_builder::registry::{self, NoCredentials, Registry};
+use image_builder::steps::{Progress, Untracked};
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry};
 use oci_client::Reference;
 use oci_client::client::{Client, ClientConfig, ClientProtocol};

@@ -4,9 +4,10 @@
 use image_builder_state::view::Summary;
 use image_builder_state::{BuildSource, BuildSpec, CloneTargetMode, DockerfileSource, Phase};
 
-use crate::context::{self, GitCredentials, UrlUserinfo};
+use crate::context;
+use crate::credentials::{BuildSecrets, GitCredentials, UrlUserinfo};
 use crate::credentials::{RequestAuth, Secret, normalize_host};
-use crate::orchestrator::{BuildSecrets, Error};
+use crate::orchestrator::Error;
 use crate::proto::builder as pb;
 use crate::proto::contentservice as cs;
 
@@ -193,11 +194,6 @@ fn check_remote(uri: &str) -> Result<(), Error> {
         return Ok(());
     }
     refuse("it is not a URL")
-}
-
-/// Whether a remote names a repository on the service's own machine.
-pub fn is_local_remote(uri: &str) -> bool {
-    uri.starts_with("file://") || uri.starts_with('/')
 }
 
 /// A branch must be a branch name git accepts, a commit an object name (hex), so that

@@ -7,6 +7,6 @@ pub mod image_builder;
 pub mod ops;
 mod status;
 
-pub use convert::{build_request, is_local_remote};
+pub use convert::build_request;
 pub use image_builder::ImageBuilderService;
 pub use ops::OpsService;

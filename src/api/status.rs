@@ -3,23 +3,15 @@
 
 use tonic::{Code, Status};
 
-use crate::context;
-use crate::orchestrator::{self, StepError};
-use crate::registry;
+use crate::orchestrator;
+use crate::steps::StepErrorKind;
 
 impl From<orchestrator::Error> for Status {
     fn from(err: orchestrator::Error) -> Self {
         let code = match &err {
             orchestrator::Error::InvalidRequest(_) => Code::InvalidArgument,
             orchestrator::Error::NotFound(_) => Code::NotFound,
-            orchestrator::Error::Step(StepError::Registry(e)) => registry_code(e),
-            orchestrator::Error::Step(StepError::Unsupported(_)) => Code::InvalidArgument,
-            orchestrator::Error::Step(StepError::Context(context::Error::Escape { .. })) => {
-                Code::InvalidArgument
-            }
-            orchestrator::Error::Step(
-                StepError::Context(_) | StepError::Builder(_) | StepError::CredentialsLost(_),
-            ) => Code::FailedPrecondition,
+            orchestrator::Error::Step(e) => step_code(e.kind()),
             orchestrator::Error::Journal(image_builder_state::journal::Error::NotFound(_)) => {
                 Code::NotFound
             }
@@ -60,23 +52,23 @@ fn bounded_message(mut message: String) -> String {
     message
 }
 
-fn registry_code(err: &registry::Error) -> Code {
-    match err.root() {
-        registry::Error::BadReference { .. } => Code::InvalidArgument,
-        registry::Error::NotFound { .. } => Code::NotFound,
-        registry::Error::Unauthorized { .. } => Code::Unauthenticated,
-        registry::Error::Denied { .. } => Code::PermissionDenied,
-        registry::Error::RateLimited { .. } | registry::Error::Unavailable { .. } => {
-            Code::Unavailable
-        }
-        registry::Error::Invalid { .. } => Code::FailedPrecondition,
-        registry::Error::RetriesExhausted { .. } => Code::Unavailable,
+/// mk3's codes for the failures of a step.
+fn step_code(kind: StepErrorKind) -> Code {
+    match kind {
+        StepErrorKind::Invalid => Code::InvalidArgument,
+        StepErrorKind::Missing => Code::NotFound,
+        StepErrorKind::Unauthenticated => Code::Unauthenticated,
+        StepErrorKind::Denied => Code::PermissionDenied,
+        StepErrorKind::Unavailable => Code::Unavailable,
+        StepErrorKind::Failed => Code::FailedPrecondition,
+        StepErrorKind::Cancelled => Code::Cancelled,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry;
 
     #[test]
     fn registry_faults_get_mk3_codes() {

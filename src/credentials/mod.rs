@@ -1,6 +1,8 @@
-//! Registry credentials: the installation's (a docker config file, re-read when it changes),
-//! a request's own (`BuildRegistryAuth`, kept in memory only), and which of them a registry
-//! gets (mk3's rules). Also the redaction of every known credential value from log lines.
+//! Credentials and the policy over them: the installation's registry credentials (a docker
+//! config file, re-read when it changes; ECR tokens), a request's own (`BuildRegistryAuth`,
+//! its git credentials; kept in memory only), which of them each registry and step gets
+//! (mk3's rules, in [`CredentialPolicy`]), and the redaction of every known credential value
+//! from log lines.
 //!
 //! mk3's rules: a request allows installation credentials for every registry
 //! (`total.allow_all`) or for some (`selective`: the base repository's registry, the workspace
@@ -10,7 +12,9 @@
 
 mod docker_config;
 pub mod ecr;
+mod git;
 mod keychain;
+mod policy;
 pub mod redact;
 mod secret;
 
@@ -25,7 +29,9 @@ use serde::Deserialize;
 use sha2::Digest;
 
 pub use docker_config::DockerConfig;
+pub use git::{GitCredentials, UrlUserinfo};
 pub use keychain::{Credentials, Keychain, NoCredentials, RequestAuth, RequestKeychain};
+pub use policy::{BuildSecrets, CredentialPolicy};
 pub use redact::{Needles, StreamRedactor};
 pub use secret::{Secret, normalize_host, registry_host};
 

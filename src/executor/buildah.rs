@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use image_builder_state::BuildId;
 use tokio::process::Command;
 
-use super::process::{self, Finished};
 use crate::context::BuildContext;
-use crate::orchestrator::BuildLog;
+use crate::process::{self, Finished};
+use crate::steps::{StepError, StepErrorKind, StepLog};
 
 /// buildah failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,14 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<Error> for StepError {
+    /// Every buildah failure is permanent for this request: the builder ran (or could not
+    /// start) and said no; the registry faults it meets while pushing are in its output.
+    fn from(err: Error) -> Self {
+        StepError::from_source(StepErrorKind::Failed, err)
+    }
 }
 
 /// A buildah with its own storage.
@@ -90,7 +98,7 @@ impl Buildah {
         context: &BuildContext,
         tag: &str,
         auth_file: &Path,
-        log: &BuildLog,
+        log: &dyn StepLog,
     ) -> Result<(), Error> {
         let mut cmd = self.command();
         cmd.env("REGISTRY_AUTH_FILE", auth_file);
@@ -115,7 +123,7 @@ impl Buildah {
         id: BuildId,
         tag: &str,
         auth_file: &Path,
-        log: &BuildLog,
+        log: &dyn StepLog,
     ) -> Result<(), Error> {
         let mut cmd = self.command();
         cmd.env("REGISTRY_AUTH_FILE", auth_file);
@@ -139,7 +147,7 @@ impl Buildah {
         cmd: Command,
         action: &'static str,
         id: BuildId,
-        log: &BuildLog,
+        log: &dyn StepLog,
     ) -> Result<(), Error> {
         let started = std::time::Instant::now();
         let Finished { status, tail } = process::run_logged(cmd, id, log)

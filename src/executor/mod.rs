@@ -3,7 +3,6 @@
 //! ref. Reference sources need no build.
 
 pub mod buildah;
-pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,8 +12,10 @@ use image_builder_state::{BuildId, BuildSource, BuildView};
 use sha2::{Digest, Sha256};
 
 use crate::context::GitCheckouts;
+use crate::credentials::BuildSecrets;
 use crate::credentials::Credentials;
-use crate::orchestrator::{BuildBase, BuildLog, BuildSecrets, StepError};
+use crate::process;
+use crate::steps::{BuildBase, StepError, StepErrorKind, StepLog};
 use buildah::Buildah;
 
 /// Builds on this machine: git checkouts plus buildah.
@@ -127,7 +128,7 @@ impl BuildBase for LocalExecutor {
         &self,
         build: &BuildView,
         secrets: &BuildSecrets,
-        log: &BuildLog,
+        log: &dyn StepLog,
     ) -> Result<(), StepError> {
         let source = match &build.spec.source {
             BuildSource::Reference { .. } => {
@@ -141,8 +142,9 @@ impl BuildBase for LocalExecutor {
             BuildSource::Dockerfile(source) => source,
         };
         if source.git_auth && secrets.git.is_none() {
-            return Err(StepError::CredentialsLost(
-                "the git credentials of this build are not kept across a restart of the service; submit the build again with them".into(),
+            return Err(StepError::new(
+                StepErrorKind::Unauthenticated,
+                "the git credentials of this build are not kept across a restart of the service; submit the build again with them",
             ));
         }
         let context = self
@@ -157,7 +159,10 @@ impl BuildBase for LocalExecutor {
             )
             .await;
         let auth = self.auth_files.write(build.id, &auth).map_err(|e| {
-            StepError::Unsupported(format!("cannot write the builder's credentials file: {e}"))
+            StepError::new(
+                StepErrorKind::Failed,
+                format!("cannot write the builder's credentials file: {e}"),
+            )
         })?;
         log.line(format!("building {} with buildah", build.base_ref))
             .await;

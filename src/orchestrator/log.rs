@@ -12,7 +12,6 @@
 //! is whole in the journal before the build is seen to move on.
 
 use parking_lot::Mutex;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::credentials::{Needles, StreamRedactor};
-use crate::registry::Progress;
+use crate::steps::{Progress, StepLog, StepOutput, Tail};
 
 /// The line written once when a build's log reaches its size limit.
 pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
@@ -36,9 +35,6 @@ pub const CHUNK_AGE: Duration = Duration::from_millis(20);
 /// Pieces of at most [`CHUNK_BYTES`] waiting for the writer: with the chunk being filled and
 /// the one being journaled, what a build's log holds in memory at most.
 const QUEUE_PIECES: usize = 16;
-
-/// Output lines kept for error messages.
-const TAIL_LINES: usize = 6;
 
 /// The build log could not be journaled.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -122,15 +118,6 @@ impl BuildLog {
         self.write_redacted(redacted).await;
     }
 
-    /// A writer for one output stream of a process: takes bytes as the pipe gives them.
-    pub fn output(&self, tail: Tail) -> Output {
-        Output {
-            log: self.clone(),
-            redactor: StreamRedactor::new(self.shared.needles.clone()),
-            tail,
-        }
-    }
-
     /// Waits until everything written before this call is durable; says why not if it
     /// cannot be (then later output is dropped, and the build must fail).
     pub async fn flush(&self) -> Result<(), Error> {
@@ -192,57 +179,33 @@ impl Progress for BuildLog {
     }
 }
 
-/// The last lines written through a process's outputs, shared by its stdout and stderr.
-#[derive(Clone, Default)]
-pub struct Tail(Arc<Mutex<VecDeque<String>>>);
-
-impl Tail {
-    /// The last non-blank lines, oldest first (already redacted).
-    pub fn lines(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .iter()
-            .filter(|l| !l.trim().is_empty())
-            .cloned()
-            .collect()
-    }
-
-    fn remember(&self, redacted: &[u8]) {
-        let mut lines = redacted
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .rev()
-            .take(TAIL_LINES)
-            .collect::<Vec<_>>();
-        lines.reverse();
-        let mut tail = self.0.lock();
-        for line in lines {
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
-            }
-            let text = String::from_utf8_lossy(line);
-            tail.push_back(text.trim_end_matches('\r').chars().take(512).collect());
-        }
+impl StepLog for BuildLog {
+    fn output(&self, tail: Tail) -> Box<dyn StepOutput> {
+        Box::new(Output {
+            log: self.clone(),
+            redactor: StreamRedactor::new(self.shared.needles.clone()),
+            tail,
+        })
     }
 }
 
-/// One output stream of a process on its way into the build log; see [`BuildLog::output`].
-pub struct Output {
+/// One output stream of a process on its way into the build log.
+struct Output {
     log: BuildLog,
     redactor: StreamRedactor,
     tail: Tail,
 }
 
-impl Output {
-    /// Takes bytes as a read of the pipe gave them (cut anywhere).
-    pub async fn write(&mut self, bytes: &[u8]) {
+#[async_trait]
+impl StepOutput for Output {
+    async fn write(&mut self, bytes: &[u8]) {
         let mut out = Vec::with_capacity(bytes.len() + 64);
         self.redactor.push(bytes, &mut out);
         self.pass_on(out).await;
     }
 
-    /// The stream has ended: passes on what was held back, ending it with a newline.
-    pub async fn finish(mut self) {
+    /// Ends the stream with a newline when it had none.
+    async fn finish(mut self: Box<Self>) {
         let mut out = Vec::new();
         self.redactor.finish(&mut out);
         if !out.is_empty() && !out.ends_with(b"\n") {
@@ -250,7 +213,9 @@ impl Output {
         }
         self.pass_on(out).await;
     }
+}
 
+impl Output {
     async fn pass_on(&mut self, out: Vec<u8>) {
         if out.is_empty() {
             return;

@@ -11,7 +11,6 @@ mod flight;
 mod lifecycle;
 mod log;
 mod queries;
-mod steps;
 mod submit;
 mod task;
 
@@ -28,13 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use flight::{Flight, ForgetUnlessKept};
-pub use log::{BuildLog, Output, Tail};
-pub use steps::{BuildBase, BuildSecrets, CheckCache, Push, Resolve, StepError, Steps};
+pub use log::BuildLog;
 
-use crate::context::UrlUserinfo;
-use crate::credentials::{Credentials, RequestAuth, RequestKeychain};
+use crate::credentials::{BuildSecrets, CredentialPolicy, Credentials, UrlUserinfo};
 use crate::refs::{self, DockerfileKey};
-use crate::registry::Untracked;
+use crate::steps::{StepError, Steps, Untracked};
 use crate::telemetry::Metrics;
 
 /// Why the orchestrator could not do what was asked.
@@ -145,9 +142,7 @@ pub struct RetryOutcome {
 struct Inner {
     journal: Journal,
     steps: Steps,
-    credentials: Arc<Credentials>,
-    /// A request that allows every registry the installation's credentials.
-    allow_all: RequestAuth,
+    credentials: CredentialPolicy,
     repos: Repositories,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -180,11 +175,7 @@ impl Orchestrator {
         let inner = Arc::new(Inner {
             journal,
             steps,
-            credentials,
-            allow_all: RequestAuth {
-                allow_all: true,
-                ..RequestAuth::default()
-            },
+            credentials: CredentialPolicy::new(credentials),
             repos,
             limits,
             metrics,
@@ -225,11 +216,10 @@ impl Orchestrator {
     /// What `LogsRequest.censored` hides: every known credential value and the
     /// installation's registry hosts.
     pub fn censored(&self) -> crate::credentials::Needles {
-        let hosts = [&self.inner.repos.base, &self.inner.repos.workspace]
-            .into_iter()
-            .map(|repository| crate::credentials::registry_host(repository));
-        crate::credentials::Needles::new(self.inner.sensitive_values(None))
-            .replacing(hosts, b"[registry]")
+        let repos = &self.inner.repos;
+        self.inner
+            .credentials
+            .censored([repos.base.as_str(), repos.workspace.as_str()])
     }
 
     /// Stops taking builds, lets running steps stop at their next await point (they resume at
@@ -338,55 +328,9 @@ fn start(
 }
 
 impl Inner {
-    /// The registry credentials a request gets.
-    fn keychain<'a>(&'a self, request: &'a RequestAuth) -> RequestKeychain<'a> {
-        RequestKeychain {
-            credentials: &self.credentials,
-            request,
-        }
-    }
-
-    /// The installation's credentials everywhere: for its own repositories.
-    fn installation(&self) -> RequestKeychain<'_> {
-        self.keychain(&self.allow_all)
-    }
-
-    /// The credentials to read a build's base image with: the request's for an image it named,
-    /// the installation's for a base image this service built.
-    fn base_keychain<'a>(
-        &'a self,
-        view: &BuildView,
-        request: &'a RequestAuth,
-    ) -> RequestKeychain<'a> {
-        match view.spec.source {
-            BuildSource::Reference { .. } => self.keychain(request),
-            BuildSource::Dockerfile(_) => self.installation(),
-        }
-    }
-
     /// The in-memory secrets of a build (`None` after a restart: they are never stored).
     fn secrets_of(&self, id: BuildId) -> Option<BuildSecrets> {
         self.secrets.lock().get(&id).cloned()
-    }
-
-    /// Every credential value a build's log must not show.
-    fn sensitive_values(&self, secrets: Option<&BuildSecrets>) -> Vec<String> {
-        let mut values = match secrets {
-            Some(s) => self.credentials.sensitive_values(&s.registry),
-            None => self.credentials.sensitive_values(&RequestAuth::default()),
-        };
-        if let Some(git) = secrets.and_then(|s| s.git.as_ref()) {
-            values.push(git.password.clone());
-            values.extend(
-                crate::credentials::Secret::Basic {
-                    user: git.user.clone(),
-                    password: git.password.clone(),
-                }
-                .basic_token(),
-            );
-        }
-        values.retain(|v| v.len() >= 4);
-        values
     }
 
     /// Forgets what attempt `attempt` of a build kept in memory once it has ended.

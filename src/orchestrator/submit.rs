@@ -2,6 +2,7 @@
 //! running build of the same workspace image (single flight), or journaled as a new build.
 
 use super::*;
+use crate::credentials::RequestAuth;
 
 impl Orchestrator {
     /// Resolves a reference to its pinned base ref (`ResolveBaseImage`), with the registry
@@ -20,7 +21,11 @@ impl Orchestrator {
             .inner
             .steps
             .resolver
-            .resolve(reference, &self.inner.keychain(request), &Untracked)
+            .resolve(
+                reference,
+                &self.inner.credentials.keychain(request),
+                &Untracked,
+            )
             .await?)
     }
 
@@ -62,7 +67,11 @@ impl Orchestrator {
             .inner
             .steps
             .cache
-            .lookup(reference, &self.inner.installation(), &Untracked)
+            .lookup(
+                reference,
+                &self.inner.credentials.installation(),
+                &Untracked,
+            )
             .await?)
     }
 
@@ -73,7 +82,7 @@ impl Orchestrator {
             return Err(Error::ShuttingDown);
         }
         if let BuildSource::Dockerfile(d) = &spec.source
-            && crate::api::is_local_remote(&d.remote_uri)
+            && crate::context::is_local_remote(&d.remote_uri)
             && !self.inner.limits.allow_local_repositories
         {
             return Err(Error::InvalidRequest(

@@ -15,8 +15,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{BuildLog, Inner, StepError};
-use crate::registry;
+use super::{BuildLog, Inner};
+use crate::credentials::BuildSecrets;
+use crate::steps::{Class, StepError, StepErrorKind};
 
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
 /// `slot` is its place under the concurrency limit, held until the task ends.
@@ -52,7 +53,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         id,
         view.log_len,
         inner.limits.max_log_bytes,
-        inner.sensitive_values(secrets.as_ref()),
+        inner.credentials.sensitive_values(secrets.as_ref()),
     );
     if resumed {
         log.line(format!(
@@ -195,7 +196,7 @@ fn deadline(inner: &Inner, view: &BuildView) -> Duration {
 async fn step(
     inner: &Inner,
     view: &BuildView,
-    secrets: &super::BuildSecrets,
+    secrets: &BuildSecrets,
     secrets_lost: bool,
     log: &BuildLog,
 ) -> Event {
@@ -216,7 +217,9 @@ async fn step(
                 .push(
                     &view.base_ref,
                     &view.workspace_ref,
-                    &inner.base_keychain(view, &secrets.registry),
+                    &inner
+                        .credentials
+                        .base_keychain(&view.spec.source, &secrets.registry),
                     log,
                 )
                 .await;
@@ -225,10 +228,15 @@ async fn step(
         Phase::Queued | Phase::Done | Phase::Failed | Phase::Cancelled => unreachable_here(phase),
     };
     outcome.unwrap_or_else(|e| {
+        if e.class() == Class::Cancelled {
+            return Event::Cancelled {
+                reason: format!("{} was stopped: {e}", phase_action(phase)),
+            };
+        }
         let mut reason = format!("{} failed: {e}", phase_action(phase));
         // A registry refusing us after a restart lost the request's own credentials: say so.
-        let refused = matches!(&e, StepError::Registry(r) if matches!(r.root(), registry::Error::Unauthorized { .. }));
-        if secrets_lost && refused {
+        // (In Building, the builder says itself which credentials were lost.)
+        if secrets_lost && e.kind() == StepErrorKind::Unauthenticated && phase != Phase::Building {
             reason.push_str("; the registry credentials of this request are not kept across a restart of the service: submit the build again with them");
         }
         Event::Failed { reason }
@@ -238,7 +246,7 @@ async fn step(
 async fn resolve(
     inner: &Inner,
     view: &BuildView,
-    secrets: &super::BuildSecrets,
+    secrets: &BuildSecrets,
     log: &BuildLog,
 ) -> Result<Event, StepError> {
     match &view.spec.source {
@@ -247,7 +255,11 @@ async fn resolve(
             match inner
                 .steps
                 .cache
-                .lookup(&view.base_ref, &inner.keychain(&secrets.registry), log)
+                .lookup(
+                    &view.base_ref,
+                    &inner.credentials.keychain(&secrets.registry),
+                    log,
+                )
                 .await?
             {
                 Some(_) => {
@@ -279,7 +291,7 @@ async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<
     match inner
         .steps
         .cache
-        .lookup(&view.workspace_ref, &inner.installation(), log)
+        .lookup(&view.workspace_ref, &inner.credentials.installation(), log)
         .await?
     {
         Some(digest) => {
@@ -304,7 +316,7 @@ async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<
 async fn build(
     inner: &Inner,
     view: &BuildView,
-    secrets: &super::BuildSecrets,
+    secrets: &BuildSecrets,
     log: &BuildLog,
 ) -> Result<Event, StepError> {
     if matches!(view.spec.source, BuildSource::Dockerfile(_))
@@ -312,7 +324,7 @@ async fn build(
         && let Some(digest) = inner
             .steps
             .cache
-            .lookup(&view.base_ref, &inner.installation(), log)
+            .lookup(&view.base_ref, &inner.credentials.installation(), log)
             .await?
     {
         log.line(format!(
@@ -339,7 +351,8 @@ fn phase_action(phase: Phase) -> &'static str {
 
 /// The loop admits queued builds itself and never runs a step in a final phase.
 fn unreachable_here(phase: Phase) -> Result<Event, StepError> {
-    Err(StepError::Unsupported(format!(
-        "no step runs in phase {phase}"
-    )))
+    Err(StepError::new(
+        StepErrorKind::Failed,
+        format!("no step runs in phase {phase}"),
+    ))
 }

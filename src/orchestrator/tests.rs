@@ -9,7 +9,9 @@ use tokio::sync::Semaphore;
 
 use super::*;
 use crate::credentials::Keychain;
-use crate::registry::Progress;
+use crate::steps::{
+    BuildBase, CheckCache, Progress, Push, Resolve, StepError, StepErrorKind, StepLog,
+};
 
 /// A registry in memory and a builder that waits for the test to let each build through.
 struct Fakes {
@@ -21,6 +23,8 @@ struct Fakes {
     inside: Mutex<(usize, usize)>,
     /// One permit lets one build out of the builder.
     gate: Semaphore,
+    /// How the builder fails its next builds, one kind each, before it succeeds again.
+    failures: Mutex<Vec<StepErrorKind>>,
 }
 
 impl Default for Fakes {
@@ -30,6 +34,7 @@ impl Default for Fakes {
             entered: Mutex::default(),
             inside: Mutex::default(),
             gate: Semaphore::new(0),
+            failures: Mutex::default(),
         }
     }
 }
@@ -71,9 +76,16 @@ impl BuildBase for Fakes {
         &self,
         build: &BuildView,
         _: &BuildSecrets,
-        _: &BuildLog,
+        _: &dyn StepLog,
     ) -> Result<(), StepError> {
         self.entered.lock().push(build.base_ref.clone());
+        let failure = self.failures.lock().pop();
+        if let Some(kind) = failure {
+            return Err(StepError::new(
+                kind,
+                format!("the fake builder says {kind:?}"),
+            ));
+        }
         {
             let mut inside = self.inside.lock();
             inside.0 += 1;
@@ -99,7 +111,7 @@ impl Push for Fakes {
         _: &str,
         to: &str,
         _: &dyn Keychain,
-        _: &BuildLog,
+        _: &dyn Progress,
     ) -> Result<String, StepError> {
         self.images.lock().insert(to.to_owned());
         Ok("sha256:cafe".to_owned())
@@ -286,5 +298,38 @@ async fn a_cancelled_queued_build_ends_and_its_retry_runs_to_done() {
     assert!(
         matches!(err, Error::Conflict(_) | Error::Journal(_)),
         "a build that succeeded is not retried: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_step_fails_the_attempt_and_a_retry_runs_a_new_one() {
+    let rig = rig(2);
+    rig.fakes.failures.lock().push(StepErrorKind::Unavailable);
+    let (id, _) = submit(&rig.orchestrator, "flaky").await;
+    let view = ended(&rig.orchestrator, id).await;
+    assert_eq!(view.phase(), Phase::Failed);
+    let reason = view.failure.unwrap_or_default();
+    assert!(
+        reason.starts_with("building the base image failed: the fake builder says Unavailable"),
+        "{reason}"
+    );
+    let retried = rig.orchestrator.retry(id).await.unwrap();
+    assert_eq!(retried.attempt, 2);
+    rig.fakes.gate.add_permits(1);
+    let view = ended(&rig.orchestrator, id).await;
+    assert_eq!((view.phase(), view.attempt), (Phase::Done, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_stopped_from_outside_cancels_the_build_instead_of_failing_it() {
+    let rig = rig(2);
+    rig.fakes.failures.lock().push(StepErrorKind::Cancelled);
+    let (id, _) = submit(&rig.orchestrator, "stopped").await;
+    let view = ended(&rig.orchestrator, id).await;
+    assert_eq!(view.phase(), Phase::Cancelled);
+    let reason = view.failure.unwrap_or_default();
+    assert!(
+        reason.starts_with("building the base image was stopped: the fake builder says Cancelled"),
+        "{reason}"
     );
 }

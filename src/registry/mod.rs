@@ -7,7 +7,6 @@ mod once;
 mod retry;
 mod steps;
 
-use async_trait::async_trait;
 use futures::TryStreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::manifest::{
@@ -18,6 +17,7 @@ use oci_client::secrets::RegistryAuth;
 
 use crate::credentials::Secret;
 pub use crate::credentials::{Keychain, NoCredentials};
+use crate::steps::Progress;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 use std::time::Duration;
@@ -37,23 +37,6 @@ const RESOLVE_MEDIA_TYPES: &[&str] = &[
 
 /// Media types we copy: single-platform manifests (the base ref is always one).
 const COPY_MEDIA_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE];
-
-/// Where a copy reports what it does, one line at a time (the build log).
-#[async_trait]
-pub trait Progress: Send + Sync {
-    /// Records one line of progress.
-    async fn line(&self, text: String);
-}
-
-/// Progress that goes to the service's own log only (requests outside any build).
-pub struct Untracked;
-
-#[async_trait]
-impl Progress for Untracked {
-    async fn line(&self, text: String) {
-        tracing::info!("{text}");
-    }
-}
 
 /// A registry client for every registry the service talks to.
 pub struct Registry {

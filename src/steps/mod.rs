@@ -1,46 +1,26 @@
-//! The four steps a build takes, as traits, so the orchestrator never touches a registry or a
-//! builder itself. Every step must be safe to run twice: a crash can interrupt it anywhere and
-//! a restart runs it again.
+//! The boundary between the orchestrator and the adapters that carry a build out.
+//!
+//! The orchestrator sequences four steps (resolve, check the cache, build the base image,
+//! push the workspace image) and knows them only through these traits. An adapter (the
+//! registry, an executor) implements them, writes through a [`StepLog`], and reports
+//! failure as a classified [`StepError`]. Nothing here imports the orchestrator or an
+//! adapter: every arrow points into this module.
+//!
+//! Every step must be safe to run twice: a crash can interrupt it anywhere and a restart runs
+//! it again.
+
+mod error;
+mod log;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildView};
 
-use super::log::BuildLog;
-use crate::context::{self, GitCredentials};
-use crate::credentials::{Keychain, RequestAuth};
-use crate::executor::buildah;
-use crate::registry::{self, Progress};
+pub use error::{Class, StepError, StepErrorKind};
+pub use log::{Progress, StepLog, StepOutput, Tail, Untracked};
 
-/// A step failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    /// The registry said no, or could not be reached.
-    #[error(transparent)]
-    Registry(#[from] registry::Error),
-    /// The request asks for something this service does not do.
-    #[error("{0}")]
-    Unsupported(String),
-    /// The build context could not be checked out.
-    #[error(transparent)]
-    Context(#[from] context::Error),
-    /// The builder failed.
-    #[error(transparent)]
-    Builder(#[from] buildah::Error),
-    /// The build needs credentials that were not kept (they never are, across a restart).
-    #[error("{0}")]
-    CredentialsLost(String),
-}
-
-/// What a build needs but the journal must never hold. In memory only: lost on restart.
-#[derive(Debug, Clone, Default)]
-pub struct BuildSecrets {
-    /// Credentials for cloning the build context.
-    pub git: Option<GitCredentials>,
-    /// What the request allows of the installation's registry credentials, and its own.
-    pub registry: RequestAuth,
-    /// The user-info the request's git remote URL carried, for mk3's ref hash.
-    pub remote_userinfo: Option<crate::context::UrlUserinfo>,
-}
+use crate::credentials::{BuildSecrets, Keychain};
 
 /// Finds the base image of a reference source.
 #[async_trait]
@@ -77,7 +57,7 @@ pub trait BuildBase: Send + Sync {
         &self,
         build: &BuildView,
         secrets: &BuildSecrets,
-        log: &BuildLog,
+        log: &dyn StepLog,
     ) -> Result<(), StepError>;
 
     /// Stops whatever an earlier run of this build left behind (a builder orphaned by a crash,
@@ -97,7 +77,7 @@ pub trait Push: Send + Sync {
         from: &str,
         to: &str,
         keychain: &dyn Keychain,
-        log: &BuildLog,
+        progress: &dyn Progress,
     ) -> Result<String, StepError>;
 }
 
@@ -105,11 +85,11 @@ pub trait Push: Send + Sync {
 #[derive(Clone)]
 pub struct Steps {
     /// Resolves reference sources.
-    pub resolver: std::sync::Arc<dyn Resolve>,
+    pub resolver: Arc<dyn Resolve>,
     /// Looks images up.
-    pub cache: std::sync::Arc<dyn CheckCache>,
+    pub cache: Arc<dyn CheckCache>,
     /// Builds base images.
-    pub builder: std::sync::Arc<dyn BuildBase>,
+    pub builder: Arc<dyn BuildBase>,
     /// Copies base images to workspace refs.
-    pub pusher: std::sync::Arc<dyn Push>,
+    pub pusher: Arc<dyn Push>,
 }

@@ -9,7 +9,7 @@ use image_builder_state::BuildId;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
-use crate::orchestrator::{BuildLog, Output, Tail};
+use crate::steps::{StepLog, StepOutput, Tail};
 
 /// Environment variable every build process carries, naming its build.
 pub const BUILD_ID_ENV: &str = "IMAGE_BUILDER_BUILD_ID";
@@ -46,7 +46,7 @@ impl Drop for StopOnDrop {
 pub async fn run_logged(
     mut cmd: Command,
     id: BuildId,
-    log: &BuildLog,
+    log: &dyn StepLog,
 ) -> std::io::Result<Finished> {
     cmd.env(BUILD_ID_ENV, id.to_string())
         .process_group(0)
@@ -72,7 +72,7 @@ pub async fn run_logged(
 }
 
 /// Copies one pipe into the log until it ends (or fails: the process's status tells).
-async fn pump(pipe: Option<impl AsyncRead + Unpin>, mut output: Output) {
+async fn pump(pipe: Option<impl AsyncRead + Unpin>, mut output: Box<dyn StepOutput>) {
     if let Some(mut pipe) = pipe {
         let mut buf = vec![0u8; READ_BYTES];
         loop {

@@ -1,0 +1,131 @@
+//! The module boundaries ARCHITECTURE.md draws, checked against the source: which top-level
+//! module of the service imports which, with no cycle, and the step boundary importing no
+//! adapter.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed expect is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The top-level modules of `src/` and, for each, the other top-level modules its code names
+/// as `crate::<module>` (comments left out).
+fn module_imports() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph = BTreeMap::new();
+    for entry in std::fs::read_dir(&src).expect("src/ is readable") {
+        let path = entry.expect("a directory entry").path();
+        let name = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .expect("a UTF-8 file name")
+            .to_owned();
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        let mut imports = BTreeSet::new();
+        for file in rust_files(&path) {
+            let text = std::fs::read_to_string(&file).expect("a readable source file");
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (at, _) in line.match_indices("crate::") {
+                    let rest = &line[at + "crate::".len()..];
+                    let module: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !module.is_empty() && module != name {
+                        imports.insert(module);
+                    }
+                }
+            }
+        }
+        graph.insert(name, imports);
+    }
+    graph
+}
+
+fn rust_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_owned()];
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).expect("a readable directory") {
+        files.extend(rust_files(&entry.expect("a directory entry").path()));
+    }
+    files.retain(|f| f.extension().is_some_and(|e| e == "rs"));
+    files
+}
+
+/// A cycle through `start`, if the graph has one.
+fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec<String>> {
+    let mut stack = vec![(start.to_owned(), vec![start.to_owned()])];
+    let mut seen = BTreeSet::new();
+    while let Some((at, path)) = stack.pop() {
+        for next in graph.get(&at).into_iter().flatten() {
+            if next == start {
+                let mut cycle = path.clone();
+                cycle.push(next.clone());
+                return Some(cycle);
+            }
+            if seen.insert(next.clone()) {
+                let mut longer = path.clone();
+                longer.push(next.clone());
+                stack.push((next.clone(), longer));
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn no_module_of_the_service_imports_itself_back() {
+    let graph = module_imports();
+    assert!(
+        graph.contains_key("orchestrator") && graph.contains_key("steps"),
+        "the module scan found the service's modules: {graph:?}"
+    );
+    for module in graph.keys() {
+        if let Some(cycle) = cycle_from(&graph, module) {
+            panic!("import cycle: {}", cycle.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn the_adapters_and_the_step_boundary_import_no_orchestrator() {
+    let graph = module_imports();
+    for adapter in ["steps", "registry", "executor", "context", "process"] {
+        let imports = &graph[adapter];
+        assert!(
+            !imports.contains("orchestrator") && !imports.contains("api"),
+            "{adapter} imports {imports:?}"
+        );
+    }
+    let boundary: Vec<_> = graph["steps"].iter().collect();
+    assert_eq!(
+        boundary,
+        ["credentials"],
+        "the step boundary names no adapter"
+    );
+}
+
+#[test]
+fn the_cycle_finder_finds_a_cycle() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [
+        ("a", vec!["b"]),
+        ("b", vec!["c"]),
+        ("c", vec!["a"]),
+        ("d", vec!["a"]),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        (
+            k.to_owned(),
+            v.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        cycle_from(&graph, "a"),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+    assert_eq!(cycle_from(&graph, "d"), None);
+}
