@@ -391,7 +391,7 @@ mod tests {
             assert_eq!(journal.log(id, b"one\n".to_vec()).await.unwrap(), 0);
             assert_eq!(journal.log(id, b"two\n".to_vec()).await.unwrap(), 4);
         }
-        let journal = Journal::open(dir.path()).unwrap();
+        let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
         let view = journal.view(id).unwrap().unwrap();
         assert_eq!(view.phase(), Phase::CheckingCache);
         assert_eq!(view.log_len, 8);
@@ -447,7 +447,7 @@ mod tests {
             store.write(batch).unwrap();
             store.sync().unwrap();
         }
-        let journal = Journal::open(dir.path()).unwrap();
+        let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
         let summaries = journal.summaries().unwrap();
         assert_eq!(summaries.len(), 1, "orphan summary dropped");
         assert_eq!(summaries[0].phase, Phase::Resolving);
