@@ -98,6 +98,12 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                     Ok(Record::CancelRequested { reason, at_ms }) => {
                         println!("{seq:>6}  cancel      at {at_ms}: {reason}");
                     }
+                    Ok(Record::BuilderOutput(p)) => {
+                        println!(
+                            "{seq:>6}  builder     attempt {}: {} ({} bytes of its output logged)",
+                            p.attempt, p.builder, p.consumed
+                        );
+                    }
                     Ok(Record::Log { offset, data }) => print_log(*seq, *offset, data),
                     Ok(
                         record @ (Record::LogAppended { offset, .. }

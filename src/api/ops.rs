@@ -133,6 +133,14 @@ pub fn journal_record(seq: u64, record: &Record, state: &str) -> pb::JournalReco
             }),
         ),
         Record::CancelRequested { reason, at_ms } => (*at_ms, R::CancelRequested(reason.clone())),
+        Record::BuilderOutput(progress) => (
+            0,
+            R::Builder(pb::BuilderProgress {
+                attempt: progress.attempt,
+                builder: progress.builder.clone(),
+                consumed: progress.consumed,
+            }),
+        ),
     };
     pb::JournalRecord {
         seq,

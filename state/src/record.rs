@@ -4,7 +4,8 @@
 //! Versions: 1 wrote build output inline, one [`Record::Log`] per line. 2 adds
 //! [`Record::LogAppended`], which names bytes kept in the build's log segment file (see
 //! `store/`). 3 adds [`Record::LogChecked`], the same with a checksum of the bytes, which
-//! replaces it. Each layout is a prefix of the next, so all decode; a binary that knows an
+//! replaces it. 4 adds [`Record::BuilderOutput`], how far the log has taken a remote
+//! builder's output. Each layout is a prefix of the next, so all decode; a binary that knows an
 //! older version refuses a newer one by name instead of misreading it.
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use crate::build::BuildSpec;
 use crate::machine::Event;
 
 /// The encoding written today. Readers reject any other version by name instead of guessing.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 
 /// The oldest encoding this binary still reads.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
@@ -76,6 +77,23 @@ pub enum Record {
         /// CRC-32 (IEEE) of the bytes.
         crc32: u32,
     },
+    /// The builder of attempt `attempt` is `builder` (a Kubernetes Job, say), and the build
+    /// log holds the first `consumed` bytes of its output. Journaled with `consumed` 0 before
+    /// the builder is created, then in the same commit as the log bytes that took its output
+    /// further, so a restart reads the builder's output on from exactly there: no gap, no
+    /// duplicate (format version 4).
+    BuilderOutput(BuilderProgress),
+}
+
+/// How far a build's log has taken the output of the builder of one attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuilderProgress {
+    /// The attempt the builder runs.
+    pub attempt: u32,
+    /// The builder, as its executor names it (`namespace/job`).
+    pub builder: String,
+    /// Bytes of its output (before redaction) the log holds.
+    pub consumed: u64,
 }
 
 /// A stored record could not be read back.
@@ -132,9 +150,10 @@ impl Record {
             Record::LogAppended { offset, len } | Record::LogChecked { offset, len, .. } => {
                 Some((*offset, *len))
             }
-            Record::Created { .. } | Record::Transition { .. } | Record::CancelRequested { .. } => {
-                None
-            }
+            Record::Created { .. }
+            | Record::Transition { .. }
+            | Record::CancelRequested { .. }
+            | Record::BuilderOutput(_) => None,
         }
     }
 
@@ -202,6 +221,11 @@ mod tests {
                 len: 65536,
                 crc32: 0xdead_beef,
             },
+            Record::BuilderOutput(BuilderProgress {
+                attempt: 2,
+                builder: "builds/ib-x-2".into(),
+                consumed: 1 << 40,
+            }),
         ];
         for r in records {
             let bytes = r.encode().unwrap();

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::{Event, IllegalTransition, Machine, Phase};
-use crate::record::Record;
+use crate::record::{BuilderProgress, Record};
 
 /// The records of a build do not fold into a valid build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +52,18 @@ pub enum FoldError {
         /// Where the chunk claims to start.
         found: u64,
     },
+    /// Builder progress for an attempt that is not the build's current one.
+    #[error(
+        "record {seq}: builder progress of attempt {found}, but the build is on attempt {expected}"
+    )]
+    OtherAttempt {
+        /// The offending record's sequence number.
+        seq: u64,
+        /// The build's attempt.
+        expected: u32,
+        /// The attempt the record names.
+        found: u32,
+    },
 }
 
 impl FoldError {
@@ -63,7 +75,8 @@ impl FoldError {
             FoldError::NotCreatedFirst { seq }
             | FoldError::CreatedTwice { seq }
             | FoldError::Illegal { seq, .. }
-            | FoldError::LogGap { seq, .. } => *seq,
+            | FoldError::LogGap { seq, .. }
+            | FoldError::OtherAttempt { seq, .. } => *seq,
             FoldError::SeqGap { expected, .. } => *expected,
         }
     }
@@ -117,6 +130,9 @@ pub struct BuildView {
     pub attempt: u32,
     /// A cancel was asked for (and the build has not ended since).
     pub cancel_requested: Option<String>,
+    /// How far the log has taken the output of the current attempt's builder, for executors
+    /// whose builders outlive the service (see [`BuildView::builder_progress`]).
+    builder: Option<BuilderProgress>,
     machine: Machine,
 }
 
@@ -148,6 +164,7 @@ impl BuildView {
             next_seq: 1,
             attempt: 1,
             cancel_requested: None,
+            builder: None,
             machine: Machine::new(),
         })
     }
@@ -213,6 +230,16 @@ impl BuildView {
                     self.cancel_requested = Some(reason.clone());
                 }
             }
+            Record::BuilderOutput(progress) => {
+                if progress.attempt != self.attempt {
+                    return Err(FoldError::OtherAttempt {
+                        seq,
+                        expected: self.attempt,
+                        found: progress.attempt,
+                    });
+                }
+                self.builder = Some(progress.clone());
+            }
         }
         self.next_seq += 1;
         Ok(())
@@ -228,6 +255,14 @@ impl BuildView {
         }
         self.log_len += len;
         Ok(())
+    }
+
+    /// The builder of the current attempt and how much of its output the log holds; `None`
+    /// before one was journaled for this attempt.
+    pub fn builder_progress(&self) -> Option<&BuilderProgress> {
+        self.builder
+            .as_ref()
+            .filter(|progress| progress.attempt == self.attempt)
     }
 
     /// Would this event be accepted now?

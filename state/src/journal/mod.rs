@@ -38,7 +38,7 @@ pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::Event;
 use crate::now_ms;
-use crate::record::{self, Record};
+use crate::record::{self, BuilderProgress, Record};
 use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
 use crate::view::BuildView;
 pub use crate::view::Damage;
@@ -218,15 +218,41 @@ impl Journal {
     /// reader checks a piece before serving it); a smaller one is kept in the record itself,
     /// so that many builds printing a little each share one sync instead of one each.
     pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
+        self.log_with_progress(id, data, None).await
+    }
+
+    /// Journals how far the current attempt's builder has got: before the builder is made
+    /// (`consumed` 0), so that a restart finds it by the journaled name.
+    pub async fn builder_progress(&self, id: BuildId, progress: BuilderProgress) -> Result<()> {
+        self.append(id, |_| Ok(vec![Record::BuilderOutput(progress)]))
+            .await
+            .map(drop)
+    }
+
+    /// [`Journal::log`], and in the same commit how far those bytes took the output of the
+    /// attempt's builder (`progress`): a restart then reads that output on from exactly
+    /// there. Empty `data` journals the progress alone.
+    pub async fn log_with_progress(
+        &self,
+        id: BuildId,
+        data: Vec<u8>,
+        progress: Option<BuilderProgress>,
+    ) -> Result<u64> {
         let mut offset = 0;
         let mut bytes = Some(data);
         self.append_with(id, |view, logs| {
             offset = view.log_len;
             let data = bytes.take().unwrap_or_default();
-            if data.len() < INLINE_LOG_BYTES {
-                return Ok(vec![Record::Log { offset, data }]);
+            let progress = progress.map(Record::BuilderOutput);
+            if data.is_empty() {
+                return Ok(progress.into_iter().collect());
             }
-            let records = data
+            if data.len() < INLINE_LOG_BYTES {
+                return Ok(std::iter::once(Record::Log { offset, data })
+                    .chain(progress)
+                    .collect());
+            }
+            let mut records: Vec<Record> = data
                 .chunks(LOG_PIECE_BYTES)
                 .scan(offset, |at, piece| {
                     let record = Record::LogChecked {
@@ -238,6 +264,7 @@ impl Journal {
                     Some(record)
                 })
                 .collect();
+            records.extend(progress);
             logs.push(LogBytes {
                 id,
                 offset,
@@ -592,5 +619,64 @@ mod tests {
             Some(Err(Error::NotFound(_)))
         ));
         assert!(unknown.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn builder_progress_commits_with_its_log_bytes_and_belongs_to_one_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = BuildId::new();
+        let progress = |attempt, consumed| BuilderProgress {
+            attempt,
+            builder: "builds/ib-job-1".into(),
+            consumed,
+        };
+        {
+            let journal = Journal::open(dir.path()).unwrap();
+            journal
+                .create(id, spec(), "b".into(), "w".into())
+                .await
+                .unwrap();
+            journal.builder_progress(id, progress(1, 0)).await.unwrap();
+            let small = journal
+                .log_with_progress(id, b"step 1\n".to_vec(), Some(progress(1, 7)))
+                .await
+                .unwrap();
+            let large = journal
+                .log_with_progress(
+                    id,
+                    vec![b'x'; INLINE_LOG_BYTES + 10],
+                    Some(progress(1, 9000)),
+                )
+                .await
+                .unwrap();
+            assert_eq!((small, large), (0, 7));
+            // Output that was all held back or dropped still moves the cursor.
+            journal
+                .log_with_progress(id, Vec::new(), Some(progress(1, 9100)))
+                .await
+                .unwrap();
+            let err = journal
+                .builder_progress(id, progress(2, 0))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("attempt 2"), "{err}");
+        }
+        let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
+        let view = journal.view(id).unwrap().unwrap();
+        assert_eq!(view.builder_progress(), Some(&progress(1, 9100)));
+        assert_eq!(view.log_len, 7 + INLINE_LOG_BYTES as u64 + 10);
+
+        journal.transition(id, Event::Admitted).await.unwrap();
+        journal
+            .transition(id, Event::Failed { reason: "r".into() })
+            .await
+            .unwrap();
+        let view = journal.transition(id, Event::Retried).await.unwrap();
+        assert_eq!(view.builder_progress(), None, "a new attempt starts afresh");
+        journal.builder_progress(id, progress(2, 0)).await.unwrap();
+        assert_eq!(
+            journal.view(id).unwrap().unwrap().builder_progress(),
+            Some(&progress(2, 0))
+        );
     }
 }
