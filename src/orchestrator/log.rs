@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use image_builder_state::{BuildId, Journal, journal};
+use image_builder_state::{BuildId, BuilderProgress, Journal, journal};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::credentials::{Needles, StreamRedactor};
-use crate::steps::{Progress, StepLog, StepOutput, Tail};
+use crate::steps::{Progress, StepError, StepErrorKind, StepLog, StepOutput, Tail};
 
 /// The line written once when a build's log reaches its size limit.
 pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
@@ -63,7 +63,8 @@ impl Error {
 }
 
 enum Message {
-    Bytes(Vec<u8>),
+    /// Redacted bytes, and how far they take the builder's output when they come from it.
+    Bytes(Vec<u8>, Option<BuilderProgress>),
     Flush(oneshot::Sender<Result<(), Error>>),
 }
 
@@ -115,7 +116,7 @@ impl BuildLog {
         let mut text = text.into().into_bytes();
         text.push(b'\n');
         let redacted = self.shared.needles.redact(&text);
-        self.write_redacted(redacted).await;
+        self.write_redacted(redacted, None).await;
     }
 
     /// Waits until everything written before this call is durable; says why not if it
@@ -129,15 +130,24 @@ impl BuildLog {
         wait.await.unwrap_or(Err(Error::Closed))
     }
 
-    /// Counts redacted bytes against the budget and queues what fits.
-    async fn write_redacted(&self, bytes: Vec<u8>) {
-        let Some(bytes) = self.admit(bytes) else {
+    /// Counts redacted bytes against the budget and queues what fits, with the builder
+    /// `progress` they make (which moves on even when the bytes are dropped).
+    async fn write_redacted(&self, bytes: Vec<u8>, progress: Option<BuilderProgress>) {
+        let bytes = self.admit(bytes).unwrap_or_default();
+        let mut pieces = bytes.chunks(CHUNK_BYTES).peekable();
+        if pieces.peek().is_none() {
+            if progress.is_some() {
+                let _ = self.queue.send(Message::Bytes(Vec::new(), progress)).await;
+            }
             return;
-        };
-        for piece in bytes.chunks(CHUNK_BYTES) {
+        }
+        let mut progress = progress;
+        while let Some(piece) = pieces.next() {
+            let last = pieces.peek().is_none();
+            let mark = if last { progress.take() } else { None };
             if self
                 .queue
-                .send(Message::Bytes(piece.to_vec()))
+                .send(Message::Bytes(piece.to_vec(), mark))
                 .await
                 .is_err()
             {
@@ -179,13 +189,44 @@ impl Progress for BuildLog {
     }
 }
 
+#[async_trait]
 impl StepLog for BuildLog {
     fn output(&self, tail: Tail) -> Box<dyn StepOutput> {
         Box::new(Output {
             log: self.clone(),
             redactor: StreamRedactor::new(self.shared.needles.clone()),
             tail,
+            source: None,
         })
+    }
+
+    fn builder_output(&self, tail: Tail, from: BuilderProgress) -> Box<dyn StepOutput> {
+        Box::new(Output {
+            log: self.clone(),
+            redactor: StreamRedactor::new(self.shared.needles.clone()),
+            tail,
+            source: Some(Source {
+                start: from.consumed,
+                taken: 0,
+                progress: from,
+            }),
+        })
+    }
+
+    async fn record_builder(&self, progress: BuilderProgress) -> Result<(), StepError> {
+        let queued = self
+            .queue
+            .send(Message::Bytes(Vec::new(), Some(progress)))
+            .await;
+        if queued.is_err() {
+            return Err(StepError::new(
+                StepErrorKind::Failed,
+                Error::Closed.to_string(),
+            ));
+        }
+        self.flush()
+            .await
+            .map_err(|e| StepError::from_source(StepErrorKind::Failed, e))
     }
 }
 
@@ -194,6 +235,18 @@ struct Output {
     log: BuildLog,
     redactor: StreamRedactor,
     tail: Tail,
+    /// Set for a builder's output: how far it has been taken.
+    source: Option<Source>,
+}
+
+/// Where a builder's output stream stands.
+struct Source {
+    /// Bytes of the output consumed before this stream began.
+    start: u64,
+    /// Bytes this stream has taken in.
+    taken: u64,
+    /// The progress the next bytes are journaled with.
+    progress: BuilderProgress,
 }
 
 #[async_trait]
@@ -201,6 +254,9 @@ impl StepOutput for Output {
     async fn write(&mut self, bytes: &[u8]) {
         let mut out = Vec::with_capacity(bytes.len() + 64);
         self.redactor.push(bytes, &mut out);
+        if let Some(source) = &mut self.source {
+            source.taken += bytes.len() as u64;
+        }
         self.pass_on(out).await;
     }
 
@@ -217,11 +273,21 @@ impl StepOutput for Output {
 
 impl Output {
     async fn pass_on(&mut self, out: Vec<u8>) {
-        if out.is_empty() {
+        // Output the redactor still holds back is not consumed yet: after a restart it is
+        // read again.
+        let held = self.redactor.pending() as u64;
+        let progress = self.source.as_mut().and_then(|source| {
+            let consumed = source.start + source.taken - held;
+            (consumed != source.progress.consumed).then(|| {
+                source.progress.consumed = consumed;
+                source.progress.clone()
+            })
+        });
+        if out.is_empty() && progress.is_none() {
             return;
         }
         self.tail.remember(&out);
-        self.log.write_redacted(out).await;
+        self.log.write_redacted(out, progress).await;
     }
 }
 
@@ -232,6 +298,8 @@ type Waiters = Vec<oneshot::Sender<Result<(), Error>>>;
 /// answers flushes once what came before them is durable.
 async fn write_chunks(journal: Journal, id: BuildId, mut pieces: mpsc::Receiver<Message>) {
     let mut chunk: Vec<u8> = Vec::new();
+    // The builder progress the chunk's bytes make, journaled with them.
+    let mut progress: Option<BuilderProgress> = None;
     let mut opened: Option<Instant> = None;
     let mut waiting: Waiters = Vec::new();
     let mut in_flight: Option<(Append, Waiters)> = None;
@@ -240,6 +308,7 @@ async fn write_chunks(journal: Journal, id: BuildId, mut pieces: mpsc::Receiver<
     loop {
         if let Some(e) = &failed {
             chunk.clear();
+            progress = None;
             opened = None;
             for waiter in waiting.drain(..) {
                 let _ = waiter.send(Err(e.clone()));
@@ -249,14 +318,18 @@ async fn write_chunks(journal: Journal, id: BuildId, mut pieces: mpsc::Receiver<
             || closed
             || chunk.len() >= CHUNK_BYTES
             || opened.is_some_and(|t| t.elapsed() >= CHUNK_AGE);
-        if in_flight.is_none() && !chunk.is_empty() && due {
+        let empty = chunk.is_empty() && progress.is_none();
+        if in_flight.is_none() && !empty && due {
             let data = std::mem::take(&mut chunk);
+            let mark = progress.take();
             opened = None;
             let journal = journal.clone();
-            let append: Append = Box::pin(async move { journal.log(id, data).await });
+            let append: Append =
+                Box::pin(async move { journal.log_with_progress(id, data, mark).await });
             in_flight = Some((append, std::mem::take(&mut waiting)));
         }
-        if in_flight.is_none() && chunk.is_empty() {
+        let empty = chunk.is_empty() && progress.is_none();
+        if in_flight.is_none() && empty {
             for waiter in waiting.drain(..) {
                 let _ = waiter.send(Ok(()));
             }
@@ -283,12 +356,15 @@ async fn write_chunks(journal: Journal, id: BuildId, mut pieces: mpsc::Receiver<
                 }
             }
             message = pieces.recv(), if !closed && chunk.len() < CHUNK_BYTES => match message {
-                Some(Message::Bytes(bytes)) if failed.is_none() => {
+                Some(Message::Bytes(bytes, mark)) if failed.is_none() => {
                     opened.get_or_insert_with(Instant::now);
                     chunk.extend_from_slice(&bytes);
+                    if mark.is_some() {
+                        progress = mark;
+                    }
                 }
-                Some(Message::Bytes(_)) => {}
-                Some(Message::Flush(done)) => match (&failed, chunk.is_empty(), &mut in_flight) {
+                Some(Message::Bytes(..)) => {}
+                Some(Message::Flush(done)) => match (&failed, chunk.is_empty() && progress.is_none(), &mut in_flight) {
                     (Some(e), _, _) => { let _ = done.send(Err(e.clone())); }
                     (None, true, Some((_, waiters))) => waiters.push(done),
                     (None, true, None) => { let _ = done.send(Ok(())); }
@@ -374,6 +450,46 @@ mod tests {
             expected.len()
         );
         assert_eq!(whole_log(&journal, id).await, expected.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_builders_output_is_consumed_only_as_far_as_it_is_journaled() {
+        let (_dir, journal, id) = journal_with_build().await;
+        let limit = TRUNCATION_MARKER.len() as u64 + 40;
+        let log = BuildLog::new(journal.clone(), id, 0, limit, vec!["hunter2-secret".into()]);
+        let from = BuilderProgress {
+            attempt: 1,
+            builder: "builds/ib-job".into(),
+            consumed: 100,
+        };
+        log.record_builder(from.clone()).await.unwrap();
+        let consumed = || {
+            journal
+                .view(id)
+                .unwrap()
+                .unwrap()
+                .builder_progress()
+                .map(|p| p.consumed)
+        };
+        assert_eq!(consumed(), Some(100));
+
+        let mut out = log.builder_output(Tail::default(), from);
+        out.write(b"step 1\nlogin hunter").await;
+        log.flush().await.unwrap();
+        // "login hunter" may be the start of a credential: held back, so not consumed.
+        assert_eq!(consumed(), Some(107));
+        out.write(b"2-secret ok\n").await;
+        log.flush().await.unwrap();
+        assert_eq!(consumed(), Some(131));
+        // Past maxLogBytes the bytes are dropped, but the output is consumed all the same.
+        out.write(&[b'x'; 100]).await;
+        out.write(b"\n").await;
+        out.finish().await;
+        log.flush().await.unwrap();
+        assert_eq!(consumed(), Some(232));
+        let text = String::from_utf8(whole_log(&journal, id).await).unwrap();
+        assert!(text.starts_with("step 1\nlogin [redacted] ok\n"), "{text}");
+        assert!(text.ends_with(TRUNCATION_MARKER), "{text}");
     }
 
     #[tokio::test]

@@ -4,7 +4,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use image_builder_state::BuilderProgress;
 use parking_lot::Mutex;
+
+use super::StepError;
 
 /// Output lines a [`Tail`] keeps for error messages.
 const TAIL_LINES: usize = 6;
@@ -22,10 +25,21 @@ pub trait Progress: Send + Sync {
 /// A build's log as a step sees it: progress lines, and streams for the output of the
 /// processes the step runs. The log redacts credentials and bounds its size; a step writes
 /// whatever it has.
+#[async_trait]
 pub trait StepLog: Progress {
     /// A writer for one output stream of a process. What it writes (redacted) also goes to
     /// `tail`, for the step's error message.
     fn output(&self, tail: Tail) -> Box<dyn StepOutput>;
+
+    /// A writer for the output of a builder that runs outside the service (a Kubernetes
+    /// Job), picking up where `from` says the log stands: each write journals, with its
+    /// bytes, how much of that output the log now holds, so that after a restart the step
+    /// reads the output on from exactly there.
+    fn builder_output(&self, tail: Tail, from: BuilderProgress) -> Box<dyn StepOutput>;
+
+    /// Journals `progress` (the builder the step is about to make) and returns once it and
+    /// everything written before it are durable.
+    async fn record_builder(&self, progress: BuilderProgress) -> Result<(), StepError>;
 }
 
 /// One output stream of a process on its way into a build's log.
