@@ -87,6 +87,61 @@ pub struct Config {
     /// Finished builds older than this are removed with their logs. Default `7d`.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
+    /// Where builds run: `{"kind": "local"}` (buildah on this machine, the default) or
+    /// `{"kind": "kubernetes", ...}` (a Job per build attempt).
+    #[serde(default)]
+    pub executor: ExecutorConfig,
+}
+
+/// Where builds run.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum ExecutorConfig {
+    /// buildah on the service's own machine.
+    #[default]
+    Local,
+    /// One Kubernetes Job per build attempt, in the cluster of the in-cluster config or
+    /// `KUBECONFIG`.
+    Kubernetes(Box<KubernetesConfig>),
+}
+
+/// The Kubernetes executor's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// The namespace builder Jobs and their Secrets are made in (required).
+    pub namespace: String,
+    /// The image builder pods run: buildah and git (required).
+    pub builder_image: String,
+    /// The service account of builder pods. Default: the namespace's default. Builder pods
+    /// never mount its token.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Requests and limits of the builder container. Default: none.
+    #[serde(default)]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Labels a node must carry to run builder pods. Default: any node.
+    #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Taints builder pods tolerate. Default: none.
+    #[serde(default)]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// How long a builder pod may run before Kubernetes stops it (the Job's
+    /// `activeDeadlineSeconds`). Default `60m`.
+    #[serde(default = "default_build_timeout", with = "humantime_serde")]
+    pub pod_timeout: Duration,
+    /// Run builder pods in the node's network namespace, to reach registries and git servers
+    /// on the node's loopback (single-node and test clusters). Default `false`.
+    #[serde(default)]
+    pub host_network: bool,
+    /// A builder Job carrying this installation's labels that no build in the journal
+    /// knows is deleted once it is this old. Default `10m`.
+    #[serde(default = "default_orphan_grace", with = "humantime_serde")]
+    pub orphan_grace: Duration,
+}
+
+fn default_orphan_grace() -> Duration {
+    Duration::from_secs(10 * 60)
 }
 
 fn default_retention() -> Duration {
@@ -184,6 +239,29 @@ impl Config {
         if self.max_log_bytes < 1024 {
             return Err(invalid("maxLogBytes", "must be at least 1024"));
         }
+        if let ExecutorConfig::Kubernetes(k) = &self.executor {
+            if !is_dns_label(&k.namespace) {
+                return Err(invalid(
+                    "executor.namespace",
+                    format!(
+                        "{:?} is not a namespace name (lower-case letters, digits and '-', at most 63)",
+                        k.namespace
+                    ),
+                ));
+            }
+            if k.builder_image.parse::<oci_client::Reference>().is_err() {
+                return Err(invalid(
+                    "executor.builderImage",
+                    format!("{:?} is not an image reference", k.builder_image),
+                ));
+            }
+            if k.pod_timeout.as_secs() == 0 {
+                return Err(invalid(
+                    "executor.podTimeout",
+                    "must be at least one second, e.g. \"60m\"",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -232,6 +310,16 @@ fn validate_host(key: &str, value: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// A Kubernetes DNS label (RFC 1123), as namespace names are.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// serde_json appends " at line L column C"; the key path says more to a person.
@@ -288,6 +376,45 @@ mod tests {
             r#"{"baseImageRepository": "r/base:latest", "workspaceImageRepository": "r/ws"}"#;
         let err = Config::parse(tagged).unwrap_err().to_string();
         assert!(err.contains("baseImageRepository"), "{err}");
+    }
+
+    #[test]
+    fn the_kubernetes_executor_is_chosen_and_checked_by_key() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert!(matches!(c.executor, ExecutorConfig::Local));
+        let with = |executor: &str| MINIMAL.replace('}', &format!(r#", "executor": {executor}}}"#));
+        let c = Config::parse(&with(
+            r#"{"kind": "kubernetes", "namespace": "builds", "builderImage": "r/builder:1",
+                "resources": {"limits": {"memory": "2Gi"}}, "tolerations": [{"key": "k", "operator": "Exists"}],
+                "podTimeout": "20m", "hostNetwork": true}"#,
+        ))
+        .unwrap();
+        let ExecutorConfig::Kubernetes(k) = c.executor else {
+            panic!("not kubernetes")
+        };
+        assert_eq!(
+            (k.namespace.as_str(), k.pod_timeout),
+            ("builds", Duration::from_secs(1200))
+        );
+        assert!(k.host_network && k.resources.is_some() && k.tolerations.len() == 1);
+        for (executor, key) in [
+            (
+                r#"{"kind": "kubernetes", "namespace": "Bad_NS", "builderImage": "r/b:1"}"#,
+                "executor.namespace",
+            ),
+            (
+                r#"{"kind": "kubernetes", "namespace": "ns"}"#,
+                "builderImage",
+            ),
+            (
+                r#"{"kind": "kubernetes", "namespace": "ns", "builderImage": "r/b:1", "podTimout": "1m"}"#,
+                "podTimout",
+            ),
+            (r#"{"kind": "docker"}"#, "docker"),
+        ] {
+            let err = Config::parse(&with(executor)).unwrap_err().to_string();
+            assert!(err.contains(key), "{executor}: {err}");
+        }
     }
 
     #[test]
