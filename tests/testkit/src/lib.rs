@@ -1,7 +1,7 @@
 //! The test kit of image-builder: the real parts the service is run against in tests,
 //! benchmarks, the demo and self-hosted scenarios. Debian's `docker-registry` on loopback
 //! (htpasswd or token auth), a fault-injecting proxy, moto for ECR, a git HTTP server, and the
-//! service binary as a child process. Never linked into the product: the service's own crate
+//! service binary as a child process, and a real single-node Kubernetes (`cluster`). Never linked into the product: the service's own crate
 //! does not depend on this one (`scripts/test.sh` checks it).
 //!
 //! Child processes are started from one long-lived thread with `PR_SET_PDEATHSIG`, so they die
@@ -10,6 +10,7 @@
 // A test rig: a broken environment is a failed test, so it may panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod demo;
 mod fault_proxy;
 mod git_http;

@@ -33,6 +33,13 @@ enum Command {
         #[command(subcommand)]
         command: ScenarioCommand,
     },
+    /// Start a single-node Kubernetes on loopback for the tests, write the shell lines that
+    /// point them at it to FILE, and keep it running until SIGTERM or Ctrl-C.
+    Cluster {
+        /// Where to write `export IMAGE_BUILDER_TEST_KUBECONFIG=…` and the containerd socket.
+        #[arg(long, value_name = "FILE")]
+        env_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +68,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Cluster { env_file } => runtime.block_on(run_cluster(&env_file)),
         Command::Demo { keep } => runtime.block_on(image_builder_testkit::demo::run(&binary, keep)),
         Command::Scenario {
             command: ScenarioCommand::Run { files },
@@ -79,4 +87,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a test cluster until asked to stop.
+async fn run_cluster(env_file: &std::path::Path) -> anyhow::Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(image_builder_testkit::cluster::Cluster::start).await??;
+    std::fs::write(env_file, cluster.env_lines())?;
+    eprintln!(
+        "image-builder-testkit: test cluster ready (logs in {}); stop it with SIGTERM",
+        cluster.dir().join("logs").display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = std::fs::remove_file(env_file);
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    Ok(())
 }

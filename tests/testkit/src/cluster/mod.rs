@@ -1,0 +1,652 @@
+//! A real single-node Kubernetes for the tests: etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler, containerd and a kubelet, all on loopback, in a work directory of their
+//! own. Kubernetes 1.20.2 is built from Debian's source package by
+//! `scripts/peers/kubernetes.sh` (cached by version); the rest are Debian's packages.
+//!
+//! What this machine needs, found by trying (`../shared/design/kubernetes.md`): cgroups v1
+//! with the `cgroupfs` driver, and `restrict_oom_score_adj` in containerd's CRI config since
+//! root lacks `CAP_SYS_RESOURCE`. Pods that must reach loopback services use the host network;
+//! the others get a bridge whose traffic cannot leave the machine (no masquerade, and a
+//! firewall rule drops whatever it sends outside its own subnet).
+//!
+//! Dropping the [`Cluster`] stops the kubelet, then every container, then the rest, and
+//! removes the mounts, network namespaces, bridge and firewall rule it made.
+
+mod images;
+mod pki;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub use images::NodeImages;
+pub use pki::NODE_NAME;
+use pki::Pki;
+
+use crate::process::spawn;
+use image_builder::scenario::fixtures::run;
+
+/// The pod network's bridge and subnet (no masquerade: nothing it sends leaves the machine).
+const BRIDGE: &str = "ibtest0";
+const POD_SUBNET: &str = "10.213.0.0/24";
+/// The service network: no kube-proxy runs, so nothing may rely on it.
+const SERVICE_SUBNET: &str = "10.214.0.0/24";
+/// The name containerd gives the sandbox ("pause") image; the node images provide it.
+pub const PAUSE_IMAGE: &str = "localhost/image-builder-test/pause:1";
+/// ctr waits forever for a containerd that is gone unless told otherwise.
+const CTR_TIMEOUTS: [&str; 4] = ["--connect-timeout", "5s", "--timeout", "120s"];
+/// A busybox image on the node.
+pub const BUSYBOX_IMAGE: &str = "localhost/image-builder-test/busybox:1";
+
+/// A running single-node cluster.
+pub struct Cluster {
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    kubeconfig: PathBuf,
+    children: Vec<(&'static str, Child)>,
+    firewall: bool,
+}
+
+/// Where the Kubernetes binaries are: `IMAGE_BUILDER_KUBERNETES_BIN`, or what the peer
+/// script builds (or finds cached).
+pub fn kubernetes_bin() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("IMAGE_BUILDER_KUBERNETES_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/kubernetes.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+impl Cluster {
+    /// Starts a cluster in a fresh temporary directory and waits until its node is Ready
+    /// and the default service account exists.
+    pub fn start() -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("ib-cluster-")
+            .tempdir_in("/var/tmp")?;
+        let dir = tmp.path().to_owned();
+        let mut cluster = Self {
+            dir,
+            _tmp: Some(tmp),
+            kubeconfig: PathBuf::new(),
+            children: Vec::new(),
+            firewall: false,
+        };
+        if let Err(e) = cluster.bring_up() {
+            let kept = cluster.keep_dir();
+            return Err(e.context(format!(
+                "the cluster's files are kept in {}",
+                kept.display()
+            )));
+        }
+        Ok(cluster)
+    }
+
+    /// The admin's kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// containerd's socket, for `ctr`.
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.dir.join("containerd/containerd.sock")
+    }
+
+    /// The cluster's work directory (logs of each component under `logs/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs kubectl as the admin and returns its output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl (Debian's kubernetes-client)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Imports a `docker-archive` tarball into the node's containerd, for pods with
+    /// `imagePullPolicy: Never`.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        self.ctr(&["images", "import", &archive.to_string_lossy()])
+            .map(drop)
+    }
+
+    fn ctr(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("ctr")
+            .args(CTR_TIMEOUTS)
+            .arg("--address")
+            .arg(self.containerd_socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .context("running ctr")?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn bring_up(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let bin = kubernetes_bin()?;
+        let dir = self.dir.clone();
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let pki = Pki::create(&dir.join("pki"))?;
+
+        let etcd_port = crate::free_port()?;
+        let etcd_peer = crate::free_port()?;
+        self.run(
+            "etcd",
+            Command::new("etcd").args([
+                "--data-dir",
+                &path(&dir.join("etcd")),
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{etcd_peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{etcd_peer}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync",
+            ]),
+        )?;
+
+        let api_port = crate::free_port()?;
+        let server = format!("https://127.0.0.1:{api_port}");
+        let apiserver = pki.pair("apiserver");
+        let kubelet_client = pki.pair("apiserver-kubelet-client");
+        let sa = pki.service_account_keys();
+        self.run(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver")).args([
+                &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                "--insecure-port=0",
+                &format!("--tls-cert-file={}", path(&apiserver.cert)),
+                &format!("--tls-private-key-file={}", path(&apiserver.key)),
+                &format!("--client-ca-file={}", path(&pki.ca())),
+                &format!(
+                    "--kubelet-client-certificate={}",
+                    path(&kubelet_client.cert)
+                ),
+                &format!("--kubelet-client-key={}", path(&kubelet_client.key)),
+                "--kubelet-preferred-address-types=Hostname",
+                &format!("--service-account-key-file={}", path(&sa.cert)),
+                &format!("--service-account-signing-key-file={}", path(&sa.key)),
+                "--service-account-issuer=https://kubernetes.default.svc",
+                &format!("--service-cluster-ip-range={SERVICE_SUBNET}"),
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+            ]),
+        )?;
+
+        self.kubeconfig = dir.join("admin.kubeconfig");
+        write_kubeconfig(&self.kubeconfig, &server, &pki, "admin")?;
+        let node_kubeconfig = dir.join("node.kubeconfig");
+        write_kubeconfig(&node_kubeconfig, &server, &pki, "node")?;
+        self.wait("the API server to be ready", Duration::from_secs(60), |c| {
+            Ok(c.kubectl(&["get", "--raw", "/readyz"])?.trim() == "ok")
+        })?;
+
+        let admin = path(&self.kubeconfig);
+        self.run(
+            "kube-controller-manager",
+            Command::new(bin.join("kube-controller-manager")).args([
+                &format!("--kubeconfig={admin}"),
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--controllers=*,-nodeipam,-route,-service,-cloud-node-lifecycle",
+                &format!("--service-account-private-key-file={}", path(&sa.key)),
+                &format!("--root-ca-file={}", path(&pki.ca())),
+                "--use-service-account-credentials=false",
+            ]),
+        )?;
+        self.run(
+            "kube-scheduler",
+            Command::new(bin.join("kube-scheduler")).args([
+                &format!("--kubeconfig={admin}"),
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+            ]),
+        )?;
+
+        self.start_containerd()?;
+        NodeImages::get()?.import(self)?;
+        self.start_kubelet(&bin, &pki, &node_kubeconfig)?;
+        self.wait("the node to be Ready", Duration::from_secs(120), |c| {
+            let ready = c.kubectl(&[
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]);
+            Ok(ready.is_ok_and(|s| s.trim() == "True"))
+        })?;
+        self.wait(
+            "the default service account",
+            Duration::from_secs(60),
+            |c| Ok(c.kubectl(&["get", "serviceaccount", "default"]).is_ok()),
+        )?;
+        tracing::info!(
+            dir = %self.dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "test cluster ready"
+        );
+        Ok(())
+    }
+
+    fn start_containerd(&mut self) -> Result<()> {
+        let dir = self.dir.join("containerd");
+        let cni_conf = self.dir.join("cni/net.d");
+        std::fs::create_dir_all(&cni_conf)?;
+        std::fs::write(
+            cni_conf.join("10-ibtest.conflist"),
+            serde_json::to_string_pretty(&serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "ibtest",
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_SUBNET}]],
+                        "dataDir": path(&self.dir.join("cni/ipam")),
+                    },
+                }],
+            }))?,
+        )?;
+        // Nothing a pod sends may leave the machine: drop what the pod subnet sends anywhere
+        // but to itself.
+        run(
+            "iptables",
+            &[
+                "-I", "FORWARD", "-s", POD_SUBNET, "!", "-d", POD_SUBNET, "-j", "DROP",
+            ],
+        )
+        .context("adding the pod network's firewall rule")?;
+        self.firewall = true;
+
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+"#,
+            root = path(&dir.join("root")),
+            state = path(&dir.join("state")),
+            socket = path(&self.containerd_socket()),
+            cni = path(&cni_conf),
+        );
+        std::fs::create_dir_all(&dir)?;
+        let config_file = dir.join("config.toml");
+        std::fs::write(&config_file, config)?;
+        self.run(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&config_file),
+        )?;
+        self.wait("containerd", Duration::from_secs(30), |c| {
+            Ok(c.ctr(&["version"]).is_ok())
+        })
+    }
+
+    fn start_kubelet(&mut self, bin: &Path, pki: &Pki, kubeconfig: &Path) -> Result<()> {
+        let serving = pki.pair("kubelet");
+        let port = crate::free_port()?;
+        let healthz = crate::free_port()?;
+        let config = format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+cgroupDriver: cgroupfs
+failSwapOn: false
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: "{ca}"
+authorization:
+  mode: Webhook
+tlsCertFile: "{cert}"
+tlsPrivateKeyFile: "{key}"
+evictionHard:
+  memory.available: "100Mi"
+  nodefs.available: "1%"
+  nodefs.inodesFree: "1%"
+  imagefs.available: "1%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+maxPods: 110
+"#,
+            ca = path(&pki.ca()),
+            cert = path(&serving.cert),
+            key = path(&serving.key),
+        );
+        let config_file = self.dir.join("kubelet.yaml");
+        std::fs::write(&config_file, config)?;
+        let root = self.dir.join("kubelet");
+        std::fs::create_dir_all(&root)?;
+        self.run(
+            "kubelet",
+            Command::new(bin.join("kubelet")).args([
+                &format!("--config={}", path(&config_file)),
+                &format!("--kubeconfig={}", path(kubeconfig)),
+                "--container-runtime=remote",
+                &format!(
+                    "--container-runtime-endpoint=unix://{}",
+                    path(&self.containerd_socket())
+                ),
+                &format!("--hostname-override={NODE_NAME}"),
+                &format!("--root-dir={}", path(&root)),
+                &format!("--cert-dir={}", path(&self.dir.join("kubelet-pki"))),
+                "--v=1",
+            ]),
+        )
+    }
+
+    /// Starts a component with its output in `logs/<name>.log`.
+    fn run(&mut self, name: &'static str, command: &mut Command) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("logs/{name}.log")))?;
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let taken = std::mem::replace(command, Command::new("true"));
+        let child = spawn(taken).with_context(|| format!("starting {name}"))?;
+        self.children.push((name, child));
+        Ok(())
+    }
+
+    /// Polls `ready` until it says yes, failing early when a component has exited.
+    fn wait(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut ready: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if ready(self).unwrap_or(false) {
+                return Ok(());
+            }
+            for (name, child) in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "{name} exited ({status}) while waiting for {what}; its log: {}",
+                        self.dir.join(format!("logs/{name}.log")).display()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gave up waiting for {what} after {limit:?}; logs in {}",
+                    self.dir.join("logs").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Keeps the work directory (logs) after the cluster stops, for a failed test.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        if let Some(tmp) = self._tmp.take() {
+            return tmp.keep();
+        }
+        self.dir.clone()
+    }
+
+    fn stop(&mut self) {
+        // The kubelet first, so that it restarts nothing; then every container.
+        self.kill("kubelet");
+        if let Ok(tasks) = self.ctr(&["tasks", "list", "--quiet"]) {
+            for task in tasks.lines().filter(|t| !t.is_empty()) {
+                let _ = self.ctr(&["tasks", "kill", "--signal", "SIGKILL", task]);
+                let _ = self.ctr(&["tasks", "delete", "--force", task]);
+            }
+        }
+        if let Ok(containers) = self.ctr(&["containers", "list", "--quiet"]) {
+            for container in containers.lines().filter(|c| !c.is_empty()) {
+                let _ = self.ctr(&["containers", "delete", container]);
+            }
+        }
+        for name in [
+            "containerd",
+            "kube-scheduler",
+            "kube-controller-manager",
+            "kube-apiserver",
+            "etcd",
+        ] {
+            self.kill(name);
+        }
+        unmount_below(&self.dir);
+        remove_pod_netns();
+        let _ = Command::new("ip").args(["link", "delete", BRIDGE]).status();
+        if self.firewall {
+            let _ = Command::new("iptables")
+                .args([
+                    "-D", "FORWARD", "-s", POD_SUBNET, "!", "-d", POD_SUBNET, "-j", "DROP",
+                ])
+                .status();
+            self.firewall = false;
+        }
+    }
+
+    fn kill(&mut self, name: &str) {
+        for (_, child) in self.children.iter_mut().filter(|(n, _)| *n == name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Writes a kubeconfig for the client certificate `name`.
+fn write_kubeconfig(file: &Path, server: &str, pki: &Pki, name: &str) -> Result<()> {
+    let pair = pki.pair(name);
+    let text = format!(
+        r#"apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: {server}
+    certificate-authority: "{ca}"
+users:
+- name: {name}
+  user:
+    client-certificate: "{cert}"
+    client-key: "{key}"
+contexts:
+- name: test
+  context:
+    cluster: test
+    user: {name}
+    namespace: default
+current-context: test
+"#,
+        ca = path(&pki.ca()),
+        cert = path(&pair.cert),
+        key = path(&pair.key),
+    );
+    std::fs::write(file, text)?;
+    Ok(())
+}
+
+/// Unmounts everything mounted below `dir` (pods' volumes, containerd's snapshots), deepest
+/// first.
+fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let mut below: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in below {
+        let _ = Command::new("umount").args(["--lazy", mount]).status();
+    }
+}
+
+/// Removes the network namespaces containerd made for pods (`cni-…`).
+fn remove_pod_netns() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("cni-") {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Where a test reaches a cluster: the admin's kubeconfig and the node's containerd.
+#[derive(Debug, Clone)]
+pub struct ClusterAccess {
+    /// The admin's kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The node's containerd socket (to import images).
+    pub containerd_socket: PathBuf,
+}
+
+/// Names the shared cluster's kubeconfig, set by `image-builder-testkit cluster`.
+pub const KUBECONFIG_ENV: &str = "IMAGE_BUILDER_TEST_KUBECONFIG";
+/// Names the shared cluster's containerd socket.
+pub const CONTAINERD_ENV: &str = "IMAGE_BUILDER_TEST_CONTAINERD_SOCKET";
+
+impl Cluster {
+    /// How to reach this cluster.
+    pub fn access(&self) -> ClusterAccess {
+        ClusterAccess {
+            kubeconfig: self.kubeconfig.clone(),
+            containerd_socket: self.containerd_socket(),
+        }
+    }
+
+    /// The shell lines that point tests at this cluster.
+    pub fn env_lines(&self) -> String {
+        format!(
+            "export {KUBECONFIG_ENV}={}\nexport {CONTAINERD_ENV}={}\n",
+            self.kubeconfig.display(),
+            self.containerd_socket().display()
+        )
+    }
+}
+
+/// The cluster the tests of this process share: the one the test command started (named by
+/// [`KUBECONFIG_ENV`] and [`CONTAINERD_ENV`]), or else one started here on first use and
+/// stopped when the process exits.
+pub fn shared() -> Result<ClusterAccess> {
+    static SHARED: std::sync::OnceLock<std::result::Result<ClusterAccess, String>> =
+        std::sync::OnceLock::new();
+    static OWNED: parking_lot::Mutex<Option<Cluster>> = parking_lot::Mutex::new(None);
+    extern "C" fn stop_owned() {
+        drop(OWNED.lock().take());
+    }
+    SHARED
+        .get_or_init(|| {
+            if let (Ok(kubeconfig), Ok(socket)) =
+                (std::env::var(KUBECONFIG_ENV), std::env::var(CONTAINERD_ENV))
+            {
+                return Ok(ClusterAccess {
+                    kubeconfig: kubeconfig.into(),
+                    containerd_socket: socket.into(),
+                });
+            }
+            let cluster = Cluster::start().map_err(|e| format!("{e:#}"))?;
+            let access = cluster.access();
+            *OWNED.lock() = Some(cluster);
+            // SAFETY: registers a function with no arguments that only drops our cluster.
+            unsafe { libc::atexit(stop_owned) };
+            Ok(access)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot start the test cluster: {e}"))
+}
+
+impl ClusterAccess {
+    /// Imports a docker archive into the node's containerd.
+    pub fn import_image(&self, archive: &Path) -> Result<()> {
+        run(
+            "ctr",
+            &[
+                CTR_TIMEOUTS[0],
+                CTR_TIMEOUTS[1],
+                CTR_TIMEOUTS[2],
+                CTR_TIMEOUTS[3],
+                "--address",
+                &path(&self.containerd_socket),
+                "--namespace",
+                "k8s.io",
+                "images",
+                "import",
+                &path(archive),
+            ],
+        )?;
+        Ok(())
+    }
+}
