@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::TryStreamExt;
-use image_builder_state::Journal;
+use image_builder_state::{BuildId, Journal};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +14,10 @@ use crate::api::{ImageBuilderService, OpsService};
 use crate::config::Config;
 use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
+use crate::config::ExecutorConfig;
 use crate::executor::LocalExecutor;
+use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
+use crate::steps::BuildBase;
 use crate::executor::buildah::Buildah;
 use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
@@ -63,19 +66,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         retry,
         config.registry_timeout,
     ));
-    let buildah = Buildah::new(
-        config.data_dir.join(BUILDAH_DIR),
-        &config.insecure_registries,
-    )?;
-    let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
+    let metrics = Arc::new(Metrics::new());
+    let (builder, kubernetes): (Arc<dyn BuildBase>, _) = match &config.executor {
+        ExecutorConfig::Local => {
+            let buildah = Buildah::new(
+                config.data_dir.join(BUILDAH_DIR),
+                &config.insecure_registries,
+            )?;
+            let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
+            let local = LocalExecutor::new(checkouts, buildah, Arc::clone(&credentials));
+            (Arc::new(local), None)
+        }
+        ExecutorConfig::Kubernetes(k8s) => {
+            let executor = Arc::new(
+                KubernetesExecutor::connect(
+                    (**k8s).clone(),
+                    installation_key(&config),
+                    Arc::clone(&credentials),
+                    config.insecure_registries.clone(),
+                )
+                .await
+                .context("cannot use the Kubernetes executor")?,
+            );
+            tracing::info!(namespace = %k8s.namespace, image = %k8s.builder_image, "builds run as Kubernetes jobs");
+            (Arc::clone(&executor) as Arc<dyn BuildBase>, Some(executor))
+        }
+    };
     let steps = Steps {
         resolver: registry.clone(),
         cache: registry.clone(),
-        builder: Arc::new(LocalExecutor::new(
-            checkouts,
-            buildah,
-            Arc::clone(&credentials),
-        )),
+        builder,
         pusher: registry,
     };
     let limits = Limits {
@@ -88,7 +108,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         base: config.base_image_repository.clone(),
         workspace: config.workspace_image_repository.clone(),
     };
-    let metrics = Arc::new(Metrics::new());
     let orchestrator = Orchestrator::new(
         journal,
         steps,
@@ -127,6 +146,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.retention,
         shutdown.clone(),
     ));
+    if let Some(executor) = kubernetes {
+        tokio::spawn(sweep_orphan_jobs(
+            executor,
+            orchestrator.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
     let metrics_task = tokio::spawn(telemetry::serve_metrics(
         metrics_listener,
         metrics,
@@ -203,4 +230,56 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     }
     tracing::info!("shutdown signal received");
     shutdown.cancel();
+}
+
+/// How often the orphan sweep looks for builder Jobs nobody knows.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Names this installation in the labels of the Kubernetes objects it makes: its
+/// repositories and store, so two installations sharing a namespace leave each other alone.
+fn installation_key(config: &Config) -> String {
+    use sha2::Digest;
+    let store = config
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| config.data_dir.clone());
+    let mut hash = sha2::Sha256::new();
+    for part in [
+        config.base_image_repository.as_bytes(),
+        config.workspace_image_repository.as_bytes(),
+        store.as_os_str().as_encoded_bytes(),
+    ] {
+        hash.update(part);
+        hash.update([0]);
+    }
+    hex::encode(&hash.finalize()[..8])
+}
+
+impl KnownBuilds for Orchestrator {
+    fn is_unfinished(&self, id: BuildId) -> bool {
+        self.journal()
+            .view(id)
+            .ok()
+            .flatten()
+            .is_some_and(|view| !view.phase().is_final())
+    }
+}
+
+/// Deletes builder Jobs no unfinished build knows, every [`ORPHAN_SWEEP_EVERY`].
+async fn sweep_orphan_jobs(
+    executor: Arc<KubernetesExecutor>,
+    orchestrator: Orchestrator,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let deleted = sweep_orphans(&executor, &orchestrator).await;
+        if deleted > 0 {
+            metrics.orphan_jobs_deleted(deleted);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(ORPHAN_SWEEP_EVERY) => {}
+        }
+    }
 }

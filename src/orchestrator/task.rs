@@ -61,7 +61,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
             view.phase()
         ))
         .await;
-        let stopped = inner.steps.builder.stop_leftovers(id).await;
+        let stopped = inner.steps.builder.before_resume(id).await;
         if stopped > 0 {
             log.line(format!(
                 "stopped {stopped} builder processes left running by the previous run"
@@ -156,7 +156,7 @@ async fn stop_for_cancel(
     id: image_builder_state::BuildId,
     log: &BuildLog,
 ) -> Option<Event> {
-    let stopped = inner.steps.builder.stop_leftovers(id).await;
+    let stopped = inner.steps.builder.stop(id).await;
     let reason = match inner.journal.view(id) {
         Ok(Some(view)) => view.cancel_requested.unwrap_or_else(|| "cancelled".into()),
         Ok(None) => return None,

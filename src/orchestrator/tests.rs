@@ -97,7 +97,11 @@ impl BuildBase for Fakes {
         Ok(())
     }
 
-    async fn stop_leftovers(&self, _: BuildId) -> usize {
+    async fn before_resume(&self, _: BuildId) -> usize {
+        0
+    }
+
+    async fn stop(&self, _: BuildId) -> usize {
         0
     }
 

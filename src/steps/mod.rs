@@ -60,11 +60,18 @@ pub trait BuildBase: Send + Sync {
         log: &dyn StepLog,
     ) -> Result<(), StepError>;
 
-    /// Stops whatever an earlier run of this build left behind (a builder orphaned by a crash,
-    /// a half-made work directory). Returns how many processes were stopped.
-    async fn stop_leftovers(&self, id: BuildId) -> usize;
+    /// Readies a build whose step runs again after a restart: stops what the previous run
+    /// left behind that cannot be taken over (a local builder orphaned by the crash, a
+    /// half-made work directory) and keeps what can (a builder Job, which the step attaches
+    /// to). Returns how many builders were stopped.
+    async fn before_resume(&self, id: BuildId) -> usize;
 
-    /// Removes what a finished build leaves on this machine.
+    /// Stops everything the build runs, wherever it runs (a cancel). Returns how many
+    /// builders were stopped.
+    async fn stop(&self, id: BuildId) -> usize;
+
+    /// Removes what a build that ended leaves behind (work directories, builder Jobs and
+    /// their Secrets).
     async fn clean(&self, id: BuildId);
 }
 

@@ -20,6 +20,7 @@ pub struct Metrics {
     builds_done: Family<DoneLabels, Counter>,
     build_duration: Histogram,
     cache_hits: Counter,
+    orphan_jobs_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -36,6 +37,7 @@ impl Metrics {
         let builds_done = Family::<DoneLabels, Counter>::default();
         let build_duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let cache_hits = Counter::default();
+        let orphan_jobs_deleted = Counter::default();
         // prometheus-client appends `_total` to counters.
         registry.register(
             "gitpod_image_builder_builds_started",
@@ -57,12 +59,18 @@ impl Metrics {
             "Build requests answered from an existing workspace image",
             cache_hits.clone(),
         );
+        registry.register(
+            "image_builder_orphan_jobs_deleted",
+            "Builder Jobs of this installation that no unfinished build knew, deleted by the sweep",
+            orphan_jobs_deleted.clone(),
+        );
         Self {
             registry,
             builds_started,
             builds_done,
             build_duration,
             cache_hits,
+            orphan_jobs_deleted,
         }
     }
 
@@ -84,6 +92,11 @@ impl Metrics {
     /// A build request was answered from the cache.
     pub fn cache_hit(&self) {
         self.cache_hits.inc();
+    }
+
+    /// The orphan sweep deleted `n` builder Jobs.
+    pub fn orphan_jobs_deleted(&self, n: usize) {
+        self.orphan_jobs_deleted.inc_by(n as u64);
     }
 
     /// The text exposition of every metric.

@@ -650,3 +650,37 @@ impl ClusterAccess {
         Ok(())
     }
 }
+
+/// The builder image for the Kubernetes executor, made by `scripts/peers/builder-image.sh`
+/// (cached by version): its docker archive and the image name inside.
+pub fn builder_image() -> Result<(PathBuf, String)> {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/builder-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let archive = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let name = std::fs::read_to_string(archive.with_file_name("image-name"))?;
+    Ok((archive, name.trim().to_owned()))
+}
+
+impl ClusterAccess {
+    /// Imports the builder image into the node (once per process); returns its name.
+    pub fn builder_image(&self) -> Result<String> {
+        static IMPORTED: std::sync::OnceLock<std::result::Result<String, String>> =
+            std::sync::OnceLock::new();
+        IMPORTED
+            .get_or_init(|| {
+                let (archive, name) = builder_image().map_err(|e| format!("{e:#}"))?;
+                self.import_image(&archive).map_err(|e| format!("{e:#}"))?;
+                Ok(name)
+            })
+            .clone()
+            .map_err(|e| anyhow::anyhow!("cannot provide the builder image: {e}"))
+    }
+}

@@ -1,0 +1,303 @@
+//! Following one builder Job: the state of its pod and of the Job come from kube-runtime
+//! watchers (no polling); the pod's output comes from `pods/log` with `follow`, and goes into
+//! the build log from where the journal says the log stands.
+//!
+//! Kubernetes cannot start a log at a byte offset (`sinceTime` has a resolution of a second
+//! and `limitBytes` counts from the start), so a resumed follower reads the output from its
+//! start and skips the bytes the journal already holds: a restart costs one re-read of the
+//! output, and the log gets no gap and no duplicate.
+
+use futures::{AsyncReadExt, Stream, StreamExt};
+use image_builder_state::BuilderProgress;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use kube::Api;
+use kube::api::LogParams;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use super::manifest::CONTAINER;
+use crate::steps::{StepError, StepErrorKind, StepLog, Tail};
+
+/// How long one read of the builder's output may take.
+const READ_BYTES: usize = 64 * 1024;
+
+/// What the watchers saw.
+enum Seen {
+    Pod(watcher::Event<Pod>),
+    Job(watcher::Event<Job>),
+}
+
+/// The pod and Job of one attempt, as the watchers last reported them.
+pub(super) struct JobWatch {
+    events: std::pin::Pin<Box<dyn Stream<Item = Seen> + Send>>,
+    name: String,
+    pod: Option<Pod>,
+    /// The pod the output was read from: if it goes away, the attempt failed.
+    followed: Option<String>,
+    followed_gone: bool,
+    job: Option<Job>,
+}
+
+/// How a builder Job ended.
+pub(super) enum Ended {
+    /// Its builder pushed the image.
+    Succeeded,
+    /// It failed, for this reason.
+    Failed(String),
+}
+
+impl JobWatch {
+    /// Starts watching Job `name` and its pods.
+    pub(super) fn new(jobs: &Api<Job>, pods: &Api<Pod>, name: &str) -> Self {
+        let pod_events = watcher(
+            pods.clone(),
+            watcher::Config::default().labels(&format!("job-name={name}")),
+        )
+        .default_backoff()
+        .filter_map(|e| async move { log_error(e).map(Seen::Pod) });
+        let job_events = watcher(
+            jobs.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .default_backoff()
+        .filter_map(|e| async move { log_error(e).map(Seen::Job) });
+        Self {
+            events: Box::pin(futures::stream::select(pod_events, job_events)),
+            name: name.to_owned(),
+            pod: None,
+            followed: None,
+            followed_gone: false,
+            job: None,
+        }
+    }
+
+    /// Takes in what the watchers say next.
+    async fn next(&mut self) -> Result<(), StepError> {
+        let Some(seen) = self.events.next().await else {
+            return Err(StepError::new(
+                StepErrorKind::Unavailable,
+                format!("lost the watch of builder job {}", self.name),
+            ));
+        };
+        match seen {
+            Seen::Pod(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                if pod.metadata.deletion_timestamp.is_some() {
+                    self.pod_gone(&pod);
+                } else {
+                    self.pod = Some(pod);
+                }
+            }
+            Seen::Pod(watcher::Event::Delete(pod)) => self.pod_gone(&pod),
+            Seen::Job(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) => {
+                self.job = Some(job);
+            }
+            Seen::Job(watcher::Event::Delete(_)) => self.job = None,
+            Seen::Pod(_) | Seen::Job(_) => {}
+        }
+        Ok(())
+    }
+
+    fn pod_gone(&mut self, pod: &Pod) {
+        let name = pod.metadata.name.as_deref();
+        if self.pod.as_ref().and_then(|p| p.metadata.name.as_deref()) == name {
+            self.pod = None;
+        }
+        if name.is_some() && self.followed.as_deref() == name {
+            self.followed_gone = true;
+        }
+    }
+
+    /// Waits until the builder container has started (or the Job ended without starting
+    /// it); returns the pod's name, or why the attempt failed.
+    pub(super) async fn started(&mut self) -> Result<Result<String, String>, StepError> {
+        loop {
+            if let Some(ended) = self.job_ended() {
+                if let Some(pod) = self.pod.as_ref().filter(|p| container_started(p)) {
+                    return Ok(Ok(pod.metadata.name.clone().unwrap_or_default()));
+                }
+                return Ok(Err(ended));
+            }
+            if let Some(pod) = self.pod.as_ref().filter(|p| container_started(p)) {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                self.followed = Some(name.clone());
+                return Ok(Ok(name));
+            }
+            self.next().await?;
+        }
+    }
+
+    /// Waits until the Job has ended, or the followed pod went away (evicted, deleted, its
+    /// node lost): then the attempt failed.
+    pub(super) async fn ended(&mut self) -> Result<Ended, StepError> {
+        loop {
+            if self.job.as_ref().is_some_and(|j| condition(j, "Complete")) {
+                return Ok(Ended::Succeeded);
+            }
+            if self.followed_gone {
+                return Ok(Ended::Failed(format!(
+                    "builder pod {} of job {} went away before the build ended (evicted, deleted, or its node was lost)",
+                    self.followed.as_deref().unwrap_or_default(),
+                    self.name
+                )));
+            }
+            if let Some(pod) = &self.pod
+                && pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("Evicted")
+            {
+                let message = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.message.clone())
+                    .unwrap_or_default();
+                return Ok(Ended::Failed(format!(
+                    "builder pod of job {} was evicted: {message}",
+                    self.name
+                )));
+            }
+            if let Some(reason) = self.job_ended() {
+                return Ok(Ended::Failed(reason));
+            }
+            self.next().await?;
+        }
+    }
+
+    /// Why the Job failed, if it has.
+    fn job_ended(&self) -> Option<String> {
+        let job = self.job.as_ref()?;
+        let failed = job
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "Failed" && c.status == "True")?;
+        let mut reason = format!(
+            "builder job {} failed: {}",
+            self.name,
+            failed.message.as_deref().or(failed.reason.as_deref()).unwrap_or("no reason given")
+        );
+        if let Some(terminated) = self.pod.as_ref().and_then(terminated) {
+            reason.push_str(&format!(
+                " (the builder exited with code {}{})",
+                terminated.exit_code,
+                terminated
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(", {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Some(reason)
+    }
+}
+
+fn log_error<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<watcher::Event<K>> {
+    match event {
+        Ok(event) => Some(event),
+        Err(e) => {
+            tracing::warn!(error = %e, "watching a builder job failed; retrying");
+            None
+        }
+    }
+}
+
+fn condition(job: &Job, kind: &str) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+fn builder_state(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerState> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == CONTAINER)?
+        .state
+        .as_ref()
+}
+
+fn container_started(pod: &Pod) -> bool {
+    builder_state(pod).is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+fn terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    builder_state(pod)?.terminated.as_ref()
+}
+
+/// Times the output may break off before the builder has stopped (an API server or kubelet
+/// restart) and be read on again.
+const REOPENS: u32 = 10;
+
+/// Streams pod `pod`'s output into the build log, skipping the `from.consumed` bytes the log
+/// already holds. Returns when the output ends with the container; a stream that breaks off
+/// before is opened again, skipping what was read.
+pub(super) async fn stream_output(
+    pods: &Api<Pod>,
+    pod: &str,
+    from: BuilderProgress,
+    log: &dyn StepLog,
+    tail: Tail,
+) -> Result<(), StepError> {
+    let params = LogParams {
+        container: Some(CONTAINER.to_owned()),
+        follow: true,
+        ..LogParams::default()
+    };
+    // Bytes of the output read so far (the log holds them, or the output writer does).
+    let mut read = from.consumed;
+    let mut output = log.builder_output(tail, from);
+    let mut reopens = 0;
+    loop {
+        let broke = match pods.log_stream(pod, &params).await {
+            Ok(reader) => copy_from(reader, &mut read, output.as_mut()).await.err(),
+            Err(e) => Some(e.to_string()),
+        };
+        let stopped = match pods.get_opt(pod).await {
+            Ok(found) => found.as_ref().is_none_or(|p| terminated(p).is_some()),
+            Err(_) => false,
+        };
+        if stopped {
+            break;
+        }
+        reopens += 1;
+        if reopens > REOPENS {
+            return Err(StepError::new(
+                StepErrorKind::Unavailable,
+                format!(
+                    "the output of builder pod {pod} broke off {REOPENS} times: {}",
+                    broke.unwrap_or_else(|| "it ended while the builder was running".into())
+                ),
+            ));
+        }
+        tracing::warn!(%pod, read, problem = ?broke, "the builder's output broke off; reading on");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    output.finish().await;
+    Ok(())
+}
+
+/// Copies a log stream into `output`, skipping its first `*read` bytes and counting on.
+async fn copy_from(
+    reader: impl futures::AsyncRead,
+    read: &mut u64,
+    output: &mut dyn crate::steps::StepOutput,
+) -> Result<(), String> {
+    let mut reader = std::pin::pin!(reader);
+    let mut buf = vec![0u8; READ_BYTES];
+    let mut at = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let end = at + n as u64;
+        if end > *read {
+            let start = usize::try_from(read.saturating_sub(at)).unwrap_or(n);
+            output.write(&buf[start..n]).await;
+            *read = end;
+        }
+        at = end;
+    }
+}

@@ -1,0 +1,196 @@
+//! The local executor, the embedded default: checks a Dockerfile source out of git and
+//! builds it with buildah on this machine, then pushes it to its base ref.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use image_builder_state::{BuildId, BuildSource, BuildView};
+use sha2::{Digest, Sha256};
+
+use crate::context::GitCheckouts;
+use crate::credentials::BuildSecrets;
+use crate::credentials::Credentials;
+use crate::process;
+use crate::steps::{BuildBase, StepError, StepErrorKind, StepLog};
+use super::buildah::Buildah;
+
+/// Builds on this machine: git checkouts plus buildah.
+pub struct LocalExecutor {
+    checkouts: GitCheckouts,
+    buildah: Buildah,
+    credentials: Arc<Credentials>,
+    auth_files: AuthFiles,
+}
+
+impl LocalExecutor {
+    /// An executor with work directories under `checkouts` and buildah storage in `buildah`,
+    /// giving buildah the registry credentials each build may use. Removes the credentials
+    /// files a killed run of this installation left behind.
+    pub fn new(checkouts: GitCheckouts, buildah: Buildah, credentials: Arc<Credentials>) -> Self {
+        let auth_files = AuthFiles::new(buildah.dir());
+        let stale = auth_files.sweep();
+        if stale > 0 {
+            tracing::info!(
+                stale,
+                "removed builder credentials files left by a previous run"
+            );
+        }
+        Self {
+            checkouts,
+            buildah,
+            credentials,
+            auth_files,
+        }
+    }
+}
+
+/// Where builders' credentials files go: memory-backed storage when the machine has it
+/// (`/dev/shm`), never under the data dir. Their names carry a key of this installation (its
+/// buildah storage path), so that the files a killed run left behind are found and removed at
+/// the next start, and another installation's never are.
+struct AuthFiles {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl AuthFiles {
+    fn new(installation: &Path) -> Self {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = installation
+            .canonicalize()
+            .unwrap_or_else(|_| installation.to_owned());
+        let key = hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..8]);
+        Self {
+            dir,
+            prefix: format!("image-builder-{key}-"),
+        }
+    }
+
+    /// Removes the files of this installation: at start, none of them belongs to a live build.
+    fn sweep(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&self.prefix) && n.ends_with(AUTH_SUFFIX))
+            })
+            .filter(|e| std::fs::remove_file(e.path()).is_ok())
+            .count()
+    }
+
+    /// A new file for build `id`, readable by us only, removed when dropped.
+    fn write(&self, id: BuildId, content: &serde_json::Value) -> std::io::Result<AuthFile> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let nonce = uuid::Uuid::now_v7().simple();
+        let path = self
+            .dir
+            .join(format!("{}{id}-{nonce}{AUTH_SUFFIX}", self.prefix));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let file_guard = AuthFile { path };
+        file.write_all(content.to_string().as_bytes())?;
+        Ok(file_guard)
+    }
+}
+
+const AUTH_SUFFIX: &str = ".auth.json";
+
+/// One build's credentials file for its builder; removed when dropped.
+struct AuthFile {
+    path: PathBuf,
+}
+
+impl Drop for AuthFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[async_trait]
+impl BuildBase for LocalExecutor {
+    async fn build(
+        &self,
+        build: &BuildView,
+        secrets: &BuildSecrets,
+        log: &dyn StepLog,
+    ) -> Result<(), StepError> {
+        let source = match &build.spec.source {
+            BuildSource::Reference { .. } => {
+                log.line(format!(
+                    "nothing to build: the base image is the existing image {}",
+                    build.base_ref
+                ))
+                .await;
+                return Ok(());
+            }
+            BuildSource::Dockerfile(source) => source,
+        };
+        if source.git_auth && secrets.git.is_none() {
+            return Err(StepError::new(
+                StepErrorKind::Unauthenticated,
+                "the git credentials of this build are not kept across a restart of the service; submit the build again with them",
+            ));
+        }
+        let context = self
+            .checkouts
+            .checkout(build.id, source, secrets.git.as_ref(), log)
+            .await?;
+        let auth = self
+            .credentials
+            .builder_auth_file(
+                &secrets.registry,
+                &crate::credentials::registry_host(&build.base_ref),
+            )
+            .await;
+        let auth = self.auth_files.write(build.id, &auth).map_err(|e| {
+            StepError::new(
+                StepErrorKind::Failed,
+                format!("cannot write the builder's credentials file: {e}"),
+            )
+        })?;
+        log.line(format!("building {} with buildah", build.base_ref))
+            .await;
+        self.buildah
+            .build(build.id, &context, &build.base_ref, &auth.path, log)
+            .await?;
+        log.line(format!("pushing {}", build.base_ref)).await;
+        self.buildah
+            .push(build.id, &build.base_ref, &auth.path, log)
+            .await?;
+        drop(auth);
+        self.buildah.remove(&build.base_ref).await;
+        self.checkouts.remove(build.id).await;
+        Ok(())
+    }
+
+    /// Nothing local survives a restart in a usable state: the builder is stopped and the
+    /// step runs again from the start.
+    async fn before_resume(&self, id: BuildId) -> usize {
+        self.stop(id).await
+    }
+
+    async fn stop(&self, id: BuildId) -> usize {
+        let stopped = tokio::task::spawn_blocking(move || process::stop_build_processes(id))
+            .await
+            .unwrap_or_default();
+        self.checkouts.remove(id).await;
+        stopped
+    }
+
+    async fn clean(&self, id: BuildId) {
+        self.checkouts.remove(id).await;
+    }
+}

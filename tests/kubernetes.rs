@@ -1,0 +1,360 @@
+//! The Kubernetes executor against a real single-node cluster (see the test kit's `cluster`):
+//! Dockerfile builds as Jobs, credentials only in a Secret, and every restart case: the
+//! service SIGKILLed while the Job is pending, while it runs, after it finished but before
+//! the result was journaled, and down for longer than the Job takes. In each the restarted
+//! service attaches to the same Job and the build ends as the Job did, with one log.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use image_builder::executor::kubernetes::manifest;
+use image_builder::proto::builder as pb;
+use image_builder_state::BuildId;
+use image_builder_testkit::cluster::{self, ClusterAccess};
+use image_builder_testkit::{self as testkit, GitHttpServer, GitRepo, Service};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client};
+
+const GIT_USER: &str = "builder";
+const GIT_PASSWORD: &str = "kube-git-s3cret-4711";
+
+/// One namespace per test, in the shared cluster.
+struct Rig {
+    cluster: ClusterAccess,
+    client: Client,
+    namespace: String,
+    builder_image: String,
+}
+
+impl Rig {
+    async fn new(name: &str) -> Self {
+        let cluster = tokio::task::spawn_blocking(cluster::shared)
+            .await
+            .unwrap()
+            .unwrap();
+        let builder_image = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || cluster.builder_image())
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&cluster.kubeconfig).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let client = Client::try_from(config).unwrap();
+        let namespace = format!("{name}-{}", &uuid::Uuid::now_v7().simple().to_string()[24..]);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": namespace}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        Self {
+            cluster,
+            client,
+            namespace,
+            builder_image,
+        }
+    }
+
+    fn config(&self, name: &str) -> serde_json::Value {
+        let mut config = common::config(shared().registry.addr(), name);
+        config["executor"] = serde_json::json!({
+            "kind": "kubernetes",
+            "namespace": self.namespace,
+            "builderImage": self.builder_image,
+            "hostNetwork": true,
+            "podTimeout": "5m",
+        });
+        config
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![("KUBECONFIG", self.cluster.kubeconfig.display().to_string())]
+    }
+
+    fn service(&self, name: &str) -> Service {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Service::start_with_env(binary(), self.config(name), &env).unwrap()
+    }
+
+    /// Restarts `service` (after a SIGKILL), with `extra` environment.
+    fn restart(&self, service: &mut Service, extra: &[(&str, &str)]) {
+        let env = self.env();
+        let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(extra);
+        service.set_env(&all);
+        service.restart().unwrap();
+    }
+
+    fn jobs(&self) -> Api<Job> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Every Job ever made for `id` is gone (deleting is asynchronous: waits for it).
+    async fn wait_until_no_jobs(&self, id: &str) {
+        let params = ListParams::default().labels(&format!("{}={id}", manifest::BUILD_LABEL));
+        for _ in 0..120 {
+            let jobs = self.jobs().list(&params).await.unwrap();
+            let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+                .list(&params)
+                .await
+                .unwrap();
+            if jobs.items.is_empty() && secrets.items.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("the jobs or secrets of build {id} were never deleted");
+    }
+}
+
+/// A repository whose Dockerfile prints `start`, waits `seconds`, prints `end`, behind a
+/// git server that wants credentials.
+fn repository(seconds: u32) -> (GitRepo, GitHttpServer) {
+    let dockerfile = format!(
+        "FROM {}\nCOPY greeting.txt /greeting.txt\nRUN echo start-of-run && sleep {seconds} && echo end-of-run\n",
+        shared().base
+    );
+    let repo = GitRepo::new(&[
+        ("Dockerfile", dockerfile.as_str()),
+        ("greeting.txt", "hello from a job\n"),
+    ])
+    .unwrap();
+    let server = GitHttpServer::start(&repo, GIT_USER, GIT_PASSWORD).unwrap();
+    (repo, server)
+}
+
+/// A Build request of the repository, with the git credentials in the remote URL.
+fn request(server: &GitHttpServer) -> pb::BuildRequest {
+    let uri = server
+        .uri()
+        .replace("http://", &format!("http://{GIT_USER}:{GIT_PASSWORD}@"));
+    head_build(&uri)
+}
+
+async fn finish(service: &Service, id: &str) -> (pb::BuildStatus, String, String) {
+    let mut client = service.client().await.unwrap();
+    let log = String::from_utf8(logs_all(&mut client, id).await.unwrap()).unwrap();
+    let mut ops = ops_client(service).await;
+    let build = ops
+        .get_build(image_builder::proto::ops::GetBuildRequest {
+            build_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = match build.state.as_str() {
+        "done" => pb::BuildStatus::DoneSuccess,
+        "failed" | "cancelled" | "damaged" => pb::BuildStatus::DoneFailure,
+        _ => pb::BuildStatus::Running,
+    };
+    (status, log, build.failure)
+}
+
+/// Waits until the build has ended; its status, log and failure.
+async fn ended(service: &Service, id: &str) -> (pb::BuildStatus, String, String) {
+    for _ in 0..600 {
+        let (status, log, failure) = finish(service, id).await;
+        if status != pb::BuildStatus::Running {
+            return (status, log, failure);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("build {id} never ended");
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
+/// One log: the builder's output appears exactly once, and one Job ran the attempt.
+fn assert_one_log(log: &str) {
+    for line in ["STEP 1/3: FROM", "\nstart-of-run\n", "\nend-of-run\n", "\npushing "] {
+        assert_eq!(count(log, line), 1, "{line:?} in\n{log}");
+    }
+    assert_eq!(count(log, "started builder job"), 1, "{log}");
+    assert!(!log.contains(GIT_PASSWORD), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dockerfile_builds_as_a_job_whose_credentials_stay_in_its_secret() {
+    let rig = Rig::new("build").await;
+    let (_repo, server) = repository(3);
+    let service = rig.service("k8s-build");
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, request(&server)).await;
+    wait_for_log(&mut client, &id, "start-of-run").await;
+
+    // While it runs: the Job names the build and attempt; no credential is in its spec, and
+    // the Secret that holds them is owned by the Job.
+    let name = manifest::job_name(id.parse::<BuildId>().unwrap(), 1);
+    let job = rig.jobs().get(&name).await.unwrap();
+    let spec = serde_json::to_string(&job).unwrap();
+    assert!(!spec.contains(GIT_PASSWORD), "{spec}");
+    let secret = Api::<Secret>::namespaced(rig.client.clone(), &rig.namespace)
+        .get(&manifest::secret_name(&name))
+        .await
+        .unwrap();
+    assert_eq!(
+        secret.metadata.owner_references.unwrap()[0].name,
+        name,
+        "the Secret belongs to the Job"
+    );
+
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneSuccess, "{failure}\n{log}");
+    assert_one_log(&log);
+    let image = testkit::files_containing(&service.data_dir(), GIT_PASSWORD.as_bytes());
+    assert!(image.is_empty(), "the password is in {image:?}");
+    // The build is over: its Job and Secret are deleted.
+    rig.wait_until_no_jobs(&id).await;
+}
+
+/// Where in a Job's life the service is killed.
+#[derive(Debug, Clone, Copy)]
+enum KillWhen {
+    /// Right after the Job was created: its pod is still pending.
+    Pending,
+    /// While the builder runs.
+    Running,
+    /// After the builder finished, before the step's result was journaled.
+    FinishedNotJournaled,
+    /// While it runs, and the service stays down until the Job has finished.
+    DownLongerThanTheJob,
+}
+
+async fn restart_case(when: KillWhen) {
+    let rig = Rig::new(&format!("{when:?}").to_lowercase()).await;
+    let (_repo, server) = repository(4);
+    let name = format!("k8s-{when:?}").to_lowercase();
+    let env = rig.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    if matches!(when, KillWhen::FinishedNotJournaled) {
+        env.push(("FAILPOINTS", "transition.built.before=pause"));
+    }
+    let mut service = Service::start_with_env(binary(), rig.config(&name), &env).unwrap();
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, request(&server)).await;
+    let job_name = manifest::job_name(id.parse::<BuildId>().unwrap(), 1);
+    match when {
+        KillWhen::Pending => wait_for_log(&mut client, &id, "started builder job").await,
+        KillWhen::Running | KillWhen::DownLongerThanTheJob => {
+            wait_for_log(&mut client, &id, "start-of-run").await
+        }
+        KillWhen::FinishedNotJournaled => {
+            wait_for_service_log(&service, "failpoint reached").await;
+            String::new()
+        }
+    };
+    service.kill();
+    if matches!(when, KillWhen::DownLongerThanTheJob) {
+        let done = kube::runtime::wait::await_condition(
+            rig.jobs(),
+            &job_name,
+            kube::runtime::wait::conditions::is_job_completed(),
+        );
+        tokio::time::timeout(Duration::from_secs(120), done)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    rig.restart(&mut service, &[]);
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneSuccess, "{when:?}: {failure}\n{log}");
+    assert_one_log(&log);
+    assert_eq!(count(&log, "attaching to builder job"), 1, "{when:?}: {log}");
+    rig.wait_until_no_jobs(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_while_the_job_is_pending_attaches_to_it() {
+    restart_case(KillWhen::Pending).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_while_the_job_runs_attaches_and_the_log_goes_on_without_gap_or_duplicate() {
+    restart_case(KillWhen::Running).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_the_job_finished_but_before_the_result_was_journaled_attaches() {
+    restart_case(KillWhen::FinishedNotJournaled).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_down_longer_than_the_job_takes_finds_its_result() {
+    restart_case(KillWhen::DownLongerThanTheJob).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_pod_fails_the_attempt_and_a_retry_runs_a_new_job() {
+    let rig = Rig::new("evicted").await;
+    let (_repo, server) = repository(20);
+    let service = rig.service("k8s-evicted");
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, request(&server)).await;
+    wait_for_log(&mut client, &id, "start-of-run").await;
+    let pods = Api::<Pod>::namespaced(rig.client.clone(), &rig.namespace);
+    let job_name = manifest::job_name(id.parse::<BuildId>().unwrap(), 1);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await
+        .unwrap();
+    let pod = list.items[0].metadata.name.clone().unwrap();
+    pods.delete(&pod, &DeleteParams::default()).await.unwrap();
+
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneFailure, "{log}");
+    assert!(failure.contains("went away"), "{failure}");
+    assert!(failure.contains(&pod), "{failure}");
+
+    let mut ops = ops_client(&service).await;
+    let retried = ops
+        .retry_build(image_builder::proto::ops::RetryBuildRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.attempt, 2);
+    // The retry's repository must not wait 20 s: same request, new attempt, new Job. It
+    // still takes the time of the RUN; the attempt ends as its Job does.
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneSuccess, "{failure}\n{log}");
+    assert_eq!(count(&log, "started builder job"), 2, "{log}");
+    rig.wait_until_no_jobs(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_deletes_the_job_and_its_secret() {
+    let rig = Rig::new("cancel").await;
+    let (_repo, server) = repository(60);
+    let service = rig.service("k8s-cancel");
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, request(&server)).await;
+    wait_for_log(&mut client, &id, "start-of-run").await;
+    let mut ops = ops_client(&service).await;
+    ops.cancel_build(image_builder::proto::ops::CancelBuildRequest {
+        build_id: id.clone(),
+        reason: "not needed".into(),
+    })
+    .await
+    .unwrap();
+    let (status, _, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneFailure);
+    assert!(failure.contains("not needed"), "{failure}");
+    rig.wait_until_no_jobs(&id).await;
+}
