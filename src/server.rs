@@ -12,15 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{ImageBuilderService, OpsService};
 use crate::config::Config;
+use crate::config::ExecutorConfig;
 use crate::context::GitCheckouts;
 use crate::credentials::Credentials;
-use crate::config::ExecutorConfig;
 use crate::executor::LocalExecutor;
-use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
-use crate::steps::BuildBase;
 use crate::executor::buildah::Buildah;
+use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
 use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
+use crate::steps::BuildBase;
 use crate::steps::Steps;
 use crate::telemetry::{self, Metrics};
 

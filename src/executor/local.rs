@@ -8,12 +8,12 @@ use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildSource, BuildView};
 use sha2::{Digest, Sha256};
 
+use super::buildah::Buildah;
 use crate::context::GitCheckouts;
 use crate::credentials::BuildSecrets;
 use crate::credentials::Credentials;
 use crate::process;
 use crate::steps::{BuildBase, StepError, StepErrorKind, StepLog};
-use super::buildah::Buildah;
 
 /// Builds on this machine: git checkouts plus buildah.
 pub struct LocalExecutor {

@@ -319,8 +319,11 @@ async fn build(
     secrets: &BuildSecrets,
     log: &BuildLog,
 ) -> Result<Event, StepError> {
+    // A builder this attempt already started (a Job that outlived a restart) is attached to,
+    // whatever the registry holds by now: its output belongs in the build's log.
     if matches!(view.spec.source, BuildSource::Dockerfile(_))
         && !view.spec.force_rebuild
+        && view.builder_progress().is_none()
         && let Some(digest) = inner
             .steps
             .cache

@@ -173,7 +173,11 @@ impl JobWatch {
         let mut reason = format!(
             "builder job {} failed: {}",
             self.name,
-            failed.message.as_deref().or(failed.reason.as_deref()).unwrap_or("no reason given")
+            failed
+                .message
+                .as_deref()
+                .or(failed.reason.as_deref())
+                .unwrap_or("no reason given")
         );
         if let Some(terminated) = self.pod.as_ref().and_then(terminated) {
             reason.push_str(&format!(

@@ -9,8 +9,8 @@ use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec, Secret,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -131,6 +131,8 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
     };
     let pod = PodSpec {
         restart_policy: Some("Never".into()),
+        // A builder has nothing to save when it is stopped: a cancel takes effect at once.
+        termination_grace_period_seconds: Some(5),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         service_account_name: config.service_account.clone(),
@@ -165,7 +167,9 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         },
         spec: Some(JobSpec {
             backoff_limit: Some(0),
-            active_deadline_seconds: Some(i64::try_from(config.pod_timeout.as_secs()).unwrap_or(i64::MAX)),
+            active_deadline_seconds: Some(
+                i64::try_from(config.pod_timeout.as_secs()).unwrap_or(i64::MAX),
+            ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -312,7 +316,10 @@ mod tests {
             Some(secret_name(&name).as_str())
         );
         let owner = &secret.metadata.owner_references.unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Job", name.as_str()));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("Job", name.as_str())
+        );
         let data = secret.data.unwrap();
         assert!(data.contains_key("auth.json") && data.contains_key("git-basic"));
     }

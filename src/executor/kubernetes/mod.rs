@@ -128,8 +128,11 @@ impl KubernetesExecutor {
             .await
             .map_err(api_error(format!("reading job {name}")))?
         {
-            log.line(format!("attaching to builder job {}/{name}", self.config.namespace))
-                .await;
+            log.line(format!(
+                "attaching to builder job {}/{name}",
+                self.config.namespace
+            ))
+            .await;
             self.ensure_secret(&job, build, secrets).await?;
             return Ok(job);
         }

@@ -51,7 +51,9 @@ pub async fn sweep_orphans(executor: &KubernetesExecutor, known: &dyn KnownBuild
                 executor.delete_secret(&name).await;
                 deleted += 1;
             }
-            Err(e) => tracing::warn!(job = %name, error = %e, "cannot delete an orphaned builder job"),
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "cannot delete an orphaned builder job")
+            }
         }
     }
     deleted

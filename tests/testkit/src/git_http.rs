@@ -18,8 +18,17 @@ pub struct GitHttpServer {
 }
 
 impl GitHttpServer {
+    /// Serves `repo` to anyone.
+    pub fn start_public(repo: &GitRepo) -> Result<Self> {
+        Self::serve(repo, "")
+    }
+
     /// Serves `repo` to clients that authenticate as `user` / `password`.
     pub fn start(repo: &GitRepo, user: &str, password: &str) -> Result<Self> {
+        Self::serve(repo, &format!("{user}:{password}"))
+    }
+
+    fn serve(repo: &GitRepo, auth: &str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("git-http-").tempdir()?;
         let bare = dir.path().join("repo.git");
         run(
@@ -40,7 +49,7 @@ impl GitHttpServer {
             .arg(&script)
             .arg(dir.path())
             .arg(port.to_string())
-            .env("GIT_HTTP_AUTH", format!("{user}:{password}"))
+            .env("GIT_HTTP_AUTH", auth)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = spawn(command)?;

@@ -1,6 +1,7 @@
 """Serves the git repositories under a directory over smart HTTP (git http-backend) on
-127.0.0.1, requiring basic auth with the user and password given: a private git remote for
-tests. Usage: GIT_HTTP_AUTH=USER:PASSWORD git_http_server.py ROOT PORT"""
+127.0.0.1, requiring basic auth with the user and password given (a private git remote for
+tests), or none when GIT_HTTP_AUTH is empty. Usage: GIT_HTTP_AUTH=USER:PASSWORD
+git_http_server.py ROOT PORT"""
 import base64
 import http.server
 import subprocess
@@ -9,8 +10,9 @@ import sys
 
 ROOT, PORT = sys.argv[1], int(sys.argv[2])
 # The credential comes through the environment, never argv (where any process could read it).
-USER, PASSWORD = os.environ["GIT_HTTP_AUTH"].split(":", 1)
-EXPECTED = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+AUTH = os.environ.get("GIT_HTTP_AUTH", "")
+USER, _, PASSWORD = AUTH.partition(":")
+EXPECTED = "Basic " + base64.b64encode(AUTH.encode()).decode() if AUTH else None
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -18,7 +20,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def handle_git(self):
-        if self.headers.get("Authorization") != EXPECTED:
+        if EXPECTED and self.headers.get("Authorization") != EXPECTED:
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="git"')
             self.send_header("Content-Length", "0")

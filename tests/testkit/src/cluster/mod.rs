@@ -654,8 +654,7 @@ impl ClusterAccess {
 /// The builder image for the Kubernetes executor, made by `scripts/peers/builder-image.sh`
 /// (cached by version): its docker archive and the image name inside.
 pub fn builder_image() -> Result<(PathBuf, String)> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/builder-image.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/builder-image.sh");
     let out = Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())
