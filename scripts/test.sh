@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit and property tests, and the integration tests that run the real
-# binary against a real registry, skopeo and umoci. Installs what it needs first.
+# binary against a real registry, skopeo, umoci, and a real single-node Kubernetes. Installs
+# and builds what it needs first (peers are cached under ${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -13,4 +14,26 @@ if cargo tree -e normal -p image-builder --prefix none \
   echo "the image-builder crate depends on the test kit (above); it must not" >&2
   exit 1
 fi
+
+# Kubernetes 1.20 from Debian's source package and the builder image (cached by version; a
+# fresh machine builds them once), then one test cluster for every test binary: started here,
+# stopped on the way out.
+IMAGE_BUILDER_KUBERNETES_BIN=$(./scripts/peers/kubernetes.sh)
+export IMAGE_BUILDER_KUBERNETES_BIN
+./scripts/peers/builder-image.sh >/dev/null
+cargo build --quiet -p image-builder-testkit
+cluster_env=$(mktemp)
+./target/debug/image-builder-testkit cluster --env-file "$cluster_env" &
+cluster_pid=$!
+trap 'kill -TERM $cluster_pid 2>/dev/null; wait $cluster_pid 2>/dev/null; rm -f "$cluster_env"' EXIT
+for _ in $(seq 1 600); do
+  [[ -s $cluster_env ]] && break
+  kill -0 $cluster_pid 2>/dev/null || { echo "the test cluster did not start (above)" >&2; exit 1; }
+  sleep 1
+done
+[[ -s $cluster_env ]] || { echo "the test cluster did not start within 10 minutes" >&2; exit 1; }
+# shellcheck disable=SC1090
+source "$cluster_env"
+export IMAGE_BUILDER_TEST_KUBECONFIG IMAGE_BUILDER_TEST_CONTAINERD_SOCKET
+
 cargo test --workspace --features image-builder/failpoints --no-fail-fast "$@"

@@ -88,7 +88,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .await
                 .context("cannot use the Kubernetes executor")?,
             );
-            tracing::info!(namespace = %k8s.namespace, image = %k8s.builder_image, "builds run as Kubernetes jobs");
+            tracing::info!(
+                namespace = %k8s.namespace,
+                image = %k8s.builder_image,
+                installation = %executor.installation(),
+                "builds run as Kubernetes jobs"
+            );
             (Arc::clone(&executor) as Arc<dyn BuildBase>, Some(executor))
         }
     };
@@ -232,7 +237,7 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// How often the orphan sweep looks for builder Jobs nobody knows.
+/// How often the orphan sweep looks for builder Jobs nobody knows, at most.
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Names this installation in the labels of the Kubernetes objects it makes: its
@@ -265,13 +270,15 @@ impl KnownBuilds for Orchestrator {
     }
 }
 
-/// Deletes builder Jobs no unfinished build knows, every [`ORPHAN_SWEEP_EVERY`].
+/// Deletes builder Jobs no unfinished build knows, every [`ORPHAN_SWEEP_EVERY`] (or every
+/// `orphanGrace`, when that is shorter).
 async fn sweep_orphan_jobs(
     executor: Arc<KubernetesExecutor>,
     orchestrator: Orchestrator,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let every = ORPHAN_SWEEP_EVERY.min(executor.orphan_grace());
     loop {
         let deleted = sweep_orphans(&executor, &orchestrator).await;
         if deleted > 0 {
@@ -279,7 +286,7 @@ async fn sweep_orphan_jobs(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(ORPHAN_SWEEP_EVERY) => {}
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -376,3 +376,58 @@ async fn a_cancel_deletes_the_job_and_its_secret() {
     assert!(failure.contains("not needed"), "{failure}");
     rig.wait_until_no_jobs(&id).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_no_build_knows_is_deleted_by_the_sweep_and_counted() {
+    let rig = Rig::new("orphan").await;
+    let mut config = rig.config("k8s-orphan");
+    config["executor"]["orphanGrace"] = "2s".into();
+    let env = rig.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let service = Service::start_with_env(binary(), config, &env).unwrap();
+    let log = service.log();
+    let installation = log
+        .split("installation=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the service names its installation")
+        .to_owned();
+
+    // A Job with this installation's labels, for a build the journal has never seen (as after
+    // a store was wiped), and one of another installation, which must stay.
+    let orphan_id = BuildId::new();
+    let mut orphan: Job = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "orphan"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": cluster::BUSYBOX_IMAGE,
+                            "imagePullPolicy": "Never", "command": ["sleep", "600"]}]}}}
+    }))
+    .unwrap();
+    orphan.metadata.labels = Some(manifest::labels(&installation, orphan_id, 1));
+    let mut foreign = orphan.clone();
+    foreign.metadata.name = Some("foreign".into());
+    foreign.metadata.labels = Some(manifest::labels("another", orphan_id, 1));
+    for job in [&orphan, &foreign] {
+        rig.jobs()
+            .create(&PostParams::default(), job)
+            .await
+            .unwrap();
+    }
+
+    for _ in 0..120 {
+        if rig.jobs().get_opt("orphan").await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        rig.jobs().get_opt("orphan").await.unwrap().is_none(),
+        "the orphan was never deleted"
+    );
+    assert!(rig.jobs().get_opt("foreign").await.unwrap().is_some());
+    assert_eq!(
+        metric(&service, "image_builder_orphan_jobs_deleted_total").await,
+        Some(1.0)
+    );
+}

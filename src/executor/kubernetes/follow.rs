@@ -23,8 +23,8 @@ const READ_BYTES: usize = 64 * 1024;
 
 /// What the watchers saw.
 enum Seen {
-    Pod(watcher::Event<Pod>),
-    Job(watcher::Event<Job>),
+    Pod(Box<watcher::Event<Pod>>),
+    Job(Box<watcher::Event<Job>>),
 }
 
 /// The pod and Job of one attempt, as the watchers last reported them.
@@ -54,13 +54,13 @@ impl JobWatch {
             watcher::Config::default().labels(&format!("job-name={name}")),
         )
         .default_backoff()
-        .filter_map(|e| async move { log_error(e).map(Seen::Pod) });
+        .filter_map(|e| async move { log_error(e).map(|e| Seen::Pod(Box::new(e))) });
         let job_events = watcher(
             jobs.clone(),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
         )
         .default_backoff()
-        .filter_map(|e| async move { log_error(e).map(Seen::Job) });
+        .filter_map(|e| async move { log_error(e).map(|e| Seen::Job(Box::new(e))) });
         Self {
             events: Box::pin(futures::stream::select(pod_events, job_events)),
             name: name.to_owned(),
@@ -80,21 +80,30 @@ impl JobWatch {
             ));
         };
         match seen {
-            Seen::Pod(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+            Seen::Pod(event) => self.pod_event(*event),
+            Seen::Job(event) => match *event {
+                watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                    self.job = Some(job);
+                }
+                watcher::Event::Delete(_) => self.job = None,
+                _ => {}
+            },
+        }
+        Ok(())
+    }
+
+    fn pod_event(&mut self, event: watcher::Event<Pod>) {
+        match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
                 if pod.metadata.deletion_timestamp.is_some() {
                     self.pod_gone(&pod);
                 } else {
                     self.pod = Some(pod);
                 }
             }
-            Seen::Pod(watcher::Event::Delete(pod)) => self.pod_gone(&pod),
-            Seen::Job(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) => {
-                self.job = Some(job);
-            }
-            Seen::Job(watcher::Event::Delete(_)) => self.job = None,
-            Seen::Pod(_) | Seen::Job(_) => {}
+            watcher::Event::Delete(pod) => self.pod_gone(&pod),
+            _ => {}
         }
-        Ok(())
     }
 
     fn pod_gone(&mut self, pod: &Pod) {

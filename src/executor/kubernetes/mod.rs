@@ -113,6 +113,16 @@ impl KubernetesExecutor {
         })
     }
 
+    /// The value of this installation's label on what it makes.
+    pub fn installation(&self) -> &str {
+        &self.installation
+    }
+
+    /// How old a Job nobody knows must be before the sweep deletes it.
+    pub fn orphan_grace(&self) -> std::time::Duration {
+        self.config.orphan_grace
+    }
+
     /// The Job of this attempt: the one that exists, or a new one with its Secret.
     async fn job_for(
         &self,

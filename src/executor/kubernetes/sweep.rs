@@ -52,7 +52,7 @@ pub async fn sweep_orphans(executor: &KubernetesExecutor, known: &dyn KnownBuild
                 deleted += 1;
             }
             Err(e) => {
-                tracing::warn!(job = %name, error = %e, "cannot delete an orphaned builder job")
+                tracing::warn!(job = %name, error = %e, "cannot delete an orphaned builder job");
             }
         }
     }
@@ -75,4 +75,52 @@ fn is_orphan(job: &Job, known: &dyn KnownBuilds, grace: Duration) -> bool {
     };
     let age = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
     age.as_secs() >= i64::try_from(grace.as_secs()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    struct Unfinished(BuildId);
+
+    impl KnownBuilds for Unfinished {
+        fn is_unfinished(&self, id: BuildId) -> bool {
+            id == self.0
+        }
+    }
+
+    fn job(build: &str, age: Duration) -> Job {
+        let created = k8s_openapi::jiff::Timestamp::now()
+            - k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(age.as_secs()).unwrap());
+        let mut job = Job::default();
+        job.metadata.labels = Some(BTreeMap::from([(
+            manifest::BUILD_LABEL.to_owned(),
+            build.to_owned(),
+        )]));
+        job.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created),
+        );
+        job
+    }
+
+    #[test]
+    fn only_old_jobs_of_builds_not_running_are_orphans() {
+        let running = BuildId::new();
+        let known = Unfinished(running);
+        let grace = Duration::from_secs(600);
+        let old = Duration::from_secs(3600);
+        assert!(!is_orphan(&job(&running.to_string(), old), &known, grace));
+        assert!(is_orphan(
+            &job(&BuildId::new().to_string(), old),
+            &known,
+            grace
+        ));
+        assert!(is_orphan(&job("not-a-build-id", old), &known, grace));
+        assert!(!is_orphan(
+            &job(&BuildId::new().to_string(), Duration::from_secs(5)),
+            &known,
+            grace
+        ));
+    }
 }
