@@ -21,6 +21,10 @@ fi
 IMAGE_BUILDER_KUBERNETES_BIN=$(./scripts/peers/kubernetes.sh)
 export IMAGE_BUILDER_KUBERNETES_BIN
 ./scripts/peers/builder-image.sh >/dev/null
+# The deployment test runs the release binary in the service's container image.
+cargo build --quiet --release -p image-builder --bin image-builder
+IMAGE_BUILDER_RELEASE_BINARY=$PWD/target/release/image-builder
+export IMAGE_BUILDER_RELEASE_BINARY
 cargo build --quiet -p image-builder-testkit
 cluster_env=$(mktemp)
 ./target/debug/image-builder-testkit cluster --env-file "$cluster_env" &

@@ -431,3 +431,180 @@ async fn a_job_no_build_knows_is_deleted_by_the_sweep_and_counted() {
         Some(1.0)
     );
 }
+
+/// `deploy/image-builder.yaml`, applied to the test cluster with what this cluster needs: the
+/// test's image, registry and namespace in the ConfigMap, and (the test node runs no
+/// kube-proxy, so no pod can reach a service IP) the host network with the API server's
+/// loopback address for the in-cluster config. Then a build through the deployed service.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deployed_service_runs_a_build_through_its_jobs() {
+    let rig = Rig::new("deploy").await;
+    let binary = std::env::var("IMAGE_BUILDER_RELEASE_BINARY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| binary().to_owned());
+    let image = "localhost/image-builder/service:test";
+    let archive = tokio::task::spawn_blocking(move || cluster::service_image(&binary, image))
+        .await
+        .unwrap()
+        .unwrap();
+    rig.cluster.import_image(&archive).unwrap();
+
+    let data = tempfile::Builder::new()
+        .prefix("deployed-data-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let pv = format!("{}-data", rig.namespace);
+    kubectl(
+        &rig,
+        &["apply", "-f", "-"],
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "persistentVolumeReclaimPolicy": "Retain",
+                     "hostPath": {"path": data.path().display().to_string()}}
+        })
+        .to_string(),
+    );
+
+    let grpc = testkit::free_port().unwrap();
+    let metrics = testkit::free_port().unwrap();
+    let mut config = rig.config("k8s-deployed");
+    config["grpcAddress"] = format!("0.0.0.0:{grpc}").into();
+    config["metricsAddress"] = format!("0.0.0.0:{metrics}").into();
+    config["dataDir"] = "/data".into();
+    config["allowLocalRepositories"] = false.into();
+    let kubeconfig = std::fs::read_to_string(&rig.cluster.kubeconfig).unwrap();
+    let api_port = kubeconfig
+        .split("https://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let manifests = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/image-builder.yaml"),
+    )
+    .unwrap();
+    let config_start = manifests.find("  config.json: |\n").unwrap();
+    let config_end = config_start + manifests[config_start..].find("\n---").unwrap();
+    let indented = serde_json::to_string_pretty(&config)
+        .unwrap()
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let manifests = format!(
+        "{}  config.json: |\n{indented}{}",
+        &manifests[..config_start],
+        &manifests[config_end..]
+    )
+    .replace("localhost/image-builder/service:0.1.0", image)
+    .replace("containerPort: 8080", &format!("containerPort: {grpc}"))
+    .replace("containerPort: 9500", &format!("containerPort: {metrics}"))
+    .replace(
+        "      serviceAccountName: image-builder\n",
+        "      serviceAccountName: image-builder\n      hostNetwork: true\n",
+    )
+    .replace(
+        "          args: [",
+        &format!(
+            "          env:\n            - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n            - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n          args: ["
+        ),
+    );
+    kubectl(
+        &rig,
+        &["-n", &rig.namespace, "apply", "-f", "-"],
+        &manifests,
+    );
+    kubectl(
+        &rig,
+        &[
+            "-n",
+            &rig.namespace,
+            "rollout",
+            "status",
+            "statefulset/image-builder",
+            "--timeout=180s",
+        ],
+        "",
+    );
+
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        format!(
+            "FROM {}\nRUN echo built-in-the-cluster > /where\n",
+            shared().base
+        )
+        .as_str(),
+    )])
+    .unwrap();
+    let server = GitHttpServer::start_public(&repo).unwrap();
+    let mut client =
+        image_builder::proto::builder::image_builder_client::ImageBuilderClient::connect(format!(
+            "http://127.0.0.1:{grpc}"
+        ))
+        .await
+        .unwrap();
+    let responses = build_all(&mut client, head_build(&server.uri()))
+        .await
+        .unwrap();
+    let last = responses.last().unwrap();
+    let id = build_id(&responses[0]);
+    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
+    assert_eq!(
+        status(last),
+        pb::BuildStatus::DoneSuccess,
+        "{last:?}\n{log}"
+    );
+    assert!(log.contains("started builder job"), "{log}");
+    let made = testkit::read_file_from_image(&last.r#ref, "/where").unwrap();
+    assert_eq!(made, b"built-in-the-cluster\n");
+    // The store is on the volume.
+    assert!(data.path().join("store").is_dir());
+
+    kubectl(
+        &rig,
+        &[
+            "-n",
+            &rig.namespace,
+            "delete",
+            "statefulset",
+            "image-builder",
+            "--wait=true",
+        ],
+        "",
+    );
+    kubectl(
+        &rig,
+        &["delete", "persistentvolume", &pv, "--wait=false"],
+        "",
+    );
+}
+
+/// Runs kubectl as the admin with `stdin`; panics with its output when it fails.
+fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&rig.cluster.kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -59,8 +59,13 @@ pub async fn sweep_orphans(executor: &KubernetesExecutor, known: &dyn KnownBuild
     deleted
 }
 
-/// A Job is an orphan when its build is unknown or has ended, and it is older than `grace`.
+/// A Job is an orphan when its build is unknown or has ended, it is older than `grace`, and
+/// nobody is deleting it yet.
 fn is_orphan(job: &Job, known: &dyn KnownBuilds, grace: Duration) -> bool {
+    // Already being deleted: counted once, when the sweep asked.
+    if job.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
     let build = job
         .metadata
         .labels
@@ -122,5 +127,8 @@ mod tests {
             &known,
             grace
         ));
+        let mut leaving = job(&BuildId::new().to_string(), old);
+        leaving.metadata.deletion_timestamp = leaving.metadata.creation_timestamp.clone();
+        assert!(!is_orphan(&leaving, &known, grace), "counted once");
     }
 }

@@ -683,3 +683,59 @@ impl ClusterAccess {
             .map_err(|e| anyhow::anyhow!("cannot provide the builder image: {e}"))
     }
 }
+
+/// The service's own container image: `binary` (the release build) on the builder image's
+/// Debian, made with buildah in a storage of its own and saved as a docker archive named
+/// `name`. Returns the archive (in a temporary directory that lives as long as the process).
+pub fn service_image(binary: &Path, name: &str) -> Result<PathBuf> {
+    let (builder, _) = builder_image()?;
+    let dir = tempfile::Builder::new()
+        .prefix("service-image-")
+        .tempdir_in("/var/tmp")?
+        .keep();
+    let storage = [
+        "--root".to_owned(),
+        path(&dir.join("storage")),
+        "--runroot".to_owned(),
+        path(&dir.join("run")),
+        "--storage-driver".to_owned(),
+        "vfs".to_owned(),
+    ];
+    let buildah = |args: &[&str]| -> Result<String> {
+        let mut all: Vec<&str> = storage.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        Ok(run("buildah", &all)?.trim().to_owned())
+    };
+    let container = buildah(&[
+        "from",
+        "--quiet",
+        &format!("docker-archive:{}", path(&builder)),
+    ])?;
+    buildah(&[
+        "copy",
+        &container,
+        &path(binary),
+        "/usr/local/bin/image-builder",
+    ])?;
+    buildah(&[
+        "config",
+        "--entrypoint",
+        r#"["/usr/local/bin/image-builder"]"#,
+        "--cmd",
+        "",
+        "--workingdir",
+        "/",
+        &container,
+    ])?;
+    buildah(&["commit", "--quiet", &container, name])?;
+    let archive = dir.join("service.tar");
+    buildah(&[
+        "push",
+        "--quiet",
+        name,
+        &format!("docker-archive:{}:{name}", path(&archive)),
+    ])?;
+    buildah(&["rm", &container])?;
+    let _ = std::fs::remove_dir_all(dir.join("storage"));
+    Ok(archive)
+}
