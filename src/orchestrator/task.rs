@@ -166,7 +166,7 @@ async fn stop_for_cancel(
         }
     };
     log.line(format!(
-        "build cancelled: {reason} (stopped {stopped} builder processes)"
+        "build cancelled: {reason} (builders stopped: {stopped})"
     ))
     .await;
     Some(Event::Cancelled { reason })

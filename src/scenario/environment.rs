@@ -61,6 +61,9 @@ pub struct Environment {
     pub vars: Vars,
     /// The scenario's git repositories by name.
     pub repos: HashMap<String, GitRepo>,
+    /// Where the service clones a repository from, when not from its path (builder pods
+    /// clone over HTTP).
+    pub remotes: HashMap<String, String>,
     /// `user:password` for reading pushed images back with skopeo, if the registry needs one.
     pub registry_creds: Option<String>,
     /// The installation's pull secret, when the scenario has one.
@@ -109,6 +112,7 @@ impl Setup for Target {
             cli_binary: self.cli_binary.clone(),
             vars,
             repos,
+            remotes: HashMap::new(),
             registry_creds: creds,
             pull_secret: None,
             service: None,

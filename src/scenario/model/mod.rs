@@ -40,6 +40,18 @@ pub enum ProxyMode {
     Base,
 }
 
+/// Where the scenario's builds run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// buildah on the service's machine.
+    #[default]
+    Local,
+    /// Jobs in a Kubernetes cluster (self-hosted: the test kit's cluster; git repositories are
+    /// served over HTTP so that builder pods can clone them).
+    Kubernetes,
+}
+
 /// The environment of a scenario.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +82,9 @@ pub struct Environment {
     /// `enableAdditionalECRAuth`.
     #[serde(default)]
     pub ecr: bool,
+    /// Where builds run: `local` (the default) or `kubernetes`.
+    #[serde(default)]
+    pub executor: ExecutorKind,
 }
 
 /// A user name and password.

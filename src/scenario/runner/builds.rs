@@ -148,7 +148,12 @@ impl World {
                 pb::build_source::From::File(pb::BuildSourceDockerfile {
                     source: Some(cs::WorkspaceInitializer {
                         spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
-                            remote_uri: repo.uri(),
+                            remote_uri: self
+                                .env
+                                .remotes
+                                .get(&d.repo)
+                                .cloned()
+                                .unwrap_or_else(|| repo.uri()),
                             target_mode: mode as i32,
                             clone_taget: expand(&self.env.vars, &d.target),
                             ..Default::default()

@@ -10,7 +10,7 @@ use image_builder::scenario::environment::{
 };
 use image_builder::scenario::model::{self, ProxyMode};
 
-use crate::{FaultProxy, LocalRegistry, MotoServer, Service};
+use crate::{FaultProxy, GitHttpServer, LocalRegistry, MotoServer, Service};
 
 /// The ECR host name ECR scenarios reach their registry by (moto's default account).
 const ECR_NAME: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
@@ -178,6 +178,7 @@ impl Setup for SelfHosted {
         let port = crate::free_port().map_err(|e| format!("free port: {e}"))?;
         config["grpcAddress"] = format!("127.0.0.1:{port}").into();
         let mut base_env: Vec<(&str, &str)> = Vec::new();
+        let mut kubeconfig: Option<String> = None;
         if let Some(moto) = &moto {
             config["enableAdditionalECRAuth"] = true.into();
             config["ecrEndpoint"] = moto.endpoint().into();
@@ -186,6 +187,35 @@ impl Setup for SelfHosted {
                 ("AWS_SECRET_ACCESS_KEY", "testing"),
                 ("AWS_EC2_METADATA_DISABLED", "true"),
             ]);
+        }
+        let mut remotes = std::collections::HashMap::new();
+        if env.executor == model::ExecutorKind::Kubernetes {
+            let cluster = tokio::task::spawn_blocking(crate::cluster::shared)
+                .await
+                .map_err(|e| format!("cluster: {e}"))?
+                .map_err(|e| format!("cluster: {e:#}"))?;
+            let executor = {
+                let cluster = cluster.clone();
+                tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+                    let namespace = cluster.create_namespace("scenario")?;
+                    cluster.executor_config(&namespace)
+                })
+                .await
+                .map_err(|e| format!("cluster: {e}"))?
+                .map_err(|e| format!("cluster: {e:#}"))?
+            };
+            config["executor"] = executor;
+            kubeconfig = Some(cluster.kubeconfig.display().to_string());
+            // Builder pods cannot read this machine's files: they clone over HTTP.
+            for (name, repo) in &repos {
+                let server =
+                    GitHttpServer::start_public(repo).map_err(|e| format!("git server: {e}"))?;
+                remotes.insert(name.clone(), server.uri());
+                keep.push(Box::new(server));
+            }
+        }
+        if let Some(kubeconfig) = &kubeconfig {
+            base_env.push(("KUBECONFIG", kubeconfig.as_str()));
         }
         for (key, value) in &env.config {
             config[key] = value.clone();
@@ -208,6 +238,7 @@ impl Setup for SelfHosted {
             cli_binary: self.binary.clone(),
             vars,
             repos,
+            remotes,
             registry_creds: creds,
             pull_secret,
             service: Some(Box::new(ControlledService { service, base_env })),

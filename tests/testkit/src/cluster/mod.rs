@@ -739,3 +739,36 @@ pub fn service_image(binary: &Path, name: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(dir.join("storage"));
     Ok(archive)
 }
+
+impl ClusterAccess {
+    /// Makes a fresh namespace named `prefix-<random>` and returns its name.
+    pub fn create_namespace(&self, prefix: &str) -> Result<String> {
+        let name = format!(
+            "{prefix}-{}",
+            &uuid::Uuid::now_v7().simple().to_string()[20..]
+        );
+        run(
+            "kubectl",
+            &[
+                "--kubeconfig",
+                &path(&self.kubeconfig),
+                "create",
+                "namespace",
+                &name,
+            ],
+        )?;
+        Ok(name)
+    }
+
+    /// The `executor` config of a service whose builds run in `namespace` of this cluster,
+    /// with builder pods on the node's network (its loopback registries and git servers).
+    pub fn executor_config(&self, namespace: &str) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "kind": "kubernetes",
+            "namespace": namespace,
+            "builderImage": self.builder_image()?,
+            "hostNetwork": true,
+            "podTimeout": "10m",
+        }))
+    }
+}
