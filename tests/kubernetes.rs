@@ -608,3 +608,139 @@ fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Fifty distinct Dockerfile builds under `maxConcurrentBuilds: 10`: all end right, no more
+/// than ten Jobs exist at once, they are admitted in the order they came, and the service's
+/// memory does not grow with the builds it follows (each one's log and watch are bounded).
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
+    const BUILDS: usize = 50;
+    const LIMIT: usize = 10;
+    let rig = Rig::new("fifty").await;
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        format!(
+            "FROM {}\nRUN for i in $(seq 1 300); do echo output-line-$i; done\n",
+            shared().base
+        )
+        .as_str(),
+    )])
+    .unwrap();
+    let server = GitHttpServer::start_public(&repo).unwrap();
+    let mut config = rig.config("k8s-fifty");
+    config["maxConcurrentBuilds"] = LIMIT.into();
+    let env = rig.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let service = Service::start_with_env(binary(), config, &env).unwrap();
+    let pid = service.pid().unwrap();
+    let mut client = service.client().await.unwrap();
+    let before = rss(pid);
+
+    let mut ids = Vec::new();
+    let mut streams = Vec::new();
+    for i in 0..BUILDS {
+        let mut request = head_build(&server.uri());
+        if let Some(pb::build_source::From::File(file)) =
+            request.source.as_mut().and_then(|s| s.from.as_mut())
+        {
+            file.dockerfile_version = format!("v{i}");
+        }
+        let (stream, id) = start_build(&mut client, request).await;
+        ids.push(id);
+        streams.push(stream);
+    }
+
+    let mut most_jobs = 0;
+    let mut peak = before;
+    // RSS once the first LIMIT builds have ended: the service has run LIMIT at once by then.
+    let mut warm = None;
+    let mut ended = 0;
+    while ended < BUILDS {
+        let jobs = rig.jobs().list(&ListParams::default()).await.unwrap();
+        let live = jobs
+            .items
+            .iter()
+            .filter(|j| j.metadata.deletion_timestamp.is_none())
+            .count();
+        most_jobs = most_jobs.max(live);
+        peak = peak.max(rss(pid));
+        let mut ops = ops_client(&service).await;
+        let list = ops
+            .list_builds(image_builder::proto::ops::ListBuildsRequest {
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ended = list
+            .builds
+            .iter()
+            .filter(|b| matches!(b.state.as_str(), "done" | "failed" | "cancelled"))
+            .count();
+        if ended >= LIMIT && warm.is_none() {
+            warm = Some(rss(pid));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let warm = warm.unwrap_or(before);
+    let after = rss(pid);
+
+    let mut ops = ops_client(&service).await;
+    let mut admitted = Vec::new();
+    for id in &ids {
+        let build = ops
+            .get_build(image_builder::proto::ops::GetBuildRequest {
+                build_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(build.state, "done", "{id}: {}", build.failure);
+        let resolving = build
+            .phases
+            .iter()
+            .find(|p| p.phase == "resolving")
+            .unwrap()
+            .entered_at_ms;
+        admitted.push(resolving);
+    }
+    assert!(
+        admitted.windows(2).all(|w| w[0] <= w[1]),
+        "admitted in the order they came: {admitted:?}"
+    );
+    assert!(most_jobs <= LIMIT, "{most_jobs} jobs at once");
+    assert!(
+        most_jobs >= 2,
+        "builds ran side by side: at most {most_jobs} jobs at once"
+    );
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    eprintln!(
+        "service RSS: {:.1} MiB before, {:.1} MiB after the first {LIMIT} builds, {:.1} MiB peak with {BUILDS} builds ({most_jobs} jobs at once), {:.1} MiB after",
+        mib(before),
+        mib(warm),
+        mib(peak),
+        mib(after)
+    );
+    // Flat: once LIMIT builds have run side by side, the next forty change nothing (each
+    // build's log queue and watches are bounded and go with it).
+    assert!(
+        peak.saturating_sub(warm) < 8 << 20,
+        "RSS grew from {:.1} MiB after {LIMIT} builds to {:.1} MiB over {BUILDS}",
+        mib(warm),
+        mib(peak)
+    );
+    drop(streams);
+}

@@ -239,8 +239,8 @@ fn terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
     builder_state(pod)?.terminated.as_ref()
 }
 
-/// Times the output may break off before the builder has stopped (an API server or kubelet
-/// restart) and be read on again.
+/// Times reading the output may fail before the builder has stopped (an API server or
+/// kubelet restart) and be tried again.
 const REOPENS: u32 = 10;
 
 /// Streams pod `pod`'s output into the build log, skipping the `from.consumed` bytes the log
@@ -261,31 +261,44 @@ pub(super) async fn stream_output(
     // Bytes of the output read so far (the log holds them, or the output writer does).
     let mut read = from.consumed;
     let mut output = log.builder_output(tail, from);
-    let mut reopens = 0;
+    let mut failures = 0;
+    let mut pause = std::time::Duration::from_millis(250);
     loop {
         let broke = match pods.log_stream(pod, &params).await {
             Ok(reader) => copy_from(reader, &mut read, output.as_mut()).await.err(),
             Err(e) => Some(e.to_string()),
         };
+        // The output ends when the container does, but the pod's status says so a little
+        // later (more so on a busy node): read again until it does.
         let stopped = match pods.get_opt(pod).await {
             Ok(found) => found.as_ref().is_none_or(|p| terminated(p).is_some()),
             Err(_) => false,
         };
         if stopped {
+            // A stream that broke off may have missed the container's last words.
+            if broke.is_some() {
+                let rest = LogParams {
+                    follow: false,
+                    ..params.clone()
+                };
+                if let Ok(reader) = pods.log_stream(pod, &rest).await {
+                    let _ = copy_from(reader, &mut read, output.as_mut()).await;
+                }
+            }
             break;
         }
-        reopens += 1;
-        if reopens > REOPENS {
-            return Err(StepError::new(
-                StepErrorKind::Unavailable,
-                format!(
-                    "the output of builder pod {pod} broke off {REOPENS} times: {}",
-                    broke.unwrap_or_else(|| "it ended while the builder was running".into())
-                ),
-            ));
+        if let Some(problem) = broke {
+            failures += 1;
+            if failures > REOPENS {
+                return Err(StepError::new(
+                    StepErrorKind::Unavailable,
+                    format!("the output of builder pod {pod} broke off {REOPENS} times: {problem}"),
+                ));
+            }
+            tracing::warn!(%pod, read, %problem, "the builder's output broke off; reading on");
         }
-        tracing::warn!(%pod, read, problem = ?broke, "the builder's output broke off; reading on");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
     }
     output.finish().await;
     Ok(())
