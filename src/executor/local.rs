@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use image_builder_state::{BuildId, BuildSource, BuildView};
+use image_builder_state::{BuildId, BuildView};
 use sha2::{Digest, Sha256};
 
 use super::buildah::Buildah;
@@ -127,16 +127,8 @@ impl BuildBase for LocalExecutor {
         secrets: &BuildSecrets,
         log: &dyn StepLog,
     ) -> Result<(), StepError> {
-        let source = match &build.spec.source {
-            BuildSource::Reference { .. } => {
-                log.line(format!(
-                    "nothing to build: the base image is the existing image {}",
-                    build.base_ref
-                ))
-                .await;
-                return Ok(());
-            }
-            BuildSource::Dockerfile(source) => source,
+        let Some(source) = super::dockerfile_source(build, log).await else {
+            return Ok(());
         };
         if source.git_auth && secrets.git.is_none() {
             return Err(StepError::new(

@@ -24,7 +24,7 @@ mod sweep;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use image_builder_state::{BuildId, BuildSource, BuildView, BuilderProgress};
+use image_builder_state::{BuildId, BuildView, BuilderProgress};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
@@ -273,16 +273,8 @@ impl BuildBase for KubernetesExecutor {
         secrets: &BuildSecrets,
         log: &dyn StepLog,
     ) -> Result<(), StepError> {
-        let source = match &build.spec.source {
-            BuildSource::Reference { .. } => {
-                log.line(format!(
-                    "nothing to build: the base image is the existing image {}",
-                    build.base_ref
-                ))
-                .await;
-                return Ok(());
-            }
-            BuildSource::Dockerfile(source) => source,
+        let Some(source) = super::dockerfile_source(build, log).await else {
+            return Ok(());
         };
         let name = manifest::job_name(build.id, build.attempt);
         let handle = format!("{}/{name}", self.config.namespace);

@@ -109,46 +109,20 @@ impl Cluster {
 
     /// Runs kubectl as the admin and returns its output.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .context("running kubectl (Debian's kubernetes-client)")?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let kubeconfig = path(&self.kubeconfig);
+        let mut all = vec!["--kubeconfig", kubeconfig.as_str()];
+        all.extend_from_slice(args);
+        Ok(run("kubectl", &all)?)
     }
 
     /// Imports a `docker-archive` tarball into the node's containerd, for pods with
     /// `imagePullPolicy: Never`.
     pub fn import_image(&self, archive: &Path) -> Result<()> {
-        self.ctr(&["images", "import", &archive.to_string_lossy()])
-            .map(drop)
+        self.access().import_image(archive)
     }
 
     fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ctr")
-            .args(CTR_TIMEOUTS)
-            .arg("--address")
-            .arg(self.containerd_socket())
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .context("running ctr")?;
-        if !out.status.success() {
-            bail!(
-                "ctr {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        ctr(&self.containerd_socket(), args)
     }
 
     fn bring_up(&mut self) -> Result<()> {
@@ -560,6 +534,15 @@ fn remove_pod_netns() {
     }
 }
 
+/// Runs ctr against the node's containerd, in Kubernetes' namespace.
+fn ctr(socket: &Path, args: &[&str]) -> Result<String> {
+    let socket = path(socket);
+    let mut all = CTR_TIMEOUTS.to_vec();
+    all.extend(["--address", socket.as_str(), "--namespace", "k8s.io"]);
+    all.extend_from_slice(args);
+    Ok(run("ctr", &all)?)
+}
+
 fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -631,23 +614,11 @@ pub fn shared() -> Result<ClusterAccess> {
 impl ClusterAccess {
     /// Imports a docker archive into the node's containerd.
     pub fn import_image(&self, archive: &Path) -> Result<()> {
-        run(
-            "ctr",
-            &[
-                CTR_TIMEOUTS[0],
-                CTR_TIMEOUTS[1],
-                CTR_TIMEOUTS[2],
-                CTR_TIMEOUTS[3],
-                "--address",
-                &path(&self.containerd_socket),
-                "--namespace",
-                "k8s.io",
-                "images",
-                "import",
-                &path(archive),
-            ],
-        )?;
-        Ok(())
+        ctr(
+            &self.containerd_socket,
+            &["images", "import", &path(archive)],
+        )
+        .map(drop)
     }
 }
 
