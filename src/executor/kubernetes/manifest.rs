@@ -250,7 +250,14 @@ context=$(inside context "${IB_CONTEXT:-.}")
 echo "building $IB_TAG with buildah"
 buildah bud --isolation chroot --layers=false --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
-buildah push --authfile "$secrets/auth.json" "$IB_TAG" "docker://$IB_TAG"
+# Pushing the same content again is harmless; a registry answering "blob unknown" to a
+# manifest while another builder pushes the same layer to the same repository is not final.
+for attempt in 1 2 3 4; do
+  buildah push --authfile "$secrets/auth.json" "$IB_TAG" "docker://$IB_TAG" && exit 0
+  [ "$attempt" = 4 ] && exit 1
+  echo "push attempt $attempt failed; trying again"
+  sleep "$attempt"
+done
 "#;
 
 #[cfg(test)]
