@@ -130,12 +130,7 @@ impl BuildBase for LocalExecutor {
         let Some(source) = super::dockerfile_source(build, log).await else {
             return Ok(());
         };
-        if source.git_auth && secrets.git.is_none() {
-            return Err(StepError::new(
-                StepErrorKind::Unauthenticated,
-                "the git credentials of this build are not kept across a restart of the service; submit the build again with them",
-            ));
-        }
+        super::require_git_credentials(source, secrets)?;
         let context = self
             .checkouts
             .checkout(build.id, source, secrets.git.as_ref(), log)

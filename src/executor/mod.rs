@@ -10,7 +10,23 @@ pub use local::LocalExecutor;
 
 use image_builder_state::{BuildSource, BuildView, DockerfileSource};
 
-use crate::steps::StepLog;
+use crate::credentials::BuildSecrets;
+use crate::steps::{StepError, StepErrorKind, StepLog};
+
+/// A source cloned with credentials needs them still: they are never kept across a restart
+/// of the service, and a clone without them must not be tried.
+fn require_git_credentials(
+    source: &DockerfileSource,
+    secrets: &BuildSecrets,
+) -> Result<(), StepError> {
+    if source.git_auth && secrets.git.is_none() {
+        return Err(StepError::new(
+            StepErrorKind::Unauthenticated,
+            "the git credentials of this build are not kept across a restart of the service; submit the build again with them",
+        ));
+    }
+    Ok(())
+}
 
 /// The Dockerfile a build makes its base image from; `None`, said in the log, for a reference
 /// source, whose base image exists already.

@@ -146,12 +146,7 @@ impl KubernetesExecutor {
             self.ensure_secret(&job, build, secrets).await?;
             return Ok(job);
         }
-        if source.git_auth && secrets.git.is_none() {
-            return Err(StepError::new(
-                StepErrorKind::Unauthenticated,
-                "the git credentials of this build are not kept across a restart of the service; submit the build again with them",
-            ));
-        }
+        super::require_git_credentials(source, secrets)?;
         let attempt = manifest::Attempt {
             id: build.id,
             attempt: build.attempt,

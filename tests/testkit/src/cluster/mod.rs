@@ -55,7 +55,15 @@ pub fn kubernetes_bin() -> Result<PathBuf> {
     if let Ok(dir) = std::env::var("IMAGE_BUILDER_KUBERNETES_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/kubernetes.sh");
+    peer_script("kubernetes.sh")
+}
+
+/// Runs `scripts/peers/<name>` (it builds or finds its peer, cached) and returns the path it
+/// prints.
+fn peer_script(name: &str) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/peers")
+        .join(name);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())
@@ -625,16 +633,7 @@ impl ClusterAccess {
 /// The builder image for the Kubernetes executor, made by `scripts/peers/builder-image.sh`
 /// (cached by version): its docker archive and the image name inside.
 pub fn builder_image() -> Result<(PathBuf, String)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peers/builder-image.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
-    }
-    let archive = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let archive = peer_script("builder-image.sh")?;
     let name = std::fs::read_to_string(archive.with_file_name("image-name"))?;
     Ok((archive, name.trim().to_owned()))
 }
