@@ -1,6 +1,9 @@
 //! The installation's docker config file (`pullSecretFile`), re-read when its content changes.
 
+use std::sync::Arc;
+
 use super::*;
+use crate::reload::{ReadError, Reloading};
 
 #[derive(Deserialize)]
 struct ConfigFile {
@@ -47,68 +50,50 @@ fn parse_config(path: &Path, text: &[u8]) -> Result<HashMap<String, Secret>, Err
     Ok(auths)
 }
 
-struct Loaded {
-    /// SHA-256 of the bytes last parsed: a rotation is seen whatever the file's size and
-    /// modification time say (a same-length write within one mtime tick changes neither).
-    digest: Option<[u8; 32]>,
-    auths: HashMap<String, Secret>,
+/// The installation's credentials: a docker config file, re-read whenever its content
+/// changes (a file that went bad keeps the last good credentials, and the service log says so).
+pub struct DockerConfig {
+    file: Reloading<HashMap<String, Secret>, Error>,
 }
 
-/// The installation's credentials: a docker config file, re-read whenever it changes.
-pub struct DockerConfig {
-    path: PathBuf,
-    loaded: Mutex<Loaded>,
+impl From<ReadError> for Error {
+    fn from(e: ReadError) -> Self {
+        Error::Read {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl DockerConfig {
     /// Reads the file; fails when it cannot be read or parsed.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let config = Self {
-            path: path.to_owned(),
-            loaded: Mutex::new(Loaded {
-                digest: None,
-                auths: HashMap::new(),
-            }),
-        };
-        config.refresh()?;
-        Ok(config)
+        let owned = path.to_owned();
+        let file = Reloading::open(vec![path.to_owned()], move |bytes: &[Vec<u8>]| {
+            let auths = parse_config(&owned, &bytes[0])?;
+            tracing::info!(path = %owned.display(), registries = auths.len(), "loaded registry credentials");
+            Ok(auths)
+        })?;
+        Ok(Self { file })
     }
 
-    /// Re-reads the file and parses it again if its content changed. A file that went bad
-    /// keeps the last good credentials (and says so in the service log).
-    fn refresh(&self) -> Result<(), Error> {
-        let text = std::fs::read(&self.path).map_err(|source| Error::Read {
-            path: self.path.clone(),
-            source,
-        })?;
-        let digest: [u8; 32] = sha2::Sha256::digest(&text).into();
-        let mut loaded = self.loaded.lock();
-        if loaded.digest == Some(digest) {
-            return Ok(());
+    fn auths(&self) -> Arc<HashMap<String, Secret>> {
+        let (auths, error) = self.file.current();
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "keeping the last good registry credentials");
         }
-        let auths = parse_config(&self.path, &text)?;
-        tracing::info!(path = %self.path.display(), registries = auths.len(), "loaded registry credentials");
-        *loaded = Loaded {
-            digest: Some(digest),
-            auths,
-        };
-        Ok(())
+        auths
     }
 
     /// The credential for a registry host, from the file as it is now.
     pub fn lookup(&self, host: &str) -> Option<Secret> {
-        if let Err(e) = self.refresh() {
-            tracing::warn!(error = %e, "keeping the last good registry credentials");
-        }
-        let loaded = self.loaded.lock();
-        loaded.auths.get(&normalize_host(host)).cloned()
+        self.auths().get(&normalize_host(host)).cloned()
     }
 
     /// Every credential value, for redaction.
     pub fn sensitive_values(&self) -> Vec<String> {
-        let loaded = self.loaded.lock();
-        loaded
-            .auths
+        self.file
+            .last()
             .values()
             .flat_map(Secret::sensitive_values)
             .collect()
@@ -116,10 +101,6 @@ impl DockerConfig {
 
     /// Every registry host the file has a credential for.
     pub fn hosts(&self) -> Vec<String> {
-        if let Err(e) = self.refresh() {
-            tracing::warn!(error = %e, "keeping the last good registry credentials");
-        }
-        let loaded = self.loaded.lock();
-        loaded.auths.keys().cloned().collect()
+        self.auths().keys().cloned().collect()
     }
 }

@@ -18,7 +18,6 @@ mod policy;
 pub mod redact;
 mod secret;
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +25,6 @@ use async_trait::async_trait;
 use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
-use sha2::Digest;
 
 pub use docker_config::DockerConfig;
 pub use git::{GitCredentials, UrlUserinfo};
