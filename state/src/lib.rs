@@ -19,7 +19,7 @@ pub mod view;
 pub use build::{BuildId, BuildSource, BuildSpec, CloneTargetMode, DockerfileSource};
 pub use journal::Journal;
 pub use machine::{Event, Phase};
-pub use record::{BuilderProgress, Record};
+pub use record::{BuilderProgress, OperatorAction, OperatorRequest, Record};
 pub use store::{SledStore, Store};
 pub use view::BuildView;
 

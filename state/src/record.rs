@@ -5,7 +5,8 @@
 //! [`Record::LogAppended`], which names bytes kept in the build's log segment file (see
 //! `store/`). 3 adds [`Record::LogChecked`], the same with a checksum of the bytes, which
 //! replaces it. 4 adds [`Record::BuilderOutput`], how far the log has taken a remote
-//! builder's output. Each layout is a prefix of the next, so all decode; a binary that knows an
+//! builder's output. 5 adds [`Record::Requested`], who asked for a cancel or a retry, and
+//! [`Record::Traced`], the trace of an attempt. Each layout is a prefix of the next, so all decode; a binary that knows an
 //! older version refuses a newer one by name instead of misreading it.
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use crate::build::BuildSpec;
 use crate::machine::Event;
 
 /// The encoding written today. Readers reject any other version by name instead of guessing.
-pub const FORMAT_VERSION: u8 = 4;
+pub const FORMAT_VERSION: u8 = 5;
 
 /// The oldest encoding this binary still reads.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
@@ -83,6 +84,49 @@ pub enum Record {
     /// further, so a restart reads the builder's output on from exactly there: no gap, no
     /// duplicate (format version 4).
     BuilderOutput(BuilderProgress),
+    /// An operator asked for something: who (an identity such as `certificate alice`, never
+    /// a token) and what. Journaled in the same commit as what was asked (format version 5).
+    Requested(OperatorRequest),
+    /// The attempt `attempt` is traced as `trace_id` (32 hex digits, W3C), from `span_id`
+    /// (16 hex digits), so that a restart's spans join the same trace (format version 5).
+    Traced {
+        /// The attempt.
+        attempt: u32,
+        /// The W3C trace id, 32 lower-case hex digits.
+        trace_id: String,
+        /// The attempt's root span, 16 lower-case hex digits.
+        span_id: String,
+    },
+}
+
+/// What an operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorAction {
+    /// Stop the build.
+    Cancel,
+    /// Run it again.
+    Retry,
+}
+
+impl OperatorAction {
+    /// The action's name, as listings show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorAction::Cancel => "cancel",
+            OperatorAction::Retry => "retry",
+        }
+    }
+}
+
+/// Who asked for what, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRequest {
+    /// What.
+    pub action: OperatorAction,
+    /// Who: the identity the service authorized, never a credential.
+    pub identity: String,
+    /// When, ms since the epoch.
+    pub at_ms: i64,
 }
 
 /// How far a build's log has taken the output of the builder of one attempt.
@@ -153,7 +197,9 @@ impl Record {
             Record::Created { .. }
             | Record::Transition { .. }
             | Record::CancelRequested { .. }
-            | Record::BuilderOutput(_) => None,
+            | Record::BuilderOutput(_)
+            | Record::Requested(_)
+            | Record::Traced { .. } => None,
         }
     }
 
@@ -226,6 +272,16 @@ mod tests {
                 builder: "builds/ib-x-2".into(),
                 consumed: 1 << 40,
             }),
+            Record::Requested(OperatorRequest {
+                action: OperatorAction::Retry,
+                identity: "certificate alice".into(),
+                at_ms: 11,
+            }),
+            Record::Traced {
+                attempt: 2,
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                span_id: "00f067aa0ba902b7".into(),
+            },
         ];
         for r in records {
             let bytes = r.encode().unwrap();
@@ -242,10 +298,10 @@ mod tests {
         }
         .encode()
         .unwrap();
-        bytes[0] = 9;
+        bytes[0] = 99;
         let err = Record::decode(&bytes).unwrap_err();
-        assert!(matches!(err, Error::UnknownVersion { found: 9 }));
-        assert!(err.to_string().contains("version 9 is unknown"));
+        assert!(matches!(err, Error::UnknownVersion { found: 99 }));
+        assert!(err.to_string().contains("version 99 is unknown"));
     }
 
     #[test]

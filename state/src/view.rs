@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::{Event, IllegalTransition, Machine, Phase};
-use crate::record::{BuilderProgress, Record};
+use crate::record::{BuilderProgress, OperatorRequest, Record};
 
 /// The records of a build do not fold into a valid build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +54,7 @@ pub enum FoldError {
     },
     /// Builder progress for an attempt that is not the build's current one.
     #[error(
-        "record {seq}: builder progress of attempt {found}, but the build is on attempt {expected}"
+        "record {seq}: names attempt {found} (builder progress or trace), but the build is on attempt {expected}"
     )]
     OtherAttempt {
         /// The offending record's sequence number.
@@ -133,6 +133,10 @@ pub struct BuildView {
     /// How far the log has taken the output of the current attempt's builder, for executors
     /// whose builders outlive the service (see [`BuildView::builder_progress`]).
     builder: Option<BuilderProgress>,
+    /// Every cancel and retry an operator asked for, oldest first: who and when.
+    pub requests: Vec<OperatorRequest>,
+    /// The trace of the current attempt, once it is traced: (trace id, root span id).
+    pub trace: Option<(String, String)>,
     machine: Machine,
 }
 
@@ -165,6 +169,8 @@ impl BuildView {
             attempt: 1,
             cancel_requested: None,
             builder: None,
+            requests: Vec::new(),
+            trace: None,
             machine: Machine::new(),
         })
     }
@@ -213,6 +219,7 @@ impl BuildView {
                     Event::Retried => {
                         self.attempt += 1;
                         self.failure = None;
+                        self.trace = None;
                     }
                     _ => {}
                 }
@@ -239,6 +246,21 @@ impl BuildView {
                     });
                 }
                 self.builder = Some(progress.clone());
+            }
+            Record::Requested(request) => self.requests.push(request.clone()),
+            Record::Traced {
+                attempt,
+                trace_id,
+                span_id,
+            } => {
+                if *attempt != self.attempt {
+                    return Err(FoldError::OtherAttempt {
+                        seq,
+                        expected: self.attempt,
+                        found: *attempt,
+                    });
+                }
+                self.trace = Some((trace_id.clone(), span_id.clone()));
             }
         }
         self.next_seq += 1;

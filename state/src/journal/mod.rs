@@ -38,7 +38,7 @@ pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::Event;
 use crate::now_ms;
-use crate::record::{self, BuilderProgress, Record};
+use crate::record::{self, BuilderProgress, OperatorAction, OperatorRequest, Record};
 use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
 use crate::view::BuildView;
 pub use crate::view::Damage;
@@ -157,20 +157,66 @@ impl Journal {
         .await
     }
 
-    /// Records that someone asked for a build to stop. Refused for a build that has ended.
-    pub async fn request_cancel(&self, id: BuildId, reason: String) -> Result<BuildView> {
+    /// Records that `identity` asked for a build to stop, and why, in one commit. Refused for
+    /// a build that has ended.
+    pub async fn request_cancel(
+        &self,
+        id: BuildId,
+        reason: String,
+        identity: String,
+    ) -> Result<BuildView> {
         self.append(id, |view| {
             let cancel = Event::Cancelled {
                 reason: reason.clone(),
             };
             view.check(&cancel)
                 .map_err(|source| Error::Illegal { id, source })?;
-            Ok(vec![Record::CancelRequested {
-                reason,
-                at_ms: now_ms(),
+            let at_ms = now_ms();
+            Ok(vec![
+                Record::Requested(OperatorRequest {
+                    action: OperatorAction::Cancel,
+                    identity,
+                    at_ms,
+                }),
+                Record::CancelRequested { reason, at_ms },
+            ])
+        })
+        .await
+    }
+
+    /// Starts the next attempt of a failed or cancelled build, recording that `identity`
+    /// asked for it, in one commit. Refused for a build that is not failed or cancelled.
+    pub async fn retry(&self, id: BuildId, identity: String) -> Result<BuildView> {
+        self.append(id, |view| {
+            view.check(&Event::Retried)
+                .map_err(|source| Error::Illegal { id, source })?;
+            let at_ms = now_ms();
+            Ok(vec![
+                Record::Requested(OperatorRequest {
+                    action: OperatorAction::Retry,
+                    identity,
+                    at_ms,
+                }),
+                Record::Transition {
+                    event: Event::Retried,
+                    at_ms,
+                },
+            ])
+        })
+        .await
+    }
+
+    /// Records the trace of the build's current attempt, so that a restart continues it.
+    pub async fn traced(&self, id: BuildId, trace_id: String, span_id: String) -> Result<()> {
+        self.append(id, |view| {
+            Ok(vec![Record::Traced {
+                attempt: view.attempt,
+                trace_id,
+                span_id,
             }])
         })
         .await
+        .map(drop)
     }
 
     /// Removes a finished build and its log for good (retention). Refused for a build that has
