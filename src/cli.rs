@@ -4,9 +4,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
+use image_builder::client::{ClientOptions, Connector, OpsClient};
 use image_builder::proto::ops as pb;
-use image_builder::proto::ops::build_ops_client::BuildOpsClient;
-use tonic::transport::Channel;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -31,6 +30,8 @@ pub struct Connection {
     /// Output format.
     #[arg(long, value_enum, default_value = "table", global = true)]
     output: Output,
+    #[command(flatten)]
+    client: ClientOptions,
 }
 
 /// `builds` subcommands.
@@ -85,17 +86,11 @@ pub enum BuildsCommand {
     },
 }
 
-async fn connect(address: &str) -> anyhow::Result<BuildOpsClient<Channel>> {
-    let url = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    BuildOpsClient::connect(url.clone()).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach image-builder at {url}: {e} (set --address or IMAGE_BUILDER_ADDRESS)"
-        )
-    })
+async fn connect(connector: &Connector, address: &str) -> anyhow::Result<OpsClient> {
+    connector
+        .ops(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (set --address or IMAGE_BUILDER_ADDRESS)"))
 }
 
 fn status_error(e: tonic::Status) -> anyhow::Error {
@@ -125,7 +120,8 @@ fn build_json(b: &pb::Build) -> serde_json::Value {
         "had_request_auth": b.had_request_auth, "base_ref": b.base_ref,
         "workspace_ref": b.workspace_ref, "failure": b.failure, "created_at_ms": b.created_at_ms,
         "finished_at_ms": b.finished_at_ms, "log_bytes": b.log_bytes,
-        "cancel_requested": b.cancel_requested, "digest": b.digest,
+        "cancel_requested": b.cancel_requested, "digest": b.digest, "trace_id": b.trace_id,
+        "requests": b.requests.iter().map(|r| serde_json::json!({"action": r.action, "identity": r.identity, "at_ms": r.at_ms})).collect::<Vec<_>>(),
         "phases": b.phases.iter().map(|p| serde_json::json!({"phase": p.phase, "entered_at_ms": p.entered_at_ms})).collect::<Vec<_>>(),
     })
 }
@@ -141,7 +137,8 @@ fn print_reply(json: bool, doc: &serde_json::Value, message: &str) {
 
 /// Runs a `builds` subcommand.
 pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Result<()> {
-    let mut client = connect(&connection.address).await?;
+    let connector = connection.client.connector()?;
+    let mut client = connect(&connector, &connection.address).await?;
     let json = matches!(connection.output, Output::Json);
     match command {
         BuildsCommand::List {
@@ -208,6 +205,17 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
                 if !b.cancel_requested.is_empty() {
                     println!("cancel     requested: {}", b.cancel_requested);
                 }
+                for r in &b.requests {
+                    println!(
+                        "requested  {} by {} at {}",
+                        r.action,
+                        r.identity,
+                        time(r.at_ms)
+                    );
+                }
+                if !b.trace_id.is_empty() {
+                    println!("trace      {}", b.trace_id);
+                }
                 println!("log        {} bytes\nphases", b.log_bytes);
                 for (i, p) in b.phases.iter().enumerate() {
                     let took = b.phases.get(i + 1).map(|n| n.entered_at_ms).unwrap_or(
@@ -227,7 +235,7 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
             }
         }
         BuildsCommand::Logs { build_id, follow } => {
-            logs(&connection.address, &build_id, follow).await?;
+            logs(&connector, &connection.address, &build_id, follow).await?;
         }
         BuildsCommand::Watch { build_id } => watch(&mut client, &build_id).await?,
         BuildsCommand::Cancel { build_id, reason } => {
@@ -254,8 +262,13 @@ pub async fn run(connection: Connection, command: BuildsCommand) -> anyhow::Resu
 
 /// Prints a build's log from the journal; with `follow`, reconnects after a broken stream
 /// (a restarting service) from the next record, so nothing is lost or repeated.
-async fn logs(address: &str, build_id: &str, follow: bool) -> anyhow::Result<()> {
-    let mut client = connect(address).await?;
+async fn logs(
+    connector: &Connector,
+    address: &str,
+    build_id: &str,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut client = connect(connector, address).await?;
     let build = client
         .get_build(pb::GetBuildRequest {
             build_id: build_id.into(),
@@ -318,13 +331,13 @@ async fn logs(address: &str, build_id: &str, follow: bool) -> anyhow::Result<()>
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Ok(c) = connect(address).await {
+        if let Ok(c) = connect(connector, address).await {
             client = c;
         }
     }
 }
 
-async fn watch(client: &mut BuildOpsClient<Channel>, build_id: &str) -> anyhow::Result<()> {
+async fn watch(client: &mut OpsClient, build_id: &str) -> anyhow::Result<()> {
     let build = client
         .get_build(pb::GetBuildRequest {
             build_id: build_id.into(),

@@ -91,6 +91,61 @@ pub struct Config {
     /// `{"kind": "kubernetes", ...}` (a Job per build attempt).
     #[serde(default)]
     pub executor: ExecutorConfig,
+    /// TLS on the gRPC port: `{"certFile", "keyFile", "clientCAFile"}`; with `clientCAFile`
+    /// clients must present a certificate it signed (mTLS). Files are re-read when they
+    /// change. Default: none (plain HTTP/2, loopback only unless `allowInsecure`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Let a `grpcAddress` other than loopback serve without TLS. Default `false`.
+    #[serde(default)]
+    pub allow_insecure: bool,
+    /// Who may cancel and retry builds (ops API): client certificate names (the subject's
+    /// common name or any subject alternative name), or `*` for any client the transport
+    /// admits. Default: nobody but the holder of `operatorTokenFile`.
+    #[serde(default)]
+    pub operators: Vec<String>,
+    /// Who may read builds, journals and logs through the ops API, as `operators`. Default:
+    /// the same as `operators`.
+    #[serde(default)]
+    pub viewers: Option<Vec<String>>,
+    /// A file holding the operator token (at least 16 printable characters): a client that
+    /// sends `authorization: Bearer <token>` is an operator. Re-read when it changes.
+    #[serde(default)]
+    pub operator_token_file: Option<PathBuf>,
+    /// OpenTelemetry traces, exported over OTLP/gRPC: `{"otlpEndpoint", "sampleRatio"}`.
+    /// Default: off.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// TLS on the gRPC port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsConfig {
+    /// PEM certificate chain of the service, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of `certFile`.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that sign client certificates; when given, every client must
+    /// present one (mTLS).
+    #[serde(default, rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Where traces go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingConfig {
+    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: String,
+    /// The share of build attempts traced, 0.0 to 1.0; a Build request whose `traceparent`
+    /// is sampled is always traced. Default 1.0.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
 }
 
 /// Where builds run.
@@ -238,6 +293,51 @@ impl Config {
         }
         if self.max_log_bytes < 1024 {
             return Err(invalid("maxLogBytes", "must be at least 1024"));
+        }
+        if !self.grpc_address.ip().is_loopback() && self.tls.is_none() && !self.allow_insecure {
+            return Err(invalid(
+                "grpcAddress",
+                format!(
+                    "{} is reachable from other machines but `tls` is not set: set `tls` \
+                     (certFile, keyFile, clientCAFile), or `allowInsecure: true` to serve \
+                     plain text anyway",
+                    self.grpc_address
+                ),
+            ));
+        }
+        for (key, list) in [
+            ("operators", Some(&self.operators)),
+            ("viewers", self.viewers.as_ref()),
+        ] {
+            for (i, entry) in list.into_iter().flatten().enumerate() {
+                if entry.trim().is_empty()
+                    || entry.len() > 256
+                    || entry.chars().any(char::is_control)
+                {
+                    return Err(invalid(
+                        &format!("{key}[{i}]"),
+                        "must be a certificate name (1 to 256 printable characters) or \"*\"",
+                    ));
+                }
+            }
+        }
+        if let Some(t) = &self.tracing {
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                return Err(invalid(
+                    "tracing.sampleRatio",
+                    "must be between 0.0 and 1.0",
+                ));
+            }
+            if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "tracing.otlpEndpoint",
+                    format!(
+                        "{:?} is not a URL, e.g. \"http://127.0.0.1:4317\"",
+                        t.otlp_endpoint
+                    ),
+                ));
+            }
         }
         if let ExecutorConfig::Kubernetes(k) = &self.executor {
             if !is_dns_label(&k.namespace) {
@@ -414,6 +514,49 @@ mod tests {
         ] {
             let err = Config::parse(&with(executor)).unwrap_err().to_string();
             assert!(err.contains(key), "{executor}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_network_address_without_tls_needs_allow_insecure() {
+        let open = MINIMAL.replace('}', r#", "grpcAddress": "0.0.0.0:8080"}"#);
+        let err = Config::parse(&open).unwrap_err().to_string();
+        assert!(
+            err.contains("grpcAddress") && err.contains("allowInsecure"),
+            "{err}"
+        );
+        Config::parse(&open.replace('}', r#", "allowInsecure": true}"#)).unwrap();
+        let tls = open.replace(
+            '}',
+            r#", "tls": {"certFile": "c.pem", "keyFile": "k.pem", "clientCAFile": "ca.pem"}}"#,
+        );
+        let c = Config::parse(&tls).unwrap();
+        assert!(c.tls.unwrap().client_ca_file.is_some());
+        let bad = MINIMAL.replace('}', r#", "tls": {"certFile": "c.pem"}}"#);
+        let err = Config::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("keyFile"), "{err}");
+    }
+
+    #[test]
+    fn identities_and_tracing_are_checked() {
+        let c = Config::parse(&MINIMAL.replace('}', r#", "operators": ["alice"]}"#)).unwrap();
+        assert_eq!(c.operators, ["alice"]);
+        assert!(c.viewers.is_none());
+        for (pair, key) in [
+            (r#""operators": ["ok", ""]"#, "operators[1]"),
+            (r#""viewers": ["a\u0007"]"#, "viewers[0]"),
+            (
+                r#""tracing": {"otlpEndpoint": "http://x:4317", "sampleRatio": 2}"#,
+                "tracing.sampleRatio",
+            ),
+            (
+                r#""tracing": {"otlpEndpoint": "x:4317"}"#,
+                "tracing.otlpEndpoint",
+            ),
+        ] {
+            let text = MINIMAL.replace('}', &format!(", {pair}}}"));
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{pair}: {err}");
         }
     }
 

@@ -4,6 +4,7 @@
 //! journaled state machine (see the `image-builder-state` crate). `ARCHITECTURE.md` is the map.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod credentials;
@@ -13,7 +14,9 @@ pub mod process;
 pub mod proto;
 pub mod refs;
 pub mod registry;
+pub mod reload;
 pub mod scenario;
 pub mod server;
 pub mod steps;
 pub mod telemetry;
+pub mod tls;

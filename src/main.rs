@@ -43,6 +43,18 @@ enum Commands {
         #[command(subcommand)]
         command: ScenarioCommand,
     },
+    /// Ask a running service whether it serves (grpc.health.v1): exit 0 when it does. For
+    /// probes (Kubernetes exec probes, load balancers' checks).
+    Health {
+        /// The service's gRPC address.
+        #[arg(long, env = "IMAGE_BUILDER_ADDRESS", default_value = "127.0.0.1:8080")]
+        address: String,
+        /// The service to ask about (`builder.ImageBuilder`, ...); the whole server when empty.
+        #[arg(long, default_value = "")]
+        service: String,
+        #[command(flatten)]
+        client: image_builder::client::ClientOptions,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +90,8 @@ enum ScenarioCommand {
         /// The registry (host:port, plain HTTP) to push the scenarios' base images to.
         #[arg(long, value_name = "ADDR")]
         registry: Option<String>,
+        #[command(flatten)]
+        client: image_builder::client::ClientOptions,
     },
 }
 
@@ -115,11 +129,13 @@ fn main() -> ExitCode {
                     files,
                     target,
                     registry,
+                    client,
                 },
         } => {
             let setup = image_builder::scenario::Target {
                 address: target,
                 registry,
+                client,
                 cli_binary: std::env::current_exe()
                     .unwrap_or_else(|_| PathBuf::from("image-builder")),
             };
@@ -128,6 +144,11 @@ fn main() -> ExitCode {
                 failed => Err(anyhow::anyhow!("{failed} scenario(s) failed")),
             }
         }
+        Commands::Health {
+            address,
+            service,
+            client,
+        } => runtime.block_on(health(&address, service, &client)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,5 +157,35 @@ fn main() -> ExitCode {
             eprintln!("image-builder: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Exits 0 when the service at `address` reports `SERVING` for `service`.
+async fn health(
+    address: &str,
+    service: String,
+    client: &image_builder::client::ClientOptions,
+) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = client.connector()?.channel(address).await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.clone(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?
+        .into_inner()
+        .status();
+    let shown = if service.is_empty() {
+        "image-builder"
+    } else {
+        &service
+    };
+    if status == ServingStatus::Serving {
+        println!("{shown}: SERVING");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{shown}: {}", status.as_str_name()))
     }
 }

@@ -17,3 +17,7 @@ pub mod builder {
 pub mod ops {
     tonic::include_proto!("imagebuilder.ops.v1");
 }
+
+/// The encoded descriptors of every file in `proto/` and what they import, for server
+/// reflection (`grpcurl list` without the proto files).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

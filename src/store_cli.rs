@@ -104,6 +104,23 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
                             p.attempt, p.builder, p.consumed
                         );
                     }
+                    Ok(Record::Requested(r)) => {
+                        println!(
+                            "{seq:>6}  requested   at {}: {} by {}",
+                            r.at_ms,
+                            r.action.name(),
+                            r.identity
+                        );
+                    }
+                    Ok(Record::Traced {
+                        attempt,
+                        trace_id,
+                        span_id,
+                    }) => {
+                        println!(
+                            "{seq:>6}  traced      attempt {attempt}: trace {trace_id} span {span_id}"
+                        );
+                    }
                     Ok(Record::Log { offset, data }) => print_log(*seq, *offset, data),
                     Ok(
                         record @ (Record::LogAppended { offset, .. }

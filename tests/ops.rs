@@ -14,11 +14,13 @@ use image_builder_testkit::{
     self as testkit, Fault, FaultKind, FaultProxy, GitRepo, LocalRegistry, Service,
 };
 
-fn cli(service_addr: &str, args: &[&str]) -> (bool, String, String) {
+/// `image-builder builds ARGS` against `service`, with its operator token.
+fn cli(service: &Service, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(binary())
         .arg("builds")
         .args(args)
-        .env("IMAGE_BUILDER_ADDRESS", service_addr)
+        .env("IMAGE_BUILDER_ADDRESS", addr(service))
+        .envs(service.client_options().env())
         .output()
         .unwrap();
     (
@@ -51,10 +53,7 @@ async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
     wait_for_log(&mut client, &id, "sleeping-now\n").await;
     assert!(!processes_with("sleep 313").is_empty());
 
-    let (ok, stdout, stderr) = cli(
-        &addr(&service),
-        &["cancel", &id, "--reason", "operator says stop"],
-    );
+    let (ok, stdout, stderr) = cli(&service, &["cancel", &id, "--reason", "operator says stop"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("including 1 that joined it"), "{stdout}");
 
@@ -85,17 +84,22 @@ async fn cancel_stops_the_builder_and_ends_the_build_for_every_client() {
         "the work directory is gone"
     );
 
-    let (ok, stdout, _) = cli(&addr(&service), &["show", &id, "--output", "json"]);
+    let (ok, stdout, _) = cli(&service, &["show", &id, "--output", "json"]);
     assert!(ok);
     let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(shown["state"], "cancelled");
     assert_eq!(shown["failure"], "operator says stop");
-    let (ok, _, stderr) = cli(&addr(&service), &["cancel", &id]);
+    assert_eq!(shown["requests"][0]["action"], "cancel");
+    assert_eq!(
+        shown["requests"][0]["identity"], "operator token",
+        "who asked is journaled: the identity, never the token"
+    );
+    let (ok, _, stderr) = cli(&service, &["cancel", &id]);
     assert!(
         !ok && stderr.contains("FailedPrecondition") && stderr.contains("nothing to cancel"),
         "{stderr}"
     );
-    let (ok, watched, _) = cli(&addr(&service), &["watch", &id]);
+    let (ok, watched, _) = cli(&service, &["watch", &id]);
     assert!(
         ok && watched.contains(&format!("build {id} ended cancelled: operator says stop")),
         "{watched}"
@@ -187,7 +191,7 @@ async fn a_build_that_failed_on_a_transient_fault_succeeds_when_retried() {
     let first_log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
     proxy.clear();
 
-    let (ok, stdout, stderr) = cli(&addr(&service), &["retry", &id]);
+    let (ok, stdout, stderr) = cli(&service, &["retry", &id]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("attempt 2"), "{stdout}");
     let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
@@ -211,7 +215,7 @@ async fn a_build_that_failed_on_a_transient_fault_succeeds_when_retried() {
         .unwrap()
         .into_inner();
     assert_eq!(list.builds.len(), 1, "the same build, not a new one");
-    let (ok, _, stderr) = cli(&addr(&service), &["retry", &id]);
+    let (ok, _, stderr) = cli(&service, &["retry", &id]);
     assert!(
         !ok && stderr.contains("only a failed or cancelled build"),
         "{stderr}"
@@ -244,6 +248,7 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
             "--address",
             &format!("127.0.0.1:{port}"),
         ])
+        .envs(service.client_options().env())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -261,10 +266,7 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
     let ticks = full.lines().filter(|l| l.starts_with("tick-")).count();
     assert!(ticks >= 40, "{full}");
 
-    let (ok, stdout, _) = cli(
-        &format!("127.0.0.1:{port}"),
-        &["list", "--state", "done", "--output", "json"],
-    );
+    let (ok, stdout, _) = cli(&service, &["list", "--state", "done", "--output", "json"]);
     assert!(ok);
     let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listed[0]["build_id"], id.as_str());
@@ -420,7 +422,7 @@ async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
     let mut ops = ops_client(&service).await;
 
     let (ok, stdout, stderr) = cli(
-        &addr(&service),
+        &service,
         &["list", "--state", "damaged", "--output", "json"],
     );
     assert!(ok, "{stderr}");

@@ -18,6 +18,7 @@ fn a_scenario_plays_against_a_running_service_with_target() {
         .args(["scenario", "run"])
         .arg(&file)
         .args(["--target", &target, "--registry", shared.registry.addr()])
+        .envs(service.client_options().env())
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();

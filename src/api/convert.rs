@@ -50,6 +50,11 @@ fn bounded<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, Error
     Ok(value)
 }
 
+/// A cancel's reason as the operator gave it, trimmed and bounded like any name.
+pub fn cancel_reason(value: &str) -> Result<String, Error> {
+    bounded("reason", value.trim(), MAX_TEXT_BYTES).map(str::to_owned)
+}
+
 /// An image reference as a client sent it, trimmed and bounded.
 pub fn image_ref<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
     bounded(field, value.trim(), MAX_REF_BYTES)

@@ -2,6 +2,7 @@
 //! in, results into protobuf on the way out, and errors into `tonic::Status` in one place
 //! ([`status`]).
 
+pub mod access;
 mod convert;
 pub mod image_builder;
 pub mod ops;

@@ -1,10 +1,13 @@
 //! `imagebuilder.ops.v1.BuildOps`: inspect, cancel, retry and replay builds. Beside mk3's
 //! service on the same port; mk3's messages are untouched.
 
+use std::sync::Arc;
+
 use image_builder_state::view::{Damage, Summary};
 use image_builder_state::{BuildId, BuildSource, BuildView, Record};
 use tonic::{Request, Response, Status};
 
+use super::access::{Access, Role};
 use super::image_builder::{ResponseStream, parse_build_id, stream_journal};
 use crate::orchestrator::Orchestrator;
 use crate::proto::ops as pb;
@@ -15,16 +18,21 @@ use image_builder_state::journal::Entry;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// The operations service.
+/// The operations service: reads for viewers, cancel and retry for operators (see
+/// [`super::access`]).
 #[derive(Clone)]
 pub struct OpsService {
     orchestrator: Orchestrator,
+    access: Arc<Access>,
 }
 
 impl OpsService {
-    /// The service over `orchestrator`.
-    pub fn new(orchestrator: Orchestrator) -> Self {
-        Self { orchestrator }
+    /// The service over `orchestrator`, open to the callers `access` admits.
+    pub fn new(orchestrator: Orchestrator, access: Arc<Access>) -> Self {
+        Self {
+            orchestrator,
+            access,
+        }
     }
 
     /// The tonic server for this service.
@@ -75,6 +83,12 @@ fn build(view: &BuildView) -> pb::Build {
         cancel_requested: view.cancel_requested.clone().unwrap_or_default(),
         digest: view.digest.clone().unwrap_or_default(),
         records: view.next_seq,
+        requests: view.requests.iter().map(operator_request).collect(),
+        trace_id: view
+            .trace
+            .as_ref()
+            .map(|(trace, _)| trace.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -111,6 +125,14 @@ fn summary(s: &Summary) -> pb::BuildSummary {
     }
 }
 
+fn operator_request(r: &image_builder_state::OperatorRequest) -> pb::OperatorRequest {
+    pb::OperatorRequest {
+        action: r.action.name().to_owned(),
+        identity: r.identity.clone(),
+        at_ms: r.at_ms,
+    }
+}
+
 /// A journal record as the API shows it.
 pub fn journal_record(seq: u64, record: &Record, state: &str) -> pb::JournalRecord {
     use pb::journal_record::Record as R;
@@ -141,6 +163,8 @@ pub fn journal_record(seq: u64, record: &Record, state: &str) -> pb::JournalReco
                 consumed: progress.consumed,
             }),
         ),
+        Record::Requested(request) => (request.at_ms, R::Requested(operator_request(request))),
+        Record::Traced { trace_id, .. } => (0, R::Traced(trace_id.clone())),
     };
     pb::JournalRecord {
         seq,
@@ -161,6 +185,7 @@ impl BuildOps for OpsService {
         &self,
         request: Request<pb::GetBuildRequest>,
     ) -> Result<Response<pb::Build>, Status> {
+        self.access.authorize(&request, Role::Viewer, "GetBuild")?;
         let id = id_of(&request.get_ref().build_id)?;
         if let Some(damage) = self.orchestrator.damage(id) {
             let readable = self.orchestrator.readable_view(id);
@@ -174,6 +199,8 @@ impl BuildOps for OpsService {
         &self,
         request: Request<pb::ListBuildsRequest>,
     ) -> Result<Response<pb::ListBuildsResponse>, Status> {
+        self.access
+            .authorize(&request, Role::Viewer, "ListBuilds")?;
         let req = request.into_inner();
         let known: Vec<&str> = image_builder_state::Phase::ALL
             .iter()
@@ -233,6 +260,7 @@ impl BuildOps for OpsService {
         &self,
         request: Request<pb::JournalRequest>,
     ) -> Result<Response<Self::JournalStream>, Status> {
+        self.access.authorize(&request, Role::Viewer, "Journal")?;
         let req = request.into_inner();
         let id = id_of(&req.build_id)?;
         self.orchestrator.ensure_exists(id)?;
@@ -268,9 +296,19 @@ impl BuildOps for OpsService {
         &self,
         request: Request<pb::CancelBuildRequest>,
     ) -> Result<Response<pb::CancelBuildResponse>, Status> {
+        let identity = self
+            .access
+            .authorize(&request, Role::Operator, "CancelBuild")?;
         let req = request.into_inner();
         let id = id_of(&req.build_id)?;
-        let cancelled = self.orchestrator.cancel(id, req.reason).await?;
+        let cancelled = self
+            .orchestrator
+            .cancel(
+                id,
+                super::convert::cancel_reason(&req.reason)?,
+                identity.to_string(),
+            )
+            .await?;
         let message = match cancelled.joined {
             0 => format!("build {id} is being cancelled"),
             n => format!(
@@ -289,8 +327,11 @@ impl BuildOps for OpsService {
         &self,
         request: Request<pb::RetryBuildRequest>,
     ) -> Result<Response<pb::RetryBuildResponse>, Status> {
+        let identity = self
+            .access
+            .authorize(&request, Role::Operator, "RetryBuild")?;
         let id = id_of(&request.get_ref().build_id)?;
-        let retried = self.orchestrator.retry(id).await?;
+        let retried = self.orchestrator.retry(id, identity.to_string()).await?;
         let mut message = format!("build {id} runs again as attempt {}", retried.attempt);
         if retried.needs_request_credentials {
             message.push_str("; the original request carried registry credentials of its own, which are never kept: if the build needs them, submit a new Build with them");

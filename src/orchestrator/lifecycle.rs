@@ -7,7 +7,12 @@ impl Orchestrator {
     /// Cancels a build: the intent is journaled first, then the build's task stops its step
     /// (builder processes, work directory) and journals Cancelled. A restart in between
     /// finishes the cancel. Every client following the build sees it end.
-    pub async fn cancel(&self, id: BuildId, reason: String) -> Result<CancelOutcome, Error> {
+    pub async fn cancel(
+        &self,
+        id: BuildId,
+        reason: String,
+        requested_by: String,
+    ) -> Result<CancelOutcome, Error> {
         let view = self.view(id)?;
         if view.phase().is_final() {
             return Err(Error::Conflict(format!(
@@ -22,7 +27,7 @@ impl Orchestrator {
         };
         self.inner
             .journal
-            .request_cancel(id, reason)
+            .request_cancel(id, reason, requested_by.clone())
             .await
             .map_err(|e| match e {
                 journal::Error::Illegal { .. } => {
@@ -43,13 +48,13 @@ impl Orchestrator {
             }
             None => 0,
         };
-        tracing::info!(build_id = %id, joined, "build cancel requested");
+        tracing::info!(build_id = %id, joined, requested_by, "build cancel requested");
         Ok(CancelOutcome { joined })
     }
 
     /// Runs a failed or cancelled build again, as its next attempt under the same id, with
     /// the installation's credentials only.
-    pub async fn retry(&self, id: BuildId) -> Result<RetryOutcome, Error> {
+    pub async fn retry(&self, id: BuildId, requested_by: String) -> Result<RetryOutcome, Error> {
         let view = self.view(id)?;
         if !matches!(
             view.phase(),
@@ -73,7 +78,10 @@ impl Orchestrator {
             flights.insert(view.workspace_ref.clone(), flight.clone());
         }
         // As in `submit`: the durable part finishes even if the caller goes away.
-        let retry = tokio::spawn(self.clone().start_attempt(view, flight, created));
+        let retry = tokio::spawn(
+            self.clone()
+                .start_attempt(view, flight, created, requested_by),
+        );
         retry.await.map_err(|e| {
             tracing::error!(error = %e, "retrying a build failed");
             Error::JoinFailed
@@ -87,6 +95,7 @@ impl Orchestrator {
         view: BuildView,
         flight: Flight,
         created: watch::Sender<bool>,
+        requested_by: String,
     ) -> Result<RetryOutcome, Error> {
         let id = view.id;
         let forget = ForgetUnlessKept::new(&self.inner, &view.workspace_ref, &flight);
@@ -96,11 +105,8 @@ impl Orchestrator {
         );
         task::failpoint("retry.journal");
         self.inner.journal.log(id, marker.into_bytes()).await?;
-        let view = self
-            .inner
-            .journal
-            .transition(id, image_builder_state::Event::Retried)
-            .await?;
+        let view = self.inner.journal.retry(id, requested_by.clone()).await?;
+        tracing::info!(build_id = %id, attempt, requested_by, "build retry requested");
         forget.keep();
         let _ = created.send(true);
         self.inner.metrics.build_started();

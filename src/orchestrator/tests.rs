@@ -267,7 +267,7 @@ async fn a_cancelled_queued_build_ends_and_its_retry_runs_to_done() {
     );
 
     rig.orchestrator
-        .cancel(queued, "not needed".into())
+        .cancel(queued, "not needed".into(), "test".into())
         .await
         .unwrap();
     let view = ended(&rig.orchestrator, queued).await;
@@ -280,14 +280,14 @@ async fn a_cancelled_queued_build_ends_and_its_retry_runs_to_done() {
     );
     let err = rig
         .orchestrator
-        .cancel(queued, "again".into())
+        .cancel(queued, "again".into(), "test".into())
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err}");
 
     rig.fakes.gate.add_permits(2);
     assert_eq!(ended(&rig.orchestrator, running).await.phase(), Phase::Done);
-    let retried = rig.orchestrator.retry(queued).await.unwrap();
+    let retried = rig.orchestrator.retry(queued, "test".into()).await.unwrap();
     assert_eq!(retried.attempt, 2);
     let view = ended(&rig.orchestrator, queued).await;
     assert_eq!(
@@ -298,7 +298,17 @@ async fn a_cancelled_queued_build_ends_and_its_retry_runs_to_done() {
         rig.fakes.entered.lock()
     );
     assert_eq!(view.attempt, 2);
-    let err = rig.orchestrator.retry(running).await.unwrap_err();
+    let asked: Vec<(&str, &str)> = view
+        .requests
+        .iter()
+        .map(|r| (r.action.name(), r.identity.as_str()))
+        .collect();
+    assert_eq!(asked, [("cancel", "test"), ("retry", "test")]);
+    let err = rig
+        .orchestrator
+        .retry(running, "test".into())
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, Error::Conflict(_) | Error::Journal(_)),
         "a build that succeeded is not retried: {err}"
@@ -317,7 +327,7 @@ async fn a_failed_step_fails_the_attempt_and_a_retry_runs_a_new_one() {
         reason.starts_with("building the base image failed: the fake builder says Unavailable"),
         "{reason}"
     );
-    let retried = rig.orchestrator.retry(id).await.unwrap();
+    let retried = rig.orchestrator.retry(id, "test".into()).await.unwrap();
     assert_eq!(retried.attempt, 2);
     rig.fakes.gate.add_permits(1);
     let view = ended(&rig.orchestrator, id).await;

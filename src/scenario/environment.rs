@@ -53,8 +53,10 @@ pub struct PullSecret {
 
 /// Everything a scenario's steps talk to.
 pub struct Environment {
-    /// The service's gRPC URL (`http://host:port`).
+    /// The service's gRPC URL (`http://host:port` or `https://host:port`).
     pub grpc_url: String,
+    /// How the runner's clients reach it: TLS material and the operator token.
+    pub client: crate::client::ClientOptions,
     /// The `image-builder` binary, for steps that run its CLI.
     pub cli_binary: PathBuf,
     /// `${…}` variables: `${registry}`, `${proxy}`, `${base.NAME}`, `${git.NAME}`.
@@ -95,6 +97,8 @@ pub struct Target {
     pub registry: Option<String>,
     /// The `image-builder` binary, for CLI steps.
     pub cli_binary: PathBuf,
+    /// TLS material and the operator token for the runner's clients.
+    pub client: crate::client::ClientOptions,
 }
 
 #[async_trait::async_trait]
@@ -107,8 +111,10 @@ impl Setup for Target {
             ("${proxy}".to_owned(), String::new()),
         ];
         let (vars, repos) = make_fixtures(spec, vars, &registry, &registry, creds.as_deref())?;
+        let connector = self.client.connector().map_err(|e| e.to_string())?;
         Ok(Environment {
-            grpc_url: format!("http://{}", self.address),
+            grpc_url: connector.url(&self.address),
+            client: self.client.clone(),
             cli_binary: self.cli_binary.clone(),
             vars,
             repos,

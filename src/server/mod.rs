@@ -1,15 +1,17 @@
 //! `image-builder run`: wires config, journal, adapters, orchestrator and the gRPC and metrics
 //! endpoints together, resumes unfinished builds, serves until SIGINT or SIGTERM, then drains.
+//! `grpc.rs` owns the gRPC port.
+
+mod grpc;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::TryStreamExt;
 use image_builder_state::{BuildId, Journal};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::access::Access;
 use crate::api::{ImageBuilderService, OpsService};
 use crate::config::Config;
 use crate::config::ExecutorConfig;
@@ -23,13 +25,10 @@ use crate::registry::{Registry, RetryPolicy};
 use crate::steps::BuildBase;
 use crate::steps::Steps;
 use crate::telemetry::{self, Metrics};
+use crate::tls::ServerTls;
 
 /// How long running steps get to stop after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// How long open gRPC streams get to finish after a shutdown signal. Build and Logs streams of
-/// builds that stop for the restart would wait forever; their clients reconnect and resume.
-const DRAIN_GRACE: Duration = Duration::from_secs(3);
 
 /// The subdirectory of `dataDir` that holds the journal.
 pub const STORE_DIR: &str = "store";
@@ -42,6 +41,14 @@ pub const BUILDAH_DIR: &str = "buildah";
 
 /// Runs the service until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Files that must be usable are checked before anything else starts.
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(
+            ServerTls::load(tls).context("cannot use the `tls` files")?,
+        )),
+        None => None,
+    };
+    let access = Arc::new(Access::from_config(&config)?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create dataDir {}", config.data_dir.display()))?;
     let store = config.data_dir.join(STORE_DIR);
@@ -122,9 +129,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&metrics),
     );
 
-    let grpc = telemetry::bind("gRPC", config.grpc_address).await?;
+    let grpc_listener = telemetry::bind("gRPC", config.grpc_address).await?;
+    let grpc_address = grpc_listener.local_addr()?;
     let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;
-    // Resume before serving, so a Build call for a resumed build's image joins it.
+    match &tls {
+        Some(tls) if tls.is_mutual() => {
+            tracing::info!("gRPC speaks TLS and asks every client for a certificate (mTLS)");
+        }
+        Some(_) => tracing::info!("gRPC speaks TLS"),
+        None if !grpc_address.ip().is_loopback() => tracing::warn!(
+            %grpc_address,
+            "gRPC serves plain text on an address other machines reach (allowInsecure): \
+             anyone on the network can read builds and their logs; set `tls`"
+        ),
+        None => {}
+    }
+
+    let shutdown = CancellationToken::new();
+    let stop_serving = CancellationToken::new();
+    let (readiness, server) = grpc::serve(
+        grpc_listener,
+        tls,
+        ImageBuilderService::new(orchestrator.clone()),
+        OpsService::new(orchestrator.clone(), access),
+        stop_serving.clone(),
+    )
+    .await?;
+    // The API opens once unfinished builds are resumed, so a Build call for a resumed build's
+    // image joins it.
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("server.resume");
     let resumed = orchestrator.resume_unfinished()?;
     let damaged = orchestrator.damaged_count();
     if damaged > 0 {
@@ -135,8 +169,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              `image-builder store check`, with the service stopped, names every bad record"
         );
     }
+    readiness.ready().await;
     tracing::info!(
-        grpc_address = %grpc.local_addr()?,
+        %grpc_address,
         metrics_address = %metrics_listener.local_addr()?,
         data_dir = %config.data_dir.display(),
         resumed,
@@ -144,7 +179,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "image-builder serving"
     );
 
-    let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     tokio::spawn(retention(
         orchestrator.clone(),
@@ -173,30 +207,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             orchestrator.shutdown(SHUTDOWN_GRACE).await;
         })
     };
-    let server = tonic::transport::Server::builder()
-        .add_service(ImageBuilderService::new(orchestrator.clone()).into_server())
-        .add_service(OpsService::new(orchestrator.clone()).into_server())
-        .serve_with_incoming_shutdown(
-            // tonic sets TCP_NODELAY only on listeners it binds itself; without it every
-            // small response waits out delayed ACKs (~40 ms).
-            TcpListenerStream::new(grpc).map_ok(|stream| {
-                let _ = stream.set_nodelay(true);
-                stream
-            }),
-            shutdown.clone().cancelled_owned(),
-        );
-    let drain_deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(DRAIN_GRACE).await;
+    let mut server = server;
+    let served = tokio::select! {
+        () = shutdown.cancelled() => {
+            // Health says NOT_SERVING before the port stops taking calls, so load balancers
+            // and probes watching it see the shutdown coming.
+            readiness.stopping().await;
+            stop_serving.cancel();
+            (&mut server).await
+        }
+        // The server gave up on its own (it cannot accept): stop the builds, then say why.
+        served = &mut server => {
+            shutdown.cancel();
+            served
+        }
     };
-    tokio::select! {
-        served = server => served.context("the gRPC server failed")?,
-        () = drain_deadline => tracing::info!(
-            ?DRAIN_GRACE,
-            "closing gRPC streams still open after the drain period"
-        ),
-    }
     let _ = stop_builds.await;
+    served.context("the gRPC server task failed")??;
     let _ = metrics_task.await;
     tracing::info!("stopped");
     Ok(())

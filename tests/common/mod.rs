@@ -238,11 +238,7 @@ pub async fn start_build(
     (stream, build_id(&first))
 }
 
-/// A client of the service's ops API.
-pub async fn ops_client(
-    service: &Service,
-) -> image_builder::proto::ops::build_ops_client::BuildOpsClient<Channel> {
-    image_builder::proto::ops::build_ops_client::BuildOpsClient::connect(service.grpc_url())
-        .await
-        .unwrap()
+/// A client of the service's ops API, with the service's operator token.
+pub async fn ops_client(service: &Service) -> image_builder::client::OpsClient {
+    service.ops().await.unwrap()
 }

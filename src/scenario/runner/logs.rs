@@ -114,9 +114,10 @@ impl World {
             }
             Step::FollowLogs { name, build } => {
                 let id = self.build_id(build).await?;
-                let address = self.env.grpc_url.trim_start_matches("http://").to_owned();
                 let child = tokio::process::Command::new(&self.env.cli_binary)
-                    .args(["builds", "logs", "--follow", &id, "--address", &address])
+                    .args(["builds", "logs", "--follow", &id, "--address"])
+                    .arg(&self.env.grpc_url)
+                    .envs(self.env.client.env())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .kill_on_drop(true)

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use image_builder_state::{Journal, Phase};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use super::environment::{
     Environment, FaultInjector, ServiceProcess, Setup, expand, write_pull_secret,
@@ -22,7 +21,6 @@ use super::fixtures;
 use super::model::{self, DockerfileSpec, Scenario, Step};
 use crate::api::image_builder::LOG_OFFSET_METADATA;
 use crate::proto::builder as pb;
-use crate::proto::builder::image_builder_client::ImageBuilderClient;
 use crate::proto::contentservice as cs;
 
 /// The outcome of one step.
@@ -174,18 +172,20 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
 }
 
 impl World {
-    async fn ops(
-        &self,
-    ) -> Result<crate::proto::ops::build_ops_client::BuildOpsClient<Channel>, String> {
-        crate::proto::ops::build_ops_client::BuildOpsClient::connect(self.env.grpc_url.clone())
+    async fn ops(&self) -> Result<crate::client::OpsClient, String> {
+        let connector = self.env.client.connector().map_err(|e| e.to_string())?;
+        connector
+            .ops(&self.env.grpc_url)
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.env.grpc_url))
+            .map_err(|e| e.to_string())
     }
 
-    async fn client(&self) -> Result<ImageBuilderClient<Channel>, String> {
-        ImageBuilderClient::connect(self.env.grpc_url.clone())
+    async fn client(&self) -> Result<crate::client::BuilderClient, String> {
+        let connector = self.env.client.connector().map_err(|e| e.to_string())?;
+        connector
+            .builder(&self.env.grpc_url)
             .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.env.grpc_url))
+            .map_err(|e| e.to_string())
     }
 
     async fn step(&mut self, step: &Step) -> Check {

@@ -15,6 +15,7 @@ pub mod demo;
 mod fault_proxy;
 mod git_http;
 mod moto;
+pub mod pki;
 mod process;
 mod registry;
 pub mod self_hosted;

@@ -233,8 +233,10 @@ impl Setup for SelfHosted {
             keep.push(Box::new(moto));
         }
         keep.push(Box::new(secrets_dir));
+        let client = service.client_options();
         Ok(Environment {
             grpc_url,
+            client,
             cli_binary: self.binary.clone(),
             vars,
             repos,

@@ -44,6 +44,15 @@ impl Service {
                 .or_insert_with(|| "127.0.0.1:0".into());
             map.entry("metricsAddress")
                 .or_insert_with(|| "127.0.0.1:0".into());
+            // The ops API needs an operator: the test kit's clients hold this token.
+            if !map.contains_key("operatorTokenFile") && !map.contains_key("operators") {
+                let path = dir.path().join("operator-token");
+                std::fs::write(&path, random_token()?)?;
+                map.insert(
+                    "operatorTokenFile".into(),
+                    path.display().to_string().into(),
+                );
+            }
         }
         std::fs::write(dir.path().join("config.json"), config.to_string())?;
         Ok(Self {
@@ -126,6 +135,40 @@ impl Service {
     /// `http://HOST:PORT/metrics`.
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.metrics_address)
+    }
+
+    /// The operator token file the service runs with, if it has one.
+    pub fn operator_token_file(&self) -> Option<PathBuf> {
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.config_path()).ok()?).ok()?;
+        config["operatorTokenFile"].as_str().map(PathBuf::from)
+    }
+
+    /// How the product's own clients (CLI, scenario runner) reach this service: with its
+    /// operator token.
+    pub fn client_options(&self) -> image_builder::client::ClientOptions {
+        image_builder::client::ClientOptions {
+            token_file: self.operator_token_file(),
+            ..Default::default()
+        }
+    }
+
+    /// A connected ops client, with the operator token.
+    pub async fn ops(&self) -> Result<image_builder::client::OpsClient> {
+        let connector = self
+            .client_options()
+            .connector()
+            .map_err(|e| Error::Command {
+                command: "read the operator token".into(),
+                detail: e.to_string(),
+            })?;
+        connector
+            .ops(&self.grpc_url())
+            .await
+            .map_err(|e| Error::Command {
+                command: format!("connect {}", self.grpc_url()),
+                detail: e.to_string(),
+            })
     }
 
     /// A connected mk3 client.
@@ -245,4 +288,12 @@ pub async fn read_logs(
         log.extend_from_slice(&chunk.content);
     }
     Ok(log)
+}
+
+/// 32 hex digits from the kernel's random source.
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
