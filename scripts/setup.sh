@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what image-builder's demo and tests need on a fresh Debian machine: the registry,
-# buildah with runc, skopeo, umoci, busybox-static and git from Debian's packages. protoc is vendored by
+# buildah with runc, skopeo, umoci, busybox-static, git and prometheus from Debian's packages. protoc is vendored by
 # the build (protoc-bin-vendored), so no system package is needed for it. Idempotent.
 set -euo pipefail
 
@@ -14,6 +14,8 @@ command -v skopeo >/dev/null || need+=(skopeo)
 command -v umoci >/dev/null || need+=(umoci)
 [[ -x /bin/busybox ]] || need+=(busybox-static)
 command -v git >/dev/null || need+=(git)
+# Prometheus scrapes the service's metrics in the observability test.
+command -v prometheus >/dev/null || need+=(prometheus)
 
 if ((${#need[@]})); then
   sudo=""

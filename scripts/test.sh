@@ -15,12 +15,15 @@ if cargo tree -e normal -p image-builder --prefix none \
   exit 1
 fi
 
-# Kubernetes 1.20 from Debian's source package and the builder image (cached by version; a
-# fresh machine builds them once), then one test cluster for every test binary: started here,
+# Kubernetes 1.20 from Debian's source package, the builder image, grpcurl and Jaeger (cached
+# by version; a fresh machine builds them once), then one test cluster for every test binary: started here,
 # stopped on the way out.
 IMAGE_BUILDER_KUBERNETES_BIN=$(./scripts/peers/kubernetes.sh)
 export IMAGE_BUILDER_KUBERNETES_BIN
 ./scripts/peers/builder-image.sh >/dev/null
+# grpcurl (reflection) and Jaeger v2 (traces), built from their Go modules and cached.
+go_tools=$(./scripts/peers/go-tools.sh)
+while IFS= read -r line; do export "${line?}"; done <<<"$go_tools"
 # The deployment test runs the release binary in the service's container image.
 cargo build --quiet --release -p image-builder --bin image-builder
 IMAGE_BUILDER_RELEASE_BINARY=$PWD/target/release/image-builder

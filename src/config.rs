@@ -112,7 +112,7 @@ pub struct Config {
     /// sends `authorization: Bearer <token>` is an operator. Re-read when it changes.
     #[serde(default)]
     pub operator_token_file: Option<PathBuf>,
-    /// OpenTelemetry traces, exported over OTLP/gRPC: `{"otlpEndpoint", "sampleRatio"}`.
+    /// OpenTelemetry traces, exported over OTLP/HTTP: `{"otlpEndpoint", "sampleRatio"}`.
     /// Default: off.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
@@ -136,7 +136,8 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TracingConfig {
-    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    /// The OTLP/HTTP (protobuf) collector, e.g. `http://127.0.0.1:4318`; `/v1/traces` is
+    /// added to a URL without a path.
     pub otlp_endpoint: String,
     /// The share of build attempts traced, 0.0 to 1.0; a Build request whose `traceparent`
     /// is sampled is always traced. Default 1.0.
@@ -333,7 +334,7 @@ impl Config {
                 return Err(invalid(
                     "tracing.otlpEndpoint",
                     format!(
-                        "{:?} is not a URL, e.g. \"http://127.0.0.1:4317\"",
+                        "{:?} is not a URL, e.g. \"http://127.0.0.1:4318\"",
                         t.otlp_endpoint
                     ),
                 ));
@@ -546,11 +547,11 @@ mod tests {
             (r#""operators": ["ok", ""]"#, "operators[1]"),
             (r#""viewers": ["a\u0007"]"#, "viewers[0]"),
             (
-                r#""tracing": {"otlpEndpoint": "http://x:4317", "sampleRatio": 2}"#,
+                r#""tracing": {"otlpEndpoint": "http://x:4318", "sampleRatio": 2}"#,
                 "tracing.sampleRatio",
             ),
             (
-                r#""tracing": {"otlpEndpoint": "x:4317"}"#,
+                r#""tracing": {"otlpEndpoint": "x:4318"}"#,
                 "tracing.otlpEndpoint",
             ),
         ] {

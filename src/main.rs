@@ -97,7 +97,30 @@ enum ScenarioCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    image_builder::telemetry::init_tracing();
+    // `run` reads its config first: it says whether traces are exported, and the exporter
+    // starts outside the async runtime (it runs on a thread of its own).
+    let mut run_config = None;
+    let mut traces = None;
+    if let Commands::Run { config } = &cli.command {
+        let config = match Config::load(config) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("image-builder: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(tracing) = &config.tracing {
+            match image_builder::telemetry::traces::Exporter::start(tracing) {
+                Ok(exporter) => traces = Some(exporter),
+                Err(e) => {
+                    eprintln!("image-builder: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        run_config = Some(config);
+    }
+    image_builder::telemetry::init_tracing(traces.as_ref());
     // Named crash points for tests (see orchestrator/task.rs), from the FAILPOINTS variable.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -109,9 +132,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Commands::Run { config } => match Config::load(&config) {
-            Ok(config) => runtime.block_on(image_builder::server::run(config)),
-            Err(e) => Err(anyhow::anyhow!("{e}")),
+        Commands::Run { .. } => match run_config {
+            Some(config) => runtime.block_on(image_builder::server::run(config)),
+            None => Err(anyhow::anyhow!("no configuration")),
         },
         Commands::Store {
             command: StoreCommand::Inspect { data_dir, build_id },
@@ -150,6 +173,10 @@ fn main() -> ExitCode {
             client,
         } => runtime.block_on(health(&address, service, &client)),
     };
+    drop(runtime);
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

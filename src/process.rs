@@ -8,6 +8,7 @@ use std::process::{ExitStatus, Stdio};
 use image_builder_state::BuildId;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
+use tracing::Instrument;
 
 use crate::steps::{StepLog, StepOutput, Tail};
 
@@ -43,7 +44,28 @@ impl Drop for StopOnDrop {
 
 /// Runs `cmd` for build `id`, passing its output to `log` as fast as it comes (the log
 /// journals it in chunks, redacted, without making the process wait on the disk).
-pub async fn run_logged(
+pub async fn run_logged(cmd: Command, id: BuildId, log: &dyn StepLog) -> std::io::Result<Finished> {
+    // A span per builder process (program name only: arguments may name secret files).
+    let program = std::path::Path::new(cmd.as_std().get_program())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {program}"),
+        process.program = %program,
+        process.exit_code = tracing::field::Empty,
+    );
+    let finished = run_in_group(cmd, id, log).instrument(span.clone()).await;
+    if let Ok(finished) = &finished
+        && let Some(code) = finished.status.code()
+    {
+        span.record("process.exit_code", code);
+    }
+    finished
+}
+
+async fn run_in_group(
     mut cmd: Command,
     id: BuildId,
     log: &dyn StepLog,

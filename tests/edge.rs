@@ -354,32 +354,9 @@ async fn the_operator_token_opens_the_ops_api_is_reread_and_never_written_anywhe
     let log = service.log();
     for token in [first, second] {
         assert!(!log.contains(token), "the token is in the service log");
-        for file in walk(&service.data_dir()) {
-            let bytes = std::fs::read(&file).unwrap_or_default();
-            assert!(
-                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
-                "the token is in {}",
-                file.display()
-            );
-        }
+        let at_rest = testkit::files_containing(&service.data_dir(), token.as_bytes());
+        assert!(at_rest.is_empty(), "the token is in {at_rest:?}");
     }
-}
-
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! `builder.ImageBuilder`, mk3's service, over the orchestrator.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use image_builder_state::journal::{Entry, Reader};
@@ -15,6 +16,8 @@ use crate::credentials::StreamRedactor;
 use crate::orchestrator::{Error, Orchestrator, Submitted};
 use crate::proto::builder as pb;
 use crate::proto::builder::image_builder_server::ImageBuilder;
+use crate::telemetry::Metrics;
+use crate::telemetry::traces::TraceParent;
 
 /// How many messages a stream buffers for a slow client before its feeder waits. The feeder
 /// reads from the journal, so waiting holds up nobody else.
@@ -74,15 +77,16 @@ where
     F: FnMut(Option<Entry>, &Reader) -> Option<T> + Send + 'static,
 {
     let reader = orchestrator.read(id, from_seq, from_byte);
+    let listening = Listening::new(orchestrator.metrics());
     Box::pin(futures::stream::unfold(
-        Some((reader, map)),
+        Some((reader, map, listening)),
         |state| async move {
-            let (mut reader, mut map) = state?;
+            let (mut reader, mut map, listening) = state?;
             loop {
                 match reader.next().await {
                     Some(Ok(entry)) => {
                         if let Some(item) = map(Some(entry), &reader) {
-                            return Some((Ok(item), Some((reader, map))));
+                            return Some((Ok(item), Some((reader, map, listening))));
                         }
                     }
                     Some(Err(e)) => return Some((Err(Status::from(Error::from(e))), None)),
@@ -91,6 +95,22 @@ where
             }
         },
     ))
+}
+
+/// Counts an open log or journal stream in the metrics while it lives.
+struct Listening(Arc<Metrics>);
+
+impl Listening {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.listeners_changed(1);
+        Self(Arc::clone(metrics))
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listeners_changed(-1);
+    }
 }
 
 /// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
@@ -181,9 +201,15 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::BuildRequest>,
     ) -> Result<Response<Self::BuildStream>, Status> {
+        // W3C Trace Context: the new build's trace continues the client's.
+        let parent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
         let req = request.into_inner();
         let (spec, secrets) = convert::build_request(&req)?;
-        let submitted = self.orchestrator.submit(spec, secrets).await?;
+        let submitted = self.orchestrator.submit(spec, secrets, parent).await?;
         let (id, joined, base_ref, workspace_ref, created_at_ms) = match submitted {
             Submitted::CacheHit {
                 base_ref,

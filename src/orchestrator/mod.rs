@@ -33,6 +33,7 @@ use crate::credentials::{BuildSecrets, CredentialPolicy, Credentials, UrlUserinf
 use crate::refs::{self, DockerfileKey};
 use crate::steps::{StepError, Steps, Untracked};
 use crate::telemetry::Metrics;
+use crate::telemetry::traces::TraceParent;
 
 /// Why the orchestrator could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,8 @@ struct Admission {
     view: BuildView,
     resumed: bool,
     cancel: CancellationToken,
+    /// The client's trace, for a new build whose Build request carried a `traceparent`.
+    parent: Option<TraceParent>,
 }
 
 /// The refs a source resolves to.
@@ -185,8 +188,18 @@ impl Orchestrator {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        tokio::spawn(admit(Arc::downgrade(&inner), queue, slots));
+        tokio::spawn(admit(
+            Arc::downgrade(&inner),
+            queue,
+            slots,
+            Arc::clone(&inner.metrics),
+        ));
         Self { inner }
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The journal, for reading builds.
@@ -208,7 +221,7 @@ impl Orchestrator {
             self.lock_flights()
                 .insert(view.workspace_ref.clone(), flight);
             tracing::info!(build_id = %view.id, phase = %view.phase(), "resuming build");
-            self.spawn(view, true, cancel);
+            self.spawn(view, true, cancel, None);
         }
         Ok(count)
     }
@@ -236,7 +249,13 @@ impl Orchestrator {
     }
 
     /// Queues a build for a slot; the admission task starts it when one is free.
-    fn spawn(&self, view: BuildView, resumed: bool, cancel: CancellationToken) {
+    fn spawn(
+        &self,
+        view: BuildView,
+        resumed: bool,
+        cancel: CancellationToken,
+        parent: Option<TraceParent>,
+    ) {
         if self
             .inner
             .admissions
@@ -244,6 +263,7 @@ impl Orchestrator {
                 view,
                 resumed,
                 cancel,
+                parent,
             })
             .is_err()
         {
@@ -261,12 +281,14 @@ async fn admit(
     inner: std::sync::Weak<Inner>,
     mut queue: mpsc::UnboundedReceiver<Admission>,
     slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 ) {
     // Builds waiting for a slot, in the order they came. A build cancelled while it waits
     // leaves the line at once (its task journals Cancelled without a slot): it never waits
     // for the builds before it to finish.
     let mut waiting: std::collections::VecDeque<Admission> = std::collections::VecDeque::new();
     loop {
+        metrics.queue_depth(waiting.len());
         while let Some(at) = waiting.iter().position(|a| a.cancel.is_cancelled()) {
             let Some(admission) = waiting.remove(at) else {
                 break;
@@ -321,9 +343,10 @@ fn start(
         view,
         resumed,
         cancel,
+        parent,
     } = admission;
     let tasks = inner.tasks.clone();
-    tasks.spawn(task::drive(inner, view, resumed, slot, cancel));
+    tasks.spawn(task::drive(inner, view, resumed, slot, cancel, parent));
     true
 }
 

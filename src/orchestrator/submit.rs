@@ -77,7 +77,12 @@ impl Orchestrator {
 
     /// Accepts a build request: a cache hit, a join, or a new durable build. `secrets` stay
     /// in memory for the build's steps and are never journaled.
-    pub async fn submit(&self, spec: BuildSpec, secrets: BuildSecrets) -> Result<Submitted, Error> {
+    pub async fn submit(
+        &self,
+        spec: BuildSpec,
+        secrets: BuildSecrets,
+        parent: Option<TraceParent>,
+    ) -> Result<Submitted, Error> {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -139,14 +144,14 @@ impl Orchestrator {
         };
         // The durable part runs in a task of its own: a caller that goes away (a deadline, a
         // dropped connection) cannot leave the flight half-made for later callers to join.
-        let accept = tokio::spawn(self.clone().accept(
-            spec,
-            secrets,
+        let refs = ResolvedRefs {
             base_ref,
             workspace_ref,
-            flight,
-            created,
-        ));
+        };
+        let accept = tokio::spawn(
+            self.clone()
+                .accept(spec, secrets, refs, flight, created, parent),
+        );
         accept.await.map_err(|e| {
             tracing::error!(error = %e, "accepting a build failed");
             Error::JoinFailed
@@ -158,11 +163,15 @@ impl Orchestrator {
         self,
         spec: BuildSpec,
         secrets: BuildSecrets,
-        base_ref: String,
-        workspace_ref: String,
+        refs: ResolvedRefs,
         flight: Flight,
         created: watch::Sender<bool>,
+        parent: Option<TraceParent>,
     ) -> Result<Submitted, Error> {
+        let ResolvedRefs {
+            base_ref,
+            workspace_ref,
+        } = refs;
         let id = flight.id;
         let forget = ForgetUnlessKept::new(&self.inner, &workspace_ref, &flight);
         task::failpoint("submit.create");
@@ -177,7 +186,7 @@ impl Orchestrator {
         self.inner.metrics.build_started();
         tracing::info!(build_id = %id, %workspace_ref, "build accepted");
         let created_at_ms = view.created_at_ms;
-        self.spawn(view, false, flight.cancel.clone());
+        self.spawn(view, false, flight.cancel.clone(), parent);
         Ok(Submitted::Running {
             id,
             joined: false,

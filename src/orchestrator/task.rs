@@ -8,7 +8,7 @@
 //! CheckingCache, for a test to kill the process there.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use image_builder_state::{BuildSource, BuildView, Event, Phase, now_ms};
 use tokio::sync::OwnedSemaphorePermit;
@@ -18,6 +18,8 @@ use tracing::Instrument;
 use super::{BuildLog, Inner};
 use crate::credentials::BuildSecrets;
 use crate::steps::{Class, StepError, StepErrorKind};
+use crate::telemetry::Metrics;
+use crate::telemetry::traces::{self, TraceParent};
 
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
 /// `slot` is its place under the concurrency limit, held until the task ends.
@@ -27,10 +29,35 @@ pub(super) async fn drive(
     resumed: bool,
     slot: Option<OwnedSemaphorePermit>,
     cancel: CancellationToken,
+    parent: Option<TraceParent>,
 ) {
-    let span = tracing::info_span!("build", build_id = %view.id);
+    let span = attempt_span(&inner, &view, parent.as_ref()).await;
     run(inner, view, resumed, cancel).instrument(span).await;
     drop(slot);
+}
+
+/// The root span of this run of the build's attempt. A new attempt starts a trace (under the
+/// client's, if it sent one) and journals it before its first step; a run after a restart
+/// continues the journaled one.
+async fn attempt_span(
+    inner: &Inner,
+    view: &BuildView,
+    client: Option<&TraceParent>,
+) -> tracing::Span {
+    let id = view.id.to_string();
+    let parent = match (&view.trace, client) {
+        (Some((trace_id, span_id)), _) => traces::Parent::Journaled { trace_id, span_id },
+        (None, Some(client)) => traces::Parent::Client(client),
+        (None, None) => traces::Parent::None,
+    };
+    let span = traces::attempt_span(&id, view.attempt, &view.workspace_ref, parent);
+    if view.trace.is_none()
+        && let Some((trace_id, span_id)) = traces::ids(&span)
+        && let Err(e) = inner.journal.traced(view.id, trace_id, span_id).await
+    {
+        tracing::warn!(build_id = %id, error = %e, "cannot journal the build's trace; a restart starts a new one");
+    }
+    span
 }
 
 /// Evaluates a named failpoint; a `pause` or `sleep` action blocks this worker only.
@@ -71,6 +98,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
     }
     let secrets_lost = secrets.is_none() && view.spec.had_request_auth;
     let secrets = secrets.unwrap_or_default();
+    let mut in_state = InState::new(&inner.metrics, view.phase());
     while !view.phase().is_final() {
         let event = if view.cancel_requested.is_some() || cancel.is_cancelled() {
             match stop_for_cancel(&inner, id, &log).await {
@@ -85,7 +113,8 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
             Event::Admitted
         } else {
             let deadline = deadline(&inner, &view);
-            tokio::select! {
+            let state = traces::state_span(&format!("{:?}", view.phase()));
+            let event = tokio::select! {
                 biased;
                 () = inner.shutdown.cancelled() => {
                     tracing::info!(phase = %view.phase(), "stopping for shutdown; the build resumes at next start");
@@ -100,8 +129,10 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                         phase_action(view.phase())
                     ),
                 },
-                event = step(&inner, &view, &secrets, secrets_lost, &log) => event,
-            }
+                event = step(&inner, &view, &secrets, secrets_lost, &log).instrument(state.clone()) => event,
+            };
+            traces::end_state(&state, event.name(), matches!(event, Event::Failed { .. }));
+            event
         };
         if let Event::Failed { reason } = &event {
             log.line(format!("build failed: {reason}")).await;
@@ -137,6 +168,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                 return;
             }
         };
+        in_state.moved(view.phase());
         tracing::info!(phase = %view.phase(), "build moved");
         failpoint(&format!("transition.{name}.after"));
     }
@@ -146,6 +178,44 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
         .metrics
         .build_done(view.phase() == Phase::Done, seconds);
     inner.forget(&view.workspace_ref, id, view.attempt);
+}
+
+/// The builds-by-state gauge and per-state durations, for the state this task has its build
+/// in; the build leaves it when the task ends, whatever way.
+struct InState<'a> {
+    metrics: &'a Metrics,
+    state: Option<(Phase, Instant)>,
+}
+
+impl<'a> InState<'a> {
+    fn new(metrics: &'a Metrics, phase: Phase) -> Self {
+        let mut tracked = Self {
+            metrics,
+            state: None,
+        };
+        tracked.moved(phase);
+        tracked
+    }
+
+    fn moved(&mut self, phase: Phase) {
+        self.leave();
+        if !phase.is_final() {
+            self.metrics.state_entered(phase.as_str());
+            self.state = Some((phase, Instant::now()));
+        }
+    }
+
+    fn leave(&mut self) {
+        if let Some((phase, since)) = self.state.take() {
+            self.metrics.state_left(phase.as_str(), since.elapsed());
+        }
+    }
+}
+
+impl Drop for InState<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 /// Finishes a cancel whose intent is journaled: stops what the build left running, removes its

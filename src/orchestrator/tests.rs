@@ -177,7 +177,7 @@ fn spec(reference: &str) -> BuildSpec {
 
 async fn submit(orchestrator: &Orchestrator, reference: &str) -> (BuildId, bool) {
     match orchestrator
-        .submit(spec(reference), BuildSecrets::default())
+        .submit(spec(reference), BuildSecrets::default(), None)
         .await
         .unwrap()
     {
@@ -225,7 +225,7 @@ async fn requests_for_one_image_join_one_build() {
     // Done: the image exists, so the next request is answered from the cache.
     let again = rig
         .orchestrator
-        .submit(spec("alpine"), BuildSecrets::default())
+        .submit(spec("alpine"), BuildSecrets::default(), None)
         .await
         .unwrap();
     assert!(matches!(again, Submitted::CacheHit { .. }));

@@ -18,8 +18,10 @@ use oci_client::secrets::RegistryAuth;
 use crate::credentials::Secret;
 pub use crate::credentials::{Keychain, NoCredentials};
 use crate::steps::Progress;
+use crate::telemetry::Metrics;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::Error;
@@ -45,6 +47,7 @@ pub struct Registry {
     insecure: Vec<String>,
     retry: RetryPolicy,
     timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The parts of a manifest a copy needs.
@@ -118,7 +121,15 @@ impl Registry {
             insecure: insecure_registries.to_vec(),
             retry,
             timeout,
+            metrics: None,
         }
+    }
+
+    /// Counts every registry request in `metrics` (by host, outcome and whether it was a
+    /// retry).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A client for `image`'s registry presenting `secret`: the shared anonymous client, or a

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
 use oci_client::Reference;
+use tracing::Instrument;
 
 use super::{Error, Progress, Registry};
 
@@ -44,6 +45,21 @@ pub(super) enum Resource<'a> {
     Blob(&'a Reference, &'a str),
 }
 
+impl Resource<'_> {
+    fn reference(&self) -> &Reference {
+        match self {
+            Resource::Manifest(r) | Resource::Blob(r, _) => r,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Resource::Manifest(_) => "registry manifest",
+            Resource::Blob(..) => "registry blob",
+        }
+    }
+}
+
 impl Registry {
     /// Runs `op` until it succeeds, fails finally, or the budget is spent.
     pub(super) async fn retrying<T, F, Fut>(
@@ -66,8 +82,28 @@ impl Registry {
             .build();
         let started = Instant::now();
         let mut attempts = 1;
+        let host = resource.reference().resolve_registry().to_owned();
         loop {
-            let err = match op().await {
+            // One span and one count per request: a trace shows every retry.
+            let span = tracing::info_span!(
+                "registry",
+                otel.name = resource.kind(),
+                registry.host = %host,
+                registry.repository = %resource.reference().repository(),
+                registry.attempt = attempts,
+                registry.outcome = tracing::field::Empty,
+            );
+            let result = op().instrument(span.clone()).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(err) if err.is_transient() => "transient_error",
+                Err(_) => "error",
+            };
+            span.record("registry.outcome", outcome);
+            if let Some(metrics) = &self.metrics {
+                metrics.registry_request(&host, outcome, attempts > 1);
+            }
+            let err = match result {
                 Ok(value) => return Ok(value),
                 Err(err) if !err.is_transient() => return Err(err),
                 Err(err) => err,

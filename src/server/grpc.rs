@@ -19,7 +19,9 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use super::grpc_metrics::GrpcMetricsLayer;
 use crate::api::{ImageBuilderService, OpsService};
+use crate::telemetry::Metrics;
 use crate::tls::ServerTls;
 
 /// How long open gRPC streams get to finish after a shutdown signal. Build and Logs streams of
@@ -78,6 +80,7 @@ pub async fn serve(
     tls: Option<Arc<ServerTls>>,
     builder: ImageBuilderService,
     ops: OpsService,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<(Readiness, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -100,6 +103,7 @@ pub async fn serve(
         .build_v1alpha()
         .context("cannot describe the API for server reflection")?;
     let router = tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer(metrics))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -3,6 +3,7 @@
 //! `grpc.rs` owns the gRPC port.
 
 mod grpc;
+mod grpc_metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,12 +69,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         credentials = credentials.with_ecr(config.ecr_endpoint.clone());
     }
     let credentials = Arc::new(credentials);
-    let registry = Arc::new(Registry::with_policy(
-        &config.insecure_registries,
-        retry,
-        config.registry_timeout,
-    ));
     let metrics = Arc::new(Metrics::new());
+    journal.observe_commits(Arc::clone(&metrics) as _);
+    let registry = Arc::new(
+        Registry::with_policy(&config.insecure_registries, retry, config.registry_timeout)
+            .with_metrics(Arc::clone(&metrics)),
+    );
     let (builder, kubernetes): (Arc<dyn BuildBase>, _) = match &config.executor {
         ExecutorConfig::Local => {
             let buildah = Buildah::new(
@@ -152,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tls,
         ImageBuilderService::new(orchestrator.clone()),
         OpsService::new(orchestrator.clone(), access),
+        Arc::clone(&metrics),
         stop_serving.clone(),
     )
     .await?;

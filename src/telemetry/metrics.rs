@@ -1,10 +1,86 @@
-//! Every metric the service exports, with mk3's names where mk3 had them.
+//! Every metric the service exports, with mk3's names where mk3 had them. Label values that
+//! come from clients (registry hosts, gRPC methods) are bounded: past [`MAX_LABEL_VALUES`]
+//! distinct values, new ones are counted as `other`, so no client can grow the exposition.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// Distinct values one client-driven label takes at most before `other`.
+pub const MAX_LABEL_VALUES: usize = 64;
+
+/// The `state` label: a build state (`resolving`, `building`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// The state, as the ops API names it.
+    pub state: String,
+}
+
+/// The labels of registry requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// The registry host (or `other`).
+    pub host: String,
+    /// `ok`, `transient_error` (retried if the budget allows) or `error`.
+    pub outcome: String,
+    /// "true" when the request repeated a failed one.
+    pub retry: String,
+}
+
+/// The labels of handled gRPC calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `builder.ImageBuilder`, ... (or `other`).
+    pub grpc_service: String,
+    /// The method (or `other`).
+    pub grpc_method: String,
+    /// The status code's name (`OK`, `NotFound`, ...).
+    pub grpc_code: String,
+}
+
+/// The labels of gRPC call durations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcMethodLabels {
+    /// As in [`GrpcLabels`].
+    pub grpc_service: String,
+    /// As in [`GrpcLabels`].
+    pub grpc_method: String,
+}
+
+/// Values of one label, admitted until there are [`MAX_LABEL_VALUES`] of them.
+#[derive(Default)]
+struct Bounded(Mutex<HashSet<String>>);
+
+impl Bounded {
+    fn admit(&self, value: &str) -> String {
+        let mut seen = self.0.lock();
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < MAX_LABEL_VALUES && value.len() <= 128 {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn state_durations() -> Histogram {
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+fn call_durations() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 18))
+}
 
 /// The `success` label of finished builds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,6 +97,19 @@ pub struct Metrics {
     build_duration: Histogram,
     cache_hits: Counter,
     orphan_jobs_deleted: Counter,
+    builds_in_state: Family<StateLabels, Gauge>,
+    queue_depth: Gauge,
+    state_duration: HistogramFamily<StateLabels>,
+    journal_commit_seconds: Histogram,
+    journal_commit_appends: Histogram,
+    journal_commit_records: Histogram,
+    registry_requests: Family<RegistryLabels, Counter>,
+    registry_hosts: Bounded,
+    log_bytes: Counter,
+    log_listeners: Gauge,
+    grpc_handled: Family<GrpcLabels, Counter>,
+    grpc_seconds: HistogramFamily<GrpcMethodLabels>,
+    grpc_methods: Bounded,
 }
 
 impl Default for Metrics {
@@ -64,6 +153,74 @@ impl Metrics {
             "Builder Jobs of this installation that no unfinished build knew, deleted by the sweep",
             orphan_jobs_deleted.clone(),
         );
+        let builds_in_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "image_builder_builds",
+            "Builds in each unfinished state (queued, resolving, checking_cache, building, pushing) right now",
+            builds_in_state.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "image_builder_queue_depth",
+            "Builds waiting for a build slot (maxConcurrentBuilds)",
+            queue_depth.clone(),
+        );
+        let state_duration: HistogramFamily<StateLabels> =
+            Family::new_with_constructor(state_durations);
+        registry.register(
+            "image_builder_state_duration_seconds",
+            "Time builds spent in each state, observed as they leave it",
+            state_duration.clone(),
+        );
+        let journal_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "image_builder_journal_commit_duration_seconds",
+            "Time of one group commit of the journal, its fdatasync included",
+            journal_commit_seconds.clone(),
+        );
+        let journal_commit_appends = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "image_builder_journal_commit_appends",
+            "Appends (transitions, log chunks) carried by one group commit",
+            journal_commit_appends.clone(),
+        );
+        let journal_commit_records = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "image_builder_journal_commit_records",
+            "Records written by one group commit",
+            journal_commit_records.clone(),
+        );
+        let registry_requests = Family::<RegistryLabels, Counter>::default();
+        registry.register(
+            "image_builder_registry_requests",
+            "Registry requests (manifests, blob copies), by host, outcome and retry",
+            registry_requests.clone(),
+        );
+        let log_bytes = Counter::default();
+        registry.register(
+            "image_builder_log_bytes",
+            "Build log bytes made durable in the journal",
+            log_bytes.clone(),
+        );
+        let log_listeners = Gauge::default();
+        registry.register(
+            "image_builder_log_listeners",
+            "Log and journal streams open right now (mk3 Logs, ops Journal)",
+            log_listeners.clone(),
+        );
+        let grpc_handled = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "image_builder_grpc_server_handled",
+            "gRPC calls finished, by service, method and status code",
+            grpc_handled.clone(),
+        );
+        let grpc_seconds: HistogramFamily<GrpcMethodLabels> =
+            Family::new_with_constructor(call_durations);
+        registry.register(
+            "image_builder_grpc_server_handling_seconds",
+            "Time from a gRPC call's arrival to its end (streams included)",
+            grpc_seconds.clone(),
+        );
         Self {
             registry,
             builds_started,
@@ -71,7 +228,85 @@ impl Metrics {
             build_duration,
             cache_hits,
             orphan_jobs_deleted,
+            builds_in_state,
+            queue_depth,
+            state_duration,
+            journal_commit_seconds,
+            journal_commit_appends,
+            journal_commit_records,
+            registry_requests,
+            registry_hosts: Bounded::default(),
+            log_bytes,
+            log_listeners,
+            grpc_handled,
+            grpc_seconds,
+            grpc_methods: Bounded::default(),
         }
+    }
+
+    /// A build entered unfinished state `state`.
+    pub fn state_entered(&self, state: &str) {
+        self.builds_in_state
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A build left unfinished state `state` after `spent` in it.
+    pub fn state_left(&self, state: &str, spent: Duration) {
+        let labels = StateLabels {
+            state: state.to_owned(),
+        };
+        self.builds_in_state.get_or_create(&labels).dec();
+        self.state_duration
+            .get_or_create(&labels)
+            .observe(spent.as_secs_f64());
+    }
+
+    /// `n` builds wait for a slot.
+    pub fn queue_depth(&self, n: usize) {
+        self.queue_depth.set(n as i64);
+    }
+
+    /// A registry request to `host` ended with `outcome`.
+    pub fn registry_request(&self, host: &str, outcome: &str, retry: bool) {
+        self.registry_requests
+            .get_or_create(&RegistryLabels {
+                host: self.registry_hosts.admit(host),
+                outcome: outcome.to_owned(),
+                retry: retry.to_string(),
+            })
+            .inc();
+    }
+
+    /// A log or journal stream opened (`1`) or closed (`-1`).
+    pub fn listeners_changed(&self, by: i64) {
+        self.log_listeners.inc_by(by);
+    }
+
+    /// A gRPC call to `path` (`/service/method`) ended with `code` after `took`.
+    pub fn grpc_handled(&self, path: &str, code: tonic::Code, took: Duration) {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("other", "other"));
+        let admitted = self.grpc_methods.admit(&format!("{service}/{method}"));
+        let (service, method) = admitted.split_once('/').unwrap_or(("other", "other"));
+        let method_labels = GrpcMethodLabels {
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+        };
+        self.grpc_seconds
+            .get_or_create(&method_labels)
+            .observe(took.as_secs_f64());
+        self.grpc_handled
+            .get_or_create(&GrpcLabels {
+                grpc_service: method_labels.grpc_service,
+                grpc_method: method_labels.grpc_method,
+                grpc_code: format!("{code:?}"),
+            })
+            .inc();
     }
 
     /// A new build was accepted.
@@ -105,5 +340,47 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl image_builder_state::journal::CommitObserver for Metrics {
+    fn committed(&self, appends: usize, records: usize, took: Duration) {
+        self.journal_commit_seconds.observe(took.as_secs_f64());
+        self.journal_commit_appends.observe(appends as f64);
+        self.journal_commit_records.observe(records as f64);
+    }
+
+    fn log_written(&self, bytes: u64) {
+        self.log_bytes.inc_by(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_driven_label_values_are_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..(MAX_LABEL_VALUES * 2) {
+            metrics.registry_request(&format!("registry-{i}.example"), "ok", false);
+            metrics.grpc_handled(
+                &format!("/x.Y/Method{i}"),
+                tonic::Code::Unimplemented,
+                Duration::ZERO,
+            );
+        }
+        let text = metrics.render();
+        let hosts = text
+            .lines()
+            .filter(|l| l.starts_with("image_builder_registry_requests_total{"))
+            .count();
+        assert_eq!(hosts, MAX_LABEL_VALUES + 1, "{text}");
+        assert!(text.contains(r#"host="other""#), "{text}");
+        let methods = text
+            .lines()
+            .filter(|l| l.starts_with("image_builder_grpc_server_handled_total{"))
+            .count();
+        assert_eq!(methods, MAX_LABEL_VALUES + 1, "{text}");
     }
 }

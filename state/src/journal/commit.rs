@@ -50,6 +50,7 @@ impl Drop for Committer {
 /// The committer: one batch and one sync for every append waiting at that moment.
 pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
     while let Ok(first) = queue.recv() {
+        let started = std::time::Instant::now();
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match queue.try_recv() {
@@ -91,6 +92,7 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             .iter()
             .map(|(id, seq, _)| (*id, *seq))
             .collect();
+        let written_count = written.len();
         let removed = batch.removed_builds.clone();
         let summaries = WriteBatch {
             summaries: std::mem::take(&mut batch.summaries),
@@ -121,6 +123,9 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
         }
         if let Err(e) = &result {
             tracing::error!(error = %e, "journal commit failed");
+        }
+        if let Some(observer) = shared.observer.get() {
+            observer.committed(waiters.len(), written_count, started.elapsed());
         }
         shared.generation.send_modify(|g| *g += 1);
         for waiter in waiters {

@@ -51,6 +51,16 @@ pub const INLINE_LOG_BYTES: usize = 4096;
 
 pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Told of each group commit (how many appends it carried, how many records they wrote, how
+/// long it took from when the committer took its first append to the sync) and of the build
+/// log bytes made durable (metrics).
+pub trait CommitObserver: Send + Sync {
+    /// One group commit finished (successfully or not).
+    fn committed(&self, appends: usize, records: usize, took: std::time::Duration);
+    /// `bytes` of build log were made durable.
+    fn log_written(&self, bytes: u64);
+}
+
 pub(super) struct Shared {
     store: Arc<dyn Store>,
     /// For each build with records written since open: the first sequence number that is not
@@ -64,6 +74,8 @@ pub(super) struct Shared {
     removed: Mutex<std::collections::HashSet<BuildId>>,
     /// Bumped after every durable group commit.
     generation: watch::Sender<u64>,
+    /// Told of every group commit (metrics), once set.
+    observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
     /// Damaged builds (see `damage.rs`): loaded at open, added to when a read finds damage.
     damaged: Mutex<HashMap<BuildId, Damage>>,
 }
@@ -82,6 +94,11 @@ impl Journal {
         Self::with_store(Arc::new(SledStore::open(dir)?))
     }
 
+    /// Tells `observer` of every group commit from now on (the first observer set stays).
+    pub fn observe_commits(&self, observer: Arc<dyn CommitObserver>) {
+        let _ = self.shared.observer.set(observer);
+    }
+
     /// Opens a journal over any store, repairing summaries from records.
     pub fn with_store(store: Arc<dyn Store>) -> Result<Self> {
         let (generation, _) = watch::channel(0);
@@ -92,6 +109,7 @@ impl Journal {
             removed: Mutex::new(std::collections::HashSet::new()),
             generation,
             damaged: Mutex::new(HashMap::new()),
+            observer: std::sync::OnceLock::new(),
         });
         let damaged = repair::find_damage(&*shared.store)?;
         if !damaged.is_empty() {
@@ -285,6 +303,7 @@ impl Journal {
         progress: Option<BuilderProgress>,
     ) -> Result<u64> {
         let mut offset = 0;
+        let len = data.len() as u64;
         let mut bytes = Some(data);
         self.append_with(id, |view, logs| {
             offset = view.log_len;
@@ -319,6 +338,9 @@ impl Journal {
             Ok(records)
         })
         .await?;
+        if let Some(observer) = self.shared.observer.get() {
+            observer.log_written(len);
+        }
         Ok(offset)
     }
 

@@ -15,6 +15,7 @@ pub mod demo;
 mod fault_proxy;
 mod git_http;
 mod moto;
+mod observability;
 pub mod pki;
 mod process;
 mod registry;
@@ -29,6 +30,7 @@ pub use image_builder::scenario::fixtures::{
     read_file_from_image, read_file_from_image_as, skopeo_inspect, skopeo_inspect_as,
 };
 pub use moto::{MOTO_ACCOUNT, MotoServer, alias_loopback};
+pub use observability::{Jaeger, Prometheus};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use self_hosted::SelfHosted;

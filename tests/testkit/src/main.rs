@@ -54,7 +54,7 @@ enum ScenarioCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    image_builder::telemetry::init_tracing();
+    image_builder::telemetry::init_tracing(None);
     let binary = cli.service_binary.unwrap_or_else(|| {
         std::env::current_exe()
             .map(|exe| exe.with_file_name("image-builder"))
