@@ -468,10 +468,54 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         .to_string(),
     );
 
+    // The Secret cert-manager would write: the service's certificate (for 127.0.0.1, where
+    // the probes connect; server and client usages) and the CA that also signs the
+    // operator's client certificate.
+    let pki = tempfile::tempdir().unwrap();
+    let ca = testkit::pki::Authority::create(pki.path(), "deploy-test-ca").unwrap();
+    let serving = ca
+        .issue(
+            "serving",
+            &testkit::pki::Issue {
+                common_name: "image-builder",
+                alt_names: &["127.0.0.1", "localhost", "image-builder"],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let operator = ca
+        .issue(
+            "operator",
+            &testkit::pki::Issue {
+                common_name: "image-builder-operator",
+                client: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    kubectl(
+        &rig,
+        &["-n", &rig.namespace, "apply", "-f", "-"],
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "image-builder-tls"},
+            "stringData": {"tls.crt": read(&serving.cert), "tls.key": read(&serving.key),
+                           "ca.crt": read(&ca.ca())}
+        })
+        .to_string(),
+    );
+
     let grpc = testkit::free_port().unwrap();
     let metrics = testkit::free_port().unwrap();
     let mut config = rig.config("k8s-deployed");
     config["grpcAddress"] = format!("0.0.0.0:{grpc}").into();
+    config["tls"] = serde_json::json!({
+        "certFile": "/etc/image-builder/tls/tls.crt",
+        "keyFile": "/etc/image-builder/tls/tls.key",
+        "clientCAFile": "/etc/image-builder/tls/ca.crt",
+    });
+    config["operators"] = serde_json::json!(["image-builder-operator"]);
     config["metricsAddress"] = format!("0.0.0.0:{metrics}").into();
     config["dataDir"] = "/data".into();
     config["allowLocalRepositories"] = false.into();
@@ -501,15 +545,16 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
     )
     .replace("localhost/image-builder/service:0.1.0", image)
     .replace("containerPort: 8080", &format!("containerPort: {grpc}"))
+    .replace("\"127.0.0.1:8080\"", &format!("\"127.0.0.1:{grpc}\""))
     .replace("containerPort: 9500", &format!("containerPort: {metrics}"))
     .replace(
         "      serviceAccountName: image-builder\n",
         "      serviceAccountName: image-builder\n      hostNetwork: true\n",
     )
     .replace(
-        "          args: [",
+        "          env:\n",
         &format!(
-            "          env:\n            - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n            - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n          args: ["
+            "          env:\n            - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n            - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n"
         ),
     );
     kubectl(
@@ -540,12 +585,16 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
     )])
     .unwrap();
     let server = GitHttpServer::start_public(&repo).unwrap();
-    let mut client =
-        image_builder::proto::builder::image_builder_client::ImageBuilderClient::connect(format!(
-            "http://127.0.0.1:{grpc}"
-        ))
-        .await
-        .unwrap();
+    // Only over mTLS, with a certificate of the CA.
+    let address = format!("127.0.0.1:{grpc}");
+    let as_operator = image_builder::client::ClientOptions {
+        tls_ca: Some(ca.ca()),
+        tls_cert: Some(operator.cert.clone()),
+        tls_key: Some(operator.key.clone()),
+        token_file: None,
+    };
+    let connector = as_operator.connector().unwrap();
+    let mut client = connector.builder(&address).await.unwrap();
     let responses = build_all(&mut client, head_build(&server.uri()))
         .await
         .unwrap();
@@ -562,6 +611,27 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
     assert_eq!(made, b"built-in-the-cluster\n");
     // The store is on the volume.
     assert!(data.path().join("store").is_dir());
+    // The operator's certificate opens the ops API; a plain-text client gets nowhere.
+    let mut ops = connector.ops(&address).await.unwrap();
+    let shown = ops
+        .get_build(image_builder::proto::ops::GetBuildRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.state, "done");
+    let plain = image_builder::client::ClientOptions::default()
+        .connector()
+        .unwrap();
+    let refused = match plain.builder(&address).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .list_builds(pb::ListBuildsRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "the deployed service speaks only TLS");
 
     kubectl(
         &rig,

@@ -29,6 +29,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::{Api, Client};
+use tracing::Instrument;
 
 use crate::config::KubernetesConfig;
 use crate::credentials::{BuildSecrets, Credentials, Secret as Credential};
@@ -286,16 +287,28 @@ impl BuildBase for KubernetesExecutor {
                 progress
             }
         };
-        let mut watch = follow::JobWatch::new(&self.jobs, &self.pods, &name);
-        self.job_for(build, source, secrets, log).await?;
+        // One span for the builder Job, from its creation (or the attach after a restart) to
+        // its end.
+        let span = tracing::info_span!(
+            "kubernetes job",
+            otel.name = "kubernetes job",
+            k8s.namespace = %self.config.namespace,
+            k8s.job = %name,
+        );
         let tail = Tail::default();
-        let outcome = match watch.started().await? {
-            Ok(pod) => {
-                follow::stream_output(&self.pods, &pod, from, log, tail.clone()).await?;
-                watch.ended().await?
-            }
-            Err(reason) => follow::Ended::Failed(reason),
-        };
+        let outcome = async {
+            let mut watch = follow::JobWatch::new(&self.jobs, &self.pods, &name);
+            self.job_for(build, source, secrets, log).await?;
+            Ok::<_, StepError>(match watch.started().await? {
+                Ok(pod) => {
+                    follow::stream_output(&self.pods, &pod, from, log, tail.clone()).await?;
+                    watch.ended().await?
+                }
+                Err(reason) => follow::Ended::Failed(reason),
+            })
+        }
+        .instrument(span)
+        .await?;
         self.delete_secret(&name).await;
         match outcome {
             follow::Ended::Succeeded => Ok(()),
