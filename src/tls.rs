@@ -112,10 +112,11 @@ impl ServerTls {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let acceptor = self.acceptor();
+                let tls = Arc::clone(&self);
                 let ready = ready.clone();
                 tokio::spawn(async move {
-                    if let Some(tls) = handshake(acceptor, stream, peer).await {
+                    // The files are looked at here, not in the accept loop.
+                    if let Some(tls) = handshake(tls.acceptor(), stream, peer).await {
                         let _ = ready.send(Ok(tls)).await;
                     }
                 });

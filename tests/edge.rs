@@ -54,10 +54,6 @@ async fn ops_client(options: &ClientOptions, address: &str) -> image_builder::cl
     options.connector().unwrap().ops(address).await.unwrap()
 }
 
-fn address(service: &Service) -> String {
-    service.grpc_url().trim_start_matches("http://").to_owned()
-}
-
 /// A build that runs until cancelled.
 fn sleeping_build(repo: &GitRepo) -> pb::BuildRequest {
     head_build(&repo.uri())
@@ -128,7 +124,7 @@ async fn mtls_admits_only_valid_client_certificates_and_operators_by_name() {
     config["operators"] = serde_json::json!(["alice"]);
     config["viewers"] = serde_json::json!(["alice", "bob.example.com"]);
     let service = Service::start(binary(), config).unwrap();
-    let address = address(&service);
+    let address = service.grpc_address().to_owned();
     assert!(
         service
             .log()
@@ -276,7 +272,7 @@ async fn the_operator_token_opens_the_ops_api_is_reread_and_never_written_anywhe
     config["tls"] = serde_json::json!({"certFile": server.cert, "keyFile": server.key});
     config["operatorTokenFile"] = token_file.display().to_string().into();
     let service = Service::start(binary(), config).unwrap();
-    let address = address(&service);
+    let address = service.grpc_address().to_owned();
 
     // Plain TLS: no client certificate needed for mk3's service.
     mk3_call(&trusting(&ca.ca()), &address).await.unwrap();
@@ -391,7 +387,12 @@ async fn a_network_address_needs_tls_or_allow_insecure_and_ops_need_an_operator(
         "{}",
         service.log()
     );
-    let port = address(&service).rsplit(':').next().unwrap().to_owned();
+    let port = service
+        .grpc_address()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
     let address = format!("127.0.0.1:{port}");
     mk3_call(&ClientOptions::default(), &address).await.unwrap();
     let mut ops = ops_client(&ClientOptions::default(), &address).await;
@@ -503,7 +504,7 @@ fn reflection_lets_grpcurl_list_and_describe_without_the_proto_files() {
          builds it (scripts/peers/go-tools.sh)",
     );
     let service = service("edge-reflection");
-    let address = address(&service);
+    let address = service.grpc_address().to_owned();
     let run = |args: &[&str]| {
         let out = Command::new(&grpcurl)
             .arg("-plaintext")

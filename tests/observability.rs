@@ -175,19 +175,9 @@ async fn prometheus_scrapes_every_metric_a_dashboard_needs() {
 
 /// A W3C traceparent of a fresh trace: (header, trace id, parent span id).
 fn traceparent(seed: u8) -> (String, String, String) {
-    let trace = format!("{seed:02x}").repeat(2) + &uuid_hex()[4..];
-    let span = uuid_hex()[..16].to_owned();
+    let trace = format!("{seed:02x}").repeat(2) + &testkit::random_hex().unwrap()[4..];
+    let span = testkit::random_hex().unwrap()[..16].to_owned();
     (format!("00-{trace}-{span}-01"), trace, span)
-}
-
-fn uuid_hex() -> String {
-    let mut bytes = [0u8; 16];
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn with_traceparent(request: pb::BuildRequest, header: &str) -> tonic::Request<pb::BuildRequest> {

@@ -31,7 +31,7 @@ fn cli(service: &Service, args: &[&str]) -> (bool, String, String) {
 }
 
 fn addr(service: &Service) -> String {
-    service.grpc_url().trim_start_matches("http://").to_owned()
+    service.grpc_address().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,7 @@ fn a_scenario_plays_against_a_running_service_with_target() {
     let service =
         image_builder_testkit::Service::start(binary(), config(shared.registry.addr(), "target"))
             .unwrap();
-    let target = service.grpc_url().trim_start_matches("http://").to_owned();
+    let target = service.grpc_address().to_owned();
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/happy-ref.yaml");
     let out = std::process::Command::new(binary())
         .args(["scenario", "run"])

@@ -4,7 +4,8 @@
 # outside the clone, keyed by version:
 #   ${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}/go-tools/<name>-<version>/<name>
 # A fresh machine takes about 10 minutes here (two cores, Jaeger is most of it); a cached one,
-# none. Uses the Go on PATH (or /usr/local/go), else installs Debian's golang-go.
+# none. Uses the Go on PATH (or /usr/local/go) when it is 1.24.6 or later, else fetches a Go
+# toolchain from the Go module proxy into the cache.
 # Prints `NAME=path` lines for the test command to export. Idempotent.
 set -euo pipefail
 
@@ -18,15 +19,48 @@ TOOLS=(
 
 say() { echo "go-tools: $*" >&2; }
 
+# Jaeger's go.mod asks for Go 1.24.6 or later.
+GO_MIN=1.24.6
+GO_TOOLCHAIN=1.25.4
+
+go_version_ok() {
+  local have
+  have=$("$1" env GOVERSION 2>/dev/null | sed 's/^go//') || return 1
+  [[ -n $have ]] && [[ $(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -n 1) == "$GO_MIN" ]]
+}
+
+# A Go new enough: the one on PATH or in /usr/local/go, else the toolchain the Go module
+# proxy serves (golang.org/toolchain), unpacked into the cache.
 go_bin() {
-  if command -v go >/dev/null; then command -v go; return; fi
-  if [[ -x /usr/local/go/bin/go ]]; then echo /usr/local/go/bin/go; return; fi
-  local sudo=""
-  [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  say "installing Debian's golang-go"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends golang-go >/dev/null
-  command -v go
+  local candidate
+  for candidate in "$(command -v go 2>/dev/null)" /usr/local/go/bin/go; do
+    if [[ -x $candidate ]] && go_version_ok "$candidate"; then
+      echo "$candidate"
+      return
+    fi
+  done
+  local dest=$CACHE/go-toolchain-$GO_TOOLCHAIN
+  if [[ ! -x $dest/bin/go ]]; then
+    say "fetching Go $GO_TOOLCHAIN from the Go module proxy"
+    command -v unzip >/dev/null || {
+      local sudo=""
+      [[ $(id -u) -eq 0 ]] || sudo="sudo"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends unzip curl >/dev/null
+    }
+    local zip
+    zip=$(mktemp "${TMPDIR:-/tmp}/go-toolchain.XXXXXX.zip")
+    curl -fsSL -o "$zip" "https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-go$GO_TOOLCHAIN.linux-amd64.zip"
+    rm -rf "$dest.tmp"
+    mkdir -p "$dest.tmp"
+    unzip -q "$zip" -d "$dest.tmp"
+    rm -f "$zip"
+    rm -rf "$dest"
+    mv "$dest.tmp/golang.org/toolchain@v0.0.1-go$GO_TOOLCHAIN.linux-amd64" "$dest"
+    rm -rf "$dest.tmp"
+    chmod +x "$dest"/bin/* "$dest"/pkg/tool/*/* 2>/dev/null || true
+  fi
+  echo "$dest/bin/go"
 }
 
 for tool in "${TOOLS[@]}"; do

@@ -233,7 +233,7 @@ fn certificate_names<T>(request: &Request<T>) -> Option<Vec<String>> {
 }
 
 /// The names a DER certificate carries, as [`certificate_names`] lists them.
-pub fn names_of(der: &[u8]) -> Vec<String> {
+fn names_of(der: &[u8]) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();

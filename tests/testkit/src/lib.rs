@@ -34,5 +34,5 @@ pub use observability::{Jaeger, Prometheus};
 pub use process::free_port;
 pub use registry::LocalRegistry;
 pub use self_hosted::SelfHosted;
-pub use service::{Service, read_logs};
+pub use service::{Service, random_hex, read_logs};
 pub use token_server::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};

@@ -47,7 +47,7 @@ impl Service {
             // The ops API needs an operator: the test kit's clients hold this token.
             if !map.contains_key("operatorTokenFile") && !map.contains_key("operators") {
                 let path = dir.path().join("operator-token");
-                std::fs::write(&path, random_token()?)?;
+                std::fs::write(&path, random_hex()?)?;
                 map.insert(
                     "operatorTokenFile".into(),
                     path.display().to_string().into(),
@@ -125,6 +125,11 @@ impl Service {
     /// The service's data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// `HOST:PORT` of the gRPC API.
+    pub fn grpc_address(&self) -> &str {
+        &self.grpc_address
     }
 
     /// `http://HOST:PORT` of the gRPC API.
@@ -290,8 +295,8 @@ pub async fn read_logs(
     Ok(log)
 }
 
-/// 32 hex digits from the kernel's random source.
-fn random_token() -> Result<String> {
+/// 32 hex digits from the kernel's random source (tokens, trace ids).
+pub fn random_hex() -> Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
