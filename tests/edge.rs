@@ -162,6 +162,28 @@ async fn mtls_admits_only_valid_client_certificates_and_operators_by_name() {
         .await
         .expect("bob is a viewer by his DNS name");
 
+    // The scenario runner speaks mTLS with the same flags (on the service's first build).
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/happy-ref.yaml");
+    let out = Command::new(binary())
+        .args(["scenario", "run"])
+        .arg(&scenario)
+        .args(["--target", &address, "--registry", shared().registry.addr()])
+        .arg("--tls-ca")
+        .arg(ca.ca())
+        .arg("--tls-cert")
+        .arg(&alice.cert)
+        .arg("--tls-key")
+        .arg(&alice.key)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let played = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && played.lines().any(|l| l == "1 passed, 0 failed"),
+        "{played}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let repo = sleeping_repo();
     let mut alice_mk3 = with_cert(&ca.ca(), &alice)
         .connector()
