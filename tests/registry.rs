@@ -182,3 +182,63 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     );
     assert!(retries[0].contains("retrying in"), "{retries:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_lookups_at_once_make_one_request_and_a_moved_tag_is_seen_next() {
+    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+
+    let local = LocalRegistry::start().unwrap();
+    testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        local.addr(),
+        "co/busybox:1",
+    )
+    .unwrap();
+    let proxy = FaultProxy::start(local.addr()).await.unwrap();
+    // Every manifest request takes half a second: the lookups below overlap.
+    proxy.inject(Fault {
+        path_contains: "/manifests/".into(),
+        method: None,
+        kind: FaultKind::Latency { ms: 500 },
+        times: None,
+    });
+    let via = proxy.addr().to_owned();
+    let registry = std::sync::Arc::new(Registry::new(std::slice::from_ref(&via)));
+    let reference = format!("{via}/co/busybox:1");
+    let lookups: Vec<_> = (0..50)
+        .map(|_| {
+            let registry = std::sync::Arc::clone(&registry);
+            let reference = reference.clone();
+            tokio::spawn(async move {
+                registry
+                    .lookup(&reference, &NoCredentials, &Untracked)
+                    .await
+            })
+        })
+        .collect();
+    let mut digests = std::collections::BTreeSet::new();
+    for lookup in lookups {
+        digests.insert(lookup.await.unwrap().unwrap().unwrap());
+    }
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    assert_eq!(
+        proxy.served(),
+        1,
+        "50 identical lookups at once made one request"
+    );
+
+    // Nothing is cached past the request: the tag moved, the next lookup sees it.
+    testkit::push_image(
+        &BaseImage::busybox(1024).unwrap(),
+        local.addr(),
+        "co/busybox:1",
+    )
+    .unwrap();
+    let moved = registry
+        .lookup(&reference, &NoCredentials, &Untracked)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!digests.contains(&moved), "the moved tag is seen");
+    assert_eq!(proxy.served(), 2);
+}

@@ -1,5 +1,7 @@
 //! One registry credential and the host it is for.
 
+use sha2::Digest;
+
 use super::*;
 
 /// A credential for one registry.
@@ -39,6 +41,22 @@ impl Secret {
             }
             Secret::Bearer(_) => None,
         }
+    }
+
+    /// SHA-256 of the credential: tells two credentials apart (to share a registry answer or
+    /// client between callers holding the same one) without keeping another copy of it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut hash = sha2::Sha256::new();
+        let parts: [&str; 2] = match self {
+            Secret::Basic { user, password } => [user, password],
+            Secret::Bearer(token) => ["", token],
+        };
+        hash.update([matches!(self, Secret::Bearer(_)) as u8]);
+        for part in parts {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.finalize().into()
     }
 
     /// The values that must never appear in a log.

@@ -2,6 +2,7 @@
 //! from one reference to another, over oci-client. The only module that speaks the OCI
 //! distribution protocol.
 
+mod coalesce;
 mod error;
 mod once;
 mod retry;
@@ -21,9 +22,11 @@ use crate::steps::Progress;
 use crate::telemetry::Metrics;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use coalesce::{Coalescer, Question};
 pub use error::Error;
 use once::{copy_blob, lookup_once, resolve_once};
 use retry::Resource;
@@ -48,7 +51,16 @@ pub struct Registry {
     retry: RetryPolicy,
     timeout: Duration,
     metrics: Option<Arc<Metrics>>,
+    /// One client per credential (by fingerprint), so connections and registry tokens are
+    /// reused across builds; at most [`MAX_CLIENTS`], then started afresh.
+    clients: parking_lot::Mutex<HashMap<[u8; 32], Client>>,
+    /// Identical lookups and resolutions in flight.
+    lookups: Coalescer<Option<String>>,
+    resolutions: Coalescer<String>,
 }
+
+/// Clients kept for credentials, at most.
+const MAX_CLIENTS: usize = 256;
 
 /// The parts of a manifest a copy needs.
 #[derive(Deserialize)]
@@ -122,6 +134,9 @@ impl Registry {
             retry,
             timeout,
             metrics: None,
+            clients: parking_lot::Mutex::new(HashMap::new()),
+            lookups: Coalescer::default(),
+            resolutions: Coalescer::default(),
         }
     }
 
@@ -132,17 +147,27 @@ impl Registry {
         self
     }
 
-    /// A client for `image`'s registry presenting `secret`: the shared anonymous client, or a
-    /// fresh one holding this credential only (oci-client keeps one credential per registry and
-    /// client, so clients are never shared between credentials).
-    async fn session(&self, image: &Reference, secret: Option<Secret>) -> Session {
+    /// A client for `image`'s registry presenting `secret`: the shared anonymous client, or the
+    /// one kept for this credential (oci-client keeps one credential per registry and client,
+    /// so clients are never shared between credentials; callers with the same credential share
+    /// its connections and tokens).
+    async fn session(&self, image: &Reference, secret: Option<&Secret>) -> Session {
         match secret {
             None => Session {
                 client: self.client.clone(),
                 auth: RegistryAuth::Anonymous,
             },
             Some(secret) => {
-                let client = Client::new(client_config(&self.insecure, self.timeout));
+                let client = {
+                    let mut clients = self.clients.lock();
+                    if clients.len() >= MAX_CLIENTS {
+                        clients.clear();
+                    }
+                    clients
+                        .entry(secret.fingerprint())
+                        .or_insert_with(|| Client::new(client_config(&self.insecure, self.timeout)))
+                        .clone()
+                };
                 let auth = secret.registry_auth();
                 client
                     .store_auth_if_needed(image.resolve_registry(), &auth)
@@ -162,13 +187,17 @@ impl Registry {
     ) -> Result<String, Error> {
         let image = parse_reference(reference)?;
         self.renewing(keychain, &[image.registry()], progress, || async {
-            let session = self
-                .session(&image, keychain.pull(image.registry()).await)
-                .await;
-            self.retrying(Resource::Manifest(&image), progress, || {
-                resolve_once(&session, &image, reference)
-            })
-            .await
+            let secret = keychain.pull(image.registry()).await;
+            let question = Question::new("resolve", &image.whole(), secret.as_ref());
+            self.resolutions
+                .answer(question, async {
+                    let session = self.session(&image, secret.as_ref()).await;
+                    self.retrying(Resource::Manifest(&image), progress, || {
+                        resolve_once(&session, &image, reference)
+                    })
+                    .await
+                })
+                .await
         })
         .await
     }
@@ -216,13 +245,17 @@ impl Registry {
     ) -> Result<Option<String>, Error> {
         let image = parse_reference(reference)?;
         self.renewing(keychain, &[image.registry()], progress, || async {
-            let session = self
-                .session(&image, keychain.pull(image.registry()).await)
-                .await;
-            self.retrying(Resource::Manifest(&image), progress, || {
-                lookup_once(&session, &image, reference)
-            })
-            .await
+            let secret = keychain.pull(image.registry()).await;
+            let question = Question::new("lookup", &image.whole(), secret.as_ref());
+            self.lookups
+                .answer(question, async {
+                    let session = self.session(&image, secret.as_ref()).await;
+                    self.retrying(Resource::Manifest(&image), progress, || {
+                        lookup_once(&session, &image, reference)
+                    })
+                    .await
+                })
+                .await
         })
         .await
     }
@@ -258,10 +291,10 @@ impl Registry {
     ) -> Result<String, Error> {
         let (source, target) = (source.clone(), target.clone());
         let reader = self
-            .session(&source, keychain.pull(source.registry()).await)
+            .session(&source, keychain.pull(source.registry()).await.as_ref())
             .await;
         let writer = self
-            .session(&target, keychain.push(target.registry()).await)
+            .session(&target, keychain.push(target.registry()).await.as_ref())
             .await;
         let what = format!("image {from}");
         let (manifest, digest) = self
