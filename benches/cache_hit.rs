@@ -1,8 +1,12 @@
-//! Cache-hit Build latency through the real service and gRPC (p50, p99), beside `skopeo
-//! inspect` of the same ref and a bare registry HEAD, all in the same run against the same
-//! loopback registry.
+//! Cache-hit Build latency through the real service and gRPC (p50, p99), beside its peers in
+//! the same run against the same loopback registry: the two keep-alive HEADs mk3's protocol
+//! needs (resolve the base, look up the workspace image), an in-process lookup, and `skopeo
+//! inspect`. Then a burst of identical cache-hit Builds at once, beside the client's own floor
+//! (as many trivial RPCs at once: grpc.health Check) and the registry's (twice as many HEADs at
+//! once from one async client).
 //!
-//! `cargo bench --bench cache_hit` (BENCH_CALLS sets the number of Build calls, default 300).
+//! `cargo bench --bench cache_hit` (BENCH_CALLS: sequential Build calls, default 300;
+//! BENCH_BURST: calls at once, default 1000).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
@@ -45,11 +49,62 @@ async fn build(
     all
 }
 
-fn main() {
-    let calls: usize = std::env::var("BENCH_CALLS")
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(default)
+}
+
+/// `HEAD /v2/<repo>/manifests/<tag or digest>` of `reference` (`host/repo:tag` or `@digest`).
+fn manifest_url(reference: &str) -> String {
+    let (host, rest) = reference.split_once('/').unwrap();
+    let (repo, tag) = match rest.split_once('@') {
+        Some((repo, digest)) => (repo, digest),
+        None => rest.rsplit_once(':').unwrap(),
+    };
+    format!("http://{host}/v2/{repo}/manifests/{tag}")
+}
+
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json";
+
+async fn head(http: &reqwest::Client, url: &str) {
+    let r = http
+        .head(url)
+        .header("Accept", ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+}
+
+/// Runs `n` copies of `call` at once; the time each took, and the whole.
+async fn burst<F, Fut>(n: usize, call: F) -> (Vec<Duration>, Duration)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let call = call(i);
+            tokio::spawn(async move {
+                let start = Instant::now();
+                call.await;
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(n);
+    for task in tasks {
+        samples.push(task.await.unwrap());
+    }
+    (samples, started.elapsed())
+}
+
+fn main() {
+    let calls = env_or("BENCH_CALLS", 300);
+    let burst_size = env_or("BENCH_BURST", 1000);
     let registry = LocalRegistry::start().unwrap();
     let image = BaseImage::busybox(0).unwrap();
     let base = testkit::push_image(&image, registry.addr(), "bench/busybox:1").unwrap();
@@ -94,6 +149,63 @@ fn main() {
         samples
     });
 
+    // The peer mk3's protocol sets: the two round trips of a cache hit, as bare HEADs on one
+    // keep-alive connection.
+    let mut two_heads = runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let (base_url, workspace_url) = (manifest_url(&base), manifest_url(&workspace_ref));
+        head(&http, &base_url).await;
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let start = Instant::now();
+            head(&http, &base_url).await;
+            head(&http, &workspace_url).await;
+            samples.push(start.elapsed());
+        }
+        samples
+    });
+
+    // The burst: identical cache hits at once over one channel, beside the client's floor
+    // (trivial RPCs at once over the same kind of channel) and the registry's (HEADs at once).
+    let (mut burst_hits, burst_total, mut floor, floor_total, mut registry_burst, registry_total) =
+        runtime.block_on(async {
+            let client = service.client().await.unwrap();
+            let (hits, hits_total) = burst(burst_size, |_| {
+                let mut client = client.clone();
+                let base = base.clone();
+                async move {
+                    let r = build(&mut client, &base).await;
+                    assert_eq!(r.len(), 1, "every call is a cache hit");
+                }
+            })
+            .await;
+            let channel = tonic::transport::Endpoint::from_shared(service.grpc_url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let (floor, floor_total) = burst(burst_size, |_| {
+                let mut health = health.clone();
+                async move {
+                    health
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+            let http = reqwest::Client::new();
+            let url = manifest_url(&workspace_ref);
+            let (heads, heads_total) = burst(burst_size * 2, |_| {
+                let http = http.clone();
+                let url = url.clone();
+                async move { head(&http, &url).await }
+            })
+            .await;
+            (hits, hits_total, floor, floor_total, heads, heads_total)
+        });
+
     let skopeo_runs = (calls / 10).max(10);
     let mut skopeo: Vec<Duration> = (0..skopeo_runs)
         .map(|_| {
@@ -106,6 +218,10 @@ fn main() {
     let (h50, h99) = (percentile(&mut hits, 0.5), percentile(&mut hits, 0.99));
     let (r50, r99) = (percentile(&mut heads, 0.5), percentile(&mut heads, 0.99));
     let (s50, s99) = (percentile(&mut skopeo, 0.5), percentile(&mut skopeo, 0.99));
+    let (t50, t99) = (
+        percentile(&mut two_heads, 0.5),
+        percentile(&mut two_heads, 0.99),
+    );
     println!("| measurement | runs | p50 ms | p99 ms | p50 vs skopeo |");
     println!("|---|---:|---:|---:|---:|");
     println!(
@@ -121,8 +237,55 @@ fn main() {
         ms(r50) / ms(s50)
     );
     println!(
+        "| two keep-alive HEADs (base, workspace), bare HTTP | {calls} | {:.2} | {:.2} | {:.2} |",
+        ms(t50),
+        ms(t99),
+        ms(t50) / ms(s50)
+    );
+    println!(
         "| `skopeo inspect` of the same ref (new process each) | {skopeo_runs} | {:.2} | {:.2} | 1.00 |",
         ms(s50),
         ms(s99)
+    );
+    println!();
+    println!(
+        "cache-hit Build p50 / two HEADs p50: {:.2}x (goal <= 1.2x)",
+        ms(h50) / ms(t50)
+    );
+    println!();
+    let (b50, b99) = (
+        percentile(&mut burst_hits, 0.5),
+        percentile(&mut burst_hits, 0.99),
+    );
+    let (f50, f99) = (percentile(&mut floor, 0.5), percentile(&mut floor, 0.99));
+    let (g50, g99) = (
+        percentile(&mut registry_burst, 0.5),
+        percentile(&mut registry_burst, 0.99),
+    );
+    println!("| burst, all at once | calls | p50 ms | p99 ms | all done ms |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| identical cache-hit Builds, one channel | {burst_size} | {:.1} | {:.1} | {:.1} |",
+        ms(b50),
+        ms(b99),
+        ms(burst_total)
+    );
+    println!(
+        "| grpc.health Check (the client's floor), one channel | {burst_size} | {:.1} | {:.1} | {:.1} |",
+        ms(f50),
+        ms(f99),
+        ms(floor_total)
+    );
+    println!(
+        "| registry HEADs (the registry's capacity), one async client | {} | {:.1} | {:.1} | {:.1} |",
+        burst_size * 2,
+        ms(g50),
+        ms(g99),
+        ms(registry_total)
+    );
+    println!();
+    println!(
+        "burst p99 / the client's floor p99: {:.2}x (goal <= 2x, and p99 < 50 ms)",
+        ms(b99) / ms(f99)
     );
 }
