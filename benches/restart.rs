@@ -1,0 +1,102 @@
+//! Restart to serving with history: the real binary started on a store holding N finished
+//! builds (written through the journal), timed from spawn to its "image-builder serving" line,
+//! after a clean stop (SIGTERM) and after SIGKILL, with its resident memory once serving.
+//! Issue 14's goal: under 300 ms either way, not growing with history. No peer: the figure
+//! is compared with the same binary on a store of one build, in the same run.
+//!
+//! `cargo bench --bench restart` (BENCH_BUILDS: comma-separated store sizes, default
+//! `1,2000,10000`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a failed unwrap is a failed run
+
+use std::time::{Duration, Instant};
+
+use image_builder_state::testing::new_build;
+use image_builder_state::{Event, Journal};
+use image_builder_testkit::Service;
+
+/// Writes `n` builds that ended Done into the store under `data_dir`, 64 at a time.
+async fn fill(data_dir: &std::path::Path, n: usize) {
+    let journal = Journal::open(&data_dir.join("store")).unwrap();
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(64);
+        let tasks: Vec<_> = (0..batch)
+            .map(|_| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    let id = new_build(&journal).await;
+                    for event in [Event::Admitted, Event::Resolved, Event::CacheHit] {
+                        journal.transition(id, event).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        left -= batch;
+    }
+}
+
+/// The resident set of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("BENCH_BUILDS")
+        .unwrap_or_else(|_| "1,2000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_image-builder"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    println!(
+        "| builds stored | first start ms | after SIGTERM ms | after SIGKILL ms | RSS serving MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let dir = tempfile::Builder::new()
+            .prefix("restart-bench-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let data = dir.path().join("data");
+        runtime.block_on(fill(&data, n));
+        // The journal's sled threads let go of the files a moment after the last handle.
+        std::thread::sleep(Duration::from_millis(500));
+        let config = serde_json::json!({
+            "baseImageRepository": "127.0.0.1:1/bench/base",
+            "workspaceImageRepository": "127.0.0.1:1/bench/workspace",
+            "dataDir": data.display().to_string(),
+        });
+        let started = Instant::now();
+        let mut service = Service::start(binary, config).unwrap();
+        let first = started.elapsed();
+        service.stop();
+        let started = Instant::now();
+        service.restart().unwrap();
+        let after_term = started.elapsed();
+        let rss = rss_mib(service.pid().unwrap());
+        service.kill();
+        let started = Instant::now();
+        service.restart().unwrap();
+        let after_kill = started.elapsed();
+        service.stop();
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} |",
+            ms(first),
+            ms(after_term),
+            ms(after_kill)
+        );
+    }
+}
