@@ -209,6 +209,16 @@ async fn a_build_that_failed_on_a_transient_fault_succeeds_when_retried() {
         .unwrap()
         .into_inner();
     assert_eq!((build.state.as_str(), build.attempt), ("done", 2));
+    let asked: Vec<(&str, &str)> = build
+        .requests
+        .iter()
+        .map(|r| (r.action.as_str(), r.identity.as_str()))
+        .collect();
+    assert_eq!(
+        asked,
+        [("retry", "operator token")],
+        "who asked is journaled"
+    );
     let list = client
         .list_builds(pb::ListBuildsRequest {})
         .await
