@@ -104,14 +104,7 @@ async fn prometheus_scrapes_every_metric_a_dashboard_needs() {
     )])
     .unwrap();
     let (_running, id) = start_build(&mut client, head_build(&sleeper.uri())).await;
-    let mut open = client
-        .logs(pb::LogsRequest {
-            build_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut open = follow_logs(&mut client, &id).await;
     let _first = open.message().await.unwrap();
 
     for (promql, at_least) in [

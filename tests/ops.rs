@@ -466,14 +466,7 @@ async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
     assert_eq!(get(&mut ops, &whole).await.state, "done");
 
     // The log of the cut build is served whole up to the damage, then DataLoss.
-    let mut stream = client
-        .logs(pb::LogsRequest {
-            build_id: cut.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = follow_logs(&mut client, &cut).await;
     let mut log = Vec::new();
     let end = loop {
         match stream.message().await {

@@ -186,14 +186,7 @@ async fn sigkill_in_the_middle_of_a_copy_resumes_under_the_same_build_id() {
     assert!(!id.is_empty());
 
     // Wait, on the journaled log, for the copy of the large blob to begin; then kill.
-    let mut logs = client
-        .logs(pb::LogsRequest {
-            build_id: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut logs = follow_logs(&mut client, &id).await;
     let mut seen = String::new();
     while !seen
         .lines()

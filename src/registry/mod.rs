@@ -185,20 +185,14 @@ impl Registry {
         keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<String, Error> {
-        let image = parse_reference(reference)?;
-        self.renewing(keychain, &[image.registry()], progress, || async {
-            let secret = keychain.pull(image.registry()).await;
-            let question = Question::new("resolve", &image.whole(), secret.as_ref());
-            self.resolutions
-                .answer(question, async {
-                    let session = self.session(&image, secret.as_ref()).await;
-                    self.retrying(Resource::Manifest(&image), progress, || {
-                        resolve_once(&session, &image, reference)
-                    })
-                    .await
-                })
-                .await
-        })
+        self.ask_manifest(
+            &self.resolutions,
+            "resolve",
+            reference,
+            keychain,
+            progress,
+            resolve_once,
+        )
         .await
     }
 
@@ -243,15 +237,41 @@ impl Registry {
         keychain: &dyn Keychain,
         progress: &dyn Progress,
     ) -> Result<Option<String>, Error> {
+        self.ask_manifest(
+            &self.lookups,
+            "lookup",
+            reference,
+            keychain,
+            progress,
+            lookup_once,
+        )
+        .await
+    }
+
+    /// Asks `once` about `reference`'s manifest with the keychain's pull credential: retried,
+    /// shared with identical questions in flight, asked again once after a renewed credential.
+    async fn ask_manifest<T, F>(
+        &self,
+        in_flight: &Coalescer<T>,
+        kind: &'static str,
+        reference: &str,
+        keychain: &dyn Keychain,
+        progress: &dyn Progress,
+        once: F,
+    ) -> Result<T, Error>
+    where
+        T: Clone,
+        F: AsyncFn(&Session, &Reference, &str) -> Result<T, Error>,
+    {
         let image = parse_reference(reference)?;
         self.renewing(keychain, &[image.registry()], progress, || async {
             let secret = keychain.pull(image.registry()).await;
-            let question = Question::new("lookup", &image.whole(), secret.as_ref());
-            self.lookups
+            let question = Question::new(kind, &image.whole(), secret.as_ref());
+            in_flight
                 .answer(question, async {
                     let session = self.session(&image, secret.as_ref()).await;
                     self.retrying(Resource::Manifest(&image), progress, || {
-                        lookup_once(&session, &image, reference)
+                        once(&session, &image, reference)
                     })
                     .await
                 })

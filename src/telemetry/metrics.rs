@@ -74,6 +74,15 @@ impl Bounded {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// `metric`, registered in `registry` as `name` with `help`.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn state_durations() -> Histogram {
     Histogram::new(exponential_buckets(0.05, 2.0, 16))
 }
@@ -122,125 +131,107 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let builds_started = Counter::default();
-        let builds_done = Family::<DoneLabels, Counter>::default();
-        let build_duration = Histogram::new(exponential_buckets(1.0, 2.0, 14));
-        let cache_hits = Counter::default();
-        let orphan_jobs_deleted = Counter::default();
         // prometheus-client appends `_total` to counters.
-        registry.register(
-            "gitpod_image_builder_builds_started",
-            "Builds started (mk3 name)",
-            builds_started.clone(),
-        );
-        registry.register(
-            "gitpod_image_builder_builds_done",
-            "Builds finished, by success (mk3 name)",
-            builds_done.clone(),
-        );
-        registry.register(
-            "image_builder_build_duration_seconds",
-            "Time from accepting a build to its end",
-            build_duration.clone(),
-        );
-        registry.register(
-            "image_builder_cache_hits",
-            "Build requests answered from an existing workspace image",
-            cache_hits.clone(),
-        );
-        registry.register(
-            "image_builder_orphan_jobs_deleted",
-            "Builder Jobs of this installation that no unfinished build knew, deleted by the sweep",
-            orphan_jobs_deleted.clone(),
-        );
-        let builds_in_state = Family::<StateLabels, Gauge>::default();
-        registry.register(
-            "image_builder_builds",
-            "Builds in each unfinished state (queued, resolving, checking_cache, building, pushing) right now",
-            builds_in_state.clone(),
-        );
-        let queue_depth = Gauge::default();
-        registry.register(
-            "image_builder_queue_depth",
-            "Builds waiting for a build slot (maxConcurrentBuilds)",
-            queue_depth.clone(),
-        );
-        let state_duration: HistogramFamily<StateLabels> =
-            Family::new_with_constructor(state_durations);
-        registry.register(
-            "image_builder_state_duration_seconds",
-            "Time builds spent in each state, observed as they leave it",
-            state_duration.clone(),
-        );
-        let journal_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
-        registry.register(
-            "image_builder_journal_commit_duration_seconds",
-            "Time of one group commit of the journal, its fdatasync included",
-            journal_commit_seconds.clone(),
-        );
-        let journal_commit_appends = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        registry.register(
-            "image_builder_journal_commit_appends",
-            "Appends (transitions, log chunks) carried by one group commit",
-            journal_commit_appends.clone(),
-        );
-        let journal_commit_records = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        registry.register(
-            "image_builder_journal_commit_records",
-            "Records written by one group commit",
-            journal_commit_records.clone(),
-        );
-        let registry_requests = Family::<RegistryLabels, Counter>::default();
-        registry.register(
-            "image_builder_registry_requests",
-            "Registry requests (manifests, blob copies), by host, outcome and retry",
-            registry_requests.clone(),
-        );
-        let log_bytes = Counter::default();
-        registry.register(
-            "image_builder_log_bytes",
-            "Build log bytes made durable in the journal",
-            log_bytes.clone(),
-        );
-        let log_listeners = Gauge::default();
-        registry.register(
-            "image_builder_log_listeners",
-            "Log and journal streams open right now (mk3 Logs, ops Journal)",
-            log_listeners.clone(),
-        );
-        let grpc_handled = Family::<GrpcLabels, Counter>::default();
-        registry.register(
-            "image_builder_grpc_server_handled",
-            "gRPC calls finished, by service, method and status code",
-            grpc_handled.clone(),
-        );
-        let grpc_seconds: HistogramFamily<GrpcMethodLabels> =
-            Family::new_with_constructor(call_durations);
-        registry.register(
-            "image_builder_grpc_server_handling_seconds",
-            "Time from a gRPC call's arrival to its end (streams included)",
-            grpc_seconds.clone(),
-        );
         Self {
-            registry,
-            builds_started,
-            builds_done,
-            build_duration,
-            cache_hits,
-            orphan_jobs_deleted,
-            builds_in_state,
-            queue_depth,
-            state_duration,
-            journal_commit_seconds,
-            journal_commit_appends,
-            journal_commit_records,
-            registry_requests,
+            builds_started: registered(
+                &mut registry,
+                "gitpod_image_builder_builds_started",
+                "Builds started (mk3 name)",
+                Counter::default(),
+            ),
+            builds_done: registered(
+                &mut registry,
+                "gitpod_image_builder_builds_done",
+                "Builds finished, by success (mk3 name)",
+                Family::<DoneLabels, Counter>::default(),
+            ),
+            build_duration: registered(
+                &mut registry,
+                "image_builder_build_duration_seconds",
+                "Time from accepting a build to its end",
+                Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            ),
+            cache_hits: registered(
+                &mut registry,
+                "image_builder_cache_hits",
+                "Build requests answered from an existing workspace image",
+                Counter::default(),
+            ),
+            orphan_jobs_deleted: registered(
+                &mut registry,
+                "image_builder_orphan_jobs_deleted",
+                "Builder Jobs of this installation that no unfinished build knew, deleted by the sweep",
+                Counter::default(),
+            ),
+            builds_in_state: registered(
+                &mut registry,
+                "image_builder_builds",
+                "Builds in each unfinished state (queued, resolving, checking_cache, building, pushing) right now",
+                Family::<StateLabels, Gauge>::default(),
+            ),
+            queue_depth: registered(
+                &mut registry,
+                "image_builder_queue_depth",
+                "Builds waiting for a build slot (maxConcurrentBuilds)",
+                Gauge::default(),
+            ),
+            state_duration: registered(
+                &mut registry,
+                "image_builder_state_duration_seconds",
+                "Time builds spent in each state, observed as they leave it",
+                Family::new_with_constructor(state_durations),
+            ),
+            journal_commit_seconds: registered(
+                &mut registry,
+                "image_builder_journal_commit_duration_seconds",
+                "Time of one group commit of the journal, its fdatasync included",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ),
+            journal_commit_appends: registered(
+                &mut registry,
+                "image_builder_journal_commit_appends",
+                "Appends (transitions, log chunks) carried by one group commit",
+                Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            ),
+            journal_commit_records: registered(
+                &mut registry,
+                "image_builder_journal_commit_records",
+                "Records written by one group commit",
+                Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            ),
+            registry_requests: registered(
+                &mut registry,
+                "image_builder_registry_requests",
+                "Registry requests (manifests, blob copies), by host, outcome and retry",
+                Family::<RegistryLabels, Counter>::default(),
+            ),
+            log_bytes: registered(
+                &mut registry,
+                "image_builder_log_bytes",
+                "Build log bytes made durable in the journal",
+                Counter::default(),
+            ),
+            log_listeners: registered(
+                &mut registry,
+                "image_builder_log_listeners",
+                "Log and journal streams open right now (mk3 Logs, ops Journal)",
+                Gauge::default(),
+            ),
+            grpc_handled: registered(
+                &mut registry,
+                "image_builder_grpc_server_handled",
+                "gRPC calls finished, by service, method and status code",
+                Family::<GrpcLabels, Counter>::default(),
+            ),
+            grpc_seconds: registered(
+                &mut registry,
+                "image_builder_grpc_server_handling_seconds",
+                "Time from a gRPC call's arrival to its end (streams included)",
+                Family::new_with_constructor(call_durations),
+            ),
             registry_hosts: Bounded::default(),
-            log_bytes,
-            log_listeners,
-            grpc_handled,
-            grpc_seconds,
             grpc_methods: Bounded::default(),
+            registry,
         }
     }
 

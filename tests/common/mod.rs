@@ -171,20 +171,28 @@ pub fn head_build(uri: &str) -> pb::BuildRequest {
     )
 }
 
-/// Waits on a Logs stream until a line contains `needle`; returns what was read.
-pub async fn wait_for_log(
+/// A Logs stream of a build: its log from byte 0, then live.
+pub async fn follow_logs(
     client: &mut ImageBuilderClient<Channel>,
     build_id: &str,
-    needle: &str,
-) -> String {
-    let mut stream = client
+) -> tonic::Streaming<pb::LogsResponse> {
+    client
         .logs(pb::LogsRequest {
             build_id: build_id.into(),
             ..Default::default()
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Waits on a Logs stream until a line contains `needle`; returns what was read.
+pub async fn wait_for_log(
+    client: &mut ImageBuilderClient<Channel>,
+    build_id: &str,
+    needle: &str,
+) -> String {
+    let mut stream = follow_logs(client, build_id).await;
     let mut seen = String::new();
     while !seen.contains(needle) {
         let chunk = stream
