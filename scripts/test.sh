@@ -4,6 +4,17 @@
 # and builds what it needs first (peers are cached under ${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CI builds a fresh clone once: incremental state would only take disk the test cluster needs.
+if [[ -n ${CI:-} ]]; then
+  export CARGO_INCREMENTAL=0
+fi
+# The build (about 10 GiB fresh) and the test cluster's containers share this disk; when it
+# runs out, pods fail in ways that look like product faults, so say how much there is.
+free_gib() { df --output=avail -BG "$1" | tail -1 | tr -dc 0-9; }
+echo "free space: $(free_gib .) GiB here, $(free_gib /var/tmp) GiB in /var/tmp" >&2
+if (($(free_gib /var/tmp) < 15)); then
+  echo "warning: less than 15 GiB free in /var/tmp; the Kubernetes tests may fail for want of disk" >&2
+fi
 ./scripts/setup.sh
 # House rules first, so CI enforces them: formatting, and every lint of [workspace.lints].
 cargo fmt --all --check
@@ -43,4 +54,7 @@ done
 source "$cluster_env"
 export IMAGE_BUILDER_TEST_KUBECONFIG IMAGE_BUILDER_TEST_CONTAINERD_SOCKET
 
-cargo test --workspace --features image-builder/failpoints --no-fail-fast "$@"
+status=0
+cargo test --workspace --features image-builder/failpoints --no-fail-fast "$@" || status=$?
+echo "free space after the tests: $(free_gib .) GiB here, $(free_gib /var/tmp) GiB in /var/tmp" >&2
+exit $status

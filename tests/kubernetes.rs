@@ -448,7 +448,8 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         .await
         .unwrap()
         .unwrap();
-    rig.cluster.import_image(&archive).unwrap();
+    rig.cluster.import_image(&archive.path()).unwrap();
+    drop(archive);
 
     let data = tempfile::Builder::new()
         .prefix("deployed-data-")
@@ -673,10 +674,11 @@ fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "kubectl {}: {}{}",
+        "kubectl {}: {}{}\n{}",
         args.join(" "),
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        rig.cluster.report(&rig.namespace)
     );
 }
 
@@ -777,7 +779,13 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(build.state, "done", "{id}: {}", build.failure);
+        assert_eq!(
+            build.state,
+            "done",
+            "{id}: {}\n{}",
+            build.failure,
+            rig.cluster.report(&rig.namespace)
+        );
         let resolving = build
             .phases
             .iter()

@@ -15,6 +15,7 @@
 mod images;
 mod pki;
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -654,15 +655,29 @@ impl ClusterAccess {
     }
 }
 
+/// A docker archive in a folder of its own, removed with the value.
+pub struct ImageArchive {
+    dir: tempfile::TempDir,
+}
+
+impl ImageArchive {
+    /// The archive's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("image.tar")
+    }
+}
+
 /// The service's own container image: `binary` (the release build) on the builder image's
 /// Debian, made with buildah in a storage of its own and saved as a docker archive named
-/// `name`. Returns the archive (in a temporary directory that lives as long as the process).
-pub fn service_image(binary: &Path, name: &str) -> Result<PathBuf> {
+/// `name`. The buildah storage is removed before it returns; the archive with the value.
+pub fn service_image(binary: &Path, name: &str) -> Result<ImageArchive> {
     let (builder, _) = builder_image()?;
-    let dir = tempfile::Builder::new()
-        .prefix("service-image-")
-        .tempdir_in("/var/tmp")?
-        .keep();
+    let image = ImageArchive {
+        dir: tempfile::Builder::new()
+            .prefix("service-image-")
+            .tempdir_in("/var/tmp")?,
+    };
+    let dir = image.dir.path();
     let storage = [
         "--root".to_owned(),
         path(&dir.join("storage")),
@@ -698,19 +713,77 @@ pub fn service_image(binary: &Path, name: &str) -> Result<PathBuf> {
         &container,
     ])?;
     buildah(&["commit", "--quiet", &container, name])?;
-    let archive = dir.join("service.tar");
     buildah(&[
         "push",
         "--quiet",
         name,
-        &format!("docker-archive:{}:{name}", path(&archive)),
+        &format!("docker-archive:{}:{name}", path(&image.path())),
     ])?;
     buildah(&["rm", &container])?;
-    let _ = std::fs::remove_dir_all(dir.join("storage"));
-    Ok(archive)
+    std::fs::remove_dir_all(dir.join("storage"))?;
+    Ok(image)
 }
 
 impl ClusterAccess {
+    /// What a failing test should print about the cluster: the node's conditions (disk and
+    /// memory pressure), the pods and recent events of `namespace`, their containers' last
+    /// words, and the free space where the node keeps its containers. Never fails: a part
+    /// that cannot be read says why in its place.
+    pub fn report(&self, namespace: &str) -> String {
+        let kubeconfig = path(&self.kubeconfig);
+        let kubectl = |args: &[&str]| {
+            let mut all = vec!["--kubeconfig", &kubeconfig];
+            all.extend_from_slice(args);
+            run("kubectl", &all).unwrap_or_else(|e| format!("({e:#})"))
+        };
+        let mut report = String::new();
+        for (title, text) in [
+            (
+                "node conditions",
+                kubectl(&[
+                    "get",
+                    "nodes",
+                    "-o",
+                    "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {.message}{\"\\n\"}{end}",
+                ]),
+            ),
+            (
+                "pods",
+                kubectl(&["-n", namespace, "get", "pods", "-o", "wide"]),
+            ),
+            (
+                "events",
+                kubectl(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]),
+            ),
+            (
+                "containers' last lines",
+                kubectl(&["-n", namespace, "get", "pods", "-o", "name"])
+                    .lines()
+                    .filter(|pod| pod.starts_with("pod/"))
+                    .map(|pod| {
+                        kubectl(&[
+                            "-n",
+                            namespace,
+                            "logs",
+                            "--all-containers",
+                            "--prefix",
+                            "--tail=20",
+                            pod,
+                        ])
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            (
+                "free space",
+                run("df", &["-h", "/var/tmp", "/tmp"]).unwrap_or_else(|e| format!("({e:#})")),
+            ),
+        ] {
+            let _ = writeln!(report, "--- {title}\n{}", text.trim_end());
+        }
+        report
+    }
+
     /// Makes a fresh namespace named `prefix-<random>` and returns its name.
     pub fn create_namespace(&self, prefix: &str) -> Result<String> {
         let name = format!(
