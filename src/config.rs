@@ -69,6 +69,10 @@ pub struct Config {
     /// timeouts) with exponential backoff. Default `60s`.
     #[serde(default = "default_registry_retry_budget", with = "humantime_serde")]
     pub registry_retry_budget: Duration,
+    /// Requests sent to one registry host at once for builds, and as many again for calls
+    /// waiting on an answer (each a first-come, first-served queue). Default 32.
+    #[serde(default = "default_registry_requests_per_host")]
+    pub registry_requests_per_host: usize,
     /// Longest wait for a registry's answer (connecting, each read); past it the request is a
     /// transient fault. Default `60s`.
     #[serde(default = "default_registry_timeout", with = "humantime_serde")]
@@ -216,6 +220,10 @@ fn default_build_timeout() -> Duration {
     Duration::from_secs(60 * 60)
 }
 
+fn default_registry_requests_per_host() -> usize {
+    crate::registry::DEFAULT_PER_HOST
+}
+
 fn default_max_concurrent_builds() -> usize {
     4
 }
@@ -276,6 +284,9 @@ impl Config {
                 "buildTimeout",
                 "must be longer than zero, e.g. \"60m\"",
             ));
+        }
+        if self.registry_requests_per_host == 0 {
+            return Err(invalid("registryRequestsPerHost", "must be at least 1"));
         }
         if self.max_concurrent_builds == 0 {
             return Err(invalid("maxConcurrentBuilds", "must be at least 1"));
@@ -466,6 +477,7 @@ mod tests {
             (r#""metricsAddress": 5"#, "metricsAddress"),
             (r#""buildTimeout": "soon""#, "buildTimeout"),
             (r#""maxConcurrentBuilds": 0"#, "maxConcurrentBuilds"),
+            (r#""registryRequestsPerHost": 0"#, "registryRequestsPerHost"),
             (r#""maxLogBytes": -1"#, "maxLogBytes"),
         ];
         for (pair, key) in cases {

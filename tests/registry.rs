@@ -242,3 +242,43 @@ async fn identical_lookups_at_once_make_one_request_and_a_moved_tag_is_seen_next
     assert!(!digests.contains(&moved), "the moved tag is seen");
     assert_eq!(proxy.served(), 2);
 }
+
+/// oci-client asks `/v2/` for a challenge before every request it holds no token for, and a
+/// registry that needs no credentials gives none to hold: each anonymous lookup was two round
+/// trips. Now the host's `/v2/` is asked once and lookups go out alone.
+#[tokio::test]
+async fn anonymous_lookups_of_an_open_registry_are_one_request_each() {
+    use image_builder_testkit::FaultProxy;
+
+    let local = LocalRegistry::start().unwrap();
+    testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        local.addr(),
+        "open/busybox:1",
+    )
+    .unwrap();
+    let proxy = FaultProxy::start(local.addr()).await.unwrap();
+    let via = proxy.addr().to_owned();
+    let registry = Registry::new(std::slice::from_ref(&via));
+    let reference = format!("{via}/open/busybox:1");
+    for _ in 0..10 {
+        registry
+            .lookup(&reference, &NoCredentials, &Untracked)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let requests = proxy.requests();
+    let pings = requests.iter().filter(|p| *p == "/v2/").count();
+    let manifests = requests
+        .iter()
+        .filter(|p| p.contains("/manifests/"))
+        .count();
+    assert_eq!(manifests, 10, "{requests:?}");
+    assert_eq!(
+        pings, 1,
+        "one challenge question for ten lookups: {requests:?}"
+    );
+    // And a registry that wants credentials still gets asked for its challenge: the
+    // credential tests (basic and token auth) run against such registries.
+}

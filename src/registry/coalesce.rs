@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::Error;
 use crate::credentials::Secret;
+use crate::steps::Lane;
 
 /// Which question: what is asked (`lookup`, `resolve`), of which reference, with which
 /// credential (its SHA-256: callers with different credentials may get different answers).
@@ -21,14 +22,22 @@ pub(super) struct Question {
     kind: &'static str,
     reference: String,
     credential: Option<[u8; 32]>,
+    /// A caller's question never waits in a build's queue for a host, nor the reverse.
+    lane: Lane,
 }
 
 impl Question {
-    pub(super) fn new(kind: &'static str, reference: &str, credential: Option<&Secret>) -> Self {
+    pub(super) fn new(
+        kind: &'static str,
+        reference: &str,
+        credential: Option<&Secret>,
+        lane: Lane,
+    ) -> Self {
         Self {
             kind,
             reference: reference.to_owned(),
             credential: credential.map(Secret::fingerprint),
+            lane,
         }
     }
 }
@@ -113,7 +122,7 @@ mod tests {
             let coalescer = Arc::clone(&coalescer);
             let asked = Arc::clone(&asked);
             calls.push(tokio::spawn(async move {
-                let question = Question::new("lookup", "r/a:1", None);
+                let question = Question::new("lookup", "r/a:1", None, Lane::Build);
                 coalescer
                     .answer(question, async {
                         asked.fetch_add(1, Ordering::SeqCst);
@@ -129,7 +138,7 @@ mod tests {
         assert_eq!(asked.load(Ordering::SeqCst), 1);
         // Nothing is kept: the next question is asked again.
         let again = coalescer
-            .answer(Question::new("lookup", "r/a:1", None), async {
+            .answer(Question::new("lookup", "r/a:1", None, Lane::Build), async {
                 Ok("sha256:2".to_owned())
             })
             .await;
@@ -142,19 +151,35 @@ mod tests {
             user: "u".into(),
             password: password.into(),
         };
-        let a = Question::new("lookup", "r/a:1", Some(&basic("one")));
-        assert_ne!(a, Question::new("lookup", "r/a:1", Some(&basic("two"))));
-        assert_ne!(a, Question::new("lookup", "r/a:1", None));
-        assert_ne!(a, Question::new("lookup", "r/a:2", Some(&basic("one"))));
-        assert_ne!(a, Question::new("resolve", "r/a:1", Some(&basic("one"))));
-        assert_eq!(a, Question::new("lookup", "r/a:1", Some(&basic("one"))));
+        let a = Question::new("lookup", "r/a:1", Some(&basic("one")), Lane::Build);
+        assert_ne!(
+            a,
+            Question::new("lookup", "r/a:1", Some(&basic("two")), Lane::Build)
+        );
+        assert_ne!(a, Question::new("lookup", "r/a:1", None, Lane::Build));
+        assert_ne!(
+            a,
+            Question::new("lookup", "r/a:2", Some(&basic("one")), Lane::Build)
+        );
+        assert_ne!(
+            a,
+            Question::new("resolve", "r/a:1", Some(&basic("one")), Lane::Build)
+        );
+        assert_ne!(
+            a,
+            Question::new("lookup", "r/a:1", Some(&basic("one")), Lane::Caller)
+        );
+        assert_eq!(
+            a,
+            Question::new("lookup", "r/a:1", Some(&basic("one")), Lane::Build)
+        );
         assert!(!format!("{a:?}").contains("one"), "{a:?}");
     }
 
     #[tokio::test]
     async fn when_the_asker_goes_away_a_waiting_caller_asks_again() {
         let coalescer = Arc::new(Coalescer::<String>::default());
-        let question = Question::new("lookup", "r/a:1", None);
+        let question = Question::new("lookup", "r/a:1", None, Lane::Build);
         let asker = {
             let coalescer = Arc::clone(&coalescer);
             let question = question.clone();

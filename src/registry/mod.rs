@@ -4,7 +4,9 @@
 
 mod coalesce;
 mod error;
+mod limits;
 mod once;
+mod open;
 mod retry;
 mod steps;
 
@@ -28,6 +30,8 @@ use std::time::Duration;
 
 use coalesce::{Coalescer, Question};
 pub use error::Error;
+pub use limits::DEFAULT_PER_HOST;
+use limits::HostLimits;
 use once::{copy_blob, lookup_once, resolve_once};
 use retry::Resource;
 pub use retry::RetryPolicy;
@@ -45,7 +49,6 @@ const COPY_MEDIA_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_T
 
 /// A registry client for every registry the service talks to.
 pub struct Registry {
-    client: Client,
     http: reqwest::Client,
     insecure: Vec<String>,
     retry: RetryPolicy,
@@ -57,7 +60,14 @@ pub struct Registry {
     /// Identical lookups and resolutions in flight.
     lookups: Coalescer<Option<String>>,
     resolutions: Coalescer<String>,
+    /// Requests in flight per host and lane.
+    limits: HostLimits,
+    /// Registries that need no credentials.
+    open_hosts: open::OpenHosts,
 }
+
+/// The key of the anonymous client among [`Registry::clients`].
+const ANONYMOUS: [u8; 32] = [0; 32];
 
 /// Clients kept for credentials, at most.
 const MAX_CLIENTS: usize = 256;
@@ -121,14 +131,12 @@ impl Registry {
         retry: RetryPolicy,
         timeout: Duration,
     ) -> Self {
-        let config = client_config(insecure_registries, timeout);
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .timeout(timeout)
             .build()
             .unwrap_or_default();
         Self {
-            client: Client::new(config),
             http,
             insecure: insecure_registries.to_vec(),
             retry,
@@ -137,7 +145,16 @@ impl Registry {
             clients: parking_lot::Mutex::new(HashMap::new()),
             lookups: Coalescer::default(),
             resolutions: Coalescer::default(),
+            limits: HostLimits::new(DEFAULT_PER_HOST),
+            open_hosts: open::OpenHosts::default(),
         }
+    }
+
+    /// Sends at most `per_host` requests at once to one registry host for builds, and as
+    /// many for callers waiting on an answer; more wait their turn, first come first served.
+    pub fn with_requests_per_host(mut self, per_host: usize) -> Self {
+        self.limits = HostLimits::new(per_host);
+        self
     }
 
     /// Counts every registry request in `metrics` (by host, outcome and whether it was a
@@ -153,27 +170,59 @@ impl Registry {
     /// its connections and tokens).
     async fn session(&self, image: &Reference, secret: Option<&Secret>) -> Session {
         match secret {
-            None => Session {
-                client: self.client.clone(),
-                auth: RegistryAuth::Anonymous,
-            },
-            Some(secret) => {
-                let client = {
-                    let mut clients = self.clients.lock();
-                    if clients.len() >= MAX_CLIENTS {
-                        clients.clear();
-                    }
-                    clients
-                        .entry(secret.fingerprint())
-                        .or_insert_with(|| Client::new(client_config(&self.insecure, self.timeout)))
-                        .clone()
+            None => {
+                let host = image.resolve_registry();
+                let openness = self
+                    .open_hosts
+                    .check(&self.http, self.scheme(image), host)
+                    .await;
+                if openness.closed {
+                    // Its empty credentials are kept as tokens: start from a clean client.
+                    self.clients.lock().remove(&ANONYMOUS);
+                }
+                let session = Session {
+                    client: self.client(ANONYMOUS),
+                    auth: RegistryAuth::Anonymous,
                 };
+                if openness.open {
+                    open::skip_challenge(&session, image).await;
+                }
+                session
+            }
+            Some(secret) => {
+                let client = self.client(secret.fingerprint());
                 let auth = secret.registry_auth();
                 client
                     .store_auth_if_needed(image.resolve_registry(), &auth)
                     .await;
                 Session { client, auth }
             }
+        }
+    }
+
+    /// The client kept for a credential's fingerprint (or [`ANONYMOUS`]).
+    fn client(&self, fingerprint: [u8; 32]) -> Client {
+        let mut clients = self.clients.lock();
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        clients
+            .entry(fingerprint)
+            .or_insert_with(|| Client::new(client_config(&self.insecure, self.timeout)))
+            .clone()
+    }
+
+    /// `http` for the registries configured insecure, else `https`.
+    fn scheme(&self, reference: &Reference) -> &'static str {
+        let host = reference.resolve_registry();
+        if self
+            .insecure
+            .iter()
+            .any(|h| h == reference.registry() || h == host)
+        {
+            "http"
+        } else {
+            "https"
         }
     }
 
@@ -266,7 +315,7 @@ impl Registry {
         let image = parse_reference(reference)?;
         self.renewing(keychain, &[image.registry()], progress, || async {
             let secret = keychain.pull(image.registry()).await;
-            let question = Question::new(kind, &image.whole(), secret.as_ref());
+            let question = Question::new(kind, &image.whole(), secret.as_ref(), progress.lane());
             in_flight
                 .answer(question, async {
                     let session = self.session(&image, secret.as_ref()).await;

@@ -92,8 +92,12 @@ impl Registry {
                 registry.repository = %resource.reference().repository(),
                 registry.attempt = attempts,
                 registry.outcome = tracing::field::Empty,
+                registry.queued_ms = tracing::field::Empty,
             );
+            let slot = self.limits.slot(&host, progress.lane()).await;
+            span.record("registry.queued_ms", slot.waited.as_millis() as u64);
             let result = op().instrument(span.clone()).await;
+            drop(slot);
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(err) if err.is_transient() => "transient_error",
@@ -149,17 +153,12 @@ impl Registry {
             ),
             Resource::Blob(r, digest) => (*r, format!("blobs/{digest}")),
         };
-        let host = reference.resolve_registry();
-        let scheme = if self
-            .insecure
-            .iter()
-            .any(|h| h == reference.registry() || h == host)
-        {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!("{scheme}://{host}/v2/{}/{path}", reference.repository());
+        let url = format!(
+            "{}://{}/v2/{}/{path}",
+            self.scheme(reference),
+            reference.resolve_registry(),
+            reference.repository()
+        );
         let response = self.http.head(&url).send().await.ok()?;
         let seconds: u64 = response
             .headers()

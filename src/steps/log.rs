@@ -15,11 +15,27 @@ const TAIL_LINES: usize = 6;
 /// Longest line a [`Tail`] keeps, in characters.
 const TAIL_LINE_CHARS: usize = 512;
 
+/// Whose work a step does: a caller of the API waiting for its answer, or a build. Shared
+/// resources (a registry host's requests) queue each lane on its own, so the work of many
+/// builds never delays an answer a caller waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// An API call waits for the answer (a cache check before `running`, ResolveBaseImage).
+    Caller,
+    /// A build's step.
+    Build,
+}
+
 /// Where a step reports what it does, one line at a time.
 #[async_trait]
 pub trait Progress: Send + Sync {
     /// Records one line of progress (a newline is added).
     async fn line(&self, text: String);
+
+    /// Whose work this is; a build's, unless said otherwise.
+    fn lane(&self) -> Lane {
+        Lane::Build
+    }
 }
 
 /// A build's log as a step sees it: progress lines, and streams for the output of the
@@ -52,13 +68,18 @@ pub trait StepOutput: Send {
     async fn finish(self: Box<Self>);
 }
 
-/// Progress outside any build (a ResolveBaseImage request): to the service's own log only.
+/// Progress outside any build, for a caller waiting on the answer (a ResolveBaseImage
+/// request, the cache check before a Build is accepted): to the service's own log only.
 pub struct Untracked;
 
 #[async_trait]
 impl Progress for Untracked {
     async fn line(&self, text: String) {
         tracing::info!("{text}");
+    }
+
+    fn lane(&self) -> Lane {
+        Lane::Caller
     }
 }
 

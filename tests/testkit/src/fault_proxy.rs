@@ -26,6 +26,8 @@ struct Shared {
     upstream: String,
     rules: Mutex<Vec<Rule>>,
     served: AtomicU64,
+    /// Every request, by path.
+    requests: Mutex<Vec<String>>,
     client: reqwest::Client,
 }
 
@@ -45,6 +47,7 @@ impl FaultProxy {
             upstream: upstream.to_owned(),
             rules: Mutex::new(Vec::new()),
             served: AtomicU64::new(0),
+            requests: Mutex::new(Vec::new()),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -77,6 +80,11 @@ impl FaultProxy {
     /// Removes every fault rule.
     pub fn clear(&self) {
         self.shared.rules.lock().clear();
+    }
+
+    /// The path of every request forwarded or answered so far, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.requests.lock().clone()
     }
 
     /// How many requests got a fault so far.
@@ -118,6 +126,7 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response<Body> {
+    shared.requests.lock().push(request.uri().path().to_owned());
     let method = request.method().as_str().to_owned();
     let path = request
         .uri()
