@@ -53,8 +53,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create dataDir {}", config.data_dir.display()))?;
     let store = config.data_dir.join(STORE_DIR);
+    let opening = std::time::Instant::now();
     let journal = Journal::open(&store)
         .with_context(|| format!("cannot open the build store in {}", store.display()))?;
+    let store_open_ms = opening.elapsed().as_millis() as u64;
     let retry = RetryPolicy {
         budget: config.registry_retry_budget,
         ..RetryPolicy::default()
@@ -73,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     journal.observe_commits(Arc::clone(&metrics) as _);
     let registry = Arc::new(
         Registry::with_policy(&config.insecure_registries, retry, config.registry_timeout)
+            .with_requests_per_host(config.registry_requests_per_host)
             .with_metrics(Arc::clone(&metrics)),
     );
     let (builder, kubernetes): (Arc<dyn BuildBase>, _) = match &config.executor {
@@ -161,7 +164,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // image joins it.
     #[cfg(feature = "failpoints")]
     fail::fail_point!("server.resume");
+    let resuming = std::time::Instant::now();
     let resumed = orchestrator.resume_unfinished()?;
+    let resume_ms = resuming.elapsed().as_millis() as u64;
     let damaged = orchestrator.damaged_count();
     if damaged > 0 {
         tracing::warn!(
@@ -178,6 +183,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         resumed,
         damaged,
+        store_open_ms,
+        resume_ms,
         "image-builder serving"
     );
 

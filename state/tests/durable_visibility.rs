@@ -83,6 +83,15 @@ impl Store for GatedStore {
     fn start_witness(&self) -> Result<(), image_builder_state::store::Error> {
         self.inner.start_witness()
     }
+    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
+        self.inner.written_since_last_open()
+    }
+    fn remove_log(&self, id: BuildId) -> Result<(), image_builder_state::store::Error> {
+        self.inner.remove_log(id)
+    }
+    fn checkpoint_if_due(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.checkpoint_if_due()
+    }
     fn journal_ids(&self) -> Result<Vec<BuildId>, image_builder_state::store::Error> {
         self.inner.journal_ids()
     }

@@ -120,6 +120,11 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             {
                 tracing::error!(error = %e, "cannot write build summaries; they are refolded at the next start");
             }
+            // Between commits, with this one's summaries written: a checkpoint then covers
+            // everything written so far.
+            if let Err(e) = shared.store.checkpoint_if_due() {
+                tracing::warn!(error = %e, "store checkpoint failed; the next one tries again");
+            }
         }
         if let Err(e) = &result {
             tracing::error!(error = %e, "journal commit failed");

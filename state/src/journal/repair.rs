@@ -12,9 +12,9 @@ use crate::store::{Store, WriteBatch};
 use crate::view::{BuildView, Damage, Summary};
 
 /// Runs the open-time pass and returns every damaged build. What it costs grows with the
-/// builds written since the last open (the witness) and the summaries that are stale, not
-/// with the store: damage in older builds is found when they are read (or by `store check`).
-/// New damage is durable before the witness starts afresh.
+/// builds written since the last open (the witness, the write-ahead log), not with the store:
+/// damage in older builds is found when they are read (or by `store check`). New damage is
+/// durable before the witness starts afresh.
 pub(super) fn find_damage(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
     let mut found: HashMap<BuildId, Damage> = HashMap::new();
     let mut add = |id, damage: Damage| {
@@ -28,7 +28,8 @@ pub(super) fn find_damage(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
     for (id, damage) in damage::lost_records(store)? {
         add(id, damage);
     }
-    for (id, damage) in repair_summaries(store)? {
+    let scope = store.written_since_last_open();
+    for (id, damage) in repair_summaries(store, scope.as_deref())? {
         add(id, damage);
     }
     let mut all: HashMap<BuildId, Damage> = damage::stored(store)?.into_iter().collect();
@@ -54,10 +55,24 @@ pub(super) fn find_damage(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
     }
     store.start_witness()?;
     // A damaged build's segment stays, even with no record left to name it: it is evidence.
-    let mut keep = store.journal_ids()?;
-    keep.extend(all.keys());
-    keep.sort();
-    let pruned = store.prune_logs(&keep)?;
+    let pruned = match &scope {
+        None => {
+            let mut keep = store.journal_ids()?;
+            keep.extend(all.keys());
+            keep.sort();
+            store.prune_logs(&keep)?
+        }
+        Some(ids) => {
+            let mut pruned = 0;
+            for &id in ids {
+                if !all.contains_key(&id) && store.last_seq(id)?.is_none() {
+                    store.remove_log(id)?;
+                    pruned += 1;
+                }
+            }
+            pruned
+        }
+    };
     if pruned > 0 {
         tracing::info!(
             pruned,
@@ -67,15 +82,26 @@ pub(super) fn find_damage(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
     Ok(all.into_iter().collect())
 }
 
-/// Makes every summary agree with its build's records: missing, stale or unreadable summaries
-/// are refolded; summaries of builds without records are dropped. Returns the builds whose
-/// records do not fold (their records are never rewritten).
-fn repair_summaries(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
+/// Makes the summaries of `scope` (every build when `None`) agree with their records:
+/// missing, stale or unreadable summaries are refolded; summaries of builds without records
+/// are dropped. Returns the builds whose records do not fold (their records are never
+/// rewritten). A summary can only lag records written since the last open, which checked
+/// every other: so the store's scope keeps this pass from growing with history.
+fn repair_summaries(
+    store: &dyn Store,
+    scope: Option<&[BuildId]>,
+) -> Result<Vec<(BuildId, Damage)>> {
     let mut damaged = Vec::new();
     let mut batch = WriteBatch::default();
-    let ids = store.journal_ids()?;
+    let ids = match scope {
+        Some(ids) => ids.to_vec(),
+        None => store.journal_ids()?,
+    };
     for &id in &ids {
         let Some(last_seq) = store.last_seq(id)? else {
+            if scope.is_some() && store.summary(id)?.is_some() {
+                batch.removed_summaries.push(id);
+            }
             continue;
         };
         let current = store
@@ -109,9 +135,11 @@ fn repair_summaries(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>> {
             },
         }
     }
-    for (id, _) in store.summaries()? {
-        if ids.binary_search(&id).is_err() {
-            batch.removed_summaries.push(id);
+    if scope.is_none() {
+        for (id, _) in store.summaries()? {
+            if ids.binary_search(&id).is_err() {
+                batch.removed_summaries.push(id);
+            }
         }
     }
     if !batch.is_empty() {

@@ -10,6 +10,7 @@
 
 mod segments;
 mod sled_store;
+mod wal;
 mod witness;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,14 @@ pub enum Error {
         /// What the file system said.
         source: std::io::Error,
     },
+    /// The write-ahead log could not be read, written or synced.
+    #[error("store: write-ahead log in {path}: {source}")]
+    Wal {
+        /// The store's folder.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
     /// A log segment file could not be written, synced, read or removed.
     #[error("store: log segment {path}: {source}")]
     Segment {
@@ -94,7 +103,9 @@ impl Error {
     /// The I/O error underneath, if the file system refused us.
     pub fn io(&self) -> Option<&std::io::Error> {
         match self {
-            Error::Segment { source, .. } | Error::Witness { source, .. } => Some(source),
+            Error::Segment { source, .. }
+            | Error::Witness { source, .. }
+            | Error::Wal { source, .. } => Some(source),
             Error::Sled(sled::Error::Io(e)) => Some(e),
             _ => None,
         }
@@ -105,6 +116,7 @@ impl Error {
         match self {
             Error::Segment { path, .. }
             | Error::Witness { path, .. }
+            | Error::Wal { path, .. }
             | Error::DiskFull { path, .. } => Some(path),
             _ => None,
         }
@@ -142,7 +154,7 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Writes that go to disk together.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct WriteBatch {
     /// Records to append: build, sequence number, encoded record.
     pub records: Vec<(BuildId, u64, Vec<u8>)>,
@@ -197,6 +209,12 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<(), Error>;
     /// Makes every record written so far durable.
     fn sync(&self) -> Result<(), Error>;
+    /// Folds what is durable so far into the store's long-term form when that is due (a
+    /// write-ahead log into sled), so that an open has little to replay. Call it between
+    /// commits, never in the middle of one.
+    fn checkpoint_if_due(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// A build's records with sequence numbers in `seqs`, in order, stopping after the
     /// record that brings the total size to `max_bytes` or more (at least one record; each
     /// counts as [`RECORD_FLOOR_BYTES`] at least). Nothing past `seqs.end` is read.
@@ -237,4 +255,13 @@ pub trait Store: Send + Sync + 'static {
     fn start_witness(&self) -> Result<(), Error> {
         Ok(())
     }
+    /// The builds written since the last open's checks (named by the witness, or by the
+    /// write-ahead log replayed at this open): the only ones whose summaries may lag their
+    /// records, or whose removal may have left a log segment behind. `None` when the store
+    /// cannot tell (a store without a witness), and every build must be checked.
+    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
+        None
+    }
+    /// Removes the log segment of `id` if there is one (a removal cut short by a crash).
+    fn remove_log(&self, id: BuildId) -> Result<(), Error>;
 }

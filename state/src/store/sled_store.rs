@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::segments::Segments;
+use super::wal::{self, Wal};
 use super::witness::{self, Witness, Witnessed};
 use super::{
     Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch, ensure_room,
@@ -15,7 +16,8 @@ use crate::build::BuildId;
 /// `summary.v1` keyed by build id. Build ids are UUIDv7, so key order is creation order. Log
 /// segments are files `logs/<build id>.log` beside sled's own files, written at the offsets
 /// the journal gives (bytes past the durable length, left by a crash, are overwritten by the
-/// next append and never read).
+/// next append and never read). Every batch goes through the write-ahead log (`wal.rs`) first;
+/// sled is flushed only at checkpoints.
 pub struct SledStore {
     db: sled::Db,
     journal: sled::Tree,
@@ -29,6 +31,10 @@ pub struct SledStore {
     witness: Mutex<Option<Witness>>,
     /// The newest record written per build since the last sync: witnessed after the next.
     unwitnessed: Mutex<HashMap<BuildId, u64>>,
+    /// The write-ahead log (none for a read-only store, whose writes go to sled alone).
+    wal: Mutex<Option<Wal>>,
+    /// The builds written since the last open's checks, if the store can tell.
+    written_since_last_open: Option<Vec<BuildId>>,
 }
 
 const JOURNAL_TREE: &str = "journal.v1";
@@ -74,31 +80,51 @@ impl SledStore {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            // sled's own background flush is not our durability: every commit syncs itself.
+            // sled's own background flush is not our durability: the write-ahead log is, and
+            // checkpoints flush sled.
             .flush_every_ms(None)
             .open()?;
-        Self::from_db(db, dir)
+        let mut store = Self::from_db(db, dir)?;
+        let replay = store.replay()?;
+        // What the log held is in sled now: flush it, then start the next log file and
+        // remove the old ones.
+        if replay.entries > 0 {
+            store.db.flush()?;
+        }
+        let wal =
+            Wal::start(dir, replay.generation + 1, &replay.files).map_err(store.wal_error())?;
+        store.wal = Mutex::new(Some(wal));
+        Ok(store)
     }
 
-    /// Opens an existing store without writing to it: for inspecting the store of a stopped
-    /// service. Fails if another process holds the store.
+    /// Opens an existing store without checkpointing or logging: for inspecting the store of
+    /// a stopped service. What its write-ahead log holds is applied to sled in memory, so the
+    /// store reads as the service left it. Fails if another process holds the store.
     pub fn open_existing(dir: &Path) -> Result<Self, Error> {
         let db = sled::Config::new()
             .path(dir)
             .create_new(false)
             .flush_every_ms(None)
             .open()?;
-        Self::from_db(db, dir)
+        let mut store = Self::from_db(db, dir)?;
+        store.replay()?;
+        Ok(store)
     }
 
     fn from_db(db: sled::Db, dir: &Path) -> Result<Self, Error> {
-        let witnessed = witness::read(dir)
+        let witness_path = dir.join(witness::FILE_NAME);
+        let witnessed: Vec<_> = witness::read(dir)
             .map_err(|source| Error::Witness {
-                path: dir.join(witness::FILE_NAME),
+                path: witness_path.clone(),
                 source,
             })?
             .into_iter()
             .collect();
+        let written_since_last_open = witness_path.exists().then(|| {
+            let mut ids: Vec<BuildId> = witnessed.iter().map(|(id, _)| *id).collect();
+            ids.sort();
+            ids
+        });
         Ok(Self {
             journal: db.open_tree(JOURNAL_TREE)?,
             summary: db.open_tree(SUMMARY_TREE)?,
@@ -109,45 +135,38 @@ impl SledStore {
             witnessed,
             witness: Mutex::new(None),
             unwitnessed: Mutex::new(HashMap::new()),
+            wal: Mutex::new(None),
+            written_since_last_open,
         })
     }
 
-    fn witness_error(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        |source| Error::Witness {
-            path: self.dir.join(witness::FILE_NAME),
-            source,
+    /// Applies every entry of the write-ahead log to sled, in order, and notes their builds
+    /// as written since the last open.
+    fn replay(&mut self) -> Result<wal::Replay, Error> {
+        let mut replay = wal::replay(&self.dir).map_err(self.wal_error())?;
+        let mut named = Vec::new();
+        let entries = replay.batches.len();
+        for batch in std::mem::take(&mut replay.batches) {
+            named.extend(batch.records.iter().map(|(id, _, _)| *id));
+            named.extend(batch.summaries.iter().map(|(id, _)| *id));
+            named.extend(&batch.removed_summaries);
+            named.extend(&batch.removed_builds);
+            named.extend(batch.damage.iter().map(|(id, _)| *id));
+            self.apply(batch)?;
         }
+        replay.entries = entries;
+        if entries > 0 {
+            tracing::info!(entries, "applied the store's write-ahead log");
+            let known = self.written_since_last_open.get_or_insert_with(Vec::new);
+            known.extend(named);
+            known.sort();
+            known.dedup();
+        }
+        Ok(replay)
     }
-}
 
-impl Store for SledStore {
-    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error> {
-        self.segments.append(logs)
-    }
-
-    fn write(&self, batch: WriteBatch) -> Result<(), Error> {
-        if !batch.removed_builds.is_empty() {
-            // Witnessed before they go: a crash between the two must not look like a loss.
-            let removed: Vec<_> = batch
-                .removed_builds
-                .iter()
-                .map(|&id| (id, Witnessed::Removed))
-                .collect();
-            let mut unwitnessed = self.unwitnessed.lock();
-            for id in &batch.removed_builds {
-                unwitnessed.remove(id);
-            }
-            if let Some(witness) = self.witness.lock().as_mut() {
-                witness.note(&removed).map_err(self.witness_error())?;
-            }
-        }
-        {
-            let mut unwitnessed = self.unwitnessed.lock();
-            for &(id, seq, _) in &batch.records {
-                let newest = unwitnessed.entry(id).or_insert(seq);
-                *newest = (*newest).max(seq);
-            }
-        }
+    /// Writes `batch` into sled (not flushed).
+    fn apply(&self, batch: WriteBatch) -> Result<(), Error> {
         let mut records = sled::Batch::default();
         for (id, seq, value) in batch.records {
             records.insert(&record_key(id, seq)[..], value);
@@ -182,6 +201,80 @@ impl Store for SledStore {
         Ok(())
     }
 
+    /// Flushes sled and starts the next log file, if the log holds anything (or only when
+    /// that is due).
+    fn checkpoint(&self, only_if_due: bool) -> Result<(), Error> {
+        let mut wal = self.wal.lock();
+        let Some(log) = wal.as_mut() else {
+            return Ok(());
+        };
+        if log.is_empty() || (only_if_due && !log.due()) {
+            return Ok(());
+        }
+        self.db.flush()?;
+        log.rotate().map_err(self.wal_error())
+    }
+
+    fn witness_error(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        |source| Error::Witness {
+            path: self.dir.join(witness::FILE_NAME),
+            source,
+        }
+    }
+
+    fn wal_error(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        |source| Error::Wal {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+}
+
+impl Drop for SledStore {
+    /// A clean close leaves nothing to replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint(false) {
+            tracing::warn!(error = %e, "could not checkpoint the store on close; the next start replays its log");
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error> {
+        self.segments.append(logs)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), Error> {
+        if !batch.removed_builds.is_empty() {
+            // Witnessed before they go: a crash between the two must not look like a loss.
+            let removed: Vec<_> = batch
+                .removed_builds
+                .iter()
+                .map(|&id| (id, Witnessed::Removed))
+                .collect();
+            let mut unwitnessed = self.unwitnessed.lock();
+            for id in &batch.removed_builds {
+                unwitnessed.remove(id);
+            }
+            if let Some(witness) = self.witness.lock().as_mut() {
+                witness.note(&removed).map_err(self.witness_error())?;
+            }
+        }
+        {
+            let mut unwitnessed = self.unwitnessed.lock();
+            for &(id, seq, _) in &batch.records {
+                let newest = unwitnessed.entry(id).or_insert(seq);
+                *newest = (*newest).max(seq);
+            }
+        }
+        // Logged, then applied, under one lock: the log's order is sled's.
+        let mut wal = self.wal.lock();
+        if let Some(log) = wal.as_mut() {
+            log.append(&batch).map_err(self.wal_error())?;
+        }
+        self.apply(batch)
+    }
+
     fn sync(&self) -> Result<(), Error> {
         // Taken before the flush: what is written meanwhile waits for the next sync.
         let synced: Vec<_> = self
@@ -190,11 +283,20 @@ impl Store for SledStore {
             .drain()
             .map(|(id, seq)| (id, Witnessed::Through(seq)))
             .collect();
-        self.db.flush()?;
+        match self.wal.lock().as_ref() {
+            Some(log) => log.sync().map_err(self.wal_error())?,
+            None => {
+                self.db.flush()?;
+            }
+        }
         if let Some(witness) = self.witness.lock().as_mut() {
             witness.note(&synced).map_err(self.witness_error())?;
         }
         Ok(())
+    }
+
+    fn checkpoint_if_due(&self) -> Result<(), Error> {
+        self.checkpoint(true)
     }
 
     fn records(
@@ -296,6 +398,14 @@ impl Store for SledStore {
         *self.witness.lock() = Some(witness);
         Ok(())
     }
+
+    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
+        self.written_since_last_open.clone()
+    }
+
+    fn remove_log(&self, id: BuildId) -> Result<(), Error> {
+        self.segments.remove(id)
+    }
 }
 
 #[cfg(test)]
@@ -395,5 +505,70 @@ mod tests {
             .map(|s| s.0)
             .collect();
         assert_eq!(listed, [ids[2], ids[1], ids[0]]);
+    }
+
+    /// Copies a folder as a crash at this moment would leave it (nothing is flushed first).
+    fn crash_copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                crash_copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_sync_is_durable_through_the_log_alone_and_a_start_replays_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = SledStore::open(&live).unwrap();
+        let (kept, removed) = (BuildId::new(), BuildId::new());
+        let mut batch = WriteBatch::default();
+        for seq in 0..3 {
+            batch.records.push((kept, seq, vec![seq as u8]));
+            batch.records.push((removed, seq, vec![9]));
+        }
+        batch.summaries.push((kept, vec![7]));
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        store
+            .write(WriteBatch {
+                removed_builds: vec![removed],
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        store.sync().unwrap();
+        // The service dies here: sled was never flushed, so its files lack all of it.
+        let crashed = dir.path().join("crashed");
+        crash_copy(&live, &crashed);
+        let reopened = SledStore::open(&crashed).unwrap();
+        let seqs: Vec<u64> = reopened
+            .records(kept, 0..u64::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        assert_eq!(reopened.summary(kept).unwrap(), Some(vec![7]));
+        assert_eq!(reopened.last_seq(removed).unwrap(), None);
+        let mut named = reopened.written_since_last_open().unwrap();
+        named.sort();
+        let mut expected = vec![kept, removed];
+        expected.sort();
+        assert_eq!(named, expected, "the replayed builds are the ones to check");
+        // Replayed into sled and flushed at that open: a second start replays nothing.
+        drop(reopened);
+        let again = SledStore::open(&crashed).unwrap();
+        assert_eq!(again.last_seq(kept).unwrap(), Some(2));
+        assert_eq!(
+            again.written_since_last_open(),
+            None,
+            "no witness, nothing replayed"
+        );
+        drop(store);
     }
 }
