@@ -14,17 +14,8 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::registry::{NoCredentials, Registry};
 use image_builder::steps::Untracked;
+use image_builder_testkit::bench::{env_or, ms, percentile};
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[i]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn request(reference: &str) -> pb::BuildRequest {
     pb::BuildRequest {
@@ -47,13 +38,6 @@ async fn build(
         all.push(r);
     }
     all
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 /// `HEAD /v2/<repo>/manifests/<tag or digest>` of `reference` (`host/repo:tag` or `@digest`).

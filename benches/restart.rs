@@ -4,6 +4,8 @@
 //! Issue 14's goal: under 300 ms either way, not growing with history. No peer: the figure
 //! is compared with the same binary on a store of one build, in the same run.
 //!
+//! Each stored build has a log of a few lines.
+//!
 //! `cargo bench --bench restart` (BENCH_BUILDS: comma-separated store sizes, default
 //! `1,2000,10000`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a failed unwrap is a failed run
@@ -13,8 +15,13 @@ use std::time::{Duration, Instant};
 use image_builder_state::testing::new_build;
 use image_builder_state::{Event, Journal};
 use image_builder_testkit::Service;
+use image_builder_testkit::bench::{mib, ms, status_kib};
 
-/// Writes `n` builds that ended Done into the store under `data_dir`, 64 at a time.
+/// Log chunks each stored build has (a few lines each), as a real build's progress would.
+const LOG_CHUNKS: usize = 8;
+
+/// Writes `n` builds that ended Done, each with a log, into the store under `data_dir`, 64
+/// at a time.
 async fn fill(data_dir: &std::path::Path, n: usize) {
     let journal = Journal::open(&data_dir.join("store")).unwrap();
     let mut left = n;
@@ -25,9 +32,16 @@ async fn fill(data_dir: &std::path::Path, n: usize) {
                 let journal = journal.clone();
                 tokio::spawn(async move {
                     let id = new_build(&journal).await;
-                    for event in [Event::Admitted, Event::Resolved, Event::CacheHit] {
+                    for event in [Event::Admitted, Event::Resolved] {
                         journal.transition(id, event).await.unwrap();
                     }
+                    for chunk in 0..LOG_CHUNKS {
+                        let line = format!(
+                            "step {chunk}: resolved, checked, copied blob sha256:{chunk:064}\n"
+                        );
+                        journal.log(id, line.repeat(4).into_bytes()).await.unwrap();
+                    }
+                    journal.transition(id, Event::CacheHit).await.unwrap();
                 })
             })
             .collect();
@@ -36,21 +50,6 @@ async fn fill(data_dir: &std::path::Path, n: usize) {
         }
         left -= batch;
     }
-}
-
-/// The resident set of process `pid`, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn main() {
@@ -86,7 +85,7 @@ fn main() {
         let started = Instant::now();
         service.restart().unwrap();
         let after_term = started.elapsed();
-        let rss = rss_mib(service.pid().unwrap());
+        let rss = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
         service.kill();
         let started = Instant::now();
         service.restart().unwrap();

@@ -10,6 +10,7 @@
 // A test rig: a broken environment is a failed test, so it may panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bench;
 pub mod cluster;
 pub mod demo;
 mod fault_proxy;

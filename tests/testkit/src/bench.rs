@@ -1,0 +1,128 @@
+//! What the benchmarks share: percentiles, a process's memory, knobs from the environment,
+//! and many distinct images made quickly with bare registry requests.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt};
+use sha2::Digest;
+
+/// The `p` quantile (0..=1) of `samples`, nearest rank; sorts them.
+pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+/// Milliseconds, for printing.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `name` from the environment as a number, else `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// KiB as MiB, for printing.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Makes `count` distinct images in `repository` of the registry at `registry` (plain HTTP),
+/// tagged `v0`, `v1`, …: each is the image already tagged `base` there with a config of its
+/// own (a label), so they share every layer and differ in digest. Bare registry requests, 32
+/// at once: thousands take seconds, where pushing each with skopeo would take minutes.
+/// Returns their references (`registry/repository:vN`).
+pub async fn distinct_images(
+    registry: &str,
+    repository: &str,
+    count: usize,
+) -> Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    let base = format!("http://{registry}/v2/{repository}");
+    let manifest: serde_json::Value = http
+        .get(format!("{base}/manifests/base"))
+        .header("Accept", MANIFEST_TYPES)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await
+        .context("the base manifest")?;
+    let media_type = manifest["mediaType"]
+        .as_str()
+        .context("the base manifest names no media type")?
+        .to_owned();
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("the base manifest names no config")?;
+    let config: serde_json::Value = serde_json::from_slice(
+        &http
+            .get(format!("{base}/blobs/{config_digest}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?,
+    )?;
+    let one = |i: usize| {
+        let (http, base, media_type) = (&http, &base, &media_type);
+        let (mut config, mut manifest) = (config.clone(), manifest.clone());
+        async move {
+            config["config"]["Labels"]["bench.variant"] = i.to_string().into();
+            let bytes = serde_json::to_vec(&config)?;
+            let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+            let upload = http
+                .post(format!("{base}/blobs/uploads/"))
+                .send()
+                .await?
+                .error_for_status()?;
+            let Some(location) = upload.headers().get("location") else {
+                bail!("the registry gave no upload location");
+            };
+            let location = location.to_str()?;
+            let location = if location.starts_with('/') {
+                format!("http://{registry}{location}")
+            } else {
+                location.to_owned()
+            };
+            let separator = if location.contains('?') { '&' } else { '?' };
+            http.put(format!("{location}{separator}digest={digest}"))
+                .header("Content-Type", "application/octet-stream")
+                .body(bytes.clone())
+                .send()
+                .await?
+                .error_for_status()?;
+            manifest["config"]["digest"] = digest.into();
+            manifest["config"]["size"] = bytes.len().into();
+            http.put(format!("{base}/manifests/v{i}"))
+                .header("Content-Type", media_type.as_str())
+                .body(serde_json::to_vec(&manifest)?)
+                .send()
+                .await?
+                .error_for_status()?;
+            Ok(format!("{registry}/{repository}:v{i}"))
+        }
+    };
+    futures::stream::iter(0..count)
+        .map(one)
+        .buffered(32)
+        .try_collect()
+        .await
+}
