@@ -602,12 +602,13 @@ mod tests {
             journal.size_on_disk().unwrap()
         };
         let mut sizes = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..20 {
             sizes.push(round(journal.clone()).await);
         }
-        // Each round writes ~2 MiB of logs and removes them; over four more rounds the store
-        // must grow by less than one round's worth (it reuses the space).
-        let growth = sizes[5].saturating_sub(sizes[1]);
+        // Each round writes ~2 MiB of logs and removes them. Sled lays out its file in 512 KiB
+        // segments at checkpoints and reuses them, so its size swings by a few segments from
+        // round to round; over ten rounds it must grow by less than one round's worth.
+        let growth = sizes[19].saturating_sub(sizes[9]);
         println!("store size after each round: {sizes:?}");
         assert!(
             growth < 2 << 20,

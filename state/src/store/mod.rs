@@ -8,6 +8,7 @@
 //! blob files of their own). A segment is the log itself: it grows by exactly the bytes
 //! written, costs one `fdatasync` per commit, and replays at the speed of `pread`.
 
+mod pending;
 mod segments;
 mod sled_store;
 mod wal;

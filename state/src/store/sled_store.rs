@@ -4,6 +4,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::pending::{self, Pending};
 use super::segments::Segments;
 use super::wal::{self, Wal};
 use super::witness::{self, Witness, Witnessed};
@@ -16,8 +17,9 @@ use crate::build::BuildId;
 /// `summary.v1` keyed by build id. Build ids are UUIDv7, so key order is creation order. Log
 /// segments are files `logs/<build id>.log` beside sled's own files, written at the offsets
 /// the journal gives (bytes past the durable length, left by a crash, are overwritten by the
-/// next append and never read). Every batch goes through the write-ahead log (`wal.rs`) first;
-/// sled is flushed only at checkpoints.
+/// next append and never read). Every batch goes through the write-ahead log (`wal.rs`) first
+/// and its records and summaries wait in memory (`pending.rs`) for the next checkpoint, which
+/// writes them into sled and flushes it.
 pub struct SledStore {
     db: sled::Db,
     journal: sled::Tree,
@@ -33,6 +35,8 @@ pub struct SledStore {
     unwitnessed: Mutex<HashMap<BuildId, u64>>,
     /// The write-ahead log (none for a read-only store, whose writes go to sled alone).
     wal: Mutex<Option<Wal>>,
+    /// Records and summaries written since the last checkpoint (only with a log).
+    pending: Mutex<Pending>,
     /// The builds written since the last open's checks, if the store can tell.
     written_since_last_open: Option<Vec<BuildId>>,
 }
@@ -136,6 +140,7 @@ impl SledStore {
             witness: Mutex::new(None),
             unwitnessed: Mutex::new(HashMap::new()),
             wal: Mutex::new(None),
+            pending: Mutex::new(Pending::default()),
             written_since_last_open,
         })
     }
@@ -201,18 +206,74 @@ impl SledStore {
         Ok(())
     }
 
-    /// Flushes sled and starts the next log file, if the log holds anything (or only when
-    /// that is due).
+    /// Writes what is pending into sled, flushes sled and starts the next log file, if
+    /// anything was written since the last checkpoint (or only when that is due).
     fn checkpoint(&self, only_if_due: bool) -> Result<(), Error> {
+        // Holding the log keeps writers out until the new file is started.
         let mut wal = self.wal.lock();
         let Some(log) = wal.as_mut() else {
             return Ok(());
         };
-        if log.is_empty() || (only_if_due && !log.due()) {
-            return Ok(());
+        let (records, summaries) = {
+            let pending = self.pending.lock();
+            let idle = log.is_empty() && pending.is_empty();
+            if idle || (only_if_due && !log.due() && !pending.full()) {
+                return Ok(());
+            }
+            pending.entries()
+        };
+        // Into sled while still pending: a reader between the two sees them twice, never
+        // not at all.
+        let mut batch = sled::Batch::default();
+        for ((id, seq), value) in records {
+            batch.insert(&record_key(id, seq)[..], value);
         }
+        self.journal.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for (id, value) in summaries {
+            batch.insert(&id.as_bytes()[..], value);
+        }
+        self.summary.apply_batch(batch)?;
+        self.pending.lock().clear();
         self.db.flush()?;
         log.rotate().map_err(self.wal_error())
+    }
+
+    /// Writes a live batch: logged, its records and summaries held pending, the rest (rare:
+    /// removals, damage reports) applied to sled at once. Without a log (a read-only store),
+    /// the batch goes to sled directly.
+    fn write_logged(&self, mut batch: WriteBatch) -> Result<(), Error> {
+        // Logged, then applied, under one lock: the log's order is the store's.
+        let mut wal = self.wal.lock();
+        let Some(log) = wal.as_mut() else {
+            drop(wal);
+            return self.apply(batch);
+        };
+        // Summaries are derived from records (refolded at open if lost): not logged.
+        let summaries = std::mem::take(&mut batch.summaries);
+        if !batch.is_empty() {
+            log.append(&batch).map_err(self.wal_error())?;
+        }
+        let records = std::mem::take(&mut batch.records);
+        {
+            let mut pending = self.pending.lock();
+            for id in &batch.removed_summaries {
+                pending.remove_summary(*id);
+            }
+            for id in &batch.removed_builds {
+                pending.remove_build(*id);
+            }
+            for (id, seq, value) in records {
+                pending.put_record(id, seq, value);
+            }
+            for (id, value) in summaries {
+                pending.put_summary(id, value);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.apply(batch)
     }
 
     fn witness_error(&self) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -267,12 +328,7 @@ impl Store for SledStore {
                 *newest = (*newest).max(seq);
             }
         }
-        // Logged, then applied, under one lock: the log's order is sled's.
-        let mut wal = self.wal.lock();
-        if let Some(log) = wal.as_mut() {
-            log.append(&batch).map_err(self.wal_error())?;
-        }
-        self.apply(batch)
+        self.write_logged(batch)
     }
 
     fn sync(&self) -> Result<(), Error> {
@@ -305,6 +361,11 @@ impl Store for SledStore {
         seqs: std::ops::Range<u64>,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        // Pending first, then sled: see `pending.rs`.
+        let pending = self
+            .pending
+            .lock()
+            .records(id, seqs.clone(), max_bytes, RECORD_FLOOR_BYTES);
         let start = record_key(id, seqs.start);
         let end = record_key(id, seqs.end);
         let mut out = Vec::new();
@@ -318,7 +379,12 @@ impl Store for SledStore {
                 break;
             }
         }
-        Ok(out)
+        Ok(pending::merge_records(
+            pending,
+            out,
+            max_bytes,
+            RECORD_FLOOR_BYTES,
+        ))
     }
 
     fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
@@ -342,10 +408,12 @@ impl Store for SledStore {
     }
 
     fn last_seq(&self, id: BuildId) -> Result<Option<u64>, Error> {
-        match self.journal.scan_prefix(id.as_bytes()).next_back() {
-            Some(entry) => Ok(Some(split_record_key(&entry?.0)?.1)),
-            None => Ok(None),
-        }
+        let pending = self.pending.lock().last_seq(id);
+        let stored = match self.journal.scan_prefix(id.as_bytes()).next_back() {
+            Some(entry) => Some(split_record_key(&entry?.0)?.1),
+            None => None,
+        };
+        Ok(pending.max(stored))
     }
 
     fn journal_ids(&self) -> Result<Vec<BuildId>, Error> {
@@ -357,10 +425,19 @@ impl Store for SledStore {
             // Skip the rest of this build's records in one seek.
             next = self.journal.get_gt(record_key(id, u64::MAX))?;
         }
+        let pending = self.pending.lock().ids();
+        if pending.iter().any(|id| ids.binary_search(id).is_err()) {
+            ids.extend(pending);
+            ids.sort();
+            ids.dedup();
+        }
         Ok(ids)
     }
 
     fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(summary) = self.pending.lock().summary(id) {
+            return Ok(Some(summary));
+        }
         Ok(self.summary.get(id.as_bytes())?.map(|v| v.to_vec()))
     }
 
@@ -369,14 +446,24 @@ impl Store for SledStore {
     }
 
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
-        self.summary
+        let mut pending = self.pending.lock().summaries();
+        let stored = self
+            .summary
             .iter()
             .rev()
             .map(|entry| {
                 let (key, value) = entry?;
-                Ok((id_key(SUMMARY_TREE, &key)?, value.to_vec()))
+                let id = id_key(SUMMARY_TREE, &key)?;
+                Ok((id, pending.remove(&id).unwrap_or_else(|| value.to_vec())))
             })
-            .collect()
+            .collect::<Result<Vec<_>, Error>>()?;
+        if pending.is_empty() {
+            return Ok(stored);
+        }
+        let mut all = stored;
+        all.extend(pending);
+        all.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+        Ok(all)
     }
 
     fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
@@ -553,7 +640,11 @@ mod tests {
             .map(|r| r.0)
             .collect();
         assert_eq!(seqs, [0, 1, 2]);
-        assert_eq!(reopened.summary(kept).unwrap(), Some(vec![7]));
+        assert_eq!(
+            reopened.summary(kept).unwrap(),
+            None,
+            "summaries are not logged: the journal refolds them at open"
+        );
         assert_eq!(reopened.last_seq(removed).unwrap(), None);
         let mut named = reopened.written_since_last_open().unwrap();
         named.sort();

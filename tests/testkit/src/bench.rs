@@ -56,19 +56,20 @@ pub async fn distinct_images(
 ) -> Result<Vec<String>> {
     let http = reqwest::Client::new();
     let base = format!("http://{registry}/v2/{repository}");
-    let manifest: serde_json::Value = http
+    let answer = http
         .get(format!("{base}/manifests/base"))
         .header("Accept", MANIFEST_TYPES)
         .send()
         .await?
-        .error_for_status()?
-        .json()
-        .await
-        .context("the base manifest")?;
-    let media_type = manifest["mediaType"]
-        .as_str()
-        .context("the base manifest names no media type")?
+        .error_for_status()?;
+    // An OCI manifest may leave out its media type: the registry's answer names it.
+    let media_type = answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .context("the base manifest came without a content type")?
         .to_owned();
+    let manifest: serde_json::Value = answer.json().await.context("the base manifest")?;
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .context("the base manifest names no config")?;
