@@ -380,11 +380,15 @@ async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
     let shared = shared();
     let mut service = service("ops-damage");
     let mut client = service.client().await.unwrap();
-    let mut ops = ops_client(&service).await;
     let whole = build_all(&mut client, ref_build(&shared.base))
         .await
         .unwrap();
     let whole = build_id(&whole[0]);
+    // A clean stop checkpoints: `whole` is in sled's file before what follows.
+    service.stop();
+    service.restart().unwrap();
+    let client = service.client().await.unwrap();
+    let mut ops = ops_client(&service).await;
     let dockerfile_build = |word: &'static str| {
         let repo = GitRepo::new(&[(
             "Dockerfile",

@@ -232,6 +232,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let _ = stop_builds.await;
+    // Last: what the write-ahead log holds goes into the store, so the next start replays
+    // nothing.
+    if let Err(e) = orchestrator.journal().checkpoint().await {
+        tracing::warn!(error = %e, "could not checkpoint the store; the next start replays its log");
+    }
     served.context("the gRPC server task failed")??;
     let _ = metrics_task.await;
     tracing::info!("stopped");

@@ -92,6 +92,9 @@ impl Store for GatedStore {
     fn checkpoint_if_due(&self) -> Result<(), image_builder_state::store::Error> {
         self.inner.checkpoint_if_due()
     }
+    fn checkpoint(&self) -> Result<(), image_builder_state::store::Error> {
+        Store::checkpoint(&self.inner)
+    }
     fn journal_ids(&self) -> Result<Vec<BuildId>, image_builder_state::store::Error> {
         self.inner.journal_ids()
     }

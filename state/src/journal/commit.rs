@@ -20,6 +20,9 @@ pub(super) struct Commit {
     pub(super) logs: Vec<LogBytes>,
     pub(super) batch: WriteBatch,
     pub(super) done: oneshot::Sender<Result<()>>,
+    /// Fold everything durable into the store's long-term form after this group (a clean
+    /// stop), instead of only when due.
+    pub(super) checkpoint: bool,
 }
 
 /// The committer thread's queue; dropping it drains the queue and joins the thread.
@@ -61,6 +64,7 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
         // Log bytes first, each build's on its own: a build whose segment cannot be written
         // fails alone, with every later record of it in this group, and never leaves a record
         // naming bytes that are not on disk.
+        let checkpoint = group.iter().any(|c| c.checkpoint);
         let mut failed: HashMap<BuildId, Error> = HashMap::new();
         let mut batch = WriteBatch::default();
         let mut waiters = Vec::with_capacity(group.len());
@@ -122,7 +126,12 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             }
             // Between commits, with this one's summaries written: a checkpoint then covers
             // everything written so far.
-            if let Err(e) = shared.store.checkpoint_if_due() {
+            let checkpointed = if checkpoint {
+                shared.store.checkpoint()
+            } else {
+                shared.store.checkpoint_if_due()
+            };
+            if let Err(e) = checkpointed {
                 tracing::warn!(error = %e, "store checkpoint failed; the next one tries again");
             }
         }

@@ -224,6 +224,7 @@ impl Journal {
                 logs: Vec::new(),
                 batch,
                 done,
+                checkpoint: false,
             });
         }
         self.damaged_error(id)

@@ -268,6 +268,7 @@ impl Journal {
                 logs: Vec::new(),
                 batch,
                 done,
+                checkpoint: false,
             })?;
             wait
         };
@@ -407,7 +408,12 @@ impl Journal {
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
         batch.summaries.push((id, summary));
         let (done, wait) = oneshot::channel();
-        self.committer.send(Commit { logs, batch, done })?;
+        self.committer.send(Commit {
+            logs,
+            batch,
+            done,
+            checkpoint: false,
+        })?;
         Ok(wait)
     }
 
@@ -455,11 +461,23 @@ impl Journal {
 
     /// Waits until everything appended before this call is durable (an empty commit).
     pub async fn barrier(&self) -> Result<()> {
+        self.empty_commit(false).await
+    }
+
+    /// Folds everything durable into the store's long-term form now (a write-ahead log into
+    /// sled), between two commits: a clean stop calls it last, so the next start has nothing
+    /// to replay.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.empty_commit(true).await
+    }
+
+    async fn empty_commit(&self, checkpoint: bool) -> Result<()> {
         let (done, wait) = oneshot::channel();
         self.committer.send(Commit {
             logs: Vec::new(),
             batch: WriteBatch::default(),
             done,
+            checkpoint,
         })?;
         wait.await.unwrap_or(Err(Error::Closed))
     }

@@ -216,6 +216,10 @@ pub trait Store: Send + Sync + 'static {
     fn checkpoint_if_due(&self) -> Result<(), Error> {
         Ok(())
     }
+    /// [`Store::checkpoint_if_due`], whether due or not (a clean stop).
+    fn checkpoint(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// A build's records with sequence numbers in `seqs`, in order, stopping after the
     /// record that brings the total size to `max_bytes` or more (at least one record; each
     /// counts as [`RECORD_FLOOR_BYTES`] at least). Nothing past `seqs.end` is read.

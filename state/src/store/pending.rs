@@ -17,8 +17,8 @@ use crate::build::BuildId;
 /// A checkpoint is due once the entries held take this many bytes.
 pub(super) const MAX_BYTES: usize = 8 << 20;
 
-/// What a checkpoint writes: records by (build, sequence), then summaries by build.
-pub(super) type Entries = (Vec<((BuildId, u64), Vec<u8>)>, Vec<(BuildId, Vec<u8>)>);
+/// What a checkpoint writes of one build: its records (by sequence number), then its summary.
+pub(super) type BuildEntries = (BuildId, Vec<(u64, Vec<u8>)>, Option<Vec<u8>>);
 
 /// Records and summaries not yet in sled.
 #[derive(Default)]
@@ -64,17 +64,25 @@ impl Pending {
         self.bytes >= MAX_BYTES
     }
 
-    /// Everything held, for the checkpoint to write into sled (this stays until [`clear`]).
+    /// Everything held, build by build in id order (creation order), for the checkpoint to
+    /// write into sled; it stays here until [`clear`].
     ///
     /// [`clear`]: Pending::clear
-    pub(super) fn entries(&self) -> Entries {
-        (
-            self.records.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            self.summaries
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
-        )
+    pub(super) fn entries(&self) -> Vec<BuildEntries> {
+        let mut builds: Vec<BuildEntries> = Vec::new();
+        for ((id, seq), value) in &self.records {
+            match builds.last_mut() {
+                Some((last, records, _)) if last == id => records.push((*seq, value.clone())),
+                _ => builds.push((*id, vec![(*seq, value.clone())], None)),
+            }
+        }
+        for (id, value) in &self.summaries {
+            match builds.binary_search_by_key(id, |(build, _, _)| *build) {
+                Ok(i) => builds[i].2 = Some(value.clone()),
+                Err(i) => builds.insert(i, (*id, Vec::new(), Some(value.clone()))),
+            }
+        }
+        builds
     }
 
     pub(super) fn clear(&mut self) {

@@ -208,13 +208,13 @@ impl SledStore {
 
     /// Writes what is pending into sled, flushes sled and starts the next log file, if
     /// anything was written since the last checkpoint (or only when that is due).
-    fn checkpoint(&self, only_if_due: bool) -> Result<(), Error> {
+    fn fold(&self, only_if_due: bool) -> Result<(), Error> {
         // Holding the log keeps writers out until the new file is started.
         let mut wal = self.wal.lock();
         let Some(log) = wal.as_mut() else {
             return Ok(());
         };
-        let (records, summaries) = {
+        let builds = {
             let pending = self.pending.lock();
             let idle = log.is_empty() && pending.is_empty();
             if idle || (only_if_due && !log.due() && !pending.full()) {
@@ -223,17 +223,18 @@ impl SledStore {
             pending.entries()
         };
         // Into sled while still pending: a reader between the two sees them twice, never
-        // not at all.
-        let mut batch = sled::Batch::default();
-        for ((id, seq), value) in records {
-            batch.insert(&record_key(id, seq)[..], value);
+        // not at all. Build by build, each one's records then its summary, key by key rather
+        // than as one atomic batch (the log covers a checkpoint cut short): damage to sled's
+        // file then costs what was written after it, as it did when every commit went to
+        // sled, not the whole checkpoint, and builds before it stay whole.
+        for (id, records, summary) in builds {
+            for (seq, value) in records {
+                self.journal.insert(&record_key(id, seq)[..], value)?;
+            }
+            if let Some(summary) = summary {
+                self.summary.insert(&id.as_bytes()[..], summary)?;
+            }
         }
-        self.journal.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
-        for (id, value) in summaries {
-            batch.insert(&id.as_bytes()[..], value);
-        }
-        self.summary.apply_batch(batch)?;
         self.pending.lock().clear();
         self.db.flush()?;
         log.rotate().map_err(self.wal_error())
@@ -294,7 +295,7 @@ impl SledStore {
 impl Drop for SledStore {
     /// A clean close leaves nothing to replay.
     fn drop(&mut self) {
-        if let Err(e) = self.checkpoint(false) {
+        if let Err(e) = self.fold(false) {
             tracing::warn!(error = %e, "could not checkpoint the store on close; the next start replays its log");
         }
     }
@@ -352,7 +353,11 @@ impl Store for SledStore {
     }
 
     fn checkpoint_if_due(&self) -> Result<(), Error> {
-        self.checkpoint(true)
+        self.fold(true)
+    }
+
+    fn checkpoint(&self) -> Result<(), Error> {
+        self.fold(false)
     }
 
     fn records(
