@@ -69,8 +69,8 @@ pub struct Config {
     /// timeouts) with exponential backoff. Default `60s`.
     #[serde(default = "default_registry_retry_budget", with = "humantime_serde")]
     pub registry_retry_budget: Duration,
-    /// Requests sent to one registry host at once for builds, and as many again for calls
-    /// waiting on an answer (each a first-come, first-served queue). Default 32.
+    /// Requests sent to one registry host at once; calls waiting on an answer go before
+    /// builds' work (see `registry/limits.rs`). Default 32.
     #[serde(default = "default_registry_requests_per_host")]
     pub registry_requests_per_host: usize,
     /// Longest wait for a registry's answer (connecting, each read); past it the request is a

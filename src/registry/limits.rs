@@ -1,20 +1,24 @@
-//! How many requests go to one registry host at once: at most `per_host` for builds and as
-//! many again for callers waiting on an answer, each lane a first-come, first-served queue
-//! (tokio's semaphore is fair). So 500 queued builds copying from one registry neither
-//! overwhelm it nor delay the cache check of a Build call, and a slow registry only holds up
-//! the work that goes to it.
+//! How many requests go to one registry host at once: at most `per_host`, in two first-come,
+//! first-served queues. A freed slot goes to the callers' queue first (an API call waiting on
+//! its answer: a Build's cache check, ResolveBaseImage), except that every
+//! [`BUILD_SHARE`]th slot freed while both queues wait goes to the builds', so neither starves.
+//! So 500 queued builds copying from one registry neither overwhelm it nor hold up a Build
+//! call's cache check for long, and a slow registry only holds up the work that goes to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 use crate::steps::Lane;
 
-/// Requests to one host at once per lane, unless configured (`registryRequestsPerHost`).
+/// Requests to one host at once, unless configured (`registryRequestsPerHost`).
 pub const DEFAULT_PER_HOST: usize = 32;
+
+/// While both queues wait, one freed slot in this many goes to a build.
+const BUILD_SHARE: u32 = 4;
 
 /// Hosts whose queues are kept, at most; past it idle ones are forgotten.
 const MAX_HOSTS: usize = 1024;
@@ -22,18 +26,21 @@ const MAX_HOSTS: usize = 1024;
 /// The queues of every registry host, made on first use.
 pub(super) struct HostLimits {
     per_host: usize,
-    hosts: Mutex<HashMap<String, Arc<Lanes>>>,
+    hosts: Mutex<HashMap<String, Arc<Mutex<Host>>>>,
 }
 
-/// One host's two queues.
-struct Lanes {
-    caller: Arc<Semaphore>,
-    build: Arc<Semaphore>,
+/// One host's free slots and waiters.
+struct Host {
+    free: usize,
+    callers: VecDeque<oneshot::Sender<()>>,
+    builds: VecDeque<oneshot::Sender<()>>,
+    /// Slots handed to callers in a row while builds waited.
+    callers_in_a_row: u32,
 }
 
 /// Leave to send one request to a host; the slot frees when dropped.
 pub(super) struct Slot {
-    _permit: Option<OwnedSemaphorePermit>,
+    host: Arc<Mutex<Host>>,
     /// How long the request waited for its slot.
     pub waited: Duration,
 }
@@ -46,38 +53,108 @@ impl HostLimits {
         }
     }
 
-    /// Waits for a slot to send one request to `host` in `lane`, behind those that asked
-    /// before in the same lane.
+    /// Waits for a slot to send one request to `host` for `lane`.
     pub(super) async fn slot(&self, host: &str, lane: Lane) -> Slot {
-        let semaphore = {
+        let started = Instant::now();
+        let host = {
             let mut hosts = self.hosts.lock();
             if hosts.len() >= MAX_HOSTS && !hosts.contains_key(host) {
-                hosts.retain(|_, lanes| !lanes.busy(self.per_host));
+                let per_host = self.per_host;
+                hosts.retain(|_, h| h.lock().free < per_host);
             }
-            let lanes = hosts.entry(host.to_owned()).or_insert_with(|| {
-                Arc::new(Lanes {
-                    caller: Arc::new(Semaphore::new(self.per_host)),
-                    build: Arc::new(Semaphore::new(self.per_host)),
-                })
-            });
-            match lane {
-                Lane::Caller => Arc::clone(&lanes.caller),
-                Lane::Build => Arc::clone(&lanes.build),
+            Arc::clone(hosts.entry(host.to_owned()).or_insert_with(|| {
+                Arc::new(Mutex::new(Host {
+                    free: self.per_host,
+                    callers: VecDeque::new(),
+                    builds: VecDeque::new(),
+                    callers_in_a_row: 0,
+                }))
+            }))
+        };
+        let granted = {
+            let mut state = host.lock();
+            if state.free > 0 {
+                state.free -= 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                match lane {
+                    Lane::Caller => state.callers.push_back(tx),
+                    Lane::Build => state.builds.push_back(tx),
+                }
+                Some(rx)
             }
         };
-        let started = Instant::now();
-        // The semaphores are never closed, so this always holds a permit.
-        let permit = semaphore.acquire_owned().await.ok();
+        if let Some(granted) = granted {
+            let mut waiting = Waiting {
+                granted: Some(granted),
+                host: Arc::clone(&host),
+            };
+            if let Some(granted) = waiting.granted.as_mut() {
+                // Senders are never dropped unsent while their receiver waits.
+                let _ = granted.await;
+            }
+            waiting.granted = None;
+        }
         Slot {
-            _permit: permit,
+            host,
             waited: started.elapsed(),
         }
     }
 }
 
-impl Lanes {
-    fn busy(&self, per_host: usize) -> bool {
-        self.caller.available_permits() < per_host || self.build.available_permits() < per_host
+impl Host {
+    /// Hands a freed slot to the next waiter that is still waiting, or keeps it free.
+    fn release(&mut self) {
+        loop {
+            let prefer_build = !self.builds.is_empty()
+                && (self.callers.is_empty() || self.callers_in_a_row + 1 >= BUILD_SHARE);
+            let next = if prefer_build {
+                self.callers_in_a_row = 0;
+                self.builds.pop_front()
+            } else {
+                let next = self.callers.pop_front();
+                if next.is_some() && !self.builds.is_empty() {
+                    self.callers_in_a_row += 1;
+                }
+                next
+            };
+            match next {
+                Some(waiter) => {
+                    if waiter.send(()).is_ok() {
+                        return;
+                    }
+                }
+                None => {
+                    self.free += 1;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A place in a queue; if the wait is given up (the future dropped), a slot handed over
+/// meanwhile goes on to the next waiter, and later hand-overs skip this one.
+struct Waiting {
+    granted: Option<oneshot::Receiver<()>>,
+    host: Arc<Mutex<Host>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut granted) = self.granted.take() {
+            granted.close();
+            if granted.try_recv().is_ok() {
+                self.host.lock().release();
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.host.lock().release();
     }
 }
 
@@ -85,38 +162,64 @@ impl Lanes {
 mod tests {
     use super::*;
 
+    /// Takes a slot in a task of its own, reporting `tag` when it has one.
+    fn waiter(
+        limits: &Arc<HostLimits>,
+        host: &'static str,
+        lane: Lane,
+        tag: &'static str,
+        order: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    ) {
+        let (limits, order) = (Arc::clone(limits), order.clone());
+        tokio::spawn(async move {
+            let slot = limits.slot(host, lane).await;
+            order.send(tag).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            drop(slot);
+        });
+    }
+
     #[tokio::test]
-    async fn a_full_build_lane_does_not_hold_up_callers_and_frees_in_order() {
-        let limits = Arc::new(HostLimits::new(2));
-        let held = [
-            limits.slot("r", Lane::Build).await,
-            limits.slot("r", Lane::Build).await,
-        ];
-        // Builds now queue; a caller of the same host does not.
-        let caller = tokio::time::timeout(Duration::from_secs(1), limits.slot("r", Lane::Caller))
-            .await
-            .expect("a caller gets a slot while the build lane is full");
-        drop(caller);
+    async fn callers_go_first_builds_get_their_share_and_other_hosts_are_not_held_up() {
+        let limits = Arc::new(HostLimits::new(1));
+        let held = limits.slot("r", Lane::Build).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for i in 0..3 {
-            let (limits, tx) = (Arc::clone(&limits), tx.clone());
-            tokio::spawn(async move {
-                let slot = limits.slot("r", Lane::Build).await;
-                tx.send(i).unwrap();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                drop(slot);
-            });
-            // Let each waiter queue before the next.
+        for tag in ["b1", "b2"] {
+            waiter(&limits, "r", Lane::Build, tag, &tx);
             tokio::task::yield_now().await;
         }
-        // Another host is not held up either.
-        drop(limits.slot("other", Lane::Build).await);
-        assert!(rx.try_recv().is_err(), "no build got past the limit");
+        for tag in ["c1", "c2", "c3", "c4"] {
+            waiter(&limits, "r", Lane::Caller, tag, &tx);
+            tokio::task::yield_now().await;
+        }
+        // Another host has its own slots.
+        drop(
+            tokio::time::timeout(Duration::from_secs(1), limits.slot("other", Lane::Build))
+                .await
+                .expect("another host is not held up"),
+        );
+        assert!(rx.try_recv().is_err(), "no one got past the limit");
         drop(held);
         let mut order = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..6 {
             order.push(rx.recv().await.unwrap());
         }
-        assert_eq!(order, [0, 1, 2], "first come, first served");
+        // Callers first, in order; the fourth slot freed while builds wait is a build's.
+        assert_eq!(order, ["c1", "c2", "c3", "b1", "c4", "b2"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_passes_its_slot_on() {
+        let limits = Arc::new(HostLimits::new(1));
+        let held = limits.slot("r", Lane::Build).await;
+        // A caller that stops waiting (its client hung up) before the slot frees.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(20), limits.slot("r", Lane::Caller)).await;
+        assert!(gave_up.is_err());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        waiter(&limits, "r", Lane::Build, "next", &tx);
+        tokio::task::yield_now().await;
+        drop(held);
+        assert_eq!(rx.recv().await.unwrap(), "next");
     }
 }

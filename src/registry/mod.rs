@@ -407,22 +407,29 @@ impl Registry {
                 what: what.clone(),
                 detail: format!("media type {media_type:?} is not a header value"),
             })?;
-        self.retrying(Resource::Manifest(&target), progress, || async {
-            writer
-                .client
-                .push_manifest_raw(&target, manifest.clone(), content_type.clone())
-                .await
-                .map_err(|e| fail(&target, &format!("manifest of {to}"), e))
-        })
-        .await?;
+        let location = self
+            .retrying(Resource::Manifest(&target), progress, || async {
+                writer
+                    .client
+                    .push_manifest_raw(&target, manifest.clone(), content_type.clone())
+                    .await
+                    .map_err(|e| fail(&target, &format!("manifest of {to}"), e))
+            })
+            .await?;
         progress
             .line(format!("pushed manifest {digest} to {to}"))
             .await;
-        let found = self
-            .retrying(Resource::Manifest(&target), progress, || {
-                lookup_once(&writer, &target, to)
-            })
-            .await?;
+        // The registry names what it stored in the manifest's location (distribution does:
+        // `/v2/<name>/manifests/<digest>`); only if it does not is it asked once more.
+        let found = match digest_in_location(&location) {
+            Some(stored) => Some(stored.to_owned()),
+            None => {
+                self.retrying(Resource::Manifest(&target), progress, || {
+                    lookup_once(&writer, &target, to)
+                })
+                .await?
+            }
+        };
         match found {
             Some(found) if found == digest => Ok(digest),
             Some(found) => Err(Error::Invalid {
@@ -435,6 +442,13 @@ impl Registry {
             }),
         }
     }
+}
+
+/// The digest a manifest's location names as its last path segment, if it names one.
+fn digest_in_location(location: &str) -> Option<&str> {
+    let last = location.split('?').next()?.rsplit('/').next()?;
+    let hex = last.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(last)
 }
 
 /// A client and the credential it presents.
@@ -462,5 +476,25 @@ fn client_config(insecure: &[String], timeout: Duration) -> ClientConfig {
         connect_timeout: Some(timeout.min(Duration::from_secs(10))),
         read_timeout: Some(timeout),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::digest_in_location;
+
+    #[test]
+    fn a_manifest_location_names_its_digest_only_when_it_is_one() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            digest_in_location(&format!("http://r:5000/v2/a/b/manifests/{digest}")),
+            Some(digest.as_str())
+        );
+        assert_eq!(
+            digest_in_location(&format!("/v2/a/manifests/{digest}?x=1")),
+            Some(digest.as_str())
+        );
+        assert_eq!(digest_in_location("http://r/v2/a/manifests/latest"), None);
+        assert_eq!(digest_in_location("http://r/v2/a/manifests/sha256:abc"), None);
     }
 }

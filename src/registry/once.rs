@@ -66,17 +66,8 @@ pub(super) async fn copy_blob(
         writer,
     } = *ends;
     let what = format!("blob {}", blob.digest);
-    let present = writer
-        .client
-        .blob_exists(target, &blob.digest)
-        .await
-        .map_err(|e| fail(target, &what, e))?;
-    if present {
-        progress
-            .line(format!("blob {n}/{of} {} already present", blob.digest))
-            .await;
-        return Ok(());
-    }
+    // Within one registry a mount is one request whether or not the target has the blob:
+    // try it before asking.
     if same_registry {
         match writer.client.mount_blob(target, source, &blob.digest).await {
             Ok(()) => {
@@ -89,11 +80,23 @@ pub(super) async fn copy_blob(
                     .await;
                 return Ok(());
             }
-            // A registry may refuse a mount and offer an upload instead: copy the bytes.
+            // A registry may refuse a mount and offer an upload instead: see whether the
+            // target has it, else copy the bytes.
             Err(e) => {
-                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming");
+                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused");
             }
         }
+    }
+    let present = writer
+        .client
+        .blob_exists(target, &blob.digest)
+        .await
+        .map_err(|e| fail(target, &what, e))?;
+    if present {
+        progress
+            .line(format!("blob {n}/{of} {} already present", blob.digest))
+            .await;
+        return Ok(());
     }
     progress
         .line(format!(
