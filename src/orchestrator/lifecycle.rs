@@ -111,7 +111,7 @@ impl Orchestrator {
         let _ = created.send(true);
         self.inner.metrics.build_started();
         let needs_request_credentials = view.spec.had_request_auth;
-        self.spawn(view, false, flight.cancel.clone(), None);
+        self.spawn(view, task::Start::Retried, flight.cancel.clone(), None);
         Ok(RetryOutcome {
             attempt,
             needs_request_credentials,

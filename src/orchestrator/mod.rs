@@ -111,7 +111,7 @@ pub struct Limits {
 /// A build waiting for a slot.
 struct Admission {
     view: BuildView,
-    resumed: bool,
+    start: task::Start,
     cancel: CancellationToken,
     /// The client's trace, for a new build whose Build request carried a `traceparent`.
     parent: Option<TraceParent>,
@@ -221,7 +221,7 @@ impl Orchestrator {
             self.lock_flights()
                 .insert(view.workspace_ref.clone(), flight);
             tracing::info!(build_id = %view.id, phase = %view.phase(), "resuming build");
-            self.spawn(view, true, cancel, None);
+            self.spawn(view, task::Start::Resumed, cancel, None);
         }
         Ok(count)
     }
@@ -252,7 +252,7 @@ impl Orchestrator {
     fn spawn(
         &self,
         view: BuildView,
-        resumed: bool,
+        start: task::Start,
         cancel: CancellationToken,
         parent: Option<TraceParent>,
     ) {
@@ -261,7 +261,7 @@ impl Orchestrator {
             .admissions
             .send(Admission {
                 view,
-                resumed,
+                start,
                 cancel,
                 parent,
             })
@@ -341,12 +341,12 @@ fn start(
     }
     let Admission {
         view,
-        resumed,
+        start,
         cancel,
         parent,
     } = admission;
     let tasks = inner.tasks.clone();
-    tasks.spawn(task::drive(inner, view, resumed, slot, cancel, parent));
+    tasks.spawn(task::drive(inner, view, start, slot, cancel, parent));
     true
 }
 

@@ -104,6 +104,7 @@ impl Orchestrator {
                 &secrets.registry,
             )
             .await?;
+        let checked = std::time::Instant::now();
         if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
             self.inner.metrics.cache_hit();
             return Ok(Submitted::CacheHit {
@@ -148,10 +149,17 @@ impl Orchestrator {
             base_ref,
             workspace_ref,
         };
-        let accept = tokio::spawn(
-            self.clone()
-                .accept(spec, secrets, refs, flight, created, parent),
-        );
+        let accept = tokio::spawn(self.clone().accept(
+            spec,
+            secrets,
+            refs,
+            Accepting {
+                flight,
+                created,
+                checked,
+            },
+            parent,
+        ));
         accept.await.map_err(|e| {
             tracing::error!(error = %e, "accepting a build failed");
             Error::JoinFailed
@@ -164,10 +172,14 @@ impl Orchestrator {
         spec: BuildSpec,
         secrets: BuildSecrets,
         refs: ResolvedRefs,
-        flight: Flight,
-        created: watch::Sender<bool>,
+        accepting: Accepting,
         parent: Option<TraceParent>,
     ) -> Result<Submitted, Error> {
+        let Accepting {
+            flight,
+            created,
+            checked,
+        } = accepting;
         let ResolvedRefs {
             base_ref,
             workspace_ref,
@@ -186,7 +198,12 @@ impl Orchestrator {
         self.inner.metrics.build_started();
         tracing::info!(build_id = %id, %workspace_ref, "build accepted");
         let created_at_ms = view.created_at_ms;
-        self.spawn(view, false, flight.cancel.clone(), parent);
+        self.spawn(
+            view,
+            task::Start::Accepted { checked },
+            flight.cancel.clone(),
+            parent,
+        );
         Ok(Submitted::Running {
             id,
             joined: false,
@@ -195,4 +212,12 @@ impl Orchestrator {
             created_at_ms,
         })
     }
+}
+
+/// A build being accepted: its flight, the signal that it is journaled, and when the
+/// registry was checked for it (base resolved, workspace image absent).
+struct Accepting {
+    flight: Flight,
+    created: watch::Sender<bool>,
+    checked: std::time::Instant,
 }

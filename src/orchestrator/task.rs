@@ -21,18 +21,45 @@ use crate::steps::{Class, StepError, StepErrorKind};
 use crate::telemetry::Metrics;
 use crate::telemetry::traces::{self, TraceParent};
 
+/// How a build's task starts.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Start {
+    /// Just accepted by a Build call, which asked the registry at `checked`: the base ref
+    /// resolved and the workspace image was absent.
+    Accepted {
+        /// When the call asked.
+        checked: Instant,
+    },
+    /// A new attempt of a failed or cancelled build.
+    Retried,
+    /// After a restart, from the build's last journaled phase.
+    Resumed,
+}
+
+/// How long what the accepting call learnt from the registry stands in for the first
+/// Resolving and CheckingCache steps (a build admitted at once; one that waited for a slot
+/// asks again).
+const ACCEPTED_CHECK_FRESH_FOR: Duration = Duration::from_secs(2);
+
+impl Start {
+    /// Whether the registry was asked about this build a moment ago.
+    fn freshly_checked(self) -> bool {
+        matches!(self, Start::Accepted { checked } if checked.elapsed() < ACCEPTED_CHECK_FRESH_FOR)
+    }
+}
+
 /// Drives build `view` to a final phase, or until shutdown (it then resumes at next start).
 /// `slot` is its place under the concurrency limit, held until the task ends.
 pub(super) async fn drive(
     inner: Arc<Inner>,
     view: BuildView,
-    resumed: bool,
+    start: Start,
     slot: Option<OwnedSemaphorePermit>,
     cancel: CancellationToken,
     parent: Option<TraceParent>,
 ) {
     let span = attempt_span(&inner, &view, parent.as_ref()).await;
-    run(inner, view, resumed, cancel).instrument(span).await;
+    run(inner, view, start, cancel).instrument(span).await;
     drop(slot);
 }
 
@@ -72,7 +99,8 @@ pub(super) fn failpoint(name: &str) {
     let _ = name;
 }
 
-async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: CancellationToken) {
+async fn run(inner: Arc<Inner>, mut view: BuildView, start: Start, cancel: CancellationToken) {
+    let resumed = matches!(start, Start::Resumed);
     let id = view.id;
     let secrets = inner.secrets_of(id);
     let log = BuildLog::new(
@@ -129,7 +157,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, resumed: bool, cancel: Canc
                         phase_action(view.phase())
                     ),
                 },
-                event = step(&inner, &view, &secrets, secrets_lost, &log).instrument(state.clone()) => event,
+                event = step(&inner, &view, &secrets, secrets_lost, &log, start).instrument(state.clone()) => event,
             };
             traces::end_state(&state, event.name(), matches!(event, Event::Failed { .. }));
             event
@@ -269,11 +297,13 @@ async fn step(
     secrets: &BuildSecrets,
     secrets_lost: bool,
     log: &BuildLog,
+    start: Start,
 ) -> Event {
     let phase = view.phase();
+    let fresh = start.freshly_checked();
     let outcome = match phase {
-        Phase::Resolving => resolve(inner, view, secrets, log).await,
-        Phase::CheckingCache => check_cache(inner, view, log).await,
+        Phase::Resolving => resolve(inner, view, secrets, log, fresh).await,
+        Phase::CheckingCache => check_cache(inner, view, log, fresh).await,
         Phase::Building => build(inner, view, secrets, log).await,
         Phase::Pushing => {
             log.line(format!(
@@ -318,8 +348,17 @@ async fn resolve(
     view: &BuildView,
     secrets: &BuildSecrets,
     log: &BuildLog,
+    fresh: bool,
 ) -> Result<Event, StepError> {
     match &view.spec.source {
+        BuildSource::Reference { reference } if fresh => {
+            log.line(format!(
+                "base image {reference} resolved to {} when the build was accepted",
+                view.base_ref
+            ))
+            .await;
+            Ok(Event::Resolved)
+        }
         BuildSource::Reference { reference } => {
             log.line(format!("resolving base image {reference}")).await;
             match inner
@@ -352,10 +391,23 @@ async fn resolve(
     }
 }
 
-async fn check_cache(inner: &Inner, view: &BuildView, log: &BuildLog) -> Result<Event, StepError> {
+async fn check_cache(
+    inner: &Inner,
+    view: &BuildView,
+    log: &BuildLog,
+    fresh: bool,
+) -> Result<Event, StepError> {
     if view.spec.force_rebuild {
         log.line("force_rebuild is set: not looking for an existing workspace image")
             .await;
+        return Ok(Event::CacheMiss);
+    }
+    if fresh {
+        log.line(format!(
+            "workspace image {} does not exist yet (checked when the build was accepted)",
+            view.workspace_ref
+        ))
+        .await;
         return Ok(Event::CacheMiss);
     }
     match inner

@@ -495,6 +495,9 @@ mod tests {
             Some(digest.as_str())
         );
         assert_eq!(digest_in_location("http://r/v2/a/manifests/latest"), None);
-        assert_eq!(digest_in_location("http://r/v2/a/manifests/sha256:abc"), None);
+        assert_eq!(
+            digest_in_location("http://r/v2/a/manifests/sha256:abc"),
+            None
+        );
     }
 }
