@@ -14,25 +14,18 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::registry::{NoCredentials, Registry};
 use image_builder::steps::Untracked;
-use image_builder_testkit::bench::{env_or, ms, percentile};
+use image_builder_testkit::bench::{env_or, ms, percentile, reference_build};
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
-
-fn request(reference: &str) -> pb::BuildRequest {
-    pb::BuildRequest {
-        source: Some(pb::BuildSource {
-            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
-                r#ref: reference.into(),
-            })),
-        }),
-        ..Default::default()
-    }
-}
 
 async fn build(
     client: &mut pb::image_builder_client::ImageBuilderClient<tonic::transport::Channel>,
     reference: &str,
 ) -> Vec<pb::BuildResponse> {
-    let mut stream = client.build(request(reference)).await.unwrap().into_inner();
+    let mut stream = client
+        .build(reference_build(reference))
+        .await
+        .unwrap()
+        .into_inner();
     let mut all = Vec::new();
     while let Some(r) = stream.message().await.unwrap() {
         all.push(r);

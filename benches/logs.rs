@@ -191,47 +191,35 @@ fn main() {
     // namespace make single runs vary by ±0.5 s on this machine.
     let by_hand_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let mut service_runs = vec![service_200k];
-    let mut by_hand_runs = Vec::new();
-    for i in 0..RUNS {
-        by_hand_runs.push(buildah_by_hand(
-            by_hand_dir.path(),
-            repo.path(),
-            &format!("{}/bench-logs/by-hand:200k-{i}", registry.addr()),
-        ));
-        if i + 1 < RUNS {
-            let start = Instant::now();
-            let (_, last) = runtime.block_on(build(
-                &mut client,
-                dockerfile_request(&repo.uri(), &format!("200k-{i}")),
-            ));
-            service_runs.push(start.elapsed());
-            assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-        }
-    }
-    let service_200k = percentile(&mut service_runs, 0.5);
-    let by_hand = percentile(&mut by_hand_runs, 0.5);
-
     // A cold build with quiet output, where the service's own work shows most: each run a
-    // new ref (nothing cached), alternating with buildah by hand.
+    // new ref (nothing cached).
     let quiet = format!("FROM {base}\nRUN echo built > /built\n");
     let repo_quiet = GitRepo::new(&[("Dockerfile", &quiet)]).unwrap();
-    let (mut quiet_runs, mut quiet_by_hand_runs) = (Vec::new(), Vec::new());
-    for i in 0..RUNS {
-        quiet_by_hand_runs.push(buildah_by_hand(
-            by_hand_dir.path(),
-            repo_quiet.path(),
-            &format!("{}/bench-logs/by-hand:quiet-{i}", registry.addr()),
-        ));
-        let start = Instant::now();
-        let (_, last) = runtime.block_on(build(
-            &mut client,
-            dockerfile_request(&repo_quiet.uri(), &format!("quiet-{i}")),
-        ));
-        quiet_runs.push(start.elapsed());
-        assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-    }
-    let quiet_service = percentile(&mut quiet_runs, 0.5);
-    let quiet_by_hand = percentile(&mut quiet_by_hand_runs, 0.5);
+    let mut alternate = |repo: &GitRepo, name: &str, service_runs: &mut Vec<Duration>| {
+        let mut by_hand_runs = Vec::new();
+        for i in 0..RUNS {
+            by_hand_runs.push(buildah_by_hand(
+                by_hand_dir.path(),
+                repo.path(),
+                &format!("{}/bench-logs/by-hand:{name}-{i}", registry.addr()),
+            ));
+            if service_runs.len() < RUNS {
+                let start = Instant::now();
+                let (_, last) = runtime.block_on(build(
+                    &mut client,
+                    dockerfile_request(&repo.uri(), &format!("{name}-{i}")),
+                ));
+                service_runs.push(start.elapsed());
+                assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+            }
+        }
+        (
+            percentile(service_runs, 0.5),
+            percentile(&mut by_hand_runs, 0.5),
+        )
+    };
+    let (service_200k, by_hand) = alternate(&repo, "200k", &mut service_runs);
+    let (quiet_service, quiet_by_hand) = alternate(&repo_quiet, "quiet", &mut Vec::new());
 
     // A 16 MiB log: 262,144 lines of 64 bytes.
     let lines_16m = format!(

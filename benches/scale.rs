@@ -18,27 +18,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
-use image_builder_testkit::bench::{distinct_images, env_or, mib, ms, percentile, status_kib};
+use image_builder_testkit::bench::{
+    distinct_images, env_or, mib, ms, percentile, reference_build, status_kib,
+};
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 use tonic::transport::Channel;
 
 type Client = pb::image_builder_client::ImageBuilderClient<Channel>;
 
-fn request(reference: &str) -> pb::BuildRequest {
-    pb::BuildRequest {
-        source: Some(pb::BuildSource {
-            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
-                r#ref: reference.into(),
-            })),
-        }),
-        ..Default::default()
-    }
-}
-
 /// One Build to its end: the time to its first answer, the whole time, the final status.
 async fn build(client: &mut Client, reference: &str) -> (Duration, Duration, pb::BuildStatus) {
     let start = Instant::now();
-    let mut stream = client.build(request(reference)).await.unwrap().into_inner();
+    let mut stream = client
+        .build(reference_build(reference))
+        .await
+        .unwrap()
+        .into_inner();
     let mut first = None;
     let mut status = pb::BuildStatus::Unknown;
     while let Some(r) = stream.message().await.unwrap() {

@@ -221,8 +221,11 @@ fn default_build_timeout() -> Duration {
 }
 
 fn default_registry_requests_per_host() -> usize {
-    crate::registry::DEFAULT_PER_HOST
+    DEFAULT_REGISTRY_REQUESTS_PER_HOST
 }
+
+/// Requests to one registry host at once unless `registryRequestsPerHost` says otherwise.
+pub const DEFAULT_REGISTRY_REQUESTS_PER_HOST: usize = 32;
 
 fn default_max_concurrent_builds() -> usize {
     4

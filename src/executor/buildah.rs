@@ -5,6 +5,7 @@
 //! isolation, used before, shared the host's network and pid namespaces.)
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use image_builder_state::BuildId;
 use tokio::process::Command;
@@ -46,6 +47,9 @@ impl From<Error> for StepError {
         StepError::from_source(StepErrorKind::Failed, err)
     }
 }
+
+/// Times a push is tried before its failure fails the build.
+pub const PUSH_ATTEMPTS: u32 = 3;
 
 /// A buildah with its own storage.
 #[derive(Debug, Clone)]
@@ -117,7 +121,10 @@ impl Buildah {
         self.run(cmd, "bud", id, log).await
     }
 
-    /// Pushes the local image `tag` to the registry under the same name.
+    /// Pushes the local image `tag` to the registry under the same name, trying again (up to
+    /// [`PUSH_ATTEMPTS`] in all, 1 s then 2 s apart) when buildah fails: a push is idempotent,
+    /// and a registry receiving the same layer from several builds at once was seen to lose it
+    /// for one of them (docker-registry 2.8: "manifest blob unknown" on the manifest upload).
     pub async fn push(
         &self,
         id: BuildId,
@@ -125,10 +132,26 @@ impl Buildah {
         auth_file: &Path,
         log: &dyn StepLog,
     ) -> Result<(), Error> {
-        let mut cmd = self.command();
-        cmd.env("REGISTRY_AUTH_FILE", auth_file);
-        cmd.args(["push", tag, &format!("docker://{tag}")]);
-        self.run(cmd, "push", id, log).await
+        let mut attempt = 1;
+        loop {
+            let mut cmd = self.command();
+            cmd.env("REGISTRY_AUTH_FILE", auth_file);
+            cmd.args(["push", tag, &format!("docker://{tag}")]);
+            match self.run(cmd, "push", id, log).await {
+                Err(Error::Failed { status, .. }) if attempt < PUSH_ATTEMPTS => {
+                    let wait = Duration::from_secs(1 << (attempt - 1));
+                    log.line(format!(
+                        "buildah push failed ({status}); pushing again in {}s (attempt {} of {PUSH_ATTEMPTS})",
+                        wait.as_secs(),
+                        attempt + 1
+                    ))
+                    .await;
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Removes the local image `tag` (the pushed copy is what counts); failures only logged.

@@ -14,8 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::steps::Lane;
 
-/// Requests to one host at once, unless configured (`registryRequestsPerHost`).
-pub const DEFAULT_PER_HOST: usize = 32;
+pub(super) use crate::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST as DEFAULT_PER_HOST;
 
 /// While both queues wait, one freed slot in this many goes to a build.
 const BUILD_SHARE: u32 = 4;

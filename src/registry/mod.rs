@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use coalesce::{Coalescer, Question};
 pub use error::Error;
-pub use limits::DEFAULT_PER_HOST;
+use limits::DEFAULT_PER_HOST;
 use limits::HostLimits;
 use once::{copy_blob, lookup_once, resolve_once};
 use retry::Resource;

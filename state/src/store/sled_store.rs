@@ -322,14 +322,19 @@ impl Store for SledStore {
                 witness.note(&removed).map_err(self.witness_error())?;
             }
         }
-        {
-            let mut unwitnessed = self.unwitnessed.lock();
-            for &(id, seq, _) in &batch.records {
-                let newest = unwitnessed.entry(id).or_insert(seq);
-                *newest = (*newest).max(seq);
-            }
+        let written: Vec<(BuildId, u64)> = batch
+            .records
+            .iter()
+            .map(|(id, seq, _)| (*id, *seq))
+            .collect();
+        self.write_logged(batch)?;
+        // Only what was written: the next sync witnesses it as durable.
+        let mut unwitnessed = self.unwitnessed.lock();
+        for (id, seq) in written {
+            let newest = unwitnessed.entry(id).or_insert(seq);
+            *newest = (*newest).max(seq);
         }
-        self.write_logged(batch)
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), Error> {
@@ -422,6 +427,8 @@ impl Store for SledStore {
     }
 
     fn journal_ids(&self) -> Result<Vec<BuildId>, Error> {
+        // Pending first, then sled: see `pending.rs`.
+        let pending = self.pending.lock().ids();
         let mut ids = Vec::new();
         let mut next = self.journal.first()?;
         while let Some((key, _)) = next {
@@ -430,7 +437,6 @@ impl Store for SledStore {
             // Skip the rest of this build's records in one seek.
             next = self.journal.get_gt(record_key(id, u64::MAX))?;
         }
-        let pending = self.pending.lock().ids();
         if pending.iter().any(|id| ids.binary_search(id).is_err()) {
             ids.extend(pending);
             ids.sort();

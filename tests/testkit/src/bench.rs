@@ -5,7 +5,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
+use image_builder::proto::builder as pb;
 use sha2::Digest;
+
+/// A Build request for the image `reference` (a reference build: copied, not built).
+pub fn reference_build(reference: &str) -> pb::BuildRequest {
+    pb::BuildRequest {
+        source: Some(pb::BuildSource {
+            from: Some(pb::build_source::From::Ref(pb::BuildSourceReference {
+                r#ref: reference.into(),
+            })),
+        }),
+        ..Default::default()
+    }
+}
 
 /// The `p` quantile (0..=1) of `samples`, nearest rank; sorts them.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
