@@ -163,11 +163,7 @@ fn main() {
     assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
     let store_growth = du(&store) - store_before;
     let phases = runtime.block_on(async {
-        let mut ops = image_builder::proto::ops::build_ops_client::BuildOpsClient::connect(
-            service.grpc_url(),
-        )
-        .await
-        .unwrap();
+        let mut ops = service.ops().await.unwrap();
         let build = ops
             .get_build(image_builder::proto::ops::GetBuildRequest {
                 build_id: id_200k.clone(),
