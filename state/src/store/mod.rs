@@ -1,7 +1,9 @@
 //! The one narrow seam between the journal and the disk. [`Store`] speaks bytes under two
 //! keyspaces (records by build and sequence, summaries by build) and keeps each build's log
 //! bytes in an append-only segment file; [`SledStore`] is the implementation (sled for the
-//! keyspaces, plain files for the segments), (`sled_store.rs`, the only file that names sled; `segments.rs` the log files).
+//! keyspaces, plain files for the segments): `sled_store/` is the only folder that uses sled,
+//! `segments.rs` the log files, `wal.rs` the write-ahead log, `pending.rs` what waits for the
+//! checkpoint.
 //!
 //! Why log bytes are not sled values: measured on this machine, 200 sled values of 64 KiB
 //! took 1.58× their size on disk and 5.6 ms per durable insert (sled keeps large values in
