@@ -28,31 +28,45 @@ pub(super) struct Pending {
     bytes: usize,
 }
 
+/// What an entry counts for against [`MAX_BYTES`]: its value and its key.
+fn held(key_bytes: usize, value: &[u8]) -> usize {
+    key_bytes + value.len()
+}
+
 impl Pending {
     pub(super) fn put_record(&mut self, id: BuildId, seq: u64, value: Vec<u8>) {
-        self.bytes += value.len() + 24;
-        self.records.insert((id, seq), value);
+        self.bytes += held(24, &value);
+        if let Some(old) = self.records.insert((id, seq), value) {
+            self.bytes -= held(24, &old);
+        }
     }
 
+    /// A build's summary is rewritten at each of its commits: only the newest is held.
     pub(super) fn put_summary(&mut self, id: BuildId, value: Vec<u8>) {
-        self.bytes += value.len() + 16;
-        self.summaries.insert(id, value);
+        self.bytes += held(16, &value);
+        if let Some(old) = self.summaries.insert(id, value) {
+            self.bytes -= held(16, &old);
+        }
     }
 
     pub(super) fn remove_summary(&mut self, id: BuildId) {
-        self.summaries.remove(&id);
+        if let Some(old) = self.summaries.remove(&id) {
+            self.bytes -= held(16, &old);
+        }
     }
 
     /// Forgets everything of `id` (its removal goes to sled directly).
     pub(super) fn remove_build(&mut self, id: BuildId) {
-        self.summaries.remove(&id);
+        self.remove_summary(id);
         let keys: Vec<_> = self
             .records
             .range((id, 0)..=(id, u64::MAX))
             .map(|(k, _)| *k)
             .collect();
         for key in keys {
-            self.records.remove(&key);
+            if let Some(old) = self.records.remove(&key) {
+                self.bytes -= held(24, &old);
+            }
         }
     }
 
@@ -158,4 +172,26 @@ pub(super) fn merge_records(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewritten_and_removed_entries_stop_counting_toward_a_checkpoint() {
+        let mut pending = Pending::default();
+        let id = BuildId::new();
+        for _ in 0..100_000 {
+            pending.put_summary(id, vec![0; 200]);
+        }
+        assert_eq!(
+            pending.bytes, 216,
+            "one summary held, however often rewritten"
+        );
+        pending.put_record(id, 0, vec![0; 100]);
+        pending.remove_build(id);
+        assert_eq!(pending.bytes, 0);
+        assert!(pending.is_empty() && !pending.full());
+    }
 }
