@@ -65,6 +65,11 @@ pub struct Config {
     /// on. Default 16 MiB.
     #[serde(default = "default_max_log_bytes")]
     pub max_log_bytes: u64,
+    /// Disk the local executor's layer cache (buildah's storage under the data dir: every
+    /// step of every build, and the base images pulled) may hold; past it the oldest images
+    /// are removed. Bytes, or a size such as `"20 GiB"`. Default 10 GiB.
+    #[serde(default = "default_layer_cache_size")]
+    pub layer_cache_size: bytesize::ByteSize,
     /// Time one step may spend retrying transient registry faults (5xx, 429, resets,
     /// timeouts) with exponential backoff. Default `60s`.
     #[serde(default = "default_registry_retry_budget", with = "humantime_serde")]
@@ -198,6 +203,12 @@ pub struct KubernetesConfig {
     /// knows is deleted once it is this old. Default `10m`.
     #[serde(default = "default_orphan_grace", with = "humantime_serde")]
     pub orphan_grace: Duration,
+    /// A repository builder pods share their layer cache through (`buildah bud --layers
+    /// --cache-from/--cache-to`), e.g. `registry.example.com/image-builder-cache`, so any
+    /// pod reuses the steps any other built. On a host the builders can push to (the base
+    /// image repository's). Default: none, every pod builds every step.
+    #[serde(default)]
+    pub layer_cache_repository: Option<String>,
 }
 
 fn default_orphan_grace() -> Duration {
@@ -233,6 +244,10 @@ fn default_max_concurrent_builds() -> usize {
 
 fn default_max_log_bytes() -> u64 {
     16 << 20
+}
+
+fn default_layer_cache_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::gib(10)
 }
 
 fn default_grpc_address() -> SocketAddr {
@@ -290,6 +305,17 @@ impl Config {
         }
         if self.registry_requests_per_host == 0 {
             return Err(invalid("registryRequestsPerHost", "must be at least 1"));
+        }
+        if self.layer_cache_size.as_u64() == 0 {
+            return Err(invalid(
+                "layerCacheSize",
+                "must be more than zero, e.g. \"10 GiB\"",
+            ));
+        }
+        if let ExecutorConfig::Kubernetes(k8s) = &self.executor
+            && let Some(cache) = &k8s.layer_cache_repository
+        {
+            validate_repository("executor.layerCacheRepository", cache)?;
         }
         if self.max_concurrent_builds == 0 {
             return Err(invalid("maxConcurrentBuilds", "must be at least 1"));

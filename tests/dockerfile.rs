@@ -645,3 +645,76 @@ async fn a_run_step_cannot_reach_the_service_or_see_its_processes() {
     }
     assert!(!log.lines().any(|l| l.starts_with("reached port")), "{log}");
 }
+
+#[tokio::test]
+async fn the_layer_cache_keeps_to_its_size_and_builds_go_on() {
+    let shared = shared();
+    let limit: u64 = 12 << 20;
+    let mut config = config(shared.registry.addr(), "layer-cache");
+    // A size as a person writes it, parsed by the service.
+    config["layerCacheSize"] = "12 MiB".into();
+    let service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let repo = GitRepo::new(&[("Dockerfile", "FROM scratch\n")]).unwrap();
+    // Each build adds a layer of its own, of 5 MiB.
+    for i in 0..3 {
+        repo.commit(
+            &[(
+                "Dockerfile",
+                &format!(
+                    "FROM {}\nRUN echo layer-{i} > /layer.txt && dd if=/dev/urandom of=/filler bs=1M count=5\n",
+                    shared.base
+                ),
+            )],
+            &format!("build {i}"),
+        )
+        .unwrap();
+        let mut request = head_build(&repo.uri());
+        if let Some(pb::build_source::From::File(file)) =
+            request.source.as_mut().and_then(|s| s.from.as_mut())
+        {
+            file.dockerfile_version = format!("layer-cache-{i}");
+        }
+        let responses = build_all(&mut client, request).await.unwrap();
+        let last = responses.last().unwrap();
+        assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{last:?}");
+        let layer = testkit::read_file_from_image(&last.r#ref, "/layer.txt").unwrap();
+        assert_eq!(layer, format!("layer-{i}\n").into_bytes());
+    }
+    // Trims run after a build, in the background.
+    let evicted = "image_builder_layer_cache_evicted_images_total";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric(&service, evicted).await.unwrap_or(0.0) < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trim:\n{}",
+            service.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let measured = metric(&service, "image_builder_layer_cache_bytes")
+        .await
+        .unwrap();
+    assert!(
+        measured > 0.0 && measured <= limit as f64,
+        "{measured} bytes"
+    );
+    // What du sees on disk, not only what the service says.
+    let storage = service.data_dir().join("buildah/root");
+    let du = std::process::Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(&storage)
+        .output()
+        .unwrap();
+    let on_disk: u64 = String::from_utf8_lossy(&du.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(on_disk <= limit, "{on_disk} bytes in {}", storage.display());
+    assert!(
+        service.log().contains("trimmed the layer cache"),
+        "{}",
+        service.log()
+    );
+}

@@ -840,3 +840,51 @@ async fn a_build_past_its_time_limit_fails_and_its_job_is_deleted() {
     assert!(failure.contains("time limit"), "{failure}");
     rig.wait_until_no_jobs(&id).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builder_pods_share_their_steps_through_the_layer_cache_repository() {
+    let rig = Rig::new("layers").await;
+    let base = &shared().base;
+    let steps = |last: &str| {
+        format!(
+            "FROM {base}\nRUN echo \"shared-$((20+1))\" | tee /shared.txt\nRUN echo \"slow-$((20+2))\" && sleep 1\nRUN echo \"{last}-$((30+1))\" | tee /last.txt\n"
+        )
+    };
+    let repo = GitRepo::new(&[
+        ("first.Dockerfile", steps("first").as_str()),
+        ("second.Dockerfile", steps("second").as_str()),
+    ])
+    .unwrap();
+    let server = GitHttpServer::start(&repo, GIT_USER, GIT_PASSWORD).unwrap();
+    let uri = server
+        .uri()
+        .replace("http://", &format!("http://{GIT_USER}:{GIT_PASSWORD}@"));
+    let mut config = rig.config("k8s-layers");
+    let cache = format!("{}/k8s-layers/cache", shared().registry.addr());
+    config["executor"]["layerCacheRepository"] = cache.clone().into();
+    let service = rig.start(config, &[]);
+    let mut client = service.client().await.unwrap();
+    let mut logs = Vec::new();
+    for path in ["first.Dockerfile", "second.Dockerfile"] {
+        let request = dockerfile_build(
+            &uri,
+            image_builder::proto::contentservice::CloneTargetMode::RemoteHead,
+            "",
+            path,
+            ".",
+        );
+        let (_stream, id) = start_build(&mut client, request).await;
+        let (status, log, failure) = ended(&service, &id).await;
+        assert_eq!(status, pb::BuildStatus::DoneSuccess, "{failure}\n{log}");
+        logs.push(log);
+    }
+    // The first pod ran every step and filled the cache repository; the second, a new pod
+    // with nothing of its own, took the two shared steps from there.
+    assert_eq!(count(&logs[0], "Using cache"), 0, "{}", logs[0]);
+    assert!(logs[0].contains("\nshared-21\n"), "{}", logs[0]);
+    assert_eq!(count(&logs[1], "Using cache"), 2, "{}", logs[1]);
+    assert!(!logs[1].contains("shared-21\n"), "{}", logs[1]);
+    assert!(!logs[1].contains("slow-22\n"), "{}", logs[1]);
+    assert!(logs[1].contains("\nsecond-31\n"), "{}", logs[1]);
+    assert!(logs[1].contains(&cache), "{}", logs[1]);
+}

@@ -102,21 +102,26 @@ impl Credentials {
 
     /// The credentials a builder needs for a request, by host, in the docker config format
     /// (`{"auths": {host: {"auth": …}}}`): pulls as the request allows, and the installation's
-    /// credential for `push_host`, which wins where both apply.
+    /// credential for each of `push_hosts` (the base image's, a layer cache's), which wins
+    /// where both apply.
     pub async fn builder_auth_file(
         &self,
         request: &RequestAuth,
-        push_host: &str,
+        push_hosts: &[String],
     ) -> serde_json::Value {
+        let push_hosts: Vec<String> = push_hosts.iter().map(|h| normalize_host(h)).collect();
         let mut hosts: Vec<String> = request.additional.keys().cloned().collect();
         hosts.extend(request.allowed.iter().map(|h| normalize_host(h)));
         hosts.extend([self.base_host.clone(), self.workspace_host.clone()]);
+        hosts.extend(push_hosts.iter().cloned());
         if let Some(c) = &self.installation {
             hosts.extend(c.hosts());
         }
+        hosts.sort();
+        hosts.dedup();
         let mut auths = serde_json::Map::new();
         for host in hosts {
-            let pushed = if host == normalize_host(push_host) {
+            let pushed = if push_hosts.contains(&host) {
                 self.for_push(&host).await
             } else {
                 None

@@ -1,5 +1,7 @@
 //! buildah as the local builder: `bud` with vfs storage, its storage under the data dir, then
-//! `push` to the base ref. RUN steps run with OCI isolation (runc): their own pid, mount and
+//! `push` to the base ref. Every step's result stays in that storage (`--layers`), so a later
+//! build sharing its first steps takes them from there (buildah says `Using cache`); the
+//! [`LayerCache`](super::layer_cache::LayerCache) bounds it. RUN steps run with OCI isolation (runc): their own pid, mount and
 //! network namespaces, on buildah's private bridge network, so a Dockerfile can reach the
 //! outside world but not the service's loopback ports, and cannot see its processes. (Chroot
 //! isolation, used before, shared the host's network and pid namespaces.)
@@ -88,7 +90,7 @@ impl Buildah {
             .env("BUILDAH_ISOLATION", "oci")
             .env("LC_ALL", "C")
             .arg("--root")
-            .arg(self.dir.join("root"))
+            .arg(self.storage())
             .arg("--runroot")
             .arg(self.dir.join("runroot"))
             .args(["--storage-driver", "vfs"]);
@@ -110,7 +112,7 @@ impl Buildah {
             "bud",
             "--isolation",
             "oci",
-            "--layers=false",
+            "--layers",
             "--format",
             "docker",
             "-f",
@@ -154,15 +156,60 @@ impl Buildah {
         }
     }
 
-    /// Removes the local image `tag` (the pushed copy is what counts); failures only logged.
-    pub async fn remove(&self, tag: &str) {
+    /// Every image in the storage, intermediate steps included, oldest first.
+    pub async fn images(&self) -> Result<Vec<StoredImage>, Error> {
         let mut cmd = self.command();
-        cmd.args(["rmi", "--force", tag])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        if let Err(e) = cmd.status().await {
-            tracing::warn!(%tag, error = %e, "cannot remove a built image from buildah's storage");
+        cmd.args(["images", "--all", "--json", "--no-trunc"]);
+        let out = self.quiet(cmd, "images").await?;
+        // buildah prints nothing at all, not `[]`, for an empty storage.
+        let text = String::from_utf8_lossy(&out);
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
         }
+        let mut images: Vec<StoredImage> =
+            serde_json::from_str(&text).map_err(|e| Error::Failed {
+                action: "images",
+                status: "exit status: 0".into(),
+                tail: format!("cannot read its listing: {e}"),
+            })?;
+        images.sort_by(|a, b| (a.created, &a.created_at).cmp(&(b.created, &b.created_at)));
+        Ok(images)
+    }
+
+    /// Removes the image `id` and the layers no other image or container uses.
+    pub async fn remove_image(&self, id: &str) -> Result<(), Error> {
+        let mut cmd = self.command();
+        cmd.args(["rmi", "--force", id]);
+        self.quiet(cmd, "rmi").await.map(drop)
+    }
+
+    /// Removes every working container: those of builders that were stopped or killed
+    /// (buildah removes its own when a build ends). Only while no build runs.
+    pub async fn remove_containers(&self) -> Result<(), Error> {
+        let mut cmd = self.command();
+        cmd.args(["rm", "--all"]);
+        self.quiet(cmd, "rm").await.map(drop)
+    }
+
+    /// Runs a buildah command whose output is not a build's: returns its stdout.
+    async fn quiet(&self, mut cmd: Command, action: &'static str) -> Result<Vec<u8>, Error> {
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(Error::Start)?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        // Its last line says why; bounded, as buildah may echo a long listing.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        Err(Error::Failed {
+            action,
+            status: out.status.to_string(),
+            tail: last.unwrap_or_default().chars().take(512).collect(),
+        })
     }
 
     async fn run(
@@ -191,4 +238,21 @@ impl Buildah {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The directory holding buildah's images, layers and containers.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+}
+
+/// One image in buildah's storage, as `buildah images --json` lists it.
+#[derive(Debug, serde::Deserialize)]
+pub struct StoredImage {
+    /// The image id (the config's digest, hex).
+    pub id: String,
+    /// When it was made, in seconds since the epoch.
+    pub created: i64,
+    /// When it was made, RFC 3339 with nanoseconds: orders images made in the same second.
+    #[serde(rename = "createdatraw", default)]
+    pub created_at: String,
 }

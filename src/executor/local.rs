@@ -8,27 +8,32 @@ use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildView};
 use sha2::{Digest, Sha256};
 
-use super::buildah::Buildah;
+use super::layer_cache::LayerCache;
 use crate::context::GitCheckouts;
 use crate::credentials::BuildSecrets;
 use crate::credentials::Credentials;
 use crate::process;
 use crate::steps::{BuildBase, StepError, StepErrorKind, StepLog};
 
-/// Builds on this machine: git checkouts plus buildah.
+/// Builds on this machine: git checkouts plus buildah, with its layer cache.
 pub struct LocalExecutor {
     checkouts: GitCheckouts,
-    buildah: Buildah,
+    cache: Arc<LayerCache>,
     credentials: Arc<Credentials>,
     auth_files: AuthFiles,
 }
 
 impl LocalExecutor {
-    /// An executor with work directories under `checkouts` and buildah storage in `buildah`,
-    /// giving buildah the registry credentials each build may use. Removes the credentials
-    /// files a killed run of this installation left behind.
-    pub fn new(checkouts: GitCheckouts, buildah: Buildah, credentials: Arc<Credentials>) -> Self {
-        let auth_files = AuthFiles::new(buildah.dir());
+    /// An executor with work directories under `checkouts`, building with the buildah of
+    /// `cache`, giving it the registry credentials each build may use. Removes the
+    /// credentials files a killed run of this installation left behind, and tidies the
+    /// cache in the background (builds wait for it).
+    pub fn new(
+        checkouts: GitCheckouts,
+        cache: Arc<LayerCache>,
+        credentials: Arc<Credentials>,
+    ) -> Self {
+        let auth_files = AuthFiles::new(cache.buildah().dir());
         let stale = auth_files.sweep();
         if stale > 0 {
             tracing::info!(
@@ -36,9 +41,11 @@ impl LocalExecutor {
                 "removed builder credentials files left by a previous run"
             );
         }
+        let tidying = Arc::clone(&cache);
+        tokio::spawn(async move { tidying.tidy().await });
         Self {
             checkouts,
-            buildah,
+            cache,
             credentials,
             auth_files,
         }
@@ -139,7 +146,7 @@ impl BuildBase for LocalExecutor {
             .credentials
             .builder_auth_file(
                 &secrets.registry,
-                &crate::credentials::registry_host(&build.base_ref),
+                &[crate::credentials::registry_host(&build.base_ref)],
             )
             .await;
         let auth = self.auth_files.write(build.id, &auth).map_err(|e| {
@@ -148,19 +155,33 @@ impl BuildBase for LocalExecutor {
                 format!("cannot write the builder's credentials file: {e}"),
             )
         })?;
-        log.line(format!("building {} with buildah", build.base_ref))
+        let built = {
+            let _shared = self.cache.share().await;
+            let buildah = self.cache.buildah();
+            log.line(format!(
+                "building {} with buildah; steps found in its layer cache are not run again",
+                build.base_ref
+            ))
             .await;
-        self.buildah
-            .build(build.id, &context, &build.base_ref, &auth.path, log)
-            .await?;
-        log.line(format!("pushing {}", build.base_ref)).await;
-        self.buildah
-            .push(build.id, &build.base_ref, &auth.path, log)
-            .await?;
+            let built = buildah
+                .build(build.id, &context, &build.base_ref, &auth.path, log)
+                .await;
+            match built {
+                Ok(()) => {
+                    log.line(format!("pushing {}", build.base_ref)).await;
+                    buildah
+                        .push(build.id, &build.base_ref, &auth.path, log)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        };
         drop(auth);
-        self.buildah.remove(&build.base_ref).await;
         self.checkouts.remove(build.id).await;
-        Ok(())
+        // In the background: a trim waits for the other builds using the storage to end.
+        let cache = Arc::clone(&self.cache);
+        tokio::spawn(async move { cache.trim().await });
+        Ok(built?)
     }
 
     /// Nothing local survives a restart in a usable state: the builder is stopped and the

@@ -4,6 +4,7 @@
 
 pub mod buildah;
 pub mod kubernetes;
+pub mod layer_cache;
 mod local;
 
 pub use local::LocalExecutor;

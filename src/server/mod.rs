@@ -21,6 +21,7 @@ use crate::credentials::Credentials;
 use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
 use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
+use crate::executor::layer_cache::LayerCache;
 use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
 use crate::steps::BuildBase;
@@ -84,8 +85,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.data_dir.join(BUILDAH_DIR),
                 &config.insecure_registries,
             )?;
+            let cache = Arc::new(LayerCache::new(
+                buildah,
+                config.layer_cache_size.as_u64(),
+                Some(Arc::clone(&metrics)),
+            ));
             let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
-            let local = LocalExecutor::new(checkouts, buildah, Arc::clone(&credentials));
+            let local = LocalExecutor::new(checkouts, cache, Arc::clone(&credentials));
             (Arc::new(local), None)
         }
         ExecutorConfig::Kubernetes(k8s) => {

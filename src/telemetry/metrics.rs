@@ -106,6 +106,9 @@ pub struct Metrics {
     build_duration: Histogram,
     cache_hits: Counter,
     orphan_jobs_deleted: Counter,
+    layer_cache_bytes: Gauge,
+    layer_cache_evicted_images: Counter,
+    layer_cache_evicted_bytes: Counter,
     builds_in_state: Family<StateLabels, Gauge>,
     queue_depth: Gauge,
     state_duration: HistogramFamily<StateLabels>,
@@ -161,6 +164,24 @@ impl Metrics {
                 &mut registry,
                 "image_builder_orphan_jobs_deleted",
                 "Builder Jobs of this installation that no unfinished build knew, deleted by the sweep",
+                Counter::default(),
+            ),
+            layer_cache_bytes: registered(
+                &mut registry,
+                "image_builder_layer_cache_bytes",
+                "Disk the local executor's layer cache takes, as last measured",
+                Gauge::default(),
+            ),
+            layer_cache_evicted_images: registered(
+                &mut registry,
+                "image_builder_layer_cache_evicted_images",
+                "Images (build steps, base images) removed from the layer cache to keep it under layerCacheSize",
+                Counter::default(),
+            ),
+            layer_cache_evicted_bytes: registered(
+                &mut registry,
+                "image_builder_layer_cache_evicted_bytes",
+                "Disk freed by removing images from the layer cache",
                 Counter::default(),
             ),
             builds_in_state: registered(
@@ -323,6 +344,18 @@ impl Metrics {
     /// The orphan sweep deleted `n` builder Jobs.
     pub fn orphan_jobs_deleted(&self, n: usize) {
         self.orphan_jobs_deleted.inc_by(n as u64);
+    }
+
+    /// The layer cache takes `bytes` on disk.
+    pub fn layer_cache_size(&self, bytes: u64) {
+        self.layer_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A trim removed `images` from the layer cache, freeing `bytes`.
+    pub fn layer_cache_evicted(&self, images: usize, bytes: u64) {
+        self.layer_cache_evicted_images.inc_by(images as u64);
+        self.layer_cache_evicted_bytes.inc_by(bytes);
     }
 
     /// The text exposition of every metric.

@@ -94,6 +94,10 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         ("IB_CONTEXT", source.context_path.as_str()),
         ("IB_TAG", attempt.tag),
         ("IB_INSECURE", &attempt.insecure_registries.join(" ")),
+        (
+            "IB_CACHE",
+            config.layer_cache_repository.as_deref().unwrap_or_default(),
+        ),
     ]
     .into_iter()
     .map(|(name, value)| EnvVar {
@@ -219,7 +223,9 @@ pub fn secret(job: &Job, auth_file: &serde_json::Value, git_basic: Option<String
 
 /// The builder: clones the context (credentials from the Secret, into git's environment
 /// only), checks that the Dockerfile and context stay inside the checkout, builds with
-/// buildah and pushes. Everything it needs comes from `IB_*` variables, always quoted.
+/// buildah and pushes. With a layer cache repository, every step's result is pushed there and
+/// looked up there first (`--layers --cache-to/--cache-from`), so a pod reuses what any other
+/// pod built. Everything it needs comes from `IB_*` variables, always quoted.
 const SCRIPT: &str = r#"set -eu
 secrets=/var/run/image-builder
 export GIT_TERMINAL_PROMPT=0 GIT_ASKPASS=/bin/false LC_ALL=C
@@ -247,8 +253,14 @@ inside() {
 }
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
 context=$(inside context "${IB_CONTEXT:-.}")
-echo "building $IB_TAG with buildah"
-buildah bud --isolation chroot --layers=false --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
+set -- --layers=false
+if [ -n "$IB_CACHE" ]; then
+  set -- --layers --cache-from "$IB_CACHE" --cache-to "$IB_CACHE"
+  echo "building $IB_TAG with buildah; steps found in the layer cache $IB_CACHE are not run again"
+else
+  echo "building $IB_TAG with buildah"
+fi
+buildah bud --isolation chroot "$@" --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
 # Pushing the same content again is harmless; a registry answering "blob unknown" to a
 # manifest while another builder pushes the same layer to the same repository is not final.

@@ -194,12 +194,16 @@ impl KubernetesExecutor {
         {
             return Ok(());
         }
+        let mut push_hosts = vec![crate::credentials::registry_host(&build.base_ref)];
+        push_hosts.extend(
+            self.config
+                .layer_cache_repository
+                .as_deref()
+                .map(crate::credentials::registry_host),
+        );
         let auth = self
             .credentials
-            .builder_auth_file(
-                &secrets.registry,
-                &crate::credentials::registry_host(&build.base_ref),
-            )
+            .builder_auth_file(&secrets.registry, &push_hosts)
             .await;
         let git = secrets.git.as_ref().and_then(|g| {
             Credential::Basic {
