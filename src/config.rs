@@ -70,6 +70,12 @@ pub struct Config {
     /// are removed. Bytes, or a size such as `"20 GiB"`. Default 10 GiB.
     #[serde(default = "default_layer_cache_size")]
     pub layer_cache_size: bytesize::ByteSize,
+    /// How a Dockerfile source's base image is named: `mk3` (default) hashes the request's
+    /// fields as mk3 does, so registries filled by mk3 stay cache hits; `content` adds the
+    /// Dockerfile's bytes and the context directory's files (git's hashes at the commit the
+    /// target names), so a change to a COPY'd file is a new image.
+    #[serde(default)]
+    pub base_image_key: BaseImageKey,
     /// Time one step may spend retrying transient registry faults (5xx, 429, resets,
     /// timeouts) with exponential backoff. Default `60s`.
     #[serde(default = "default_registry_retry_budget", with = "humantime_serde")]
@@ -156,6 +162,17 @@ pub struct TracingConfig {
 
 fn default_sample_ratio() -> f64 {
     1.0
+}
+
+/// How Dockerfile sources' base images are named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseImageKey {
+    /// mk3's hash of the request's fields.
+    #[default]
+    Mk3,
+    /// mk3's fields and the source's content.
+    Content,
 }
 
 /// Where builds run.

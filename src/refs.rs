@@ -1,5 +1,6 @@
 //! Image references as mk3 computes them, bit for bit, so registries filled by mk3 stay cache
-//! hits: the workspace ref of a base ref, and the base ref of a Dockerfile source.
+//! hits: the workspace ref of a base ref, and the base ref of a Dockerfile source; and the
+//! content-addressed base ref (`baseImageKey: content`), which adds what the source holds.
 
 use sha2::{Digest, Sha256};
 
@@ -29,12 +30,46 @@ pub struct DockerfileKey<'a> {
     pub remote_uri: &'a str,
 }
 
+/// What a Dockerfile source holds, by git's hashes: the content part of a content key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentKey<'a> {
+    /// The context directory's tree id.
+    pub context_tree: &'a str,
+    /// The Dockerfile's blob id.
+    pub dockerfile_blob: &'a str,
+}
+
 /// `<base_repository>:<hex sha256(M + "\n")>`, M being `Key: value\n` lines sorted by key.
 pub fn dockerfile_base_ref(base_repository: &str, key: &DockerfileKey<'_>) -> String {
-    // Already in key order: CloneTarget < ContextPath < DockerfilePath < DockerfileVersion <
-    // RemoteURI < Source.
+    base_ref_of(base_repository, key, None)
+}
+
+/// mk3's hash with two more lines, `ContentContext` and `ContentDockerfile`, in their sorted
+/// places: a change to a file in the context or to the Dockerfile is a new key, a change
+/// elsewhere in the repository is not. Never equal to an mk3 key of the same source.
+pub fn content_base_ref(
+    base_repository: &str,
+    key: &DockerfileKey<'_>,
+    content: &ContentKey<'_>,
+) -> String {
+    base_ref_of(base_repository, key, Some(content))
+}
+
+fn base_ref_of(
+    base_repository: &str,
+    key: &DockerfileKey<'_>,
+    content: Option<&ContentKey<'_>>,
+) -> String {
+    // In key order: CloneTarget < ContentContext < ContentDockerfile < ContextPath <
+    // DockerfilePath < DockerfileVersion < RemoteURI < Source.
+    let content = content.map_or_else(String::new, |c| {
+        format!(
+            "ContentContext: {}\nContentDockerfile: {}\n",
+            c.context_tree, c.dockerfile_blob
+        )
+    });
     let manifest = format!(
-        "CloneTarget: {}\nContextPath: {}\nDockerfilePath: {}\nDockerfileVersion: {}\nRemoteURI: {}\nSource: git\n",
+        "CloneTarget: {}\n{content}ContextPath: {}\nDockerfilePath: {}\nDockerfileVersion: {}\nRemoteURI: {}\nSource: git\n",
         key.clone_target,
         key.context_path,
         key.dockerfile_path,
@@ -76,5 +111,41 @@ mod tests {
         let unsorted = lines.clone();
         lines.sort();
         assert_eq!(lines, unsorted);
+    }
+
+    #[test]
+    fn content_keys_add_sorted_lines_and_follow_the_content() {
+        let key = DockerfileKey {
+            clone_target: "main",
+            context_path: ".",
+            dockerfile_path: "Dockerfile",
+            dockerfile_version: "v1",
+            remote_uri: "https://example.com/repo.git",
+        };
+        let content = ContentKey {
+            context_tree: "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
+            dockerfile_blob: "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391",
+        };
+        let manifest = "CloneTarget: main\nContentContext: 4b825dc642cb6eb9a060e54bf8d69288fbee4904\nContentDockerfile: e69de29bb2d1d6434b8b29ae775ad8c2e48c5391\nContextPath: .\nDockerfilePath: Dockerfile\nDockerfileVersion: v1\nRemoteURI: https://example.com/repo.git\nSource: git\n\n";
+        assert_eq!(
+            content_base_ref("base", &key, &content),
+            format!("base:{}", hex::encode(Sha256::digest(manifest)))
+        );
+        let mut lines: Vec<&str> = manifest.trim_end().lines().collect();
+        let unsorted = lines.clone();
+        lines.sort();
+        assert_eq!(lines, unsorted);
+        assert_ne!(
+            content_base_ref("base", &key, &content),
+            dockerfile_base_ref("base", &key)
+        );
+        let other_file = ContentKey {
+            context_tree: "0000000000000000000000000000000000000001",
+            ..content.clone()
+        };
+        assert_ne!(
+            content_base_ref("base", &key, &content),
+            content_base_ref("base", &key, &other_file)
+        );
     }
 }

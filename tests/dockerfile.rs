@@ -718,3 +718,81 @@ async fn the_layer_cache_keeps_to_its_size_and_builds_go_on() {
         service.log()
     );
 }
+
+#[tokio::test]
+async fn content_keys_read_a_private_repository_with_the_requests_credentials_only() {
+    let shared = shared();
+    let password = "content-key-pw-5c2e";
+    let repo = GitRepo::new(&[
+        ("Dockerfile", &dockerfile(&shared.base, "cat /greeting.txt")),
+        ("greeting.txt", "private content\n"),
+    ])
+    .unwrap();
+    let remote = testkit::GitHttpServer::start(&repo, "builder", password).unwrap();
+    let mut config = config(shared.registry.addr(), "content-keys");
+    config["baseImageKey"] = "content".into();
+    let mut service = Service::start(binary(), config).unwrap();
+    let mut client = service.client().await.unwrap();
+    let with_password = remote
+        .uri()
+        .replace("http://", &format!("http://builder:{password}@"));
+    let resolve = |uri: String, branch: &str| pb::ResolveWorkspaceImageRequest {
+        source: dockerfile_build(
+            &uri,
+            if branch.is_empty() {
+                CloneTargetMode::RemoteHead
+            } else {
+                CloneTargetMode::RemoteBranch
+            },
+            branch,
+            "Dockerfile",
+            ".",
+        )
+        .source,
+        ..Default::default()
+    };
+    // Without credentials git is refused, and says so as Unauthenticated.
+    let refused = client
+        .resolve_workspace_image(resolve(remote.uri(), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // A branch the repository does not have.
+    let missing = client
+        .resolve_workspace_image(resolve(with_password.clone(), "no-such-branch"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    // With them: the refs are the content's, and the Build of the same source agrees.
+    let resolved = client
+        .resolve_workspace_image(resolve(with_password.clone(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let mk3 = image_builder::refs::dockerfile_base_ref(
+        &format!("{}/content-keys/base", shared.registry.addr()),
+        &image_builder::refs::DockerfileKey {
+            clone_target: "",
+            context_path: ".",
+            dockerfile_path: "Dockerfile",
+            dockerfile_version: "1",
+            remote_uri: &with_password,
+        },
+    );
+    assert_ne!(resolved.base_ref, mk3, "a content key is not mk3's");
+    let responses = build_all(&mut client, head_build(&with_password))
+        .await
+        .unwrap();
+    let last = responses.last().unwrap();
+    assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{last:?}");
+    assert_eq!(last.base_ref, resolved.base_ref);
+    assert_eq!(last.r#ref, resolved.r#ref);
+    let greeting = testkit::read_file_from_image(&last.r#ref, "/greeting.txt").unwrap();
+    assert_eq!(greeting, b"private content\n");
+    // The password reached git through its environment only: nothing under the data dir
+    // (the key repositories included) or in the service's log holds it.
+    service.stop();
+    let found = testkit::files_containing(&service.data_dir(), password.as_bytes());
+    assert!(found.is_empty(), "the password is in {found:?}");
+    assert!(!service.log().contains(password));
+}

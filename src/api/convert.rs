@@ -264,10 +264,13 @@ fn git_credentials(git: &cs::GitInitializer) -> Result<Option<GitCredentials>, E
     }
 }
 
-/// The journaled spec of a Build request, and the secrets that must stay out of the journal.
-pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets), Error> {
-    let (source, remote_userinfo) = source(req.source.as_ref())?;
-    let configured = match req.source.as_ref().and_then(|s| s.from.as_ref()) {
+/// The git credentials a source carries: its `GitConfig`'s, else those its remote URL carried
+/// (`remote_userinfo`, from [`source`]).
+pub fn source_git_credentials(
+    source: Option<&pb::BuildSource>,
+    remote_userinfo: Option<&UrlUserinfo>,
+) -> Result<Option<GitCredentials>, Error> {
+    let configured = match source.and_then(|s| s.from.as_ref()) {
         Some(pb::build_source::From::File(f)) => {
             match f.source.as_ref().and_then(|i| i.spec.as_ref()) {
                 Some(cs::workspace_initializer::Spec::Git(git)) => git_credentials(git)?,
@@ -276,8 +279,13 @@ pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets)
         }
         _ => None,
     };
-    // `GitConfig`'s credentials, else those the remote URL carried.
-    let git = configured.or_else(|| remote_userinfo.as_ref().map(UrlUserinfo::credentials));
+    Ok(configured.or_else(|| remote_userinfo.map(UrlUserinfo::credentials)))
+}
+
+/// The journaled spec of a Build request, and the secrets that must stay out of the journal.
+pub fn build_request(req: &pb::BuildRequest) -> Result<(BuildSpec, BuildSecrets), Error> {
+    let (source, remote_userinfo) = source(req.source.as_ref())?;
+    let git = source_git_credentials(req.source.as_ref(), remote_userinfo.as_ref())?;
     bounded("triggered_by", &req.triggered_by, MAX_NAME_BYTES)?;
     bounded("supervisor_ref", &req.supervisor_ref, MAX_REF_BYTES)?;
     let spec = BuildSpec {

@@ -172,10 +172,11 @@ impl ImageBuilder for ImageBuilderService {
     ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
         let req = request.into_inner();
         let (source, remote_userinfo) = convert::source(req.source.as_ref())?;
+        let git = convert::source_git_credentials(req.source.as_ref(), remote_userinfo.as_ref())?;
         let request = convert::registry_auth(req.auth.as_ref())?;
         let refs = self
             .orchestrator
-            .resolve_refs(&source, remote_userinfo.as_ref(), &request)
+            .resolve_refs(&source, remote_userinfo.as_ref(), git.as_ref(), &request)
             .await?;
         let exists = self
             .orchestrator

@@ -3,6 +3,10 @@
 //! reach git through its environment only: never the command line, the journal, the log or
 //! the work directory.
 
+mod content;
+
+pub use content::ContentKeys;
+
 use std::path::{Component, Path, PathBuf};
 
 use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
@@ -185,6 +189,18 @@ impl GitCheckouts {
                 run_git(cmd, "clone", id, log).await?;
             }
             CloneTargetMode::RemoteCommit => {
+                if fetch_one_commit(&dir, source, credentials, id, log)
+                    .await
+                    .is_ok()
+                {
+                    return resolve(&dir, source);
+                }
+                log.line(
+                    "the server does not serve that commit alone; cloning the whole repository"
+                        .into(),
+                )
+                .await;
+                self.remove(id).await;
                 let mut cmd = git(credentials);
                 cmd.args(["clone", "--no-checkout", "--", &source.remote_uri])
                     .arg(dir_arg);
@@ -204,6 +220,41 @@ impl GitCheckouts {
         run_git(cmd, "remote remove", id, log).await?;
         resolve(&dir, source)
     }
+}
+
+/// Checks out only the commit `source` names (`git fetch --depth 1 <remote> <id>`, which
+/// servers allow for commits their branches reach), into an empty repository in `dir` that
+/// remembers no remote.
+async fn fetch_one_commit(
+    dir: &Path,
+    source: &DockerfileSource,
+    credentials: Option<&GitCredentials>,
+    id: BuildId,
+    log: &dyn StepLog,
+) -> Result<(), Error> {
+    let mut cmd = git(None);
+    cmd.args(["init", "--quiet"]).arg(dir);
+    run_git(cmd, "init", id, log).await?;
+    let mut cmd = git(credentials);
+    cmd.arg("-C").arg(dir).args([
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--depth",
+        "1",
+        "--",
+        &source.remote_uri,
+        &source.clone_target,
+    ]);
+    run_git(cmd, "fetch", id, log).await?;
+    let mut cmd = git(None);
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["checkout", "--quiet", "--detach", "FETCH_HEAD"]);
+    run_git(cmd, "checkout", id, log).await?;
+    // FETCH_HEAD names the remote; the checkout keeps nothing of it.
+    let _ = tokio::fs::remove_file(dir.join(".git/FETCH_HEAD")).await;
+    Ok(())
 }
 
 /// A git command that never prompts, with credentials (if any) in its environment.

@@ -29,7 +29,9 @@ use tokio_util::task::TaskTracker;
 use flight::{Flight, ForgetUnlessKept};
 pub use log::BuildLog;
 
-use crate::credentials::{BuildSecrets, CredentialPolicy, Credentials, UrlUserinfo};
+use crate::credentials::{
+    BuildSecrets, CredentialPolicy, Credentials, GitCredentials, UrlUserinfo,
+};
 use crate::refs::{self, DockerfileKey};
 use crate::steps::{StepError, Steps, Untracked};
 use crate::telemetry::Metrics;
@@ -124,6 +126,9 @@ pub struct ResolvedRefs {
     pub base_ref: String,
     /// The workspace image.
     pub workspace_ref: String,
+    /// With content keys: the commit whose content the refs name, which the build must check
+    /// out (its branch may move meanwhile).
+    pub commit: Option<String>,
 }
 
 /// What a cancel did.

@@ -29,34 +29,70 @@ impl Orchestrator {
             .await?)
     }
 
-    /// The refs a source resolves to (asks the registry for reference sources).
+    /// The refs a source resolves to (asks the registry for reference sources; with content
+    /// keys, reads a Dockerfile source's content with `git` credentials).
     /// `remote_userinfo` is what the request's git remote URL carried: mk3 hashes the URL as
     /// sent, so it goes back in for the hash (and nowhere else).
     pub async fn resolve_refs(
         &self,
         source: &BuildSource,
         remote_userinfo: Option<&UrlUserinfo>,
+        git: Option<&GitCredentials>,
         request: &RequestAuth,
     ) -> Result<ResolvedRefs, Error> {
-        let base_ref = match source {
-            BuildSource::Reference { reference } => self.resolve_base(reference, request).await?,
-            BuildSource::Dockerfile(d) => refs::dockerfile_base_ref(
-                &self.inner.repos.base,
-                &DockerfileKey {
+        let (base_ref, commit) = match source {
+            BuildSource::Reference { reference } => {
+                (self.resolve_base(reference, request).await?, None)
+            }
+            BuildSource::Dockerfile(d) => {
+                let remote_uri = remote_userinfo
+                    .map_or_else(|| d.remote_uri.clone(), |u| u.restore(&d.remote_uri));
+                let key = DockerfileKey {
                     clone_target: &d.clone_target,
                     context_path: &d.context_path,
                     dockerfile_path: &d.dockerfile_path,
                     dockerfile_version: &d.dockerfile_version,
-                    remote_uri: &remote_userinfo
-                        .map_or_else(|| d.remote_uri.clone(), |u| u.restore(&d.remote_uri)),
-                },
-            ),
+                    remote_uri: &remote_uri,
+                };
+                match &self.inner.steps.content {
+                    None => (
+                        refs::dockerfile_base_ref(&self.inner.repos.base, &key),
+                        None,
+                    ),
+                    Some(reader) => {
+                        self.check_local_remote(&d.remote_uri)?;
+                        let content = reader.content(d, git).await?;
+                        let base_ref = refs::content_base_ref(
+                            &self.inner.repos.base,
+                            &key,
+                            &refs::ContentKey {
+                                context_tree: &content.context,
+                                dockerfile_blob: &content.dockerfile,
+                            },
+                        );
+                        (base_ref, Some(content.commit))
+                    }
+                }
+            }
         };
         let workspace_ref = refs::workspace_ref(&self.inner.repos.workspace, &base_ref);
         Ok(ResolvedRefs {
             base_ref,
             workspace_ref,
+            commit,
         })
+    }
+
+    /// Refuses a remote on the service's own machine unless the configuration allows them.
+    fn check_local_remote(&self, remote_uri: &str) -> Result<(), Error> {
+        if crate::context::is_local_remote(remote_uri)
+            && !self.inner.limits.allow_local_repositories
+        {
+            return Err(Error::InvalidRequest(
+                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets allowLocalRepositories".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The manifest digest of an image of the installation's own repositories (a workspace
@@ -86,24 +122,27 @@ impl Orchestrator {
         if self.inner.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if let BuildSource::Dockerfile(d) = &spec.source
-            && crate::context::is_local_remote(&d.remote_uri)
-            && !self.inner.limits.allow_local_repositories
-        {
-            return Err(Error::InvalidRequest(
-                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets allowLocalRepositories".into(),
-            ));
+        let mut spec = spec;
+        if let BuildSource::Dockerfile(d) = &spec.source {
+            self.check_local_remote(&d.remote_uri)?;
         }
         let ResolvedRefs {
             base_ref,
             workspace_ref,
+            commit,
         } = self
             .resolve_refs(
                 &spec.source,
                 secrets.remote_userinfo.as_ref(),
+                secrets.git.as_ref(),
                 &secrets.registry,
             )
             .await?;
+        // A content key names one commit's content: the build checks out that commit.
+        if let (BuildSource::Dockerfile(d), Some(commit)) = (&mut spec.source, commit) {
+            d.target_mode = image_builder_state::CloneTargetMode::RemoteCommit;
+            d.clone_target = commit;
+        }
         let checked = std::time::Instant::now();
         if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
             self.inner.metrics.cache_hit();
@@ -148,6 +187,7 @@ impl Orchestrator {
         let refs = ResolvedRefs {
             base_ref,
             workspace_ref,
+            commit: None,
         };
         let accept = tokio::spawn(self.clone().accept(
             spec,
@@ -183,6 +223,7 @@ impl Orchestrator {
         let ResolvedRefs {
             base_ref,
             workspace_ref,
+            ..
         } = refs;
         let id = flight.id;
         let forget = ForgetUnlessKept::new(&self.inner, &workspace_ref, &flight);

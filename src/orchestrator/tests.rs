@@ -137,6 +137,7 @@ fn rig(max_concurrent_builds: usize) -> Rig {
         cache: fakes.clone(),
         builder: fakes.clone(),
         pusher: fakes.clone(),
+        content: None,
     };
     let base = "registry.test/base";
     let workspace = "registry.test/workspace";

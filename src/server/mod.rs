@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::access::Access;
 use crate::api::{ImageBuilderService, OpsService};
-use crate::config::Config;
-use crate::config::ExecutorConfig;
-use crate::context::GitCheckouts;
+use crate::config::{BaseImageKey, Config, ExecutorConfig};
+use crate::context::{ContentKeys, GitCheckouts};
 use crate::credentials::Credentials;
 use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
@@ -24,8 +23,7 @@ use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans
 use crate::executor::layer_cache::LayerCache;
 use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
-use crate::steps::BuildBase;
-use crate::steps::Steps;
+use crate::steps::{BuildBase, ReadSource, Steps};
 use crate::telemetry::{self, Metrics};
 use crate::tls::ServerTls;
 
@@ -40,6 +38,9 @@ pub const WORK_DIR: &str = "work";
 
 /// The subdirectory of `dataDir` that holds buildah's storage and registries configuration.
 pub const BUILDAH_DIR: &str = "buildah";
+
+/// Where content keys' bare repositories live, under the data dir (`baseImageKey: content`).
+pub const KEYS_DIR: &str = "keys";
 
 /// Runs the service until a shutdown signal.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -114,11 +115,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             (Arc::clone(&executor) as Arc<dyn BuildBase>, Some(executor))
         }
     };
+    let content = match config.base_image_key {
+        BaseImageKey::Mk3 => None,
+        BaseImageKey::Content => {
+            Some(Arc::new(ContentKeys::new(config.data_dir.join(KEYS_DIR))) as Arc<dyn ReadSource>)
+        }
+    };
     let steps = Steps {
         resolver: registry.clone(),
         cache: registry.clone(),
         builder,
         pusher: registry,
+        content,
     };
     let limits = Limits {
         build_timeout: config.build_timeout,

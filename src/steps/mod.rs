@@ -15,12 +15,12 @@ mod log;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use image_builder_state::{BuildId, BuildView};
+use image_builder_state::{BuildId, BuildView, DockerfileSource};
 
 pub use error::{Class, StepError, StepErrorKind};
 pub use log::{Lane, Progress, StepLog, StepOutput, Tail, Untracked};
 
-use crate::credentials::{BuildSecrets, Keychain};
+use crate::credentials::{BuildSecrets, GitCredentials, Keychain};
 
 /// Finds the base image of a reference source.
 #[async_trait]
@@ -88,6 +88,29 @@ pub trait Push: Send + Sync {
     ) -> Result<String, StepError>;
 }
 
+/// What a Dockerfile source holds right now, named by git's own hashes: the content a build
+/// of it would see (`baseImageKey: content`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceContent {
+    /// The commit the source's target names now.
+    pub commit: String,
+    /// The Dockerfile's blob id (a hash of its bytes).
+    pub dockerfile: String,
+    /// The context directory's tree id (a hash of every file under it, names and modes).
+    pub context: String,
+}
+
+/// Reads the content of Dockerfile sources without checking them out.
+#[async_trait]
+pub trait ReadSource: Send + Sync {
+    /// The content `source` names now, fetched with `credentials` (a caller waits on it).
+    async fn content(
+        &self,
+        source: &DockerfileSource,
+        credentials: Option<&GitCredentials>,
+    ) -> Result<SourceContent, StepError>;
+}
+
 /// The adapters a build is carried out with.
 #[derive(Clone)]
 pub struct Steps {
@@ -99,4 +122,6 @@ pub struct Steps {
     pub builder: Arc<dyn BuildBase>,
     /// Copies base images to workspace refs.
     pub pusher: Arc<dyn Push>,
+    /// Reads Dockerfile sources for content keys; `None` keys them as mk3 does.
+    pub content: Option<Arc<dyn ReadSource>>,
 }

@@ -202,6 +202,13 @@ pub enum Step {
         /// The new password.
         password: String,
     },
+    /// Commit changed files to one of the scenario's git repositories.
+    Commit {
+        /// The repository's name in the environment.
+        repo: String,
+        /// Path → new content (`${…}` variables expanded).
+        files: std::collections::BTreeMap<String, String>,
+    },
     /// Assert none of these values is anywhere under the data dir, in the service's own log,
     /// in any build's log or in the metrics.
     ExpectNoLeak {
@@ -246,6 +253,7 @@ impl Step {
             Step::ExpectFaultsServed { .. } => "expect_faults_served",
             Step::ExpectServiceLog { .. } => "expect_service_log",
             Step::RotatePullSecret { .. } => "rotate_pull_secret",
+            Step::Commit { .. } => "commit",
             Step::Cancel { .. } => "cancel",
             Step::FollowLogs { .. } => "follow_logs",
             Step::ExpectFollowed { .. } => "expect_followed",

@@ -40,6 +40,24 @@ impl World {
                     },
                 )
             }
+            Step::Commit { repo, files } => {
+                let git = self
+                    .env
+                    .repos
+                    .get(repo)
+                    .ok_or_else(|| format!("the scenario has no git repository {repo:?}"))?;
+                let files: Vec<(String, String)> = files
+                    .iter()
+                    .map(|(path, content)| (path.clone(), expand(&self.env.vars, content)))
+                    .collect();
+                let borrowed: Vec<(&str, &str)> = files
+                    .iter()
+                    .map(|(p, c)| (p.as_str(), c.as_str()))
+                    .collect();
+                git.commit(&borrowed, "scenario step")
+                    .map(drop)
+                    .map_err(|e| format!("committing to {repo}: {e}"))
+            }
             other => Err(format!("{} is not played here", other.kind())),
         }
     }

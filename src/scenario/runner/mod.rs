@@ -213,7 +213,8 @@ impl World {
             Step::Fault(_)
             | Step::ClearFaults { .. }
             | Step::ExpectFaultsServed { .. }
-            | Step::RotatePullSecret { .. } => self.fault_step(step).await,
+            | Step::RotatePullSecret { .. }
+            | Step::Commit { .. } => self.fault_step(step).await,
             Step::ExpectCall { .. }
             | Step::Cancel { .. }
             | Step::Retry { .. }
