@@ -100,7 +100,16 @@ async fn killed_in_checking_cache() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
     let shared = shared();
-    let repo = repo(&shared.base, "echo sleeping-now && sleep 7");
+    // A first step that finishes before the kill: the resumed build takes it from the layer
+    // cache, and runs only the step the kill interrupted.
+    let repo = GitRepo::new(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN echo \"first-$((1+1))\" | tee /first.txt\nRUN echo sleeping-now && sleep 7 && echo ran > /ran.txt\n",
+            shared.base
+        ),
+    )])
+    .unwrap();
     let mut service = service("crash-building");
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
@@ -119,6 +128,9 @@ async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
         log.contains("builder processes left running by the previous run"),
         "{log}"
     );
+    assert_eq!(log.matches("\nfirst-2\n").count(), 1, "{log}");
+    assert_eq!(log.matches("Using cache").count(), 1, "{log}");
+    assert_eq!(log.matches("\nsleeping-now\n").count(), 2, "{log}");
     for pid in orphans {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))

@@ -1,0 +1,369 @@
+//! Builds that reuse what they already did, through the real service, each figure beside its
+//! peer in the same run:
+//! - a rebuild whose Dockerfile differs from the first build's only in its last step, vs that
+//!   first build, and vs `buildah bud --layers` + `buildah push` by hand doing the same pair
+//!   in a storage of its own (the median of RUNS pairs, alternating; every pair starts from
+//!   new content, an `ENV` of its own);
+//! - a build resumed after SIGKILL during the third of its four RUN steps: from the restart
+//!   to done, vs a full build of the same shape;
+//! - content keys: ResolveWorkspaceImage under `baseImageKey: content` on a 200 MB
+//!   repository (the first request, a repeat, one after a commit), vs `git clone --depth 1`
+//!   by hand with and without `--filter=blob:none`, and vs the same call under mk3's key.
+//!
+//! `cargo bench --bench layers` (needs root, buildah, docker-registry: `scripts/setup.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a failed unwrap is a failed run
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image_builder::proto::builder as pb;
+use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
+use image_builder::proto::contentservice as cs;
+use image_builder_testkit::bench::{ms, percentile};
+use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
+use tonic::transport::Channel;
+
+/// Pairs (first build, rebuild) on each side.
+const RUNS: usize = 3;
+
+fn source(uri: &str, version: &str) -> pb::BuildSource {
+    pb::BuildSource {
+        from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
+            source: Some(cs::WorkspaceInitializer {
+                spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                    remote_uri: uri.into(),
+                    ..Default::default()
+                })),
+            }),
+            dockerfile_version: version.into(),
+            dockerfile_path: "app/Dockerfile".into(),
+            context_path: "app".into(),
+        })),
+    }
+}
+
+fn request(uri: &str, version: &str) -> pb::BuildRequest {
+    pb::BuildRequest {
+        source: Some(source(uri, version)),
+        triggered_by: "bench".into(),
+        ..Default::default()
+    }
+}
+
+/// Four RUN steps that take real time (16 MiB written, then waits), the last one `last`.
+fn dockerfile(base: &str, run: &str, last: &str) -> String {
+    format!(
+        "FROM {base}\nENV BENCH_RUN={run}\n\
+         RUN dd if=/dev/urandom of=/one bs=1M count=16 2>/dev/null && sleep 1\n\
+         RUN sleep 1 && echo two > /two\n\
+         RUN echo three-started && sleep 2 && echo three > /three\n\
+         RUN echo {last} > /last\n"
+    )
+}
+
+/// Builds to the end through a Build stream; the build id and the time it took.
+async fn build(client: &mut ImageBuilderClient<Channel>, req: pb::BuildRequest) -> Duration {
+    let start = Instant::now();
+    let mut stream = client.build(req).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(r) = stream.message().await.unwrap() {
+        last = Some(r);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+    start.elapsed()
+}
+
+/// `buildah bud --layers` + `buildah push` by hand, with the service's storage options.
+fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
+    let buildah = |args: &[&str]| {
+        let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
+        let status = Command::new("buildah")
+            .env("BUILDAH_ISOLATION", "oci")
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "buildah {args:?}");
+    };
+    let dockerfile = context.join("Dockerfile");
+    let start = Instant::now();
+    buildah(&[
+        "bud",
+        "--tls-verify=false",
+        "--isolation",
+        "oci",
+        "--layers",
+        "--format",
+        "docker",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "-t",
+        tag,
+        context.to_str().unwrap(),
+    ]);
+    buildah(&[
+        "push",
+        "--tls-verify=false",
+        tag,
+        &format!("docker://{tag}"),
+    ]);
+    start.elapsed()
+}
+
+/// Follows the build's log until it holds `text`.
+async fn wait_for_log(client: &mut ImageBuilderClient<Channel>, id: &str, text: &str) {
+    let request = pb::LogsRequest {
+        build_id: id.into(),
+        ..Default::default()
+    };
+    let mut stream = client.logs(request).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(text) {
+        let chunk = stream.message().await.unwrap();
+        let chunk = chunk.unwrap_or_else(|| panic!("the log of {id} ended without {text:?}"));
+        seen.extend_from_slice(&chunk.content);
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> Duration {
+    let start = Instant::now();
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    start.elapsed()
+}
+
+fn main() {
+    let registry = LocalRegistry::start().unwrap();
+    let base = testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        registry.addr(),
+        "bench/busybox:1",
+    )
+    .unwrap();
+    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let config = |key: &str| {
+        serde_json::json!({
+            "baseImageRepository": format!("{}/bench-layers/base", registry.addr()),
+            "workspaceImageRepository": format!("{}/bench-layers/workspace", registry.addr()),
+            "insecureRegistries": [registry.addr()],
+            "dataDir": data.path().display().to_string(),
+            "allowLocalRepositories": true,
+            "baseImageKey": key,
+        })
+    };
+    let binary = Path::new(env!("CARGO_BIN_EXE_image-builder"));
+    let mut service = Service::start(binary, config("mk3")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut client = runtime.block_on(service.client()).unwrap();
+
+    // First build and a rebuild that changes only the last step, on both sides.
+    let repo = GitRepo::new(&[("app/Dockerfile", &dockerfile(&base, "0", "first"))]).unwrap();
+    let by_hand_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (mut first, mut rebuild, mut first_by_hand, mut rebuild_by_hand) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..RUNS {
+        for (last, service_runs, by_hand_runs) in [
+            ("first", &mut first, &mut first_by_hand),
+            ("second", &mut rebuild, &mut rebuild_by_hand),
+        ] {
+            let run = format!("{i}");
+            repo.commit(
+                &[("app/Dockerfile", &dockerfile(&base, &run, last))],
+                "a step",
+            )
+            .unwrap();
+            by_hand_runs.push(buildah_by_hand(
+                by_hand_dir.path(),
+                &repo.path().join("app"),
+                &format!("{}/bench-layers/by-hand:{i}-{last}", registry.addr()),
+            ));
+            let version = format!("{i}-{last}");
+            service_runs.push(runtime.block_on(build(&mut client, request(&repo.uri(), &version))));
+        }
+    }
+
+    // Killed during step 3 of 4, resumed: from the restart to done.
+    repo.commit(
+        &[("app/Dockerfile", &dockerfile(&base, "resume", "first"))],
+        "resume",
+    )
+    .unwrap();
+    let id = runtime.block_on(async {
+        let mut stream = client
+            .build(request(&repo.uri(), "resume"))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        let id = first.info.unwrap().build_id;
+        wait_for_log(&mut client, &id, "\nthree-started\n").await;
+        id
+    });
+    service.kill();
+    let restarted = Instant::now();
+    service.restart().unwrap();
+    let resumed = runtime.block_on(async {
+        let mut client = service.client().await.unwrap();
+        // The same request joins the resumed build and ends with it.
+        build(&mut client, request(&repo.uri(), "resume")).await;
+        restarted.elapsed()
+    });
+    let log = runtime.block_on(async {
+        let mut client = service.client().await.unwrap();
+        let request = pb::LogsRequest {
+            build_id: id.clone(),
+            ..Default::default()
+        };
+        String::from_utf8(testkit::read_logs(&mut client, request).await.unwrap()).unwrap()
+    });
+    let cached_steps = log.matches("Using cache").count();
+    // The `ENV` and RUN steps 1-2 finished before the kill.
+    assert_eq!(
+        cached_steps, 3,
+        "the resumed build took its finished steps from the cache:\n{log}"
+    );
+    service.stop();
+
+    // Content keys on a 200 MB repository: 200 files of 1 MB of random bytes outside the
+    // context, a small context beside them.
+    let big = GitRepo::new(&[
+        ("app/Dockerfile", &format!("FROM {base}\nCOPY main.txt /\n")),
+        ("app/main.txt", "one\n"),
+    ])
+    .unwrap();
+    let assets = big.path().join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    for i in 0..200 {
+        use std::io::Read;
+        let mut bytes = vec![0u8; 1 << 20];
+        random.read_exact(&mut bytes).unwrap();
+        std::fs::write(assets.join(format!("{i:03}.bin")), bytes).unwrap();
+    }
+    big.commit(&[], "200 MB of assets").unwrap();
+    // The server side of a partial clone: upload-pack filters only where allowed.
+    git(big.path(), &["config", "uploadpack.allowFilter", "true"]);
+    let pack = git(big.path(), &["gc", "--quiet"]);
+    let repo_bytes: u64 = walk_bytes(&big.path().join(".git"));
+
+    let clones = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let uri = big.uri();
+    let full_clone = git(
+        clones.path(),
+        &["clone", "--quiet", "--depth", "1", &uri, "full"],
+    );
+    let blobless_clone = git(
+        clones.path(),
+        &[
+            "clone",
+            "--quiet",
+            "--depth",
+            "1",
+            "--filter=blob:none",
+            "--no-checkout",
+            &uri,
+            "blobless",
+        ],
+    );
+
+    let resolve = |service: &Service| {
+        let uri = uri.clone();
+        runtime.block_on(async {
+            let mut client = service.client().await.unwrap();
+            let start = Instant::now();
+            client
+                .resolve_workspace_image(pb::ResolveWorkspaceImageRequest {
+                    source: Some(source(&uri, "1")),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            start.elapsed()
+        })
+    };
+    let mk3 = Service::start(binary, config("mk3")).unwrap();
+    let mut mk3_times: Vec<Duration> = (0..10).map(|_| resolve(&mk3)).collect();
+    drop(mk3);
+    let content = Service::start(binary, config("content")).unwrap();
+    let first_key = resolve(&content);
+    let mut repeats: Vec<Duration> = (0..10).map(|_| resolve(&content)).collect();
+    big.commit(&[("app/main.txt", "two\n")], "a change in the context")
+        .unwrap();
+    let after_commit = resolve(&content);
+    let kept = walk_bytes(&data.path().join("keys"));
+    drop(content);
+
+    let median = |v: &mut Vec<Duration>| percentile(v, 0.5);
+    let (first_m, rebuild_m) = (median(&mut first), median(&mut rebuild));
+    let (first_h, rebuild_h) = (median(&mut first_by_hand), median(&mut rebuild_by_hand));
+    println!("| measurement | image-builder | peer | ratio | goal |");
+    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| rebuild with only the last of 4 RUN steps changed, median of {RUNS} (s) | {:.2} | {:.2} (the first build of the pair, same service) | {:.2}× | only the last step runs |",
+        rebuild_m.as_secs_f64(),
+        first_m.as_secs_f64(),
+        rebuild_m.as_secs_f64() / first_m.as_secs_f64()
+    );
+    println!(
+        "| the same rebuild (s) | {:.2} | {:.2} (`buildah bud --layers` + `push` by hand; its first build {:.2}) | {:.2}× | ≈ 1× |",
+        rebuild_m.as_secs_f64(),
+        rebuild_h.as_secs_f64(),
+        first_h.as_secs_f64(),
+        rebuild_m.as_secs_f64() / rebuild_h.as_secs_f64()
+    );
+    println!(
+        "| resumed after SIGKILL in step 3 of 4: restart to done (s) | {:.2} ({cached_steps} finished steps from the cache: ENV, RUN 1-2) | {:.2} (a full build of the same shape) | {:.2}× | < 1× |",
+        resumed.as_secs_f64(),
+        first_m.as_secs_f64(),
+        resumed.as_secs_f64() / first_m.as_secs_f64()
+    );
+    println!(
+        "| content key, first request on a {:.0} MB repository (ms) | {:.0} | {:.0} (`git clone --depth 1`), {:.0} (`--filter=blob:none`) | {:.3}× the full clone | – |",
+        repo_bytes as f64 / 1e6,
+        ms(first_key),
+        ms(full_clone),
+        ms(blobless_clone),
+        first_key.as_secs_f64() / full_clone.as_secs_f64()
+    );
+    println!(
+        "| content key, repeated, median of 10 (ms) | {:.1} | {:.1} (mk3 key, no git) | {:.1}× | – |",
+        ms(median(&mut repeats)),
+        ms(median(&mut mk3_times)),
+        median(&mut repeats).as_secs_f64() / median(&mut mk3_times).as_secs_f64()
+    );
+    println!(
+        "| content key after a commit in the context (ms) | {:.1} | – | – | – |",
+        ms(after_commit)
+    );
+    println!();
+    println!(
+        "kept for content keys: {:.2} MB in dataDir/keys (the repository: {:.0} MB, packed in {:.1} s)",
+        kept as f64 / 1e6,
+        repo_bytes as f64 / 1e6,
+        pack.as_secs_f64()
+    );
+}
+
+/// Bytes of the files under `dir`, as `du -sb` counts them.
+fn walk_bytes(dir: &Path) -> u64 {
+    let out = Command::new("du").arg("-sb").arg(dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
