@@ -888,3 +888,40 @@ async fn builder_pods_share_their_steps_through_the_layer_cache_repository() {
     assert!(logs[1].contains("\nsecond-31\n"), "{}", logs[1]);
     assert!(logs[1].contains(&cache), "{}", logs[1]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_content_keys_a_builder_pod_checks_out_the_commit_its_key_names() {
+    let rig = Rig::new("content").await;
+    let (repo, server) = repository(0);
+    let mut config = rig.config("k8s-content");
+    config["baseImageKey"] = "content".into();
+    let service = rig.start(config, &[]);
+    let mut client = service.client().await.unwrap();
+    let (_stream, id) = start_build(&mut client, request(&server)).await;
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneSuccess, "{failure}\n{log}");
+    // The pod fetched that one commit, not the repository's history.
+    assert!(!log.contains("fetching the whole repository"), "{log}");
+    let mut ops = ops_client(&service).await;
+    let shown = ops
+        .get_build(image_builder::proto::ops::GetBuildRequest {
+            build_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let head = repo.head().unwrap();
+    assert!(
+        shown.source.contains(&head),
+        "pinned to {head}: {}",
+        shown.source
+    );
+    let list = client
+        .list_builds(pb::ListBuildsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let built = list.builds.iter().find(|b| b.build_id == id).unwrap();
+    let greeting = testkit::read_file_from_image(&built.r#ref, "/greeting.txt").unwrap();
+    assert_eq!(greeting, b"hello from a job\n");
+}

@@ -242,8 +242,16 @@ echo "cloning $IB_REMOTE"
 case "$IB_MODE" in
   head) git clone --quiet --depth 1 -- "$IB_REMOTE" /workspace ;;
   branch) git clone --quiet --depth 1 --branch "$IB_TARGET" -- "$IB_REMOTE" /workspace ;;
-  commit) git clone --quiet --no-checkout -- "$IB_REMOTE" /workspace
-          git -C /workspace checkout --quiet --detach "$IB_TARGET" ;;
+  commit) git init --quiet /workspace
+          # That commit alone where the server serves commits by id, else the whole history.
+          if git -C /workspace fetch --quiet --no-tags --depth 1 -- "$IB_REMOTE" "$IB_TARGET"; then
+            git -C /workspace checkout --quiet --detach FETCH_HEAD
+            rm -f /workspace/.git/FETCH_HEAD
+          else
+            echo "the server does not serve that commit alone; fetching the whole repository"
+            git -C /workspace fetch --quiet --no-tags -- "$IB_REMOTE" "+refs/heads/*:refs/remotes/origin/*"
+            git -C /workspace checkout --quiet --detach "$IB_TARGET"
+          fi ;;
 esac
 unset GIT_CONFIG_VALUE_0
 root=$(realpath /workspace)
