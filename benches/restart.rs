@@ -52,6 +52,22 @@ async fn fill(data_dir: &std::path::Path, n: usize) {
     }
 }
 
+/// `store_open_ms / resume_ms` of the last start in the service's log.
+fn open_and_resume(log: &str) -> String {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("image-builder serving"))
+        .unwrap_or_default();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or("?")
+            .to_owned()
+    };
+    format!("{} / {}", field("store_open_ms"), field("resume_ms"))
+}
+
 fn main() {
     let sizes: Vec<usize> = std::env::var("BENCH_BUILDS")
         .unwrap_or_else(|_| "1,2000,10000".into())
@@ -61,9 +77,9 @@ fn main() {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_image-builder"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "| builds stored | first start ms | after SIGTERM ms | after SIGKILL ms | RSS serving MiB |"
+        "| builds stored | first start ms | after SIGTERM ms | after SIGKILL ms | RSS serving MiB | store open / resume ms (SIGTERM; SIGKILL) |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---|");
     for n in sizes {
         let dir = tempfile::Builder::new()
             .prefix("restart-bench-")
@@ -85,14 +101,16 @@ fn main() {
         let started = Instant::now();
         service.restart().unwrap();
         let after_term = started.elapsed();
+        let term_split = open_and_resume(&service.log());
         let rss = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
         service.kill();
         let started = Instant::now();
         service.restart().unwrap();
         let after_kill = started.elapsed();
+        let kill_split = open_and_resume(&service.log());
         service.stop();
         println!(
-            "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} |",
+            "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} | {term_split}; {kill_split} |",
             ms(first),
             ms(after_term),
             ms(after_kill)
