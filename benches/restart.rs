@@ -52,13 +52,23 @@ async fn fill(data_dir: &std::path::Path, n: usize) {
     }
 }
 
-/// `store_open_ms / resume_ms` of the last start in the service's log.
-fn open_and_resume(log: &str) -> String {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("image-builder serving"))
-        .unwrap_or_default();
+/// `store_open_ms / resume_ms` of the `nth` start (from 1) in the service's log, once the
+/// log holds it.
+fn open_and_resume(service: &Service, nth: usize) -> String {
+    let mut line = None;
+    for _ in 0..200 {
+        let log = service.log();
+        line = log
+            .lines()
+            .filter(|l| l.contains("image-builder serving"))
+            .nth(nth - 1)
+            .map(str::to_owned);
+        if line.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let line = line.unwrap_or_default();
     let field = |name: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{name}=")))
@@ -101,13 +111,13 @@ fn main() {
         let started = Instant::now();
         service.restart().unwrap();
         let after_term = started.elapsed();
-        let term_split = open_and_resume(&service.log());
+        let term_split = open_and_resume(&service, 2);
         let rss = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
         service.kill();
         let started = Instant::now();
         service.restart().unwrap();
         let after_kill = started.elapsed();
-        let kill_split = open_and_resume(&service.log());
+        let kill_split = open_and_resume(&service, 3);
         service.stop();
         println!(
             "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} | {term_split}; {kill_split} |",

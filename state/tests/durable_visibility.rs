@@ -104,6 +104,15 @@ impl Store for GatedStore {
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, image_builder_state::store::Error> {
         self.inner.summaries()
     }
+    fn unfinished(&self) -> Result<Option<Vec<BuildId>>, image_builder_state::store::Error> {
+        self.inner.unfinished()
+    }
+    fn complete_unfinished_index(
+        &self,
+        ids: &[BuildId],
+    ) -> Result<(), image_builder_state::store::Error> {
+        self.inner.complete_unfinished_index(ids)
+    }
     fn size_on_disk(&self) -> Result<u64, image_builder_state::store::Error> {
         self.inner.size_on_disk()
     }

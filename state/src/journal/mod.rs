@@ -406,7 +406,7 @@ impl Journal {
             batch.records.push((id, seq, bytes));
         }
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
-        batch.summaries.push((id, summary));
+        batch.put_summary(id, summary, !view.phase().is_final());
         let (done, wait) = oneshot::channel();
         self.committer.send(Commit {
             logs,
@@ -565,6 +565,50 @@ mod tests {
         assert_eq!(summaries.len(), 1, "orphan summary dropped");
         assert_eq!(summaries[0].phase, Phase::Resolving);
         assert_eq!(summaries[0].last_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn unfinished_builds_come_from_the_index_and_a_store_without_one_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queued, running, done) = (BuildId::new(), BuildId::new(), BuildId::new());
+        {
+            let journal = Journal::open(dir.path()).unwrap();
+            for id in [queued, running, done] {
+                journal
+                    .create(id, spec(), "b".into(), "w".into())
+                    .await
+                    .unwrap();
+            }
+            for event in [Event::Admitted, Event::Resolved] {
+                journal.transition(running, event).await.unwrap();
+            }
+            for event in [Event::Admitted, Event::Resolved, Event::CacheHit] {
+                journal.transition(done, event).await.unwrap();
+            }
+            let ids: Vec<BuildId> = journal.unfinished().unwrap().iter().map(|v| v.id).collect();
+            assert_eq!(ids, [queued, running]);
+        }
+        // A store as a release before the index left it: no index at all.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            assert!(db.drop_tree("unfinished.v1").unwrap());
+            db.flush().unwrap();
+        }
+        let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
+        assert_eq!(journal.shared.store.unfinished().unwrap(), None);
+        let ids: Vec<BuildId> = journal.unfinished().unwrap().iter().map(|v| v.id).collect();
+        assert_eq!(ids, [queued, running], "found from the summaries");
+        assert_eq!(
+            journal.shared.store.unfinished().unwrap(),
+            Some(vec![queued, running]),
+            "and the index completed"
+        );
+        let cancel = Event::Cancelled {
+            reason: "no longer wanted".into(),
+        };
+        journal.transition(queued, cancel).await.unwrap();
+        let ids: Vec<BuildId> = journal.unfinished().unwrap().iter().map(|v| v.id).collect();
+        assert_eq!(ids, [running]);
     }
 
     #[tokio::test]

@@ -161,16 +161,49 @@ impl Journal {
         Ok(summaries)
     }
 
-    /// Every build not yet in a final phase, oldest first: what a restart resumes.
+    /// Every build not yet in a final phase, oldest first: what a restart resumes. Read from
+    /// the store's index of unfinished builds, and every build written since the last open
+    /// (whose index entry a crash may have cut short) is looked at too; so start-up does not
+    /// read the summaries of every build ever kept. A store without a complete index (one
+    /// written before it existed) is read summary by summary once, and its index completed.
     pub fn unfinished(&self) -> Result<Vec<BuildView>> {
-        let mut views = Vec::new();
-        for summary in self.summaries()?.into_iter().rev() {
-            if summary.phase.is_final() || summary.damage.is_some() {
-                continue;
+        let store = &self.shared.store;
+        let ids = match store.unfinished()? {
+            Some(mut ids) => {
+                // Their summaries agree with their records since the open's repair pass.
+                for id in store.written_since_last_open().unwrap_or_default() {
+                    let summary: Option<Summary> = store
+                        .summary(id)?
+                        .and_then(|bytes| record::decode(&bytes).ok());
+                    if summary.is_none_or(|s| !s.phase.is_final()) {
+                        ids.push(id);
+                    }
+                }
+                ids.sort();
+                ids.dedup();
+                ids
             }
-            match self.view(summary.id) {
-                Ok(Some(view)) => views.push(view),
-                Ok(None) => {}
+            None => {
+                let mut ids: Vec<BuildId> = self
+                    .summaries()?
+                    .into_iter()
+                    .filter(|s| !s.phase.is_final() && s.damage.is_none())
+                    .map(|s| s.id)
+                    .collect();
+                ids.sort();
+                store.complete_unfinished_index(&ids)?;
+                tracing::info!(
+                    unfinished = ids.len(),
+                    "indexed the unfinished builds of a store written before the index existed"
+                );
+                ids
+            }
+        };
+        let mut views = Vec::new();
+        for id in ids {
+            match self.view(id) {
+                Ok(Some(view)) if !view.phase().is_final() => views.push(view),
+                Ok(_) => {}
                 // Logged when found; a damaged build is never resumed.
                 Err(Error::Damaged { .. }) => {}
                 Err(e) => return Err(e),

@@ -127,7 +127,7 @@ fn repair_summaries(
                     seq: last_seq,
                     source: Arc::new(e),
                 })?;
-                batch.summaries.push((id, bytes));
+                batch.put_summary(id, bytes, !view.phase().is_final());
             }
             Err(e) => match damage::locate(store, id)? {
                 Some(damage) => damaged.push((id, damage)),

@@ -169,6 +169,11 @@ pub struct WriteBatch {
     pub removed_builds: Vec<BuildId>,
     /// Damage reports to put: build, encoded report (see `journal::Damage`).
     pub damage: Vec<(BuildId, Vec<u8>)>,
+    /// For each summary put here, whether its build is unfinished (what a restart resumes):
+    /// the store keeps an index of unfinished builds from it, so that finding them never
+    /// reads every summary. Derived like summaries, so never logged.
+    #[serde(skip)]
+    pub unfinished: Vec<(BuildId, bool)>,
 }
 
 /// Bytes for one build's log segment, at an offset in its log.
@@ -190,6 +195,13 @@ impl WriteBatch {
             && self.removed_summaries.is_empty()
             && self.removed_builds.is_empty()
             && self.damage.is_empty()
+            && self.unfinished.is_empty()
+    }
+
+    /// Puts a build's summary, noting whether the build is unfinished.
+    pub fn put_summary(&mut self, id: BuildId, summary: Vec<u8>, unfinished: bool) {
+        self.summaries.push((id, summary));
+        self.unfinished.push((id, unfinished));
     }
 
     /// Adds everything `other` holds to this batch.
@@ -199,6 +211,7 @@ impl WriteBatch {
         self.removed_summaries.extend(other.removed_summaries);
         self.removed_builds.extend(other.removed_builds);
         self.damage.extend(other.damage);
+        self.unfinished.extend(other.unfinished);
     }
 }
 
@@ -248,6 +261,13 @@ pub trait Store: Send + Sync + 'static {
     fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error>;
     /// Every summary, newest build first.
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+    /// The builds the index of unfinished builds names, oldest first; `None` while the store
+    /// has no complete index (one written before the index existed): the journal then finds
+    /// them from every summary and completes the index with
+    /// [`Store::complete_unfinished_index`].
+    fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error>;
+    /// Completes the index of unfinished builds with `ids`, found from every summary.
+    fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error>;
     /// Bytes the store takes on disk.
     fn size_on_disk(&self) -> Result<u64, Error>;
     /// Every damage report, by build.

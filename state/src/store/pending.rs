@@ -25,6 +25,8 @@ pub(super) type BuildEntries = (BuildId, Vec<(u64, Vec<u8>)>, Option<Vec<u8>>);
 pub(super) struct Pending {
     records: BTreeMap<(BuildId, u64), Vec<u8>>,
     summaries: BTreeMap<BuildId, Vec<u8>>,
+    /// Whether each build of `summaries` is unfinished, for the index of unfinished builds.
+    unfinished: BTreeMap<BuildId, bool>,
     bytes: usize,
 }
 
@@ -49,7 +51,13 @@ impl Pending {
         }
     }
 
+    /// Whether `id` is unfinished, as its newest summary says.
+    pub(super) fn put_unfinished(&mut self, id: BuildId, unfinished: bool) {
+        self.unfinished.insert(id, unfinished);
+    }
+
     pub(super) fn remove_summary(&mut self, id: BuildId) {
+        self.unfinished.remove(&id);
         if let Some(old) = self.summaries.remove(&id) {
             self.bytes -= held(16, &old);
         }
@@ -71,7 +79,12 @@ impl Pending {
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.summaries.is_empty()
+        self.records.is_empty() && self.summaries.is_empty() && self.unfinished.is_empty()
+    }
+
+    /// Whether each build whose summary is held is unfinished.
+    pub(super) fn unfinished(&self) -> BTreeMap<BuildId, bool> {
+        self.unfinished.clone()
     }
 
     pub(super) fn full(&self) -> bool {

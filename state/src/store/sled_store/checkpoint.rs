@@ -43,8 +43,10 @@ impl SledStore {
         for (id, value) in batch.summaries {
             summaries.insert(&id.as_bytes()[..], value);
         }
+        let mut unfinished = index_batch(batch.unfinished);
         for id in batch.removed_summaries.iter().chain(&batch.removed_builds) {
             summaries.remove(&id.as_bytes()[..]);
+            unfinished.remove(&id.as_bytes()[..]);
         }
         for id in &batch.removed_builds {
             damage.remove(&id.as_bytes()[..]);
@@ -57,6 +59,8 @@ impl SledStore {
             }
         }
         self.journal.apply_batch(records)?;
+        // The index before the summaries: a summary that survives a crash has its entry.
+        self.unfinished.apply_batch(unfinished)?;
         self.summary.apply_batch(summaries)?;
         self.damage.apply_batch(damage)?;
         for id in &batch.removed_builds {
@@ -73,27 +77,37 @@ impl SledStore {
         let Some(log) = wal.as_mut() else {
             return Ok(());
         };
-        let builds = {
+        let (builds, unfinished) = {
             let pending = self.pending.lock();
             let idle = log.is_empty() && pending.is_empty();
             if idle || (only_if_due && !log.due() && !pending.full()) {
                 return Ok(());
             }
-            pending.entries()
+            (pending.entries(), pending.unfinished())
         };
         // Into sled while still pending: a reader between the two sees them twice, never
         // not at all. Build by build, each one's records then its summary, key by key rather
         // than as one atomic batch (the log covers a checkpoint cut short): damage to sled's
         // file then costs what was written after it, as it did when every commit went to
         // sled, not the whole checkpoint, and builds before it stay whole.
+        // Each build's index entry goes before its summary: a summary that survives a crash
+        // has its entry.
+        let mut unfinished = unfinished;
         for (id, records, summary) in builds {
             for (seq, value) in records {
                 self.journal.insert(&record_key(id, seq)[..], value)?;
+            }
+            match unfinished.remove(&id) {
+                Some(true) => drop(self.unfinished.insert(&id.as_bytes()[..], &[][..])?),
+                Some(false) => drop(self.unfinished.remove(&id.as_bytes()[..])?),
+                None => {}
             }
             if let Some(summary) = summary {
                 self.summary.insert(&id.as_bytes()[..], summary)?;
             }
         }
+        self.unfinished
+            .apply_batch(index_batch(unfinished.into_iter().collect()))?;
         self.pending.lock().clear();
         self.db.flush()?;
         log.rotate().map_err(self.wal_error())
@@ -111,6 +125,7 @@ impl SledStore {
         };
         // Summaries are derived from records (refolded at open if lost): not logged.
         let summaries = std::mem::take(&mut batch.summaries);
+        let unfinished = std::mem::take(&mut batch.unfinished);
         if !batch.is_empty() {
             log.append(&batch).map_err(self.wal_error())?;
         }
@@ -129,10 +144,26 @@ impl SledStore {
             for (id, value) in summaries {
                 pending.put_summary(id, value);
             }
+            for (id, open) in unfinished {
+                pending.put_unfinished(id, open);
+            }
         }
         if batch.is_empty() {
             return Ok(());
         }
         self.apply(batch)
     }
+}
+
+/// The index entries for builds found unfinished (put) or finished (removed).
+fn index_batch(unfinished: Vec<(BuildId, bool)>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (id, open) in unfinished {
+        if open {
+            batch.insert(&id.as_bytes()[..], &[][..]);
+        } else {
+            batch.remove(&id.as_bytes()[..]);
+        }
+    }
+    batch
 }

@@ -28,6 +28,9 @@ pub struct SledStore {
     db: sled::Db,
     journal: sled::Tree,
     summary: sled::Tree,
+    /// The index of unfinished builds: an empty value under each one's id, and
+    /// [`INDEX_COMPLETE`] once it names them all.
+    unfinished: sled::Tree,
     damage: sled::Tree,
     segments: Segments,
     dir: PathBuf,
@@ -49,6 +52,9 @@ const JOURNAL_TREE: &str = "journal.v1";
 /// The folder of log segments inside the store's folder.
 const LOGS_DIR: &str = "logs";
 const SUMMARY_TREE: &str = "summary.v1";
+const UNFINISHED_TREE: &str = "unfinished.v1";
+/// The key that says the index of unfinished builds is complete (not a build id's length).
+const INDEX_COMPLETE: &[u8] = b"complete";
 const DAMAGE_TREE: &str = "damage.v1";
 
 fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
@@ -92,7 +98,12 @@ impl SledStore {
             // checkpoints flush sled.
             .flush_every_ms(None)
             .open()?;
+        let created = !db.was_recovered();
         let mut store = Self::from_db(db, dir)?;
+        if created {
+            // A new store has no builds: its index of unfinished builds is complete.
+            store.complete_unfinished_index(&[])?;
+        }
         let replay = store.replay()?;
         // What the log held is in sled now: flush it, then start the next log file and
         // remove the old ones.
@@ -136,6 +147,7 @@ impl SledStore {
         Ok(Self {
             journal: db.open_tree(JOURNAL_TREE)?,
             summary: db.open_tree(SUMMARY_TREE)?,
+            unfinished: db.open_tree(UNFINISHED_TREE)?,
             damage: db.open_tree(DAMAGE_TREE)?,
             db,
             segments: Segments::new(dir.join(LOGS_DIR)),
@@ -324,6 +336,38 @@ impl Store for SledStore {
         Ok(self.summary.get(id.as_bytes())?.map(|v| v.to_vec()))
     }
 
+    fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error> {
+        // Pending first: a checkpoint between the two reads writes the same flags to sled.
+        let pending = self.pending.lock().unfinished();
+        if !self.unfinished.contains_key(INDEX_COMPLETE)? {
+            return Ok(None);
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for key in self.unfinished.iter().keys() {
+            let key = key?;
+            if key.as_ref() != INDEX_COMPLETE {
+                ids.insert(id_key(UNFINISHED_TREE, &key)?);
+            }
+        }
+        for (id, open) in pending {
+            if open {
+                ids.insert(id);
+            } else {
+                ids.remove(&id);
+            }
+        }
+        Ok(Some(ids.into_iter().collect()))
+    }
+
+    fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.insert(&id.as_bytes()[..], &[][..]);
+        }
+        batch.insert(INDEX_COMPLETE, &[][..]);
+        Ok(self.unfinished.apply_batch(batch)?)
+    }
+
     fn size_on_disk(&self) -> Result<u64, Error> {
         Ok(self.db.size_on_disk()? + self.segments.size())
     }
@@ -475,6 +519,34 @@ mod tests {
             .map(|s| s.0)
             .collect();
         assert_eq!(listed, [ids[2], ids[1], ids[0]]);
+    }
+
+    #[test]
+    fn the_index_of_unfinished_builds_follows_summaries_through_checkpoints_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (running, finishing, removed) = (BuildId::new(), BuildId::new(), BuildId::new());
+        let mut batch = WriteBatch::default();
+        for id in [running, finishing, removed] {
+            batch.put_summary(id, vec![1], true);
+        }
+        store.write(batch).unwrap();
+        assert_eq!(
+            store.unfinished().unwrap(),
+            Some(vec![running, finishing, removed]),
+            "pending entries count"
+        );
+        store.checkpoint().unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_summary(finishing, vec![2], false);
+        batch.removed_builds.push(removed);
+        store.write(batch).unwrap();
+        assert_eq!(store.unfinished().unwrap(), Some(vec![running]));
+        store.checkpoint().unwrap();
+        assert_eq!(store.unfinished().unwrap(), Some(vec![running]));
+        drop(store);
+        let reopened = SledStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.unfinished().unwrap(), Some(vec![running]));
     }
 
     /// Copies a folder as a crash at this moment would leave it (nothing is flushed first).
