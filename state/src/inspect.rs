@@ -64,6 +64,15 @@ pub enum Problem {
         /// The build.
         id: BuildId,
     },
+    /// An unfinished build the index of unfinished builds does not name: a restart would
+    /// not resume it.
+    #[error(
+        "build {id}: unfinished, but missing from the index of unfinished builds, so a restart would not resume it (a defect of image-builder: please report it)"
+    )]
+    Unindexed {
+        /// The build.
+        id: BuildId,
+    },
 }
 
 /// One build as read from the store.
@@ -164,6 +173,7 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
     for (id, damage) in damage_reports(store)? {
         problems.push(Problem::Damaged { id, damage });
     }
+    let indexed = store.unfinished()?;
     for inspected in builds(store)? {
         let id = inspected.id;
         let mut decoded = true;
@@ -191,6 +201,12 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
                     .and_then(|bytes| record::decode::<Summary>(&bytes).ok());
                 if stored.as_ref() != Some(&view.summary()) {
                     problems.push(Problem::StaleSummary { id });
+                }
+                let unindexed = indexed
+                    .as_ref()
+                    .is_some_and(|ids| ids.binary_search(&id).is_err());
+                if !view.phase().is_final() && unindexed {
+                    problems.push(Problem::Unindexed { id });
                 }
             }
             Err(source) if decoded => problems.push(Problem::Unfoldable { id, source }),

@@ -230,6 +230,27 @@ async fn store_check_names_builds_lost_to_a_flipped_byte() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn store_check_names_an_unfinished_build_missing_from_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    // Odd builds stay in Building.
+    let ids = fill(dir.path(), 4).await;
+    assert!(store_check(dir.path()).is_empty());
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let index = db.open_tree("unfinished.v1").unwrap();
+        assert!(index.remove(ids[3].as_bytes()).unwrap().is_some());
+        db.flush().unwrap();
+    }
+    let problems = store_check(dir.path());
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains(&format!("build {}: unfinished, but missing", ids[3]))
+            && problems[0].contains("would not resume it"),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_flipped_byte_in_a_log_segment_is_never_served_as_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let journal = when_unlocked(|| Journal::open(dir.path()));
