@@ -95,7 +95,22 @@ enum ScenarioCommand {
     },
 }
 
+/// Bounds the freed memory glibc keeps at the top of the heap. By default it raises that bound
+/// as large blocks come and go (up to 32 MiB), so what start-up allocates for a moment stayed
+/// resident: 8 MiB of an idle service's 34 MiB. A fixed 1 MiB gives it back (idle: 26 MiB).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn bound_retained_heap() {
+    // SAFETY: mallopt only sets a tunable of the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn bound_retained_heap() {}
+
 fn main() -> ExitCode {
+    bound_retained_heap();
     let cli = Cli::parse();
     // `run` reads its config first: it says whether traces are exported, and the exporter
     // starts outside the async runtime (it runs on a thread of its own).
