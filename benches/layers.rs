@@ -14,13 +14,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench: a failed unwrap is a failed run
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder::proto::contentservice as cs;
-use image_builder_testkit::bench::{ms, percentile};
+use image_builder_testkit::bench::{buildah_by_hand, du_bytes, ms, percentile};
 use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 use tonic::transport::Channel;
 
@@ -72,50 +72,6 @@ async fn build(client: &mut ImageBuilderClient<Channel>, req: pb::BuildRequest) 
     }
     let last = last.unwrap();
     assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-    start.elapsed()
-}
-
-/// `buildah bud --layers` + `buildah push` by hand, with the service's storage options.
-fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
-    let buildah = |args: &[&str]| {
-        let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
-        let status = Command::new("buildah")
-            .env("BUILDAH_ISOLATION", "oci")
-            .arg("--root")
-            .arg(root.join("root"))
-            .arg("--runroot")
-            .arg(root.join("runroot"))
-            .args(["--storage-driver", "vfs"])
-            .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "buildah {args:?}");
-    };
-    let dockerfile = context.join("Dockerfile");
-    let start = Instant::now();
-    buildah(&[
-        "bud",
-        "--tls-verify=false",
-        "--isolation",
-        "oci",
-        "--layers",
-        "--format",
-        "docker",
-        "-f",
-        dockerfile.to_str().unwrap(),
-        "-t",
-        tag,
-        context.to_str().unwrap(),
-    ]);
-    buildah(&[
-        "push",
-        "--tls-verify=false",
-        tag,
-        &format!("docker://{tag}"),
-    ]);
     start.elapsed()
 }
 
@@ -258,7 +214,7 @@ fn main() {
     // The server side of a partial clone: upload-pack filters only where allowed.
     git(big.path(), &["config", "uploadpack.allowFilter", "true"]);
     let pack = git(big.path(), &["gc", "--quiet"]);
-    let repo_bytes: u64 = walk_bytes(&big.path().join(".git"));
+    let repo_bytes: u64 = du_bytes(&big.path().join(".git"));
 
     let clones = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let uri = big.uri();
@@ -304,7 +260,7 @@ fn main() {
     big.commit(&[("app/main.txt", "two\n")], "a change in the context")
         .unwrap();
     let after_commit = resolve(&content);
-    let kept = walk_bytes(&data.path().join("keys"));
+    let kept = du_bytes(&data.path().join("keys"));
     drop(content);
 
     let median = |v: &mut Vec<Duration>| percentile(v, 0.5);
@@ -356,14 +312,4 @@ fn main() {
         repo_bytes as f64 / 1e6,
         pack.as_secs_f64()
     );
-}
-
-/// Bytes of the files under `dir`, as `du -sb` counts them.
-fn walk_bytes(dir: &Path) -> u64 {
-    let out = Command::new("du").arg("-sb").arg(dir).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }

@@ -13,13 +13,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder::proto::contentservice as cs;
-use image_builder_testkit::bench::{mib, percentile, status_kib};
+use image_builder_testkit::bench::{buildah_by_hand, du_bytes, mib, percentile, status_kib};
 use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 use tonic::transport::Channel;
 
@@ -70,60 +69,6 @@ async fn replay(client: &mut ImageBuilderClient<Channel>, id: &str) -> usize {
     testkit::read_logs(client, request).await.unwrap().len()
 }
 
-fn du(path: &Path) -> u64 {
-    let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `buildah bud` + `buildah push` by hand, with the service's storage and cache options
-/// (`--layers`), output to a file.
-fn buildah_by_hand(root: &Path, context: &Path, tag: &str) -> Duration {
-    let buildah = |args: &[&str]| {
-        let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
-        let status = Command::new("buildah")
-            .env("BUILDAH_ISOLATION", "oci")
-            .arg("--root")
-            .arg(root.join("root"))
-            .arg("--runroot")
-            .arg(root.join("runroot"))
-            .args(["--storage-driver", "vfs"])
-            .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "buildah {args:?}");
-    };
-    let dockerfile = context.join("Dockerfile");
-    let start = Instant::now();
-    buildah(&[
-        "bud",
-        "--tls-verify=false",
-        "--isolation",
-        "oci",
-        "--layers",
-        "--format",
-        "docker",
-        "-f",
-        dockerfile.to_str().unwrap(),
-        "-t",
-        tag,
-        context.to_str().unwrap(),
-    ]);
-    buildah(&[
-        "push",
-        "--tls-verify=false",
-        tag,
-        &format!("docker://{tag}"),
-    ]);
-    start.elapsed()
-}
-
 /// Runs of the 200k-line build on each side.
 const RUNS: usize = 5;
 
@@ -156,13 +101,13 @@ fn main() {
     let repo = GitRepo::new(&[("Dockerfile", &lines_200k)]).unwrap();
     let store = data.path().join("store");
     let idle_kib = status_kib(pid, "VmRSS:");
-    let store_before = du(&store);
+    let store_before = du_bytes(&store);
     let start = Instant::now();
     let (id_200k, last) =
         runtime.block_on(build(&mut client, dockerfile_request(&repo.uri(), "200k")));
     let service_200k = start.elapsed();
     assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-    let store_growth = du(&store) - store_before;
+    let store_growth = du_bytes(&store) - store_before;
     let phases = runtime.block_on(async {
         let mut ops = service.ops().await.unwrap();
         let build = ops

@@ -92,36 +92,39 @@ mod tests {
         );
     }
 
-    #[test]
-    fn dockerfile_key_lines_are_sorted_and_hashed_with_a_trailing_newline() {
-        let key = DockerfileKey {
+    fn key() -> DockerfileKey<'static> {
+        DockerfileKey {
             clone_target: "main",
             context_path: ".",
             dockerfile_path: "Dockerfile",
             dockerfile_version: "v1",
             remote_uri: "https://example.com/repo.git",
-        };
+        }
+    }
+
+    /// The manifest's lines are in key order, as mk3 writes them.
+    fn assert_sorted(manifest: &str) {
+        let mut lines: Vec<&str> = manifest.trim_end().lines().collect();
+        let written = lines.clone();
+        lines.sort();
+        assert_eq!(lines, written);
+    }
+
+    #[test]
+    fn dockerfile_key_lines_are_sorted_and_hashed_with_a_trailing_newline() {
+        let key = key();
         let manifest = "CloneTarget: main\nContextPath: .\nDockerfilePath: Dockerfile\nDockerfileVersion: v1\nRemoteURI: https://example.com/repo.git\nSource: git\n\n";
         let expected = hex::encode(Sha256::digest(manifest));
         assert_eq!(
             dockerfile_base_ref("base", &key),
             format!("base:{expected}")
         );
-        let mut lines: Vec<&str> = manifest.trim_end().lines().collect();
-        let unsorted = lines.clone();
-        lines.sort();
-        assert_eq!(lines, unsorted);
+        assert_sorted(manifest);
     }
 
     #[test]
     fn content_keys_add_sorted_lines_and_follow_the_content() {
-        let key = DockerfileKey {
-            clone_target: "main",
-            context_path: ".",
-            dockerfile_path: "Dockerfile",
-            dockerfile_version: "v1",
-            remote_uri: "https://example.com/repo.git",
-        };
+        let key = key();
         let content = ContentKey {
             context_tree: "4b825dc642cb6eb9a060e54bf8d69288fbee4904",
             dockerfile_blob: "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391",
@@ -131,10 +134,7 @@ mod tests {
             content_base_ref("base", &key, &content),
             format!("base:{}", hex::encode(Sha256::digest(manifest)))
         );
-        let mut lines: Vec<&str> = manifest.trim_end().lines().collect();
-        let unsorted = lines.clone();
-        lines.sort();
-        assert_eq!(lines, unsorted);
+        assert_sorted(manifest);
         assert_ne!(
             content_base_ref("base", &key, &content),
             dockerfile_base_ref("base", &key)

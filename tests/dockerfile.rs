@@ -502,7 +502,6 @@ fn scan_processes(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_password_in_the_remote_url_is_used_but_never_kept_shown_or_passed_in_argv() {
-    use image_builder::proto::ops;
     let shared = shared();
     let marker = "url-pw-marker-51c2e8";
     let repo = GitRepo::new(&[
@@ -558,14 +557,7 @@ async fn a_password_in_the_remote_url_is_used_but_never_kept_shown_or_passed_in_
         .into_inner();
     assert_eq!(resolved.base_ref, expected);
 
-    let mut ops = ops_client(&service).await;
-    let shown = ops
-        .get_build(ops::GetBuildRequest {
-            build_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let shown = ops_build(&service, &id).await;
     assert!(shown.source.contains(&bare), "{}", shown.source);
     service.stop();
     for text in [

@@ -155,14 +155,7 @@ fn request(server: &GitHttpServer) -> pb::BuildRequest {
 async fn finish(service: &Service, id: &str) -> (pb::BuildStatus, String, String) {
     let mut client = service.client().await.unwrap();
     let log = String::from_utf8(logs_all(&mut client, id).await.unwrap()).unwrap();
-    let mut ops = ops_client(service).await;
-    let build = ops
-        .get_build(image_builder::proto::ops::GetBuildRequest {
-            build_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let build = ops_build(service, id).await;
     let status = match build.state.as_str() {
         "done" => pb::BuildStatus::DoneSuccess,
         "failed" | "cancelled" | "damaged" => pb::BuildStatus::DoneFailure,
@@ -902,14 +895,7 @@ async fn under_content_keys_a_builder_pod_checks_out_the_commit_its_key_names() 
     assert_eq!(status, pb::BuildStatus::DoneSuccess, "{failure}\n{log}");
     // The pod fetched that one commit, not the repository's history.
     assert!(!log.contains("fetching the whole repository"), "{log}");
-    let mut ops = ops_client(&service).await;
-    let shown = ops
-        .get_build(image_builder::proto::ops::GetBuildRequest {
-            build_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let shown = ops_build(&service, &id).await;
     let head = repo.head().unwrap();
     assert!(
         shown.source.contains(&head),

@@ -247,9 +247,7 @@ mod tests {
         for id in [good, bad, illegal] {
             batch.records.push((id, 0, created.encode().unwrap()));
         }
-        batch
-            .summaries
-            .push((good, record::encode(&view.summary()).unwrap()));
+        batch.put_summary(good, record::encode(&view.summary()).unwrap(), true);
         batch.records.push((bad, 1, vec![7, 7]));
         let pushed = Record::Transition {
             event: Event::Pushed { digest: "d".into() },

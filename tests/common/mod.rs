@@ -250,3 +250,15 @@ pub async fn start_build(
 pub async fn ops_client(service: &Service) -> image_builder::client::OpsClient {
     service.ops().await.unwrap()
 }
+
+/// A build as the ops API shows it (GetBuild, as the operator).
+pub async fn ops_build(service: &Service, id: &str) -> image_builder::proto::ops::Build {
+    ops_client(service)
+        .await
+        .get_build(image_builder::proto::ops::GetBuildRequest {
+            build_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}

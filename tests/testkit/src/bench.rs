@@ -55,6 +55,69 @@ pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// Bytes of the files under `path`, as `du -sb` counts them (0 when it cannot).
+pub fn du_bytes(path: &std::path::Path) -> u64 {
+    let Ok(out) = std::process::Command::new("du")
+        .arg("-sb")
+        .arg(path)
+        .output()
+    else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `buildah bud` + `buildah push` by hand, as the service runs them (vfs storage under `root`,
+/// OCI isolation, `--layers`), the Dockerfile of `context` built as `tag` and pushed to it;
+/// output to a file. Panics when buildah fails.
+pub fn buildah_by_hand(root: &std::path::Path, context: &std::path::Path, tag: &str) -> Duration {
+    use std::process::{Command, Stdio};
+    let buildah = |args: &[&str]| {
+        let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
+        let status = Command::new("buildah")
+            .env("BUILDAH_ISOLATION", "oci")
+            .arg("--root")
+            .arg(root.join("root"))
+            .arg("--runroot")
+            .arg(root.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "buildah {args:?}");
+    };
+    let dockerfile = context.join("Dockerfile");
+    let start = std::time::Instant::now();
+    buildah(&[
+        "bud",
+        "--tls-verify=false",
+        "--isolation",
+        "oci",
+        "--layers",
+        "--format",
+        "docker",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "-t",
+        tag,
+        context.to_str().unwrap(),
+    ]);
+    buildah(&[
+        "push",
+        "--tls-verify=false",
+        tag,
+        &format!("docker://{tag}"),
+    ]);
+    start.elapsed()
+}
+
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Makes `count` distinct images in `repository` of the registry at `registry` (plain HTTP),
