@@ -19,36 +19,15 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
-use image_builder::proto::contentservice as cs;
-use image_builder_testkit::bench::{buildah_by_hand, du_bytes, ms, percentile};
+use image_builder_testkit::bench::{buildah_by_hand, dockerfile_build, du_bytes, ms, percentile};
 use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 use tonic::transport::Channel;
 
 /// Pairs (first build, rebuild) on each side.
 const RUNS: usize = 3;
 
-fn source(uri: &str, version: &str) -> pb::BuildSource {
-    pb::BuildSource {
-        from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
-            source: Some(cs::WorkspaceInitializer {
-                spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
-                    remote_uri: uri.into(),
-                    ..Default::default()
-                })),
-            }),
-            dockerfile_version: version.into(),
-            dockerfile_path: "app/Dockerfile".into(),
-            context_path: "app".into(),
-        })),
-    }
-}
-
 fn request(uri: &str, version: &str) -> pb::BuildRequest {
-    pb::BuildRequest {
-        source: Some(source(uri, version)),
-        triggered_by: "bench".into(),
-        ..Default::default()
-    }
+    dockerfile_build(uri, version, "app/Dockerfile", "app")
 }
 
 /// Four RUN steps that take real time (16 MiB written, then waits), the last one `last`.
@@ -243,7 +222,7 @@ fn main() {
             let start = Instant::now();
             client
                 .resolve_workspace_image(pb::ResolveWorkspaceImageRequest {
-                    source: Some(source(&uri, "1")),
+                    source: request(&uri, "1").source,
                     ..Default::default()
                 })
                 .await

@@ -17,29 +17,14 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
-use image_builder::proto::contentservice as cs;
-use image_builder_testkit::bench::{buildah_by_hand, du_bytes, mib, percentile, status_kib};
+use image_builder_testkit::bench::{
+    buildah_by_hand, dockerfile_build, du_bytes, mib, percentile, status_kib,
+};
 use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
 use tonic::transport::Channel;
 
 fn dockerfile_request(uri: &str, version: &str) -> pb::BuildRequest {
-    pb::BuildRequest {
-        source: Some(pb::BuildSource {
-            from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
-                source: Some(cs::WorkspaceInitializer {
-                    spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
-                        remote_uri: uri.into(),
-                        ..Default::default()
-                    })),
-                }),
-                dockerfile_version: version.into(),
-                dockerfile_path: "Dockerfile".into(),
-                context_path: ".".into(),
-            })),
-        }),
-        triggered_by: "bench".into(),
-        ..Default::default()
-    }
+    dockerfile_build(uri, version, "Dockerfile", ".")
 }
 
 /// Builds to the end; returns the build id and the final answer.

@@ -20,6 +20,34 @@ pub fn reference_build(reference: &str) -> pb::BuildRequest {
     }
 }
 
+/// A Build request for the Dockerfile at `dockerfile` of the repository at `uri` (its default
+/// branch), built in `context`, with Dockerfile version `version`.
+pub fn dockerfile_build(
+    uri: &str,
+    version: &str,
+    dockerfile: &str,
+    context: &str,
+) -> pb::BuildRequest {
+    use image_builder::proto::contentservice as cs;
+    pb::BuildRequest {
+        source: Some(pb::BuildSource {
+            from: Some(pb::build_source::From::File(pb::BuildSourceDockerfile {
+                source: Some(cs::WorkspaceInitializer {
+                    spec: Some(cs::workspace_initializer::Spec::Git(cs::GitInitializer {
+                        remote_uri: uri.into(),
+                        ..Default::default()
+                    })),
+                }),
+                dockerfile_version: version.into(),
+                dockerfile_path: dockerfile.into(),
+                context_path: context.into(),
+            })),
+        }),
+        triggered_by: "bench".into(),
+        ..Default::default()
+    }
+}
+
 /// The `p` quantile (0..=1) of `samples`, nearest rank; sorts them.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
