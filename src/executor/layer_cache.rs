@@ -35,6 +35,10 @@ pub struct LayerCache {
 /// so each is walked once, not at every measure.
 type LayerSizes = HashMap<OsString, u64>;
 
+/// A layer directory changed this recently may still be written (a build committing it, a
+/// working container): it is walked at every measure until it is this old.
+const SETTLED: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where the vfs driver keeps one directory per layer, under the storage root.
 const LAYER_DIRS: &str = "vfs/dir";
 
@@ -172,13 +176,25 @@ impl LayerCache {
 fn storage_usage(root: &Path, known: &mut LayerSizes) -> u64 {
     let layers = root.join(LAYER_DIRS);
     let mut present = LayerSizes::new();
+    let mut unsettled = 0;
     for entry in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
         let name = entry.file_name();
-        let bytes = match known.get(&name) {
-            Some(bytes) => *bytes,
-            None => disk_usage(entry.path()),
-        };
-        present.insert(name, bytes);
+        if let Some(bytes) = known.get(&name) {
+            present.insert(name, *bytes);
+            continue;
+        }
+        let settled = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|changed| changed.elapsed().ok())
+            .is_some_and(|age| age >= SETTLED);
+        let bytes = disk_usage(entry.path());
+        if settled {
+            present.insert(name, bytes);
+        } else {
+            unsettled += bytes;
+        }
     }
     *known = present;
     let rest = walkdir::WalkDir::new(root)
@@ -188,7 +204,7 @@ fn storage_usage(root: &Path, known: &mut LayerSizes) -> u64 {
         .filter_map(|entry| entry.metadata().ok())
         .map(|meta| std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
         .sum::<u64>();
-    rest + known.values().sum::<u64>()
+    rest + unsettled + known.values().sum::<u64>()
 }
 
 /// Bytes allocated on disk under `root`; files that vanish while it is walked are skipped.
@@ -231,6 +247,17 @@ mod tests {
         let mut known = LayerSizes::new();
         let first = storage_usage(root.path(), &mut known);
         assert!(first >= 64 * 1024, "{first}");
+        assert!(
+            known.is_empty(),
+            "a layer written a moment ago is not settled"
+        );
+        // Settled: an hour old.
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&layer)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        assert_eq!(storage_usage(root.path(), &mut known), first);
         assert_eq!(known.len(), 1);
         // A committed layer does not change: what is known stands (here: a pretend size).
         known.insert("layer-a".into(), 1 << 30);

@@ -163,18 +163,16 @@ impl BuildBase for LocalExecutor {
                 build.base_ref
             ))
             .await;
-            let built = buildah
-                .build(build.id, &context, &build.base_ref, &auth.path, log)
-                .await;
-            match built {
-                Ok(()) => {
-                    log.line(format!("pushing {}", build.base_ref)).await;
-                    buildah
-                        .push(build.id, &build.base_ref, &auth.path, log)
-                        .await
-                }
-                Err(e) => Err(e),
+            async {
+                buildah
+                    .build(build.id, &context, &build.base_ref, &auth.path, log)
+                    .await?;
+                log.line(format!("pushing {}", build.base_ref)).await;
+                buildah
+                    .push(build.id, &build.base_ref, &auth.path, log)
+                    .await
             }
+            .await
         };
         drop(auth);
         self.checkouts.remove(build.id).await;
