@@ -131,6 +131,22 @@ async fn killed_in_building_mid_run_step_and_the_orphaned_builder_is_stopped() {
     assert_eq!(log.matches("\nfirst-2\n").count(), 1, "{log}");
     assert_eq!(log.matches("Using cache").count(), 1, "{log}");
     assert_eq!(log.matches("\nsleeping-now\n").count(), 2, "{log}");
+    // What the killed builder left in buildah's temporary directory (kept under the data dir,
+    // not in /var/tmp) was removed at the restart.
+    let temp = service.data_dir().join("buildah/tmp");
+    let left: Vec<_> = std::fs::read_dir(&temp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", temp.display());
+    assert!(
+        service
+            .log()
+            .contains("removed temporary files left by builders"),
+        "{}",
+        service.log()
+    );
     for pid in orphans {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))

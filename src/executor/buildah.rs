@@ -74,7 +74,7 @@ impl Buildah {
                 "\n[[registry]]\nlocation = {host:?}\ninsecure = true\n"
             ));
         }
-        std::fs::create_dir_all(&buildah.dir)
+        std::fs::create_dir_all(buildah.temp_dir())
             .and_then(|()| std::fs::write(&conf, text))
             .map_err(|source| Error::Config { path: conf, source })?;
         Ok(buildah)
@@ -84,9 +84,35 @@ impl Buildah {
         self.dir.join("registries.conf")
     }
 
+    /// Where buildah keeps its temporary files (a RUN step's runtime directory, pulled
+    /// layers): inside its own directory rather than `/var/tmp`, so that what a killed builder
+    /// leaves is found and removed at the next start ([`Buildah::remove_temp_files`]).
+    fn temp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Removes what killed builders left in the temporary directory. Only while no build runs.
+    pub async fn remove_temp_files(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let mut entries = tokio::fs::read_dir(self.temp_dir()).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let path = entry.path();
+            let gone = if entry.file_type().await?.is_dir() {
+                tokio::fs::remove_dir_all(&path).await
+            } else {
+                tokio::fs::remove_file(&path).await
+            };
+            if gone.is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new("buildah");
         cmd.env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
+            .env("TMPDIR", self.temp_dir())
             .env("BUILDAH_ISOLATION", "oci")
             .env("LC_ALL", "C")
             .arg("--root")

@@ -76,13 +76,19 @@ impl LayerCache {
         self.access.read().await
     }
 
-    /// At start, before any build: removes the working containers of builders a stop or a
-    /// crash interrupted (they hold layers nothing else uses), then trims.
+    /// At start, before any build: removes the working containers and temporary files of
+    /// builders a stop or a crash interrupted (the containers hold layers nothing else uses),
+    /// then trims.
     pub async fn tidy(&self) {
         {
             let _alone = self.access.write().await;
             if let Err(e) = self.buildah.remove_containers().await {
                 tracing::warn!(error = %e, "cannot remove the builders' leftover containers");
+            }
+            match self.buildah.remove_temp_files().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "removed temporary files left by builders"),
+                Err(e) => tracing::warn!(error = %e, "cannot remove the builders' temporary files"),
             }
         }
         self.trim().await;
