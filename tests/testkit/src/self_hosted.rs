@@ -173,10 +173,6 @@ impl Setup for SelfHosted {
             }
             None => None,
         };
-        // A fixed port, so that clients such as `builds logs --follow` find the service again
-        // after a restart.
-        let port = crate::free_port().map_err(|e| format!("free port: {e}"))?;
-        config["grpcAddress"] = format!("127.0.0.1:{port}").into();
         let mut base_env: Vec<(&str, &str)> = Vec::new();
         let mut kubeconfig: Option<String> = None;
         if let Some(moto) = &moto {
@@ -222,8 +218,20 @@ impl Setup for SelfHosted {
         }
         let mut first_env = base_env.clone();
         first_env.push(("FAILPOINTS", env.failpoints.as_str()));
-        let service = Service::start_with_env(&self.binary, config, &first_env)
-            .map_err(|e| format!("service: {e}"))?;
+        // A fixed port, so that clients such as `builds logs --follow` find the service again
+        // after a restart. Another process may take a free port before the service binds it:
+        // then another one.
+        let mut tries = 0;
+        let service = loop {
+            let port = crate::free_port().map_err(|e| format!("free port: {e}"))?;
+            config["grpcAddress"] = format!("127.0.0.1:{port}").into();
+            match Service::start_with_env(&self.binary, config.clone(), &first_env) {
+                Err(e) if tries < 3 && e.to_string().contains("Address already in use") => {
+                    tries += 1;
+                }
+                started => break started.map_err(|e| format!("service: {e}"))?,
+            }
+        };
         let grpc_url = service.grpc_url();
         let base_env = base_env
             .iter()
