@@ -112,6 +112,25 @@ async fn pump(pipe: Option<impl AsyncRead + Unpin>, mut output: Box<dyn StepOutp
     output.finish().await;
 }
 
+/// Runs a short command whose output is not a build's (stdin closed, killed if dropped) and
+/// waits for its output.
+pub async fn output(mut cmd: Command) -> std::io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true).output().await
+}
+
+/// What a failed command said last: stderr's last non-empty line that names none of `noise`,
+/// at most 512 characters (a command may echo a long listing).
+pub fn complaint(stderr: &[u8], noise: &[&str]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !noise.iter().any(|n| l.contains(n)))
+        .unwrap_or_default()
+        .chars()
+        .take(512)
+        .collect()
+}
+
 /// Finds every process of build `id` (those carrying its marker, and all their descendants)
 /// and kills it. Returns how many were signalled. Used after a crash, when the builder of a
 /// resumed build may still be running, orphaned.

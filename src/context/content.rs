@@ -221,12 +221,8 @@ async fn quiet(
     action: &'static str,
 ) -> Result<String, Error> {
     let mut cmd = git(credentials);
-    cmd.arg("-C")
-        .arg(repo)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = cmd.output().await.map_err(|e| Error::Git {
+    cmd.arg("-C").arg(repo).args(args);
+    let out = crate::process::output(cmd).await.map_err(|e| Error::Git {
         action,
         status: "not started".into(),
         tail: e.to_string(),
@@ -234,19 +230,11 @@ async fn quiet(
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty() && !l.contains("filtering not recognized"))
-        .unwrap_or_default()
-        .chars()
-        .take(512)
-        .collect();
     Err(Error::Git {
         action,
         status: out.status.to_string(),
-        tail,
+        // A server without partial clone says so on every fetch; that is not why it failed.
+        tail: crate::process::complaint(&out.stderr, &["filtering not recognized"]),
     })
 }
 

@@ -218,23 +218,15 @@ impl Buildah {
     }
 
     /// Runs a buildah command whose output is not a build's: returns its stdout.
-    async fn quiet(&self, mut cmd: Command, action: &'static str) -> Result<Vec<u8>, Error> {
-        let out = cmd
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(Error::Start)?;
+    async fn quiet(&self, cmd: Command, action: &'static str) -> Result<Vec<u8>, Error> {
+        let out = process::output(cmd).await.map_err(Error::Start)?;
         if out.status.success() {
             return Ok(out.stdout);
         }
-        // Its last line says why; bounded, as buildah may echo a long listing.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
         Err(Error::Failed {
             action,
             status: out.status.to_string(),
-            tail: last.unwrap_or_default().chars().take(512).collect(),
+            tail: process::complaint(&out.stderr, &[]),
         })
     }
 
