@@ -335,7 +335,7 @@ impl Registry {
             let secret = keychain.pull(image.registry()).await;
             let question = Question::new(kind, &image.whole(), secret.as_ref(), progress.lane());
             in_flight
-                .answer(question, async {
+                .answer(question, || async {
                     let session = self.session(&image, secret.as_ref()).await;
                     self.retrying(Resource::Manifest(&image), progress, || {
                         once(&session, &image, reference)
