@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::registry::{NoCredentials, Registry};
 use image_builder::steps::Untracked;
-use image_builder_testkit::bench::{env_or, ms, percentile, reference_build};
+use image_builder_testkit::bench::{
+    env_or, head_manifest, manifest_url, ms, percentile, reference_build,
+};
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 
 async fn build(
@@ -34,26 +36,8 @@ async fn build(
     all
 }
 
-/// `HEAD /v2/<repo>/manifests/<tag or digest>` of `reference` (`host/repo:tag` or `@digest`).
-fn manifest_url(reference: &str) -> String {
-    let (host, rest) = reference.split_once('/').unwrap();
-    let (repo, tag) = match rest.split_once('@') {
-        Some((repo, digest)) => (repo, digest),
-        None => rest.rsplit_once(':').unwrap(),
-    };
-    format!("http://{host}/v2/{repo}/manifests/{tag}")
-}
-
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json";
-
 async fn head(http: &reqwest::Client, url: &str) {
-    let r = http
-        .head(url)
-        .header("Accept", ACCEPT)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{url}: {}", r.status());
+    assert!(head_manifest(http, url).await.unwrap(), "{url}: not found");
 }
 
 /// Runs `n` copies of `call` at once; the time each took, and the whole.

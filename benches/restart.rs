@@ -87,9 +87,9 @@ fn main() {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_image-builder"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "| builds stored | first start ms | after SIGTERM ms | after SIGKILL ms | RSS serving MiB | store open / resume ms (SIGTERM; SIGKILL) |"
+        "| builds stored | first start ms | after SIGTERM ms | after SIGKILL ms | RSS serving MiB | RSS idle 3 s later MiB (of it anonymous) | store open / resume ms (SIGTERM; SIGKILL) |"
     );
-    println!("|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---|");
     for n in sizes {
         let dir = tempfile::Builder::new()
             .prefix("restart-bench-")
@@ -113,6 +113,10 @@ fn main() {
         let after_term = started.elapsed();
         let term_split = open_and_resume(&service, 2);
         let rss = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
+        // Idle: what the service holds once start-up's garbage is given back.
+        std::thread::sleep(Duration::from_secs(3));
+        let idle = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
+        let idle_heap = mib(status_kib(service.pid().unwrap(), "RssAnon:"));
         service.kill();
         let started = Instant::now();
         service.restart().unwrap();
@@ -120,7 +124,7 @@ fn main() {
         let kill_split = open_and_resume(&service, 3);
         service.stop();
         println!(
-            "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} | {term_split}; {kill_split} |",
+            "| {n} | {:.0} | {:.0} | {:.0} | {rss:.1} | {idle:.1} ({idle_heap:.1}) | {term_split}; {kill_split} |",
             ms(first),
             ms(after_term),
             ms(after_kill)

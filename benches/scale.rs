@@ -3,7 +3,9 @@
 //! - **a burst of distinct builds**: BENCH_DISTINCT (500) Builds of distinct image refs at
 //!   once: the time each waits for its `running` answer, while a prober asks for a cache hit
 //!   of another ref every 20 ms (its latency meanwhile, beside the same prober on the idle
-//!   service); the service's RSS idle and at its peak, per build in flight;
+//!   service); the service's RSS idle and at its peak, per build in flight; beside it, the
+//!   registry's own floor: the same two questions per Build (the source's manifest, then a
+//!   workspace ref it lacks), all at once from one async HTTP client;
 //! - **throughput**: BENCH_COPIES (2000) distinct reference builds from BENCH_CLIENTS (32)
 //!   clients, each building one after another, vs `skopeo copy` of the same kind of image
 //!   between the same repositories with as many copies at once (BENCH_SKOPEO copies).
@@ -19,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder_testkit::bench::{
-    distinct_images, env_or, mib, ms, percentile, reference_build, status_kib,
+    distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
+    status_kib,
 };
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 use tonic::transport::Channel;
@@ -192,6 +195,35 @@ fn main() {
         )
     });
 
+    // The registry's floor for the burst: each Build's two questions, asked by one client with
+    // nothing else running (the workspace refs asked about do not exist, as for new builds).
+    let mut registry_pairs = runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let pairs: Vec<_> = burst_refs
+            .iter()
+            .enumerate()
+            .map(|(i, reference)| {
+                let http = http.clone();
+                let source = manifest_url(reference);
+                let missing = format!(
+                    "http://{}/v2/bench/workspace/manifests/floor-{i}",
+                    registry.addr()
+                );
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    assert!(head_manifest(&http, &source).await.unwrap());
+                    assert!(!head_manifest(&http, &missing).await.unwrap());
+                    start.elapsed()
+                })
+            })
+            .collect();
+        let mut samples = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            samples.push(pair.await.unwrap());
+        }
+        samples
+    });
+
     // Throughput: `clients` clients, each building the next ref as soon as its last ended.
     let service_copies = runtime.block_on(async {
         let client = service.client().await.unwrap();
@@ -225,7 +257,16 @@ fn main() {
     let mut idle_probes = idle_probes;
     println!("| {distinct} distinct Builds at once | calls | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
+    let (running_p99, floor_p99) = (
+        ms(percentile(&mut running, 0.99)),
+        ms(percentile(&mut registry_pairs, 0.99)),
+    );
     row("time to the `running` answer", distinct, &mut running);
+    row(
+        "the registry alone: each Build's two HEADs, all at once",
+        distinct,
+        &mut registry_pairs,
+    );
     let n = busy_probes.len();
     row("cache hit of another ref, meanwhile", n, &mut busy_probes);
     let n = idle_probes.len();
@@ -237,6 +278,11 @@ fn main() {
         mib(idle_kib),
         mib(peak_kib),
         peak_kib.saturating_sub(idle_kib) as f64 / distinct as f64
+    );
+    println!();
+    println!(
+        "`running` p99 / the registry's own p99 for the same questions: {:.2}x (goal: p99 < 1 s)",
+        running_p99 / floor_p99
     );
     println!();
     let ours = copies as f64 / service_copies.as_secs_f64();

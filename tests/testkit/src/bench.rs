@@ -8,6 +8,35 @@ use futures::{StreamExt, TryStreamExt};
 use image_builder::proto::builder as pb;
 use sha2::Digest;
 
+/// `http://host/v2/<repo>/manifests/<tag or digest>` of `reference` (`host/repo:tag` or
+/// `host/repo@digest`, a plain-HTTP registry).
+pub fn manifest_url(reference: &str) -> String {
+    let (host, rest) = reference.split_once('/').expect("host/repository");
+    let (repo, tag) = match rest.split_once('@') {
+        Some((repo, digest)) => (repo, digest),
+        None => rest.rsplit_once(':').expect("a tag or a digest"),
+    };
+    format!("http://{host}/v2/{repo}/manifests/{tag}")
+}
+
+/// The manifest media types a registry client accepts.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json";
+
+/// `HEAD` of a manifest URL: whether the registry has it. Fails on any other answer.
+pub async fn head_manifest(http: &reqwest::Client, url: &str) -> Result<bool> {
+    let r = http
+        .head(url)
+        .header("Accept", MANIFEST_ACCEPT)
+        .send()
+        .await
+        .with_context(|| format!("HEAD {url}"))?;
+    match r.status() {
+        s if s.is_success() => Ok(true),
+        reqwest::StatusCode::NOT_FOUND => Ok(false),
+        s => bail!("HEAD {url}: {s}"),
+    }
+}
+
 /// A Build request for the image `reference` (a reference build: copied, not built).
 pub fn reference_build(reference: &str) -> pb::BuildRequest {
     pb::BuildRequest {
