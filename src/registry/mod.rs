@@ -499,7 +499,33 @@ fn client_config(insecure: &[String], timeout: Duration) -> ClientConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::digest_in_location;
+    use super::{Error, Registry, digest_in_location, parse_reference};
+
+    #[test]
+    fn a_remembered_reference_reads_as_a_fresh_parse_and_a_bad_one_is_refused_each_time() {
+        let registry = Registry::new(&[]);
+        for reference in ["alpine", "r.example:5000/a/b:1", "r.example/a@sha256:00"] {
+            let fresh = parse_reference(reference).map(|r| r.whole());
+            assert_eq!(
+                registry.parse(reference).map(|r| r.whole()).ok(),
+                fresh.clone().ok()
+            );
+            assert_eq!(
+                registry.parse(reference).map(|r| r.whole()).ok(),
+                fresh.ok()
+            );
+        }
+        assert_eq!(
+            registry.parse("alpine").unwrap().whole(),
+            "docker.io/library/alpine:latest"
+        );
+        for _ in 0..2 {
+            assert!(matches!(
+                registry.parse("Not A Reference"),
+                Err(Error::BadReference { .. })
+            ));
+        }
+    }
 
     #[test]
     fn a_manifest_location_names_its_digest_only_when_it_is_one() {
