@@ -123,16 +123,7 @@ impl Orchestrator {
     /// running meanwhile are not held up.
     pub async fn sweep(&self, retention: Duration) -> Result<usize, Error> {
         let cutoff = image_builder_state::now_ms() - retention.as_millis() as i64;
-        let old: Vec<BuildId> = self
-            .list()?
-            .into_iter()
-            .filter(|s| match &s.damage {
-                // A damaged build never ends: it goes once it has been known damaged as long.
-                Some(damage) => damage.found_at_ms < cutoff,
-                None => s.phase.is_final() && s.finished_at_ms.is_some_and(|at| at < cutoff),
-            })
-            .map(|s| s.id)
-            .collect();
+        let old = self.inner.journal.ended_before(cutoff).await?;
         let mut removed = 0;
         for id in old {
             if self.lock_flights().values().any(|f| f.id == id) {

@@ -73,6 +73,15 @@ pub enum Problem {
         /// The build.
         id: BuildId,
     },
+    /// A finished build the index of finished builds does not name: retention would never
+    /// remove it.
+    #[error(
+        "build {id}: finished, but missing from the index of finished builds, so retention would never remove it (put back at the next start if a crash cut it short)"
+    )]
+    UnindexedFinished {
+        /// The build.
+        id: BuildId,
+    },
 }
 
 /// One build as read from the store.
@@ -174,6 +183,7 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
         problems.push(Problem::Damaged { id, damage });
     }
     let indexed = store.unfinished()?;
+    let ended = store.finished_before(i64::MAX)?;
     for inspected in builds(store)? {
         let id = inspected.id;
         let mut decoded = true;
@@ -207,6 +217,14 @@ pub fn check(store: &dyn Store) -> Result<Vec<Problem>, store::Error> {
                     .is_some_and(|ids| ids.binary_search(&id).is_err());
                 if !view.phase().is_final() && unindexed {
                     problems.push(Problem::Unindexed { id });
+                }
+                let unindexed_ended = view.finished_at_ms().is_some_and(|at| {
+                    ended
+                        .as_ref()
+                        .is_some_and(|all| all.binary_search(&(at, id)).is_err())
+                });
+                if unindexed_ended {
+                    problems.push(Problem::UnindexedFinished { id });
                 }
             }
             Err(source) if decoded => problems.push(Problem::Unfoldable { id, source }),
@@ -247,7 +265,7 @@ mod tests {
         for id in [good, bad, illegal] {
             batch.records.push((id, 0, created.encode().unwrap()));
         }
-        batch.put_summary(good, record::encode(&view.summary()).unwrap(), true);
+        batch.put_summary(good, record::encode(&view.summary()).unwrap(), None);
         batch.records.push((bad, 1, vec![7, 7]));
         let pushed = Record::Transition {
             event: Event::Pushed { digest: "d".into() },

@@ -48,3 +48,18 @@ pub fn when_unlocked<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T
         }
     }
 }
+
+/// Copies a folder as a crash at this moment would leave it (nothing is flushed first).
+#[allow(clippy::unwrap_used)]
+pub fn crash_copy(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            crash_copy(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -107,6 +107,19 @@ impl Store for GatedStore {
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, image_builder_state::store::Error> {
         self.inner.unfinished()
     }
+    fn finished_before(
+        &self,
+        cutoff_ms: i64,
+    ) -> Result<Option<Vec<image_builder_state::store::Ended>>, image_builder_state::store::Error>
+    {
+        self.inner.finished_before(cutoff_ms)
+    }
+    fn complete_finished_index(
+        &self,
+        entries: &[image_builder_state::store::Ended],
+    ) -> Result<(), image_builder_state::store::Error> {
+        self.inner.complete_finished_index(entries)
+    }
     fn complete_unfinished_index(
         &self,
         ids: &[BuildId],

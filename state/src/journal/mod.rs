@@ -40,8 +40,8 @@ use crate::machine::Event;
 use crate::now_ms;
 use crate::record::{self, BuilderProgress, OperatorAction, OperatorRequest, Record};
 use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
-use crate::view::BuildView;
 pub use crate::view::Damage;
+use crate::view::{BuildView, Summary};
 pub use damage::damage_reports;
 pub use error::Error;
 use read::decode_records;
@@ -248,7 +248,7 @@ impl Journal {
                 let (heads, view) = self.lock_head(id)?;
                 (heads, Some(view))
             };
-            if let Some(view) = view.filter(|v| !v.phase().is_final()) {
+            if let Some(view) = view.as_ref().filter(|v| !v.phase().is_final()) {
                 return Err(Error::Illegal {
                     id,
                     source: crate::machine::IllegalTransition {
@@ -260,8 +260,13 @@ impl Journal {
             heads.remove(&id);
             self.shared.removed.lock().insert(id);
             let (done, wait) = oneshot::channel();
+            // A damaged build's index entry, if any, goes at the next sweep (found stale).
+            let ended = view
+                .and_then(|v| v.finished_at_ms())
+                .map(|at| ((at, id), false));
             let batch = WriteBatch {
                 removed_builds: vec![id],
+                finished: ended.into_iter().collect(),
                 ..WriteBatch::default()
             };
             self.committer.send(Commit {
@@ -275,6 +280,78 @@ impl Journal {
         self.wait(pending).await?;
         self.lock_damaged().remove(&id);
         Ok(())
+    }
+
+    /// What retention removes at `cutoff_ms`: builds that ended before it, and damaged
+    /// builds known damaged since before it, oldest first. Read from the store's index of
+    /// finished builds by end time, so a sweep reads the summaries of the builds it finds
+    /// and no other (a store without a complete index is read summary by summary once, and
+    /// its index completed). Entries found stale (their build removed, or retried since) are
+    /// dropped from the index.
+    pub async fn ended_before(&self, cutoff_ms: i64) -> Result<Vec<BuildId>> {
+        let store = &self.shared.store;
+        let entries = match store.finished_before(cutoff_ms)? {
+            Some(entries) => entries,
+            None => {
+                let all: Vec<store::Ended> = self
+                    .summaries()?
+                    .into_iter()
+                    .filter(|s| s.damage.is_none() && s.phase.is_final())
+                    .filter_map(|s| Some((s.finished_at_ms?, s.id)))
+                    .collect();
+                store.complete_finished_index(&all)?;
+                tracing::info!(
+                    finished = all.len(),
+                    "indexed the finished builds of a store written before the index existed"
+                );
+                let mut before: Vec<_> =
+                    all.into_iter().filter(|(at, _)| *at < cutoff_ms).collect();
+                before.sort();
+                before
+            }
+        };
+        let damaged: Vec<(BuildId, i64)> = self
+            .lock_damaged()
+            .iter()
+            .map(|(id, damage)| (*id, damage.found_at_ms))
+            .collect();
+        let is_damaged = |id: BuildId| damaged.iter().any(|(d, _)| *d == id);
+        let mut ended = Vec::new();
+        let mut stale = WriteBatch::default();
+        for (at, id) in entries {
+            if is_damaged(id) {
+                // A damaged build goes by when it was found damaged (below).
+                continue;
+            }
+            let current: Option<Summary> = store
+                .summary(id)?
+                .and_then(|bytes| record::decode(&bytes).ok());
+            match current {
+                Some(s) if s.phase.is_final() && s.finished_at_ms == Some(at) => ended.push(id),
+                _ => stale.finished.push(((at, id), false)),
+            }
+        }
+        ended.extend(
+            damaged
+                .iter()
+                .filter(|(_, found_at)| *found_at < cutoff_ms)
+                .map(|(id, _)| *id),
+        );
+        if !stale.is_empty() {
+            tracing::debug!(
+                stale = stale.finished.len(),
+                "dropping stale entries of the index of finished builds"
+            );
+            let (done, wait) = oneshot::channel();
+            self.committer.send(Commit {
+                logs: Vec::new(),
+                batch: stale,
+                done,
+                checkpoint: false,
+            })?;
+            wait.await.unwrap_or(Err(Error::Closed))?;
+        }
+        Ok(ended)
     }
 
     /// Appends bytes to a build's log; returns the offset they start at. Resolves once the
@@ -406,7 +483,7 @@ impl Journal {
             batch.records.push((id, seq, bytes));
         }
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
-        batch.put_summary(id, summary, !view.phase().is_final());
+        batch.put_summary(id, summary, view.finished_at_ms());
         let (done, wait) = oneshot::channel();
         self.committer.send(Commit {
             logs,
@@ -609,6 +686,89 @@ mod tests {
         journal.transition(queued, cancel).await.unwrap();
         let ids: Vec<BuildId> = journal.unfinished().unwrap().iter().map(|v| v.id).collect();
         assert_eq!(ids, [running]);
+    }
+
+    #[tokio::test]
+    async fn retention_reads_the_index_of_finished_builds_and_drops_stale_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, failed, running) = (BuildId::new(), BuildId::new(), BuildId::new());
+        let indexed = |journal: &Journal| -> Vec<BuildId> {
+            let entries = journal.shared.store.finished_before(i64::MAX).unwrap();
+            entries.unwrap().into_iter().map(|(_, id)| id).collect()
+        };
+        {
+            let journal = Journal::open(dir.path()).unwrap();
+            for id in [done, failed, running] {
+                journal
+                    .create(id, spec(), "b".into(), "w".into())
+                    .await
+                    .unwrap();
+                journal.transition(id, Event::Admitted).await.unwrap();
+            }
+            let fail = || Event::Failed { reason: "r".into() };
+            journal.transition(done, Event::Resolved).await.unwrap();
+            journal.transition(done, Event::CacheHit).await.unwrap();
+            journal.transition(failed, fail()).await.unwrap();
+            let ended_at = journal
+                .view(done)
+                .unwrap()
+                .unwrap()
+                .finished_at_ms()
+                .unwrap();
+            assert_eq!(
+                journal.ended_before(i64::MAX).await.unwrap(),
+                [done, failed]
+            );
+            assert!(journal.ended_before(ended_at).await.unwrap().is_empty());
+            // Retried: its entry is stale, and the sweep that finds it drops it.
+            journal.retry(failed, "sre".into()).await.unwrap();
+            assert_eq!(indexed(&journal), [done, failed]);
+            assert_eq!(journal.ended_before(i64::MAX).await.unwrap(), [done]);
+            assert_eq!(indexed(&journal), [done]);
+            journal.remove(done).await.unwrap();
+            assert!(indexed(&journal).is_empty(), "removed with its build");
+            journal.transition(failed, fail()).await.unwrap();
+            assert_eq!(indexed(&journal), [failed], "ended again: indexed again");
+        }
+        // A store as a release before the index left it: no index at all.
+        {
+            let db = crate::testing::when_unlocked(|| sled::open(dir.path()));
+            assert!(db.drop_tree("finished.v1").unwrap());
+            db.flush().unwrap();
+        }
+        let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
+        assert_eq!(
+            journal.shared.store.finished_before(i64::MAX).unwrap(),
+            None
+        );
+        assert_eq!(
+            journal.ended_before(i64::MAX).await.unwrap(),
+            [failed],
+            "from the summaries"
+        );
+        assert_eq!(indexed(&journal), [failed], "and the index completed");
+        assert_ne!(
+            journal.view(running).unwrap().unwrap().phase(),
+            Phase::Failed
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_checkpoint_loses_no_entry_of_the_index_of_finished_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let journal = Journal::open(&live).unwrap();
+        let id = new_build(&journal).await;
+        journal
+            .transition(id, Event::Cancelled { reason: "r".into() })
+            .await
+            .unwrap();
+        // The service dies here: the entry was only in memory, waiting for a checkpoint.
+        let crashed = dir.path().join("crashed");
+        crate::testing::crash_copy(&live, &crashed);
+        let reopened = Journal::open(&crashed).unwrap();
+        assert_eq!(reopened.ended_before(i64::MAX).await.unwrap(), [id]);
+        drop(journal);
     }
 
     #[tokio::test]

@@ -108,7 +108,11 @@ fn repair_summaries(
             .summary(id)?
             .and_then(|bytes| record::decode::<Summary>(&bytes).ok())
             .filter(|s| s.last_seq == last_seq);
-        if current.is_some() {
+        if let Some(current) = current {
+            // Its index entry may be what a crash cut short: put again (the same key).
+            if let Some(at) = current.finished_at_ms.filter(|_| current.phase.is_final()) {
+                batch.finished.push(((at, id), true));
+            }
             continue;
         }
         let folded = store
@@ -127,7 +131,7 @@ fn repair_summaries(
                     seq: last_seq,
                     source: Arc::new(e),
                 })?;
-                batch.put_summary(id, bytes, !view.phase().is_final());
+                batch.put_summary(id, bytes, view.finished_at_ms());
             }
             Err(e) => match damage::locate(store, id)? {
                 Some(damage) => damaged.push((id, damage)),

@@ -174,7 +174,18 @@ pub struct WriteBatch {
     /// reads every summary. Derived like summaries, so never logged.
     #[serde(skip)]
     pub unfinished: Vec<(BuildId, bool)>,
+    /// Entries of the index of finished builds by the time they ended, put (`true`) or
+    /// removed (`false`): what retention reads, so that a sweep never reads every summary.
+    /// Derived like summaries, so never logged: an entry a crash loses is put again at open
+    /// (every build written since the last open is looked at), and one left behind is
+    /// dropped by the first sweep that finds its build gone or running again.
+    #[serde(skip)]
+    pub finished: Vec<(Ended, bool)>,
 }
+
+/// An entry of the index of finished builds: when the build ended (ms since the epoch) and
+/// which build. Ordered by time, then by build.
+pub type Ended = (i64, BuildId);
 
 /// Bytes for one build's log segment, at an offset in its log.
 #[derive(Debug)]
@@ -196,12 +207,17 @@ impl WriteBatch {
             && self.removed_builds.is_empty()
             && self.damage.is_empty()
             && self.unfinished.is_empty()
+            && self.finished.is_empty()
     }
 
-    /// Puts a build's summary, noting whether the build is unfinished.
-    pub fn put_summary(&mut self, id: BuildId, summary: Vec<u8>, unfinished: bool) {
+    /// Puts a build's summary, with when the build ended (`None` while it is unfinished)
+    /// for the store's indexes.
+    pub fn put_summary(&mut self, id: BuildId, summary: Vec<u8>, finished_at_ms: Option<i64>) {
         self.summaries.push((id, summary));
-        self.unfinished.push((id, unfinished));
+        self.unfinished.push((id, finished_at_ms.is_none()));
+        if let Some(at) = finished_at_ms {
+            self.finished.push(((at, id), true));
+        }
     }
 
     /// Adds everything `other` holds to this batch.
@@ -212,6 +228,7 @@ impl WriteBatch {
         self.removed_builds.extend(other.removed_builds);
         self.damage.extend(other.damage);
         self.unfinished.extend(other.unfinished);
+        self.finished.extend(other.finished);
     }
 }
 
@@ -268,6 +285,14 @@ pub trait Store: Send + Sync + 'static {
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error>;
     /// Completes the index of unfinished builds with `ids`, found from every summary.
     fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error>;
+    /// The entries of the index of finished builds that ended before `cutoff_ms`, oldest
+    /// first; `None` while the store has no complete index (one written before it existed):
+    /// the journal then finds them from every summary and completes the index with
+    /// [`Store::complete_finished_index`]. An entry may be stale (its build removed, or
+    /// retried since): the reader checks each against the build's summary.
+    fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error>;
+    /// Completes the index of finished builds with `entries`, found from every summary.
+    fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error>;
     /// Bytes the store takes on disk.
     fn size_on_disk(&self) -> Result<u64, Error>;
     /// Every damage report, by build.

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::Ended;
 use crate::build::BuildId;
 
 /// A checkpoint is due once the entries held take this many bytes.
@@ -27,6 +28,8 @@ pub(super) struct Pending {
     summaries: BTreeMap<BuildId, Vec<u8>>,
     /// Whether each build of `summaries` is unfinished, for the index of unfinished builds.
     unfinished: BTreeMap<BuildId, bool>,
+    /// Entries of the index of finished builds, put (`true`) or removed.
+    finished: BTreeMap<Ended, bool>,
     bytes: usize,
 }
 
@@ -56,6 +59,20 @@ impl Pending {
         self.unfinished.insert(id, unfinished);
     }
 
+    /// Puts (`true`) or removes an entry of the index of finished builds.
+    pub(super) fn put_finished(&mut self, entry: Ended, put: bool) {
+        self.finished.insert(entry, put);
+    }
+
+    /// The index entries held for builds that ended before `cutoff_ms`: put or removed.
+    pub(super) fn finished_before(&self, cutoff_ms: i64) -> Vec<(Ended, bool)> {
+        self.finished
+            .iter()
+            .take_while(|((at, _), _)| *at < cutoff_ms)
+            .map(|(entry, put)| (*entry, *put))
+            .collect()
+    }
+
     pub(super) fn remove_summary(&mut self, id: BuildId) {
         self.unfinished.remove(&id);
         if let Some(old) = self.summaries.remove(&id) {
@@ -79,7 +96,10 @@ impl Pending {
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.summaries.is_empty() && self.unfinished.is_empty()
+        self.records.is_empty()
+            && self.summaries.is_empty()
+            && self.unfinished.is_empty()
+            && self.finished.is_empty()
     }
 
     /// Whether each build whose summary is held is unfinished.

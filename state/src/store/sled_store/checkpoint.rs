@@ -43,6 +43,7 @@ impl SledStore {
         for (id, value) in batch.summaries {
             summaries.insert(&id.as_bytes()[..], value);
         }
+        let finished = finished_batch(batch.finished);
         let mut unfinished = index_batch(batch.unfinished);
         for id in batch.removed_summaries.iter().chain(&batch.removed_builds) {
             summaries.remove(&id.as_bytes()[..]);
@@ -61,6 +62,7 @@ impl SledStore {
         self.journal.apply_batch(records)?;
         // The index before the summaries: a summary that survives a crash has its entry.
         self.unfinished.apply_batch(unfinished)?;
+        self.finished.apply_batch(finished)?;
         self.summary.apply_batch(summaries)?;
         self.damage.apply_batch(damage)?;
         for id in &batch.removed_builds {
@@ -77,13 +79,17 @@ impl SledStore {
         let Some(log) = wal.as_mut() else {
             return Ok(());
         };
-        let (builds, unfinished) = {
+        let (builds, unfinished, finished) = {
             let pending = self.pending.lock();
             let idle = log.is_empty() && pending.is_empty();
             if idle || (only_if_due && !log.due() && !pending.full()) {
                 return Ok(());
             }
-            (pending.entries(), pending.unfinished())
+            (
+                pending.entries(),
+                pending.unfinished(),
+                pending.finished_before(i64::MAX),
+            )
         };
         // Into sled while still pending: a reader between the two sees them twice, never
         // not at all. Build by build, each one's records then its summary, key by key rather
@@ -93,6 +99,13 @@ impl SledStore {
         // Each build's index entry goes before its summary: a summary that survives a crash
         // has its entry.
         let mut unfinished = unfinished;
+        let mut finished: HashMap<BuildId, Vec<(Ended, bool)>> =
+            finished
+                .into_iter()
+                .fold(HashMap::new(), |mut by_build, entry| {
+                    by_build.entry(entry.0.1).or_default().push(entry);
+                    by_build
+                });
         for (id, records, summary) in builds {
             for (seq, value) in records {
                 self.journal.insert(&record_key(id, seq)[..], value)?;
@@ -102,12 +115,21 @@ impl SledStore {
                 Some(false) => drop(self.unfinished.remove(&id.as_bytes()[..])?),
                 None => {}
             }
+            for (entry, put) in finished.remove(&id).unwrap_or_default() {
+                if put {
+                    self.finished.insert(&finished_key(entry)[..], &[][..])?;
+                } else {
+                    self.finished.remove(&finished_key(entry)[..])?;
+                }
+            }
             if let Some(summary) = summary {
                 self.summary.insert(&id.as_bytes()[..], summary)?;
             }
         }
         self.unfinished
             .apply_batch(index_batch(unfinished.into_iter().collect()))?;
+        self.finished
+            .apply_batch(finished_batch(finished.into_values().flatten().collect()))?;
         self.pending.lock().clear();
         self.db.flush()?;
         log.rotate().map_err(self.wal_error())
@@ -126,6 +148,7 @@ impl SledStore {
         // Summaries are derived from records (refolded at open if lost): not logged.
         let summaries = std::mem::take(&mut batch.summaries);
         let unfinished = std::mem::take(&mut batch.unfinished);
+        let finished = std::mem::take(&mut batch.finished);
         if !batch.is_empty() {
             log.append(&batch).map_err(self.wal_error())?;
         }
@@ -147,12 +170,28 @@ impl SledStore {
             for (id, open) in unfinished {
                 pending.put_unfinished(id, open);
             }
+            for (entry, put) in finished {
+                pending.put_finished(entry, put);
+            }
         }
         if batch.is_empty() {
             return Ok(());
         }
         self.apply(batch)
     }
+}
+
+/// The entries of the index of finished builds to put (`true`) or remove.
+fn finished_batch(entries: Vec<(Ended, bool)>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (entry, put) in entries {
+        if put {
+            batch.insert(&finished_key(entry)[..], &[][..]);
+        } else {
+            batch.remove(&finished_key(entry)[..]);
+        }
+    }
+    batch
 }
 
 /// The index entries for builds found unfinished (put) or finished (removed).

@@ -13,7 +13,8 @@ use super::segments::Segments;
 use super::wal::{self, Wal};
 use super::witness::{self, Witness, Witnessed};
 use super::{
-    Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch, ensure_room,
+    Ended, Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch,
+    ensure_room,
 };
 use crate::build::BuildId;
 
@@ -31,6 +32,9 @@ pub struct SledStore {
     /// The index of unfinished builds: an empty value under each one's id, and
     /// [`INDEX_COMPLETE`] once it names them all.
     unfinished: sled::Tree,
+    /// The index of finished builds by the time they ended: an empty value under each
+    /// [`finished_key`], and [`INDEX_COMPLETE`] once it names them all.
+    finished: sled::Tree,
     damage: sled::Tree,
     segments: Segments,
     dir: PathBuf,
@@ -56,6 +60,29 @@ const UNFINISHED_TREE: &str = "unfinished.v1";
 /// The key that says the index of unfinished builds is complete (not a build id's length).
 const INDEX_COMPLETE: &[u8] = b"complete";
 const DAMAGE_TREE: &str = "damage.v1";
+const FINISHED_TREE: &str = "finished.v1";
+
+/// The key of an entry of the index of finished builds: the time (big-endian, so keys sort
+/// by it; a time before the epoch counts as the epoch) and the build.
+fn finished_key((at_ms, id): Ended) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    key[8..].copy_from_slice(id.as_bytes());
+    key
+}
+
+fn split_finished_key(key: &[u8]) -> Result<Ended, Error> {
+    let bad = || Error::BadKey {
+        keyspace: FINISHED_TREE,
+        len: key.len(),
+    };
+    let at: [u8; 8] = key
+        .get(..8)
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(bad)?;
+    let id = id_key(FINISHED_TREE, key.get(8..).ok_or_else(bad)?)?;
+    Ok((u64::from_be_bytes(at) as i64, id))
+}
 
 fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
     let mut key = [0u8; 24];
@@ -101,8 +128,9 @@ impl SledStore {
         let created = !db.was_recovered();
         let mut store = Self::from_db(db, dir)?;
         if created {
-            // A new store has no builds: its index of unfinished builds is complete.
+            // A new store has no builds: its indexes are complete.
             store.complete_unfinished_index(&[])?;
+            store.complete_finished_index(&[])?;
         }
         let replay = store.replay()?;
         // What the log held is in sled now: flush it, then start the next log file and
@@ -148,6 +176,7 @@ impl SledStore {
             journal: db.open_tree(JOURNAL_TREE)?,
             summary: db.open_tree(SUMMARY_TREE)?,
             unfinished: db.open_tree(UNFINISHED_TREE)?,
+            finished: db.open_tree(FINISHED_TREE)?,
             damage: db.open_tree(DAMAGE_TREE)?,
             db,
             segments: Segments::new(dir.join(LOGS_DIR)),
@@ -368,6 +397,39 @@ impl Store for SledStore {
         Ok(self.unfinished.apply_batch(batch)?)
     }
 
+    fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error> {
+        // Pending first: a checkpoint between the two reads writes the same entries to sled.
+        let pending = self.pending.lock().finished_before(cutoff_ms);
+        if !self.finished.contains_key(INDEX_COMPLETE)? {
+            return Ok(None);
+        }
+        let mut entries = std::collections::BTreeSet::new();
+        let end = finished_key((cutoff_ms, BuildId::from_bytes([0; 16])));
+        for key in self.finished.range(..end).keys() {
+            let key = key?;
+            if key.as_ref() != INDEX_COMPLETE {
+                entries.insert(split_finished_key(&key)?);
+            }
+        }
+        for (entry, put) in pending {
+            if put {
+                entries.insert(entry);
+            } else {
+                entries.remove(&entry);
+            }
+        }
+        Ok(Some(entries.into_iter().collect()))
+    }
+
+    fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for &entry in entries {
+            batch.insert(&finished_key(entry)[..], &[][..]);
+        }
+        batch.insert(INDEX_COMPLETE, &[][..]);
+        Ok(self.finished.apply_batch(batch)?)
+    }
+
     fn size_on_disk(&self) -> Result<u64, Error> {
         Ok(self.db.size_on_disk()? + self.segments.size())
     }
@@ -522,13 +584,14 @@ mod tests {
     }
 
     #[test]
-    fn the_index_of_unfinished_builds_follows_summaries_through_checkpoints_and_reopens() {
+    fn the_indexes_of_unfinished_and_finished_builds_follow_summaries_through_checkpoints_and_reopens()
+     {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let (running, finishing, removed) = (BuildId::new(), BuildId::new(), BuildId::new());
         let mut batch = WriteBatch::default();
         for id in [running, finishing, removed] {
-            batch.put_summary(id, vec![1], true);
+            batch.put_summary(id, vec![1], None);
         }
         store.write(batch).unwrap();
         assert_eq!(
@@ -538,29 +601,31 @@ mod tests {
         );
         store.checkpoint().unwrap();
         let mut batch = WriteBatch::default();
-        batch.put_summary(finishing, vec![2], false);
+        batch.put_summary(finishing, vec![2], Some(7));
         batch.removed_builds.push(removed);
         store.write(batch).unwrap();
         assert_eq!(store.unfinished().unwrap(), Some(vec![running]));
+        let ended = Some(vec![(7, finishing)]);
+        assert_eq!(store.finished_before(8).unwrap(), ended, "pending");
+        assert_eq!(store.finished_before(7).unwrap(), Some(vec![]));
         store.checkpoint().unwrap();
         assert_eq!(store.unfinished().unwrap(), Some(vec![running]));
+        assert_eq!(store.finished_before(8).unwrap(), ended, "in sled");
+        // Removed while pending, over an entry in sled: gone from both.
+        let mut batch = WriteBatch::default();
+        batch.finished.push(((7, finishing), false));
+        store.write(batch).unwrap();
+        assert_eq!(store.finished_before(8).unwrap(), Some(vec![]));
+        let mut batch = WriteBatch::default();
+        batch.finished.push(((9, running), true));
+        store.write(batch).unwrap();
         drop(store);
         let reopened = SledStore::open(dir.path()).unwrap();
         assert_eq!(reopened.unfinished().unwrap(), Some(vec![running]));
-    }
-
-    /// Copies a folder as a crash at this moment would leave it (nothing is flushed first).
-    fn crash_copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                crash_copy(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
+        assert_eq!(
+            reopened.finished_before(i64::MAX).unwrap(),
+            Some(vec![(9, running)])
+        );
     }
 
     #[test]
@@ -586,7 +651,7 @@ mod tests {
         store.sync().unwrap();
         // The service dies here: sled was never flushed, so its files lack all of it.
         let crashed = dir.path().join("crashed");
-        crash_copy(&live, &crashed);
+        crate::testing::crash_copy(&live, &crashed);
         let reopened = SledStore::open(&crashed).unwrap();
         let seqs: Vec<u64> = reopened
             .records(kept, 0..u64::MAX, usize::MAX)
