@@ -154,15 +154,19 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::ResolveBaseImageRequest>,
     ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
-        let req = request.into_inner();
-        let request = convert::registry_auth(req.auth.as_ref())?;
-        let resolved = self
-            .orchestrator
-            .resolve_base(convert::image_ref("ref", &req.r#ref)?, &request)
-            .await?;
-        Ok(Response::new(pb::ResolveBaseImageResponse {
-            r#ref: resolved,
-        }))
+        crate::steps::Client::of_peer(request.remote_addr())
+            .serve(async move {
+                let req = request.into_inner();
+                let request = convert::registry_auth(req.auth.as_ref())?;
+                let resolved = self
+                    .orchestrator
+                    .resolve_base(convert::image_ref("ref", &req.r#ref)?, &request)
+                    .await?;
+                Ok(Response::new(pb::ResolveBaseImageResponse {
+                    r#ref: resolved,
+                }))
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(rpc = "ResolveWorkspaceImage"))]
@@ -170,29 +174,34 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::ResolveWorkspaceImageRequest>,
     ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
-        let req = request.into_inner();
-        let (source, remote_userinfo) = convert::source(req.source.as_ref())?;
-        let git = convert::source_git_credentials(req.source.as_ref(), remote_userinfo.as_ref())?;
-        let request = convert::registry_auth(req.auth.as_ref())?;
-        let refs = self
-            .orchestrator
-            .resolve_refs(&source, remote_userinfo.as_ref(), git.as_ref(), &request)
-            .await?;
-        let exists = self
-            .orchestrator
-            .lookup_own(&refs.workspace_ref)
-            .await?
-            .is_some();
-        let status = if exists {
-            pb::BuildStatus::DoneSuccess
-        } else {
-            pb::BuildStatus::Unknown
-        };
-        Ok(Response::new(pb::ResolveWorkspaceImageResponse {
-            r#ref: refs.workspace_ref,
-            status: status as i32,
-            base_ref: refs.base_ref,
-        }))
+        crate::steps::Client::of_peer(request.remote_addr())
+            .serve(async move {
+                let req = request.into_inner();
+                let (source, remote_userinfo) = convert::source(req.source.as_ref())?;
+                let git =
+                    convert::source_git_credentials(req.source.as_ref(), remote_userinfo.as_ref())?;
+                let request = convert::registry_auth(req.auth.as_ref())?;
+                let refs = self
+                    .orchestrator
+                    .resolve_refs(&source, remote_userinfo.as_ref(), git.as_ref(), &request)
+                    .await?;
+                let exists = self
+                    .orchestrator
+                    .lookup_own(&refs.workspace_ref)
+                    .await?
+                    .is_some();
+                let status = if exists {
+                    pb::BuildStatus::DoneSuccess
+                } else {
+                    pb::BuildStatus::Unknown
+                };
+                Ok(Response::new(pb::ResolveWorkspaceImageResponse {
+                    r#ref: refs.workspace_ref,
+                    status: status as i32,
+                    base_ref: refs.base_ref,
+                }))
+            })
+            .await
     }
 
     type BuildStream = ResponseStream<pb::BuildResponse>;
@@ -202,106 +211,110 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::BuildRequest>,
     ) -> Result<Response<Self::BuildStream>, Status> {
-        // W3C Trace Context: the new build's trace continues the client's.
-        let parent = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
-        let req = request.into_inner();
-        let (spec, secrets) = convert::build_request(&req)?;
-        let submitted = self.orchestrator.submit(spec, secrets, parent).await?;
-        let (id, joined, base_ref, workspace_ref, created_at_ms) = match submitted {
-            Submitted::CacheHit {
-                base_ref,
-                workspace_ref,
-            } => {
-                let done = pb::BuildResponse {
-                    r#ref: workspace_ref.clone(),
-                    status: pb::BuildStatus::DoneSuccess as i32,
-                    message: "the workspace image exists already (cache hit)".into(),
-                    base_ref: base_ref.clone(),
-                    info: Some(pb::BuildInfo {
-                        r#ref: workspace_ref,
-                        status: pb::BuildStatus::DoneSuccess as i32,
-                        started_at: now_ms() / 1000,
+        crate::steps::Client::of_peer(request.remote_addr())
+            .serve(async move {
+                // W3C Trace Context: the new build's trace continues the client's.
+                let parent = request
+                    .metadata()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(TraceParent::parse);
+                let req = request.into_inner();
+                let (spec, secrets) = convert::build_request(&req)?;
+                let submitted = self.orchestrator.submit(spec, secrets, parent).await?;
+                let (id, joined, base_ref, workspace_ref, created_at_ms) = match submitted {
+                    Submitted::CacheHit {
                         base_ref,
-                        build_id: String::new(),
-                        log_info: None,
-                    }),
+                        workspace_ref,
+                    } => {
+                        let done = pb::BuildResponse {
+                            r#ref: workspace_ref.clone(),
+                            status: pb::BuildStatus::DoneSuccess as i32,
+                            message: "the workspace image exists already (cache hit)".into(),
+                            base_ref: base_ref.clone(),
+                            info: Some(pb::BuildInfo {
+                                r#ref: workspace_ref,
+                                status: pb::BuildStatus::DoneSuccess as i32,
+                                started_at: now_ms() / 1000,
+                                base_ref,
+                                build_id: String::new(),
+                                log_info: None,
+                            }),
+                        };
+                        let stream: Self::BuildStream = Box::pin(futures::stream::iter([Ok(done)]));
+                        return Ok(Response::new(stream));
+                    }
+                    Submitted::Running {
+                        id,
+                        joined,
+                        base_ref,
+                        workspace_ref,
+                        created_at_ms,
+                    } => (id, joined, base_ref, workspace_ref, created_at_ms),
                 };
-                let stream: Self::BuildStream = Box::pin(futures::stream::iter([Ok(done)]));
-                return Ok(Response::new(stream));
-            }
-            Submitted::Running {
-                id,
-                joined,
-                base_ref,
-                workspace_ref,
-                created_at_ms,
-            } => (id, joined, base_ref, workspace_ref, created_at_ms),
-        };
-        tracing::Span::current().record("build_id", tracing::field::display(id));
-        tracing::info!(joined, "build stream opened");
-        let info = move |status: pb::BuildStatus| pb::BuildInfo {
-            r#ref: workspace_ref.clone(),
-            status: status as i32,
-            started_at: created_at_ms / 1000,
-            base_ref: base_ref.clone(),
-            build_id: id.to_string(),
-            log_info: None,
-        };
-        let orchestrator = self.orchestrator.clone();
-        let stream = feed_stream("Build", move |tx| async move {
-            let response = |status: pb::BuildStatus, message: String| {
-                let info = info(status);
-                pb::BuildResponse {
-                    r#ref: info.r#ref.clone(),
+                tracing::Span::current().record("build_id", tracing::field::display(id));
+                tracing::info!(joined, "build stream opened");
+                let info = move |status: pb::BuildStatus| pb::BuildInfo {
+                    r#ref: workspace_ref.clone(),
                     status: status as i32,
-                    message,
-                    base_ref: info.base_ref.clone(),
-                    info: Some(info),
-                }
-            };
-            let message = if joined {
-                format!("joined the running build {id} of this workspace image")
-            } else {
-                format!("build {id} started")
-            };
-            if tx
-                .send(Ok(response(pb::BuildStatus::Running, message)))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let mut follower = orchestrator.follow(id, 0);
-            while let Some(next) = follower.next().await {
-                if let Err(e) = next {
-                    let _ = tx.send(Err(Status::from(Error::from(e)))).await;
-                    return;
-                }
-            }
-            let Some(view) = follower.view() else { return };
-            let last = match view.phase() {
-                Phase::Done => response(
-                    pb::BuildStatus::DoneSuccess,
-                    format!("workspace image {} is ready", view.workspace_ref),
-                ),
-                phase => response(
-                    pb::BuildStatus::DoneFailure,
-                    match &view.failure {
-                        Some(reason) if phase == Phase::Cancelled => {
-                            format!("build cancelled: {reason}")
+                    started_at: created_at_ms / 1000,
+                    base_ref: base_ref.clone(),
+                    build_id: id.to_string(),
+                    log_info: None,
+                };
+                let orchestrator = self.orchestrator.clone();
+                let stream = feed_stream("Build", move |tx| async move {
+                    let response = |status: pb::BuildStatus, message: String| {
+                        let info = info(status);
+                        pb::BuildResponse {
+                            r#ref: info.r#ref.clone(),
+                            status: status as i32,
+                            message,
+                            base_ref: info.base_ref.clone(),
+                            info: Some(info),
                         }
-                        Some(reason) => reason.clone(),
-                        None => format!("build ended in phase {phase}"),
-                    },
-                ),
-            };
-            let _ = tx.send(Ok(last)).await;
-        });
-        Ok(Response::new(stream))
+                    };
+                    let message = if joined {
+                        format!("joined the running build {id} of this workspace image")
+                    } else {
+                        format!("build {id} started")
+                    };
+                    if tx
+                        .send(Ok(response(pb::BuildStatus::Running, message)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut follower = orchestrator.follow(id, 0);
+                    while let Some(next) = follower.next().await {
+                        if let Err(e) = next {
+                            let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                            return;
+                        }
+                    }
+                    let Some(view) = follower.view() else { return };
+                    let last = match view.phase() {
+                        Phase::Done => response(
+                            pb::BuildStatus::DoneSuccess,
+                            format!("workspace image {} is ready", view.workspace_ref),
+                        ),
+                        phase => response(
+                            pb::BuildStatus::DoneFailure,
+                            match &view.failure {
+                                Some(reason) if phase == Phase::Cancelled => {
+                                    format!("build cancelled: {reason}")
+                                }
+                                Some(reason) => reason.clone(),
+                                None => format!("build ended in phase {phase}"),
+                            },
+                        ),
+                    };
+                    let _ = tx.send(Ok(last)).await;
+                });
+                Ok(Response::new(stream))
+            })
+            .await
     }
 
     type LogsStream = ResponseStream<pb::LogsResponse>;

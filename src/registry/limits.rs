@@ -1,9 +1,12 @@
-//! How many requests go to one registry host at once: at most `per_host`, in two first-come,
-//! first-served queues. A freed slot goes to the callers' queue first (an API call waiting on
-//! its answer: a Build's cache check, ResolveBaseImage), except that every
-//! [`BUILD_SHARE`]th slot freed while both queues wait goes to the builds', so neither starves.
-//! So 500 queued builds copying from one registry neither overwhelm it nor hold up a Build
-//! call's cache check for long, and a slow registry only holds up the work that goes to it.
+//! How many requests go to one registry host at once: at most `per_host`, in two queues. A
+//! freed slot goes to the callers' queue first (an API call waiting on its answer: a Build's
+//! cache check, ResolveBaseImage), except that every [`BUILD_SHARE`]th slot freed while both
+//! queues wait goes to the builds', so neither starves. Builds are served first come, first
+//! served; callers queue per [`Client`] and the clients take turns, so one client's burst of
+//! calls does not hold up another's answer. So 500 queued builds copying from one registry
+//! neither overwhelm it nor hold up a Build call's cache check for long, 500 Build calls at
+//! once from one client hold up another client's cache hit by one request each at most, and
+//! a slow registry only holds up the work that goes to it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::steps::Lane;
+use crate::steps::{Client, Lane};
 
 pub(super) use crate::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST as DEFAULT_PER_HOST;
 
@@ -31,7 +34,7 @@ pub(super) struct HostLimits {
 /// One host's free slots and waiters.
 struct Host {
     free: usize,
-    callers: VecDeque<oneshot::Sender<()>>,
+    callers: Callers,
     builds: VecDeque<oneshot::Sender<()>>,
     /// Slots handed to callers in a row while builds waited.
     callers_in_a_row: u32,
@@ -64,7 +67,7 @@ impl HostLimits {
             Arc::clone(hosts.entry(host.to_owned()).or_insert_with(|| {
                 Arc::new(Mutex::new(Host {
                     free: self.per_host,
-                    callers: VecDeque::new(),
+                    callers: Callers::default(),
                     builds: VecDeque::new(),
                     callers_in_a_row: 0,
                 }))
@@ -78,7 +81,7 @@ impl HostLimits {
             } else {
                 let (tx, rx) = oneshot::channel();
                 match lane {
-                    Lane::Caller => state.callers.push_back(tx),
+                    Lane::Caller => state.callers.push(Client::current(), tx),
                     Lane::Build => state.builds.push_back(tx),
                 }
                 Some(rx)
@@ -112,7 +115,7 @@ impl Host {
                 self.callers_in_a_row = 0;
                 self.builds.pop_front()
             } else {
-                let next = self.callers.pop_front();
+                let next = self.callers.pop();
                 if next.is_some() && !self.builds.is_empty() {
                     self.callers_in_a_row += 1;
                 }
@@ -130,6 +133,41 @@ impl Host {
                 }
             }
         }
+    }
+}
+
+/// The callers waiting for a host: a queue per client, and the clients in the order they
+/// take their turns (each client with a waiter appears once).
+#[derive(Default)]
+struct Callers {
+    queues: HashMap<Client, VecDeque<oneshot::Sender<()>>>,
+    turns: VecDeque<Client>,
+}
+
+impl Callers {
+    fn push(&mut self, client: Client, waiter: oneshot::Sender<()>) {
+        let queue = self.queues.entry(client).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(client);
+        }
+        queue.push_back(waiter);
+    }
+
+    /// The first waiter of the client whose turn it is; that client goes to the back.
+    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
+        let client = self.turns.pop_front()?;
+        let queue = self.queues.get_mut(&client)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.remove(&client);
+        } else {
+            self.turns.push_back(client);
+        }
+        next
+    }
+
+    fn is_empty(&self) -> bool {
+        self.turns.is_empty()
     }
 }
 
@@ -205,6 +243,32 @@ mod tests {
         }
         // Callers first, in order; the fourth slot freed while builds wait is a build's.
         assert_eq!(order, ["c1", "c2", "c3", "b1", "c4", "b2"]);
+    }
+
+    #[tokio::test]
+    async fn callers_of_different_clients_take_turns() {
+        let limits = Arc::new(HostLimits::new(1));
+        let held = limits.slot("r", Lane::Caller).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let client =
+            |port| Client::of_peer(Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))));
+        // One client's burst, then another client's single call, then the first's again.
+        for (port, tag) in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (1, "a4")] {
+            let (limits, tx) = (Arc::clone(&limits), tx.clone());
+            tokio::spawn(client(port).serve(async move {
+                let slot = limits.slot("r", Lane::Caller).await;
+                tx.send(tag).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(slot);
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            order.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(order, ["a1", "b1", "a2", "a3", "a4"]);
     }
 
     #[tokio::test]

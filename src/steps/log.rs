@@ -26,6 +26,34 @@ pub enum Lane {
     Build,
 }
 
+/// Which client an API call's work is for: a caller's requests to a shared resource (a
+/// registry host) queue per client and are served in turn, so one client's burst of calls
+/// cannot hold up another client's answer. A client is one connection (its peer address);
+/// work outside any call, or over a connection without one, is the unnamed client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Client(Option<std::net::SocketAddr>);
+
+tokio::task_local! {
+    static CLIENT: Client;
+}
+
+impl Client {
+    /// The client at the other end of a connection.
+    pub fn of_peer(peer: Option<std::net::SocketAddr>) -> Self {
+        Self(peer)
+    }
+
+    /// Runs `work` (an API call's handling) on this client's behalf.
+    pub async fn serve<F: std::future::Future>(self, work: F) -> F::Output {
+        CLIENT.scope(self, work).await
+    }
+
+    /// The client the running API call serves (the unnamed one outside any).
+    pub fn current() -> Self {
+        CLIENT.try_with(|client| *client).unwrap_or_default()
+    }
+}
+
 /// Where a step reports what it does, one line at a time.
 #[async_trait]
 pub trait Progress: Send + Sync {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildView, DockerfileSource};
 
 pub use error::{Class, StepError, StepErrorKind};
-pub use log::{Lane, Progress, StepLog, StepOutput, Tail, Untracked};
+pub use log::{Client, Lane, Progress, StepLog, StepOutput, Tail, Untracked};
 
 use crate::credentials::{BuildSecrets, GitCredentials, Keychain};
 
