@@ -43,8 +43,18 @@ impl SledStore {
         for (id, value) in batch.summaries {
             summaries.insert(&id.as_bytes()[..], value);
         }
-        let finished = finished_batch(batch.finished);
-        let mut unfinished = index_batch(batch.unfinished);
+        let finished = index_batch(
+            batch
+                .finished
+                .into_iter()
+                .map(|(e, put)| (finished_key(e), put)),
+        );
+        let mut unfinished = index_batch(
+            batch
+                .unfinished
+                .into_iter()
+                .map(|(id, open)| (*id.as_bytes(), open)),
+        );
         for id in batch.removed_summaries.iter().chain(&batch.removed_builds) {
             summaries.remove(&id.as_bytes()[..]);
             unfinished.remove(&id.as_bytes()[..]);
@@ -110,26 +120,27 @@ impl SledStore {
             for (seq, value) in records {
                 self.journal.insert(&record_key(id, seq)[..], value)?;
             }
-            match unfinished.remove(&id) {
-                Some(true) => drop(self.unfinished.insert(&id.as_bytes()[..], &[][..])?),
-                Some(false) => drop(self.unfinished.remove(&id.as_bytes()[..])?),
-                None => {}
+            if let Some(open) = unfinished.remove(&id) {
+                set_index_key(&self.unfinished, id.as_bytes(), open)?;
             }
             for (entry, put) in finished.remove(&id).unwrap_or_default() {
-                if put {
-                    self.finished.insert(&finished_key(entry)[..], &[][..])?;
-                } else {
-                    self.finished.remove(&finished_key(entry)[..])?;
-                }
+                set_index_key(&self.finished, &finished_key(entry), put)?;
             }
             if let Some(summary) = summary {
                 self.summary.insert(&id.as_bytes()[..], summary)?;
             }
         }
-        self.unfinished
-            .apply_batch(index_batch(unfinished.into_iter().collect()))?;
-        self.finished
-            .apply_batch(finished_batch(finished.into_values().flatten().collect()))?;
+        self.unfinished.apply_batch(index_batch(
+            unfinished
+                .into_iter()
+                .map(|(id, open)| (*id.as_bytes(), open)),
+        ))?;
+        self.finished.apply_batch(index_batch(
+            finished
+                .into_values()
+                .flatten()
+                .map(|(e, put)| (finished_key(e), put)),
+        ))?;
         self.pending.lock().clear();
         self.db.flush()?;
         log.rotate().map_err(self.wal_error())
@@ -179,30 +190,4 @@ impl SledStore {
         }
         self.apply(batch)
     }
-}
-
-/// The entries of the index of finished builds to put (`true`) or remove.
-fn finished_batch(entries: Vec<(Ended, bool)>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (entry, put) in entries {
-        if put {
-            batch.insert(&finished_key(entry)[..], &[][..]);
-        } else {
-            batch.remove(&finished_key(entry)[..]);
-        }
-    }
-    batch
-}
-
-/// The index entries for builds found unfinished (put) or finished (removed).
-fn index_batch(unfinished: Vec<(BuildId, bool)>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (id, open) in unfinished {
-        if open {
-            batch.insert(&id.as_bytes()[..], &[][..]);
-        } else {
-            batch.remove(&id.as_bytes()[..]);
-        }
-    }
-    batch
 }

@@ -115,6 +115,73 @@ fn id_key(keyspace: &'static str, key: &[u8]) -> Result<BuildId, Error> {
     Ok(BuildId::from_bytes(id))
 }
 
+/// Reads an index (a tree of keys alone, holding [`INDEX_COMPLETE`] once it names every
+/// build it should) below `end`, with the `pending` puts (`true`) and removals over it, in
+/// key order; `None` while it is incomplete. Read `pending` before calling: a checkpoint
+/// between the two reads then shows an entry twice, never not at all.
+fn read_index<K: Ord>(
+    tree: &sled::Tree,
+    end: Option<&[u8]>,
+    decode: impl Fn(&[u8]) -> Result<K, Error>,
+    pending: impl IntoIterator<Item = (K, bool)>,
+) -> Result<Option<Vec<K>>, Error> {
+    if !tree.contains_key(INDEX_COMPLETE)? {
+        return Ok(None);
+    }
+    let keys = match end {
+        Some(end) => tree.range(..end),
+        None => tree.iter(),
+    };
+    let mut entries = std::collections::BTreeSet::new();
+    for key in keys.keys() {
+        let key = key?;
+        if key.as_ref() != INDEX_COMPLETE {
+            entries.insert(decode(&key)?);
+        }
+    }
+    for (entry, put) in pending {
+        if put {
+            entries.insert(entry);
+        } else {
+            entries.remove(&entry);
+        }
+    }
+    Ok(Some(entries.into_iter().collect()))
+}
+
+/// Puts `keys` into an index and marks it complete.
+fn complete_index<K: AsRef<[u8]>>(
+    tree: &sled::Tree,
+    keys: impl IntoIterator<Item = K>,
+) -> Result<(), Error> {
+    let mut batch = index_batch(keys.into_iter().map(|key| (key, true)));
+    batch.insert(INDEX_COMPLETE, &[][..]);
+    Ok(tree.apply_batch(batch)?)
+}
+
+/// Puts (`true`) or removes one key of an index.
+fn set_index_key(tree: &sled::Tree, key: &[u8], put: bool) -> Result<(), Error> {
+    if put {
+        tree.insert(key, &[][..])?;
+    } else {
+        tree.remove(key)?;
+    }
+    Ok(())
+}
+
+/// A batch that puts (`true`) or removes keys of an index.
+fn index_batch<K: AsRef<[u8]>>(entries: impl IntoIterator<Item = (K, bool)>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (key, put) in entries {
+        if put {
+            batch.insert(key.as_ref(), &[][..]);
+        } else {
+            batch.remove(key.as_ref());
+        }
+    }
+    batch
+}
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
@@ -368,66 +435,27 @@ impl Store for SledStore {
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error> {
         // Pending first: a checkpoint between the two reads writes the same flags to sled.
         let pending = self.pending.lock().unfinished();
-        if !self.unfinished.contains_key(INDEX_COMPLETE)? {
-            return Ok(None);
-        }
-        let mut ids = std::collections::BTreeSet::new();
-        for key in self.unfinished.iter().keys() {
-            let key = key?;
-            if key.as_ref() != INDEX_COMPLETE {
-                ids.insert(id_key(UNFINISHED_TREE, &key)?);
-            }
-        }
-        for (id, open) in pending {
-            if open {
-                ids.insert(id);
-            } else {
-                ids.remove(&id);
-            }
-        }
-        Ok(Some(ids.into_iter().collect()))
+        read_index(
+            &self.unfinished,
+            None,
+            |key| id_key(UNFINISHED_TREE, key),
+            pending,
+        )
     }
 
     fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for id in ids {
-            batch.insert(&id.as_bytes()[..], &[][..]);
-        }
-        batch.insert(INDEX_COMPLETE, &[][..]);
-        Ok(self.unfinished.apply_batch(batch)?)
+        complete_index(&self.unfinished, ids.iter().map(|id| *id.as_bytes()))
     }
 
     fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error> {
         // Pending first: a checkpoint between the two reads writes the same entries to sled.
         let pending = self.pending.lock().finished_before(cutoff_ms);
-        if !self.finished.contains_key(INDEX_COMPLETE)? {
-            return Ok(None);
-        }
-        let mut entries = std::collections::BTreeSet::new();
         let end = finished_key((cutoff_ms, BuildId::from_bytes([0; 16])));
-        for key in self.finished.range(..end).keys() {
-            let key = key?;
-            if key.as_ref() != INDEX_COMPLETE {
-                entries.insert(split_finished_key(&key)?);
-            }
-        }
-        for (entry, put) in pending {
-            if put {
-                entries.insert(entry);
-            } else {
-                entries.remove(&entry);
-            }
-        }
-        Ok(Some(entries.into_iter().collect()))
+        read_index(&self.finished, Some(&end), split_finished_key, pending)
     }
 
     fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for &entry in entries {
-            batch.insert(&finished_key(entry)[..], &[][..]);
-        }
-        batch.insert(INDEX_COMPLETE, &[][..]);
-        Ok(self.finished.apply_batch(batch)?)
+        complete_index(&self.finished, entries.iter().map(|&e| finished_key(e)))
     }
 
     fn size_on_disk(&self) -> Result<u64, Error> {
