@@ -12,7 +12,8 @@
 //!
 //! `cargo bench --bench scale` (needs skopeo, umoci and docker-registry: `scripts/setup.sh`).
 //! The service runs with `maxConcurrentBuilds` = BENCH_CLIENTS, so both sides copy as many
-//! images at once.
+//! images at once, and `registryRequestsPerHost` = BENCH_PER_HOST (the service's default
+//! unless set).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::Arc;
@@ -132,6 +133,10 @@ fn main() {
         "workspaceImageRepository": format!("{}/bench/workspace", registry.addr()),
         "insecureRegistries": [registry.addr()],
         "maxConcurrentBuilds": clients,
+        "registryRequestsPerHost": env_or(
+            "BENCH_PER_HOST",
+            image_builder::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST
+        ),
     });
     let service = Service::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
