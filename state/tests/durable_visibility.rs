@@ -89,8 +89,11 @@ impl Store for GatedStore {
     fn remove_log(&self, id: BuildId) -> Result<(), image_builder_state::store::Error> {
         self.inner.remove_log(id)
     }
-    fn checkpoint_if_due(&self) -> Result<(), image_builder_state::store::Error> {
-        self.inner.checkpoint_if_due()
+    fn seal_if_due(&self) -> Result<bool, image_builder_state::store::Error> {
+        self.inner.seal_if_due()
+    }
+    fn write_sealed(&self) -> Result<(), image_builder_state::store::Error> {
+        Store::write_sealed(&self.inner)
     }
     fn checkpoint(&self) -> Result<(), image_builder_state::store::Error> {
         Store::checkpoint(&self.inner)

@@ -1,6 +1,8 @@
 //! The committer: one thread that takes every append waiting at that moment, writes their log
 //! bytes (each build on its own), then their records in one batch, and syncs once. An append's
 //! future resolves only after that sync; readers never see what is written but not synced.
+//! Between commits it seals a checkpoint when one is due, which a second thread writes into
+//! the store's long-term form, so commits never wait for sled.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -25,10 +27,12 @@ pub(super) struct Commit {
     pub(super) checkpoint: bool,
 }
 
-/// The committer thread's queue; dropping it drains the queue and joins the thread.
+/// The committer thread's queue; dropping it drains the queue and joins the thread, then the
+/// checkpoint thread (which ends when the committer does).
 pub(super) struct Committer {
     pub(super) queue: Option<mpsc::Sender<Commit>>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
+    pub(super) checkpoints: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Committer {
@@ -44,14 +48,31 @@ impl Committer {
 impl Drop for Committer {
     fn drop(&mut self) {
         self.queue = None;
-        if let Some(thread) = self.thread.take() {
+        for thread in [self.thread.take(), self.checkpoints.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
 }
 
+/// The checkpoint thread: writes each sealed checkpoint into the store's long-term form, until
+/// the committer (holding the other end of `sealed`) stops.
+pub(super) fn checkpoint_loop(shared: &Shared, sealed: &mpsc::Receiver<()>) {
+    while sealed.recv().is_ok() {
+        if let Err(e) = shared.store.write_sealed() {
+            tracing::warn!(error = %e, "store checkpoint failed; the next one tries again");
+        }
+    }
+}
+
 /// The committer: one batch and one sync for every append waiting at that moment.
-pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
+pub(super) fn commit_loop(
+    shared: &Shared,
+    queue: &mpsc::Receiver<Commit>,
+    sealed: &mpsc::SyncSender<()>,
+) {
     while let Ok(first) = queue.recv() {
         let started = std::time::Instant::now();
         let mut group = vec![first];
@@ -129,7 +150,12 @@ pub(super) fn commit_loop(shared: &Shared, queue: &mpsc::Receiver<Commit>) {
             let checkpointed = if checkpoint {
                 shared.store.checkpoint()
             } else {
-                shared.store.checkpoint_if_due()
+                shared.store.seal_if_due().map(|due| {
+                    if due {
+                        // Full: a signal is waiting already.
+                        let _ = sealed.try_send(());
+                    }
+                })
             };
             if let Err(e) = checkpointed {
                 tracing::warn!(error = %e, "store checkpoint failed; the next one tries again");

@@ -32,7 +32,7 @@ use std::sync::{Arc, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
-use commit::{Commit, Committer, commit_loop};
+use commit::{Commit, Committer, checkpoint_loop, commit_loop};
 pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 
 use crate::build::{BuildId, BuildSpec};
@@ -120,14 +120,22 @@ impl Journal {
         }
         *shared.damaged.lock() = damaged.into_iter().collect();
         let (commits, queue) = mpsc::channel();
+        let (sealed, to_write) = mpsc::sync_channel(1);
+        let spawn_error = |e| Error::Store(Arc::new(store::Error::Sled(sled::Error::Io(e))));
+        let for_thread = Arc::clone(&shared);
+        let checkpoints = std::thread::Builder::new()
+            .name("journal-checkpoint".into())
+            .spawn(move || checkpoint_loop(&for_thread, &to_write))
+            .map_err(spawn_error)?;
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("journal-commit".into())
-            .spawn(move || commit_loop(&for_thread, &queue))
-            .map_err(|e| Error::Store(Arc::new(store::Error::Sled(sled::Error::Io(e)))))?;
+            .spawn(move || commit_loop(&for_thread, &queue, &sealed))
+            .map_err(spawn_error)?;
         let committer = Arc::new(Committer {
             queue: Some(commits),
             thread: Some(thread),
+            checkpoints: Some(checkpoints),
         });
         Ok(Self { committer, shared })
     }

@@ -242,13 +242,20 @@ pub trait Store: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch) -> Result<(), Error>;
     /// Makes every record written so far durable.
     fn sync(&self) -> Result<(), Error>;
-    /// Folds what is durable so far into the store's long-term form when that is due (a
-    /// write-ahead log into sled), so that an open has little to replay. Call it between
+    /// Seals what is durable so far for a checkpoint into the store's long-term form (a
+    /// write-ahead log into sled) when one is due, so that an open has little to replay.
+    /// Quick; returns whether sealed data waits for [`Store::write_sealed`]. Call it between
     /// commits, never in the middle of one.
-    fn checkpoint_if_due(&self) -> Result<(), Error> {
+    fn seal_if_due(&self) -> Result<bool, Error> {
+        Ok(false)
+    }
+    /// Writes what [`Store::seal_if_due`] sealed into the long-term form: slow, so call it
+    /// off the commit path. Nothing to do when nothing is sealed.
+    fn write_sealed(&self) -> Result<(), Error> {
         Ok(())
     }
-    /// [`Store::checkpoint_if_due`], whether due or not (a clean stop).
+    /// Everything durable so far into the long-term form, now, whether due or not (a clean
+    /// stop).
     fn checkpoint(&self) -> Result<(), Error> {
         Ok(())
     }

@@ -1,29 +1,34 @@
-//! What was written since the last checkpoint, held in memory over sled: records and
-//! summaries. Durable through the write-ahead log (records) or derived from what is (a
-//! summary is refolded from its build's records at open), it goes into sled in one pass at the
+//! What was written since the last checkpoint, held in memory over sled: records, summaries
+//! and index entries. Durable through the write-ahead log (records) or derived from what is
+//! (a summary is refolded from its build's records at open), it goes into sled at a
 //! checkpoint. Why: applying each commit's records and summaries to sled cost three times the
 //! commit's `fdatasync` here (sled allocates per key and writes out its IO buffers with a
 //! synchronous `sync_file_range` each), and a commit waited for it; now a commit is the log's
-//! append and sync plus a map insert. Bounded: a checkpoint is due once this holds
-//! [`MAX_BYTES`].
+//! append and sync plus a map insert.
 //!
-//! Readers look here first, then in sled, and merge by key: a checkpoint running between the
-//! two looks can only make them see an entry twice (never miss one), and duplicates merge.
+//! Two layers: the live one takes writes; a checkpoint seals it (the write-ahead log starts a
+//! new file at that moment) and writes the sealed layer into sled off the commit path, while
+//! a new live layer takes the next commits. Bounded: a checkpoint is due once the live layer
+//! holds [`MAX_BYTES`], and a commit that finds the live layer full while the sealed one is
+//! still being written helps write it first, so at most two layers are held.
+//!
+//! Readers look here first (live over sealed), then in sled, and merge by key: a checkpoint
+//! running between the two looks can only make them see an entry twice (never miss one), and
+//! duplicates merge. A build removed while a sealed layer holds some of it is not read from
+//! that layer, and not written from it into sled.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use super::Ended;
 use crate::build::BuildId;
 
-/// A checkpoint is due once the entries held take this many bytes.
+/// A checkpoint is due once the live layer's entries take this many bytes.
 pub(super) const MAX_BYTES: usize = 8 << 20;
 
-/// What a checkpoint writes of one build: its records (by sequence number), then its summary.
-pub(super) type BuildEntries = (BuildId, Vec<(u64, Vec<u8>)>, Option<Vec<u8>>);
-
-/// Records and summaries not yet in sled.
+/// Records, summaries and index entries written in one interval between checkpoints.
 #[derive(Default)]
-pub(super) struct Pending {
+pub(super) struct Layer {
     records: BTreeMap<(BuildId, u64), Vec<u8>>,
     summaries: BTreeMap<BuildId, Vec<u8>>,
     /// Whether each build of `summaries` is unfinished, for the index of unfinished builds.
@@ -33,55 +38,44 @@ pub(super) struct Pending {
     bytes: usize,
 }
 
+/// What a checkpoint writes of one build: its records (by sequence number), its index
+/// entries (unfinished or not; finished-index entries put or removed), then its summary.
+pub(super) struct BuildEntries<'a> {
+    pub id: BuildId,
+    pub records: Vec<(u64, &'a [u8])>,
+    pub unfinished: Option<bool>,
+    pub finished: Vec<(Ended, bool)>,
+    pub summary: Option<&'a [u8]>,
+}
+
 /// What an entry counts for against [`MAX_BYTES`]: its value and its key.
 fn held(key_bytes: usize, value: &[u8]) -> usize {
     key_bytes + value.len()
 }
 
-impl Pending {
-    pub(super) fn put_record(&mut self, id: BuildId, seq: u64, value: Vec<u8>) {
+impl Layer {
+    fn put_record(&mut self, id: BuildId, seq: u64, value: Vec<u8>) {
         self.bytes += held(24, &value);
         if let Some(old) = self.records.insert((id, seq), value) {
             self.bytes -= held(24, &old);
         }
     }
 
-    /// A build's summary is rewritten at each of its commits: only the newest is held.
-    pub(super) fn put_summary(&mut self, id: BuildId, value: Vec<u8>) {
+    fn put_summary(&mut self, id: BuildId, value: Vec<u8>) {
         self.bytes += held(16, &value);
         if let Some(old) = self.summaries.insert(id, value) {
             self.bytes -= held(16, &old);
         }
     }
 
-    /// Whether `id` is unfinished, as its newest summary says.
-    pub(super) fn put_unfinished(&mut self, id: BuildId, unfinished: bool) {
-        self.unfinished.insert(id, unfinished);
-    }
-
-    /// Puts (`true`) or removes an entry of the index of finished builds.
-    pub(super) fn put_finished(&mut self, entry: Ended, put: bool) {
-        self.finished.insert(entry, put);
-    }
-
-    /// The index entries held for builds that ended before `cutoff_ms`: put or removed.
-    pub(super) fn finished_before(&self, cutoff_ms: i64) -> Vec<(Ended, bool)> {
-        self.finished
-            .iter()
-            .take_while(|((at, _), _)| *at < cutoff_ms)
-            .map(|(entry, put)| (*entry, *put))
-            .collect()
-    }
-
-    pub(super) fn remove_summary(&mut self, id: BuildId) {
+    fn remove_summary(&mut self, id: BuildId) {
         self.unfinished.remove(&id);
         if let Some(old) = self.summaries.remove(&id) {
             self.bytes -= held(16, &old);
         }
     }
 
-    /// Forgets everything of `id` (its removal goes to sled directly).
-    pub(super) fn remove_build(&mut self, id: BuildId) {
+    fn remove_build(&mut self, id: BuildId) {
         self.remove_summary(id);
         let keys: Vec<_> = self
             .records
@@ -95,50 +89,14 @@ impl Pending {
         }
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.records.is_empty()
             && self.summaries.is_empty()
             && self.unfinished.is_empty()
             && self.finished.is_empty()
     }
 
-    /// Whether each build whose summary is held is unfinished.
-    pub(super) fn unfinished(&self) -> BTreeMap<BuildId, bool> {
-        self.unfinished.clone()
-    }
-
-    pub(super) fn full(&self) -> bool {
-        self.bytes >= MAX_BYTES
-    }
-
-    /// Everything held, build by build in id order (creation order), for the checkpoint to
-    /// write into sled; it stays here until [`clear`].
-    ///
-    /// [`clear`]: Pending::clear
-    pub(super) fn entries(&self) -> Vec<BuildEntries> {
-        let mut builds: Vec<BuildEntries> = Vec::new();
-        for ((id, seq), value) in &self.records {
-            match builds.last_mut() {
-                Some((last, records, _)) if last == id => records.push((*seq, value.clone())),
-                _ => builds.push((*id, vec![(*seq, value.clone())], None)),
-            }
-        }
-        for (id, value) in &self.summaries {
-            match builds.binary_search_by_key(id, |(build, _, _)| *build) {
-                Ok(i) => builds[i].2 = Some(value.clone()),
-                Err(i) => builds.insert(i, (*id, Vec::new(), Some(value.clone()))),
-            }
-        }
-        builds
-    }
-
-    pub(super) fn clear(&mut self) {
-        *self = Self::default();
-    }
-
-    /// `id`'s records with sequence numbers in `seqs`, in order, up to `max_bytes` (each
-    /// counting at least `floor`).
-    pub(super) fn records(
+    fn records(
         &self,
         id: BuildId,
         seqs: std::ops::Range<u64>,
@@ -160,23 +118,240 @@ impl Pending {
         out
     }
 
-    pub(super) fn last_seq(&self, id: BuildId) -> Option<u64> {
+    fn last_seq(&self, id: BuildId) -> Option<u64> {
         self.records
             .range((id, 0)..=(id, u64::MAX))
             .next_back()
             .map(|((_, seq), _)| *seq)
     }
 
+    /// Everything held, build by build in id order (creation order), for a checkpoint to
+    /// write into sled; entries of the index of finished builds whose build has nothing else
+    /// here come last, under their own build.
+    pub(super) fn builds(&self) -> Vec<BuildEntries<'_>> {
+        fn entry<'a, 'b>(
+            builds: &'b mut BTreeMap<BuildId, BuildEntries<'a>>,
+            id: BuildId,
+        ) -> &'b mut BuildEntries<'a> {
+            builds.entry(id).or_insert_with(|| BuildEntries {
+                id,
+                records: Vec::new(),
+                unfinished: None,
+                finished: Vec::new(),
+                summary: None,
+            })
+        }
+        let mut builds: BTreeMap<BuildId, BuildEntries<'_>> = BTreeMap::new();
+        for ((id, seq), value) in &self.records {
+            entry(&mut builds, *id).records.push((*seq, value));
+        }
+        for (id, open) in &self.unfinished {
+            entry(&mut builds, *id).unfinished = Some(*open);
+        }
+        for (ended, put) in &self.finished {
+            entry(&mut builds, ended.1).finished.push((*ended, *put));
+        }
+        for (id, value) in &self.summaries {
+            entry(&mut builds, *id).summary = Some(value);
+        }
+        builds.into_values().collect()
+    }
+}
+
+/// The live layer, and the sealed one a checkpoint is writing into sled.
+#[derive(Default)]
+pub(super) struct Pending {
+    live: Layer,
+    sealed: Option<Arc<Layer>>,
+    /// Builds removed since `sealed` was sealed: what it holds of them is gone.
+    removed: HashSet<BuildId>,
+    /// Builds whose summary was removed since `sealed` was sealed.
+    removed_summaries: HashSet<BuildId>,
+}
+
+impl Pending {
+    pub(super) fn put_record(&mut self, id: BuildId, seq: u64, value: Vec<u8>) {
+        self.live.put_record(id, seq, value);
+    }
+
+    /// A build's summary is rewritten at each of its commits: only the newest is held.
+    pub(super) fn put_summary(&mut self, id: BuildId, value: Vec<u8>) {
+        self.live.put_summary(id, value);
+    }
+
+    /// Whether `id` is unfinished, as its newest summary says.
+    pub(super) fn put_unfinished(&mut self, id: BuildId, unfinished: bool) {
+        self.live.unfinished.insert(id, unfinished);
+    }
+
+    /// Puts (`true`) or removes an entry of the index of finished builds.
+    pub(super) fn put_finished(&mut self, entry: Ended, put: bool) {
+        self.live.finished.insert(entry, put);
+    }
+
+    pub(super) fn remove_summary(&mut self, id: BuildId) {
+        self.live.remove_summary(id);
+        if self.sealed.is_some() {
+            self.removed_summaries.insert(id);
+        }
+    }
+
+    /// Forgets everything of `id` (its removal goes to sled directly).
+    pub(super) fn remove_build(&mut self, id: BuildId) {
+        self.live.remove_build(id);
+        if self.sealed.is_some() {
+            self.removed.insert(id);
+        }
+    }
+
+    /// Whether a checkpoint writing the sealed layer must leave `id` out (`summary`: only
+    /// its summary).
+    pub(super) fn is_removed(&self, id: BuildId, summary: bool) -> bool {
+        self.removed.contains(&id) || (summary && self.removed_summaries.contains(&id))
+    }
+
+    /// The live layer holds nothing.
+    pub(super) fn live_is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The live layer is due for a checkpoint.
+    pub(super) fn full(&self) -> bool {
+        self.live.bytes >= MAX_BYTES
+    }
+
+    /// The layer a checkpoint is writing, if one is.
+    pub(super) fn sealed(&self) -> Option<Arc<Layer>> {
+        self.sealed.clone()
+    }
+
+    /// Seals the live layer for a checkpoint and starts a new one; `false` (and nothing
+    /// changes) while the layer sealed before is still being written.
+    pub(super) fn seal(&mut self) -> bool {
+        if self.sealed.is_some() {
+            return false;
+        }
+        self.sealed = Some(Arc::new(std::mem::take(&mut self.live)));
+        true
+    }
+
+    /// The sealed layer is in sled: forget it.
+    pub(super) fn sealed_written(&mut self) {
+        self.sealed = None;
+        self.removed.clear();
+        self.removed_summaries.clear();
+    }
+
+    /// The sealed layer, if any, unless `id` was removed since.
+    fn sealed_of(&self, id: BuildId) -> Option<&Layer> {
+        self.sealed
+            .as_deref()
+            .filter(|_| !self.removed.contains(&id))
+    }
+
+    /// Whether each build whose summary is held is unfinished.
+    pub(super) fn unfinished(&self) -> BTreeMap<BuildId, bool> {
+        let mut flags: BTreeMap<BuildId, bool> = match &self.sealed {
+            Some(sealed) => sealed
+                .unfinished
+                .iter()
+                .filter(|(id, _)| !self.is_removed(**id, true))
+                .map(|(id, open)| (*id, *open))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        flags.extend(self.live.unfinished.iter().map(|(id, open)| (*id, *open)));
+        flags
+    }
+
+    /// The index entries held for builds that ended before `cutoff_ms`: put or removed.
+    pub(super) fn finished_before(&self, cutoff_ms: i64) -> Vec<(Ended, bool)> {
+        let before = |layer: &Layer| -> Vec<(Ended, bool)> {
+            layer
+                .finished
+                .iter()
+                .take_while(|((at, _), _)| *at < cutoff_ms)
+                .map(|(entry, put)| (*entry, *put))
+                .collect()
+        };
+        let mut entries: BTreeMap<Ended, bool> = match &self.sealed {
+            Some(sealed) => before(sealed)
+                .into_iter()
+                .filter(|((_, id), _)| !self.removed.contains(id))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        entries.extend(before(&self.live));
+        entries.into_iter().collect()
+    }
+
+    /// `id`'s records with sequence numbers in `seqs`, in order, up to `max_bytes` (each
+    /// counting at least `floor`).
+    pub(super) fn records(
+        &self,
+        id: BuildId,
+        seqs: std::ops::Range<u64>,
+        max_bytes: usize,
+        floor: usize,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let live = self.live.records(id, seqs.clone(), max_bytes, floor);
+        match self.sealed_of(id) {
+            Some(sealed) => merge_records(
+                live,
+                sealed.records(id, seqs, max_bytes, floor),
+                max_bytes,
+                floor,
+            ),
+            None => live,
+        }
+    }
+
+    pub(super) fn last_seq(&self, id: BuildId) -> Option<u64> {
+        let sealed = self.sealed_of(id).and_then(|s| s.last_seq(id));
+        self.live.last_seq(id).max(sealed)
+    }
+
     pub(super) fn ids(&self) -> HashSet<BuildId> {
-        self.records.keys().map(|(id, _)| *id).collect()
+        let mut ids: HashSet<BuildId> = self.live.records.keys().map(|(id, _)| *id).collect();
+        if let Some(sealed) = &self.sealed {
+            ids.extend(
+                sealed
+                    .records
+                    .keys()
+                    .map(|(id, _)| *id)
+                    .filter(|id| !self.removed.contains(id)),
+            );
+        }
+        ids
     }
 
     pub(super) fn summary(&self, id: BuildId) -> Option<Vec<u8>> {
-        self.summaries.get(&id).cloned()
+        if let Some(summary) = self.live.summaries.get(&id) {
+            return Some(summary.clone());
+        }
+        if self.is_removed(id, true) {
+            return None;
+        }
+        self.sealed.as_ref()?.summaries.get(&id).cloned()
     }
 
     pub(super) fn summaries(&self) -> BTreeMap<BuildId, Vec<u8>> {
-        self.summaries.clone()
+        let mut all: BTreeMap<BuildId, Vec<u8>> = match &self.sealed {
+            Some(sealed) => sealed
+                .summaries
+                .iter()
+                .filter(|(id, _)| !self.is_removed(**id, true))
+                .map(|(id, value)| (*id, value.clone()))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        all.extend(
+            self.live
+                .summaries
+                .iter()
+                .map(|(id, value)| (*id, value.clone())),
+        );
+        all
     }
 }
 
@@ -190,6 +365,9 @@ pub(super) fn merge_records(
 ) -> Vec<(u64, Vec<u8>)> {
     if pending.is_empty() {
         return sled;
+    }
+    if sled.is_empty() {
+        return pending;
     }
     let mut all: BTreeMap<u64, Vec<u8>> = sled.into_iter().collect();
     for (seq, value) in pending {
@@ -219,12 +397,48 @@ mod tests {
             pending.put_summary(id, vec![0; 200]);
         }
         assert_eq!(
-            pending.bytes, 216,
+            pending.live.bytes, 216,
             "one summary held, however often rewritten"
         );
         pending.put_record(id, 0, vec![0; 100]);
         pending.remove_build(id);
-        assert_eq!(pending.bytes, 0);
-        assert!(pending.is_empty() && !pending.full());
+        assert_eq!(pending.live.bytes, 0);
+        assert!(pending.live_is_empty() && !pending.full());
+    }
+
+    #[test]
+    fn a_sealed_layer_reads_under_the_live_one_and_a_build_removed_since_is_gone_from_it() {
+        let mut pending = Pending::default();
+        let (kept, removed) = (BuildId::new(), BuildId::new());
+        for id in [kept, removed] {
+            pending.put_record(id, 0, vec![0]);
+            pending.put_summary(id, vec![1]);
+            pending.put_unfinished(id, true);
+        }
+        pending.put_finished((5, removed), true);
+        assert!(pending.seal());
+        assert!(!pending.seal(), "one sealed layer at a time");
+        pending.put_record(kept, 1, vec![2]);
+        pending.put_summary(kept, vec![3]);
+        pending.remove_build(removed);
+        pending.put_finished((5, removed), false);
+        let seqs: Vec<u64> = pending
+            .records(kept, 0..10, usize::MAX, 1)
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(seqs, [0, 1], "sealed and live, in order");
+        assert_eq!(pending.last_seq(kept), Some(1));
+        assert_eq!(pending.summary(kept), Some(vec![3]), "the live one wins");
+        assert_eq!(pending.last_seq(removed), None);
+        assert_eq!(pending.summary(removed), None);
+        assert_eq!(pending.ids(), HashSet::from([kept]));
+        assert_eq!(pending.summaries().into_keys().collect::<Vec<_>>(), [kept]);
+        assert_eq!(pending.unfinished(), BTreeMap::from([(kept, true)]));
+        assert_eq!(pending.finished_before(10), [((5, removed), false)]);
+        assert!(pending.is_removed(removed, false));
+        pending.sealed_written();
+        assert!(!pending.is_removed(removed, false));
+        assert_eq!(pending.records(kept, 0..10, usize::MAX, 1).len(), 1);
     }
 }

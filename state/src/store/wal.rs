@@ -5,7 +5,8 @@
 //! and a group commit waited for one. Now every batch is appended to this log before sled
 //! applies it, and a sync is one `fdatasync` of this file. Sled itself is flushed only at a
 //! checkpoint (the log past [`CHECKPOINT_BYTES`] or [`CHECKPOINT_EVERY`] old, and when the store
-//! closes), after which the log starts again in a new file. At open, every entry is applied to
+//! closes): the log is sealed (the next entries go to a new file), sled takes what the sealed
+//! file holds, off the commit path, is flushed, and the sealed file is removed. At open, every entry is applied to
 //! sled again, in order: each is idempotent (puts and removals of whole keys, removals of whole
 //! builds), so sled then holds everything the log made durable, whatever sled had written of
 //! it before the crash.
@@ -29,6 +30,8 @@ pub(super) const CHECKPOINT_BYTES: u64 = 16 << 20;
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 const PREFIX: &str = "wal.";
+/// The encoding buffer kept between appends, at most.
+const MAX_KEPT_BUFFER: usize = 1 << 20;
 const HEADER_BYTES: usize = 8;
 
 /// The log being written.
@@ -39,6 +42,8 @@ pub(super) struct Wal {
     bytes: u64,
     /// When the first entry of this file was written.
     first_entry: Option<Instant>,
+    /// The last entry's encoding, kept for the next.
+    buffer: Vec<u8>,
 }
 
 /// What the logs in a folder held at open.
@@ -109,6 +114,19 @@ pub(super) fn replay(dir: &Path) -> std::io::Result<Replay> {
     })
 }
 
+/// Removes sealed log files whose entries sled holds, flushed. Their removal is made durable
+/// by the next file's start (it syncs the folder); a crash before that replays them again,
+/// before the newer files, which is harmless: every entry is idempotent.
+pub(super) fn remove(sealed: &[PathBuf]) -> std::io::Result<()> {
+    for path in sealed {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Wal {
     /// Starts log file `generation` in `dir`, durably named in the folder, then removes
     /// `older` (their entries must be in sled, flushed, before this is called).
@@ -121,34 +139,38 @@ impl Wal {
             .open(&path)?;
         file.sync_all()?;
         File::open(dir)?.sync_all()?;
-        for old in older {
-            match std::fs::remove_file(old) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-        }
+        remove(older)?;
         Ok(Self {
             dir: dir.to_owned(),
             file,
             generation,
             bytes: 0,
             first_entry: None,
+            buffer: Vec::new(),
         })
     }
 
     /// Appends `batch` (not yet durable: see [`Wal::sync`]).
     pub(super) fn append(&mut self, batch: &WriteBatch) -> std::io::Result<()> {
-        let payload = bincode::serde::encode_to_vec(batch, bincode::config::standard())
+        // Encoded behind room for its header, in a buffer kept from one entry to the next.
+        let mut entry = std::mem::take(&mut self.buffer);
+        entry.clear();
+        entry.resize(HEADER_BYTES, 0);
+        bincode::serde::encode_into_std_write(batch, &mut entry, bincode::config::standard())
             .map_err(|e| invalid(&self.path(), e))?;
+        let payload = &entry[HEADER_BYTES..];
         let len = u32::try_from(payload.len())
             .map_err(|_| invalid(&self.path(), "a batch of 4 GiB or more"))?;
-        let mut entry = Vec::with_capacity(HEADER_BYTES + payload.len());
-        entry.extend_from_slice(&len.to_le_bytes());
-        entry.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        entry.extend_from_slice(&payload);
+        let crc = crc32fast::hash(payload);
+        entry[..4].copy_from_slice(&len.to_le_bytes());
+        entry[4..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
         self.file.write_all(&entry)?;
         self.bytes += entry.len() as u64;
         self.first_entry.get_or_insert_with(Instant::now);
+        // A large batch's buffer is not kept.
+        if entry.capacity() <= MAX_KEPT_BUFFER {
+            self.buffer = entry;
+        }
         Ok(())
     }
 
@@ -170,11 +192,13 @@ impl Wal {
         self.bytes == 0
     }
 
-    /// Starts the next file and removes this one: call once sled holds, flushed, every entry.
-    pub(super) fn rotate(&mut self) -> std::io::Result<()> {
+    /// Starts the next file, durably named, and returns this one's path: remove it (with
+    /// [`remove`]) once sled holds, flushed, every entry it has. Until then a start replays
+    /// both, oldest first.
+    pub(super) fn seal(&mut self) -> std::io::Result<PathBuf> {
         let old = self.path();
-        *self = Self::start(&self.dir, self.generation + 1, &[old])?;
-        Ok(())
+        *self = Self::start(&self.dir, self.generation + 1, &[])?;
+        Ok(old)
     }
 
     fn path(&self) -> PathBuf {
@@ -246,15 +270,25 @@ mod tests {
     }
 
     #[test]
-    fn a_rotation_starts_an_empty_file_and_removes_the_old_one() {
+    fn a_sealed_file_replays_before_the_next_until_it_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::start(dir.path(), 1, &[]).unwrap();
         wal.append(&batch(1)).unwrap();
         assert!(!wal.is_empty());
-        wal.rotate().unwrap();
+        let sealed = wal.seal().unwrap();
         assert!(wal.is_empty() && !wal.due());
-        let replay = replay(dir.path()).unwrap();
-        assert!(replay.batches.is_empty());
-        assert_eq!(replay.generation, 2);
+        wal.append(&batch(2)).unwrap();
+        let seqs = |dir: &Path| -> Vec<u64> {
+            replay(dir)
+                .unwrap()
+                .batches
+                .iter()
+                .map(|b| b.records[0].1)
+                .collect()
+        };
+        assert_eq!(seqs(dir.path()), [1, 2]);
+        remove(&[sealed]).unwrap();
+        assert_eq!(seqs(dir.path()), [2]);
+        assert_eq!(replay(dir.path()).unwrap().generation, 2);
     }
 }

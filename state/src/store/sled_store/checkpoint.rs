@@ -81,69 +81,78 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes what is pending into sled, flushes sled and starts the next log file, if
-    /// anything was written since the last checkpoint (or only when that is due).
-    pub(super) fn fold(&self, only_if_due: bool) -> Result<(), Error> {
+    /// Seals the live layer and the log file that holds it for a checkpoint, if anything was
+    /// written since the last one (or only when one is due). Returns whether a sealed layer
+    /// waits for [`SledStore::write_sealed_layer`]. Quick: the commit path calls it.
+    pub(super) fn seal(&self, only_if_due: bool) -> Result<bool, Error> {
         // Holding the log keeps writers out until the new file is started.
         let mut wal = self.wal.lock();
         let Some(log) = wal.as_mut() else {
+            return Ok(false);
+        };
+        let mut pending = self.pending.lock();
+        if pending.sealed().is_some() {
+            return Ok(true);
+        }
+        let idle = log.is_empty() && pending.live_is_empty();
+        if idle || (only_if_due && !log.due() && !pending.full()) {
+            return Ok(false);
+        }
+        let sealed = log.seal().map_err(self.wal_error())?;
+        self.sealed_logs.lock().push(sealed);
+        pending.seal();
+        Ok(true)
+    }
+
+    /// Writes the sealed layer, if any, into sled, flushes sled and removes the sealed log
+    /// files; readers see the layer until it is in sled. Runs off the commit path (the
+    /// journal's checkpoint thread), or on it when the live layer fills before this is done.
+    pub(super) fn write_sealed_layer(&self) -> Result<(), Error> {
+        let _folding = self.folding.lock();
+        let Some(sealed) = self.pending.lock().sealed() else {
             return Ok(());
         };
-        let (builds, unfinished, finished) = {
+        // Build by build, each one's records, then its index entries, then its summary, key
+        // by key rather than as one atomic batch (the log covers a checkpoint cut short):
+        // damage to sled's file then costs what was written after it, as it did when every
+        // commit went to sled, not the whole checkpoint, and builds before it stay whole. A
+        // summary that survives a crash has its index entries. A build removed since the
+        // layer was sealed is left out, under the gate its removal takes, so what the removal
+        // took out of sled is never written back.
+        for build in sealed.builds() {
+            let _gate = self.removal_gate.lock();
             let pending = self.pending.lock();
-            let idle = log.is_empty() && pending.is_empty();
-            if idle || (only_if_due && !log.due() && !pending.full()) {
-                return Ok(());
+            if pending.is_removed(build.id, false) {
+                continue;
             }
-            (
-                pending.entries(),
-                pending.unfinished(),
-                pending.finished_before(i64::MAX),
-            )
-        };
-        // Into sled while still pending: a reader between the two sees them twice, never
-        // not at all. Build by build, each one's records then its summary, key by key rather
-        // than as one atomic batch (the log covers a checkpoint cut short): damage to sled's
-        // file then costs what was written after it, as it did when every commit went to
-        // sled, not the whole checkpoint, and builds before it stay whole.
-        // Each build's index entry goes before its summary: a summary that survives a crash
-        // has its entry.
-        let mut unfinished = unfinished;
-        let mut finished: HashMap<BuildId, Vec<(Ended, bool)>> =
-            finished
-                .into_iter()
-                .fold(HashMap::new(), |mut by_build, entry| {
-                    by_build.entry(entry.0.1).or_default().push(entry);
-                    by_build
-                });
-        for (id, records, summary) in builds {
-            for (seq, value) in records {
-                self.journal.insert(&record_key(id, seq)[..], value)?;
+            let summary_removed = pending.is_removed(build.id, true);
+            drop(pending);
+            for (seq, value) in build.records {
+                self.journal.insert(&record_key(build.id, seq)[..], value)?;
             }
-            if let Some(open) = unfinished.remove(&id) {
-                set_index_key(&self.unfinished, id.as_bytes(), open)?;
+            if let Some(open) = build.unfinished.filter(|_| !summary_removed) {
+                set_index_key(&self.unfinished, build.id.as_bytes(), open)?;
             }
-            for (entry, put) in finished.remove(&id).unwrap_or_default() {
+            for (entry, put) in build.finished {
                 set_index_key(&self.finished, &finished_key(entry), put)?;
             }
-            if let Some(summary) = summary {
-                self.summary.insert(&id.as_bytes()[..], summary)?;
+            if let Some(summary) = build.summary.filter(|_| !summary_removed) {
+                self.summary.insert(&build.id.as_bytes()[..], summary)?;
             }
         }
-        self.unfinished.apply_batch(index_batch(
-            unfinished
-                .into_iter()
-                .map(|(id, open)| (*id.as_bytes(), open)),
-        ))?;
-        self.finished.apply_batch(index_batch(
-            finished
-                .into_values()
-                .flatten()
-                .map(|(e, put)| (finished_key(e), put)),
-        ))?;
-        self.pending.lock().clear();
         self.db.flush()?;
-        log.rotate().map_err(self.wal_error())
+        let written = std::mem::take(&mut *self.sealed_logs.lock());
+        self.pending.lock().sealed_written();
+        wal::remove(&written).map_err(self.wal_error())
+    }
+
+    /// Everything written so far into sled, flushed, now, whether due or not (a clean stop).
+    pub(super) fn checkpoint_now(&self) -> Result<(), Error> {
+        self.write_sealed_layer()?;
+        if self.seal(false)? {
+            self.write_sealed_layer()?;
+        }
+        Ok(())
     }
 
     /// Writes a live batch: logged, its records and summaries held pending, the rest (rare:
@@ -164,6 +173,9 @@ impl SledStore {
             log.append(&batch).map_err(self.wal_error())?;
         }
         let records = std::mem::take(&mut batch.records);
+        let removes = !batch.removed_summaries.is_empty() || !batch.removed_builds.is_empty();
+        // A removal and a checkpoint writing a sealed layer take turns (see `write_sealed`).
+        let _gate = removes.then(|| self.removal_gate.lock());
         {
             let mut pending = self.pending.lock();
             for id in &batch.removed_summaries {

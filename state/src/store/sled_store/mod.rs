@@ -24,7 +24,7 @@ use crate::build::BuildId;
 /// the journal gives (bytes past the durable length, left by a crash, are overwritten by the
 /// next append and never read). Every batch goes through the write-ahead log (`wal.rs`) first
 /// and its records and summaries wait in memory (`pending.rs`) for the next checkpoint, which
-/// writes them into sled and flushes it.
+/// writes them into sled, off the commit path, and flushes it.
 pub struct SledStore {
     db: sled::Db,
     journal: sled::Tree,
@@ -48,6 +48,13 @@ pub struct SledStore {
     wal: Mutex<Option<Wal>>,
     /// Records and summaries written since the last checkpoint (only with a log).
     pending: Mutex<Pending>,
+    /// Log files sealed for the checkpoint under way: removed once sled holds them.
+    sealed_logs: Mutex<Vec<PathBuf>>,
+    /// Held while a sealed layer is written into sled: one checkpoint at a time.
+    folding: Mutex<()>,
+    /// Taken by a removal, and by a checkpoint for each build it writes (see
+    /// `write_sealed`). Taken after the log, before the pending layers.
+    removal_gate: Mutex<()>,
     /// The builds written since the last open's checks, if the store can tell.
     written_since_last_open: Option<Vec<BuildId>>,
 }
@@ -253,6 +260,9 @@ impl SledStore {
             unwitnessed: Mutex::new(HashMap::new()),
             wal: Mutex::new(None),
             pending: Mutex::new(Pending::default()),
+            sealed_logs: Mutex::new(Vec::new()),
+            folding: Mutex::new(()),
+            removal_gate: Mutex::new(()),
             written_since_last_open,
         })
     }
@@ -275,7 +285,7 @@ impl SledStore {
 impl Drop for SledStore {
     /// A clean close leaves nothing to replay.
     fn drop(&mut self) {
-        if let Err(e) = self.fold(false) {
+        if let Err(e) = self.checkpoint_now() {
             tracing::warn!(error = %e, "could not checkpoint the store on close; the next start replays its log");
         }
     }
@@ -337,12 +347,25 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn checkpoint_if_due(&self) -> Result<(), Error> {
-        self.fold(true)
+    fn seal_if_due(&self) -> Result<bool, Error> {
+        // A live layer full while the last one is still being written: help write that one
+        // first, so at most two are held.
+        let backlog = {
+            let pending = self.pending.lock();
+            pending.sealed().is_some() && pending.full()
+        };
+        if backlog {
+            self.write_sealed_layer()?;
+        }
+        self.seal(true)
+    }
+
+    fn write_sealed(&self) -> Result<(), Error> {
+        self.write_sealed_layer()
     }
 
     fn checkpoint(&self) -> Result<(), Error> {
-        self.fold(false)
+        self.checkpoint_now()
     }
 
     fn records(
@@ -654,6 +677,55 @@ mod tests {
             reopened.finished_before(i64::MAX).unwrap(),
             Some(vec![(9, running)])
         );
+    }
+
+    #[test]
+    fn a_build_removed_while_its_records_wait_sealed_stays_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = SledStore::open(&live).unwrap();
+        let (kept, removed) = (BuildId::new(), BuildId::new());
+        let mut batch = WriteBatch::default();
+        for id in [kept, removed] {
+            batch.records.push((id, 0, vec![1]));
+            batch.put_summary(id, vec![2], Some(5));
+        }
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        assert!(store.seal(false).unwrap(), "sealed for a checkpoint");
+        let mut batch = WriteBatch {
+            removed_builds: vec![removed],
+            ..WriteBatch::default()
+        };
+        batch.finished.push(((5, removed), false));
+        batch.records.push((kept, 1, vec![3]));
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        let check = |store: &SledStore, when: &str| {
+            assert_eq!(store.last_seq(removed).unwrap(), None, "{when}");
+            assert_eq!(store.summary(removed).unwrap(), None, "{when}");
+            assert_eq!(store.last_seq(kept).unwrap(), Some(1), "{when}");
+            assert_eq!(store.journal_ids().unwrap(), [kept], "{when}");
+            assert_eq!(store.summaries().unwrap().len(), 1, "{when}");
+            assert_eq!(
+                store.finished_before(10).unwrap(),
+                Some(vec![(5, kept)]),
+                "{when}"
+            );
+        };
+        check(&store, "sealed, not yet in sled");
+        // The service dies here: both log files replay, the removal after the records.
+        let crashed = dir.path().join("crashed");
+        crate::testing::crash_copy(&live, &crashed);
+        let reopened = SledStore::open(&crashed).unwrap();
+        assert_eq!(reopened.last_seq(removed).unwrap(), None);
+        assert_eq!(reopened.last_seq(kept).unwrap(), Some(1));
+        drop(reopened);
+        store.write_sealed().unwrap();
+        check(&store, "written into sled");
+        drop(store);
+        let reopened = crate::testing::when_unlocked(|| SledStore::open(&live));
+        check(&reopened, "reopened");
     }
 
     #[test]
