@@ -93,25 +93,28 @@ fn main() {
     let service_200k = start.elapsed();
     assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
     let store_growth = du_bytes(&store) - store_before;
-    let phases = runtime.block_on(async {
-        let mut ops = service.ops().await.unwrap();
-        let build = ops
-            .get_build(image_builder::proto::ops::GetBuildRequest {
-                build_id: id_200k.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut spans = Vec::new();
-        for pair in build.phases.windows(2) {
-            spans.push(format!(
-                "{} {} ms",
-                pair[0].phase,
-                pair[1].entered_at_ms - pair[0].entered_at_ms
-            ));
-        }
-        spans.join(", ")
-    });
+    let phases_of = |id: &str| {
+        runtime.block_on(async {
+            let mut ops = service.ops().await.unwrap();
+            let build = ops
+                .get_build(image_builder::proto::ops::GetBuildRequest {
+                    build_id: id.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut spans = Vec::new();
+            for pair in build.phases.windows(2) {
+                spans.push(format!(
+                    "{} {} ms",
+                    pair[0].phase,
+                    pair[1].entered_at_ms - pair[0].entered_at_ms
+                ));
+            }
+            spans.join(", ")
+        })
+    };
+    let phases = phases_of(&id_200k);
     let log_200k = runtime.block_on(replay(&mut client, &id_200k));
 
     // Both sides again, alternating, and the medians: RUN steps in their own network
@@ -124,6 +127,7 @@ fn main() {
     let repo_quiet = GitRepo::new(&[("Dockerfile", &quiet)]).unwrap();
     // Every run builds new content on both sides (an `ENV` of its own before the steps), so
     // neither takes a step from its layer cache.
+    let mut last_id = String::new();
     let mut alternate = |repo: &GitRepo, name: &str, service_runs: &mut Vec<Duration>| {
         let dockerfile = std::fs::read_to_string(repo.path().join("Dockerfile")).unwrap();
         let mut by_hand_runs = Vec::new();
@@ -139,11 +143,12 @@ fn main() {
             ));
             if service_runs.len() < RUNS {
                 let start = Instant::now();
-                let (_, last) = runtime.block_on(build(
+                let (id, last) = runtime.block_on(build(
                     &mut client,
                     dockerfile_request(&repo.uri(), &format!("{name}-{i}")),
                 ));
                 service_runs.push(start.elapsed());
+                last_id = id;
                 assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
             }
         }
@@ -154,6 +159,7 @@ fn main() {
     };
     let (service_200k, by_hand) = alternate(&repo, "200k", &mut service_runs);
     let (quiet_service, quiet_by_hand) = alternate(&repo_quiet, "quiet", &mut Vec::new());
+    let quiet_phases = phases_of(&last_id);
 
     // A 16 MiB log: 262,144 lines of 64 bytes.
     let lines_16m = format!(
@@ -264,6 +270,7 @@ fn main() {
     );
     println!();
     println!("200k-line build, time per phase: {phases}");
+    println!("last quiet cold build, time per phase: {quiet_phases}");
     println!(
         "service RSS: idle {:.1} MiB, before the listeners {:.1} MiB",
         mib(idle_kib),

@@ -10,7 +10,7 @@ mod open;
 mod retry;
 mod steps;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol, linux_amd64_resolver};
 use oci_client::manifest::{
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -46,6 +46,9 @@ const RESOLVE_MEDIA_TYPES: &[&str] = &[
 
 /// Media types we copy: single-platform manifests (the base ref is always one).
 const COPY_MEDIA_TYPES: &[&str] = &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE];
+
+/// Blobs of one image copied at once, at most.
+const BLOB_COPIES_AT_ONCE: usize = 4;
 
 /// A registry client for every registry the service talks to.
 pub struct Registry {
@@ -403,19 +406,27 @@ impl Registry {
         let all: Vec<&OciDescriptor> = std::iter::once(&blobs.config)
             .chain(&blobs.layers)
             .collect();
+        // Blobs side by side (a few at a time, each still taking a slot at its host), the
+        // manifest once all are there.
+        let ends = Ends {
+            source: &source,
+            reader: &reader,
+            target: &target,
+            writer: &writer,
+        };
+        let mut copies = Vec::with_capacity(all.len());
         for (i, blob) in all.iter().enumerate() {
-            let n = (i + 1, all.len());
-            let ends = Ends {
-                source: &source,
-                reader: &reader,
-                target: &target,
-                writer: &writer,
-            };
-            self.retrying(Resource::Blob(&source, &blob.digest), progress, || {
-                copy_blob(&ends, blob, same_registry, n, progress)
-            })
-            .await?;
+            let (ends, n) = (&ends, (i + 1, all.len()));
+            copies.push(self.retrying(
+                Resource::Blob(&source, &blob.digest),
+                progress,
+                move || copy_blob(ends, blob, same_registry, n, progress),
+            ));
         }
+        futures::stream::iter(copies)
+            .buffer_unordered(BLOB_COPIES_AT_ONCE)
+            .try_collect::<()>()
+            .await?;
         let media_type = blobs
             .media_type
             .unwrap_or_else(|| OCI_IMAGE_MEDIA_TYPE.to_owned());
