@@ -212,12 +212,16 @@ impl GitCheckouts {
                 run_git(cmd, "checkout", id, log).await?;
             }
         }
-        // The remote URL may carry credentials; the checkout must not keep them.
-        let mut cmd = git(None);
-        cmd.arg("-C")
-            .arg(dir_arg)
-            .args(["remote", "remove", "origin"]);
-        run_git(cmd, "remote remove", id, log).await?;
+        // The API took any credential out of the remote URL already (`UrlUserinfo`); should
+        // the URL name anyone at all, the checkout still forgets it. A URL that names no one
+        // leaves nothing to forget, and no git process to run for it.
+        if source.remote_uri.contains('@') {
+            let mut cmd = git(None);
+            cmd.arg("-C")
+                .arg(dir_arg)
+                .args(["remote", "remove", "origin"]);
+            run_git(cmd, "remote remove", id, log).await?;
+        }
         resolve(&dir, source)
     }
 }
