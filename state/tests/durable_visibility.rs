@@ -189,6 +189,13 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let before = seen(journal, id);
+    // What retention would find: the index of finished builds may name the build only once
+    // its summary says it ended, after the sync.
+    let indexed = |store: &GatedStore| {
+        let entries = store.inner.finished_before(i64::MAX).unwrap();
+        entries.unwrap_or_default().iter().any(|(_, e)| *e == id)
+    };
+    let indexed_before = indexed(store);
     store.set_open(false);
     let task = runtime.spawn(append);
     written
@@ -202,11 +209,17 @@ where
         let _ = answer.send(seen(&reader, id));
     });
     let during = answered.recv_timeout(Duration::from_secs(5));
+    let indexed_during = indexed(store);
     // Let the commit through whatever the check says, so that a failing case ends cleanly.
     store.set_open(true);
     runtime.block_on(task).unwrap();
     let during = during.map_err(|_| TestCaseError::fail("a reader waited for the held sync"))?;
     prop_assert_eq!(during, before);
+    prop_assert_eq!(
+        indexed_during,
+        indexed_before,
+        "the index of finished builds changed before the sync"
+    );
     Ok(())
 }
 

@@ -119,8 +119,11 @@ pub(super) fn commit_loop(
             .collect();
         let written_count = written.len();
         let removed = batch.removed_builds.clone();
+        // With the summaries, the entries of the index of finished builds: a sweep that
+        // found an entry before its build's summary said it ended would drop it as stale.
         let summaries = WriteBatch {
             summaries: std::mem::take(&mut batch.summaries),
+            finished: std::mem::take(&mut batch.finished),
             ..WriteBatch::default()
         };
         let result = if batch.is_empty() {

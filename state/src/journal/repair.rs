@@ -108,11 +108,9 @@ fn repair_summaries(
             .summary(id)?
             .and_then(|bytes| record::decode::<Summary>(&bytes).ok())
             .filter(|s| s.last_seq == last_seq);
-        if let Some(current) = current {
-            // Its index entry may be what a crash cut short: put again (the same key).
-            if let Some(at) = current.finished_at_ms.filter(|_| current.phase.is_final()) {
-                batch.finished.push(((at, id), true));
-            }
+        // A summary that survived has its index entries too: a checkpoint writes each
+        // build's entries before its summary, and sled keeps a prefix of what it was given.
+        if current.is_some() {
             continue;
         }
         let folded = store
@@ -149,6 +147,10 @@ fn repair_summaries(
     if !batch.is_empty() {
         store.write(batch)?;
         store.sync()?;
+        // Repaired summaries and index entries are derived, so no log holds them, and the
+        // witness is about to forget which builds needed them: into sled now, or a second
+        // crash soon after this start would leave them stale for good.
+        store.checkpoint()?;
     }
     Ok(damaged)
 }

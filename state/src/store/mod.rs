@@ -176,9 +176,10 @@ pub struct WriteBatch {
     pub unfinished: Vec<(BuildId, bool)>,
     /// Entries of the index of finished builds by the time they ended, put (`true`) or
     /// removed (`false`): what retention reads, so that a sweep never reads every summary.
-    /// Derived like summaries, so never logged: an entry a crash loses is put again at open
-    /// (every build written since the last open is looked at), and one left behind is
-    /// dropped by the first sweep that finds its build gone or running again.
+    /// Derived like summaries, so never logged and written with them: an entry a crash
+    /// loses went with its build's summary, and is put again when the summary is refolded at
+    /// open; one left behind is dropped by the first sweep that finds its build gone or
+    /// running again.
     #[serde(skip)]
     pub finished: Vec<(Ended, bool)>,
 }

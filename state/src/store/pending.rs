@@ -126,8 +126,7 @@ impl Layer {
     }
 
     /// Everything held, build by build in id order (creation order), for a checkpoint to
-    /// write into sled; entries of the index of finished builds whose build has nothing else
-    /// here come last, under their own build.
+    /// write into sled (a build may have index entries here and nothing else).
     pub(super) fn builds(&self) -> Vec<BuildEntries<'_>> {
         fn entry<'a, 'b>(
             builds: &'b mut BTreeMap<BuildId, BuildEntries<'a>>,
@@ -186,7 +185,9 @@ impl Pending {
 
     /// Puts (`true`) or removes an entry of the index of finished builds.
     pub(super) fn put_finished(&mut self, entry: Ended, put: bool) {
-        self.live.finished.insert(entry, put);
+        if self.live.finished.insert(entry, put).is_none() {
+            self.live.bytes += 25;
+        }
     }
 
     pub(super) fn remove_summary(&mut self, id: BuildId) {

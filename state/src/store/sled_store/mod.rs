@@ -69,14 +69,16 @@ const INDEX_COMPLETE: &[u8] = b"complete";
 const DAMAGE_TREE: &str = "damage.v1";
 const FINISHED_TREE: &str = "finished.v1";
 
-/// The key of an entry of the index of finished builds: the time (big-endian, so keys sort
-/// by it; a time before the epoch counts as the epoch) and the build.
+/// The key of an entry of the index of finished builds: the time, big-endian with its sign
+/// bit flipped (so keys sort by it, times before the epoch included), and the build.
 fn finished_key((at_ms, id): Ended) -> [u8; 24] {
     let mut key = [0u8; 24];
-    key[..8].copy_from_slice(&(at_ms.max(0) as u64).to_be_bytes());
+    key[..8].copy_from_slice(&((at_ms as u64) ^ SIGN_BIT).to_be_bytes());
     key[8..].copy_from_slice(id.as_bytes());
     key
 }
+
+const SIGN_BIT: u64 = 1 << 63;
 
 fn split_finished_key(key: &[u8]) -> Result<Ended, Error> {
     let bad = || Error::BadKey {
@@ -88,7 +90,7 @@ fn split_finished_key(key: &[u8]) -> Result<Ended, Error> {
         .and_then(|k| k.try_into().ok())
         .ok_or_else(bad)?;
     let id = id_key(FINISHED_TREE, key.get(8..).ok_or_else(bad)?)?;
-    Ok((u64::from_be_bytes(at) as i64, id))
+    Ok(((u64::from_be_bytes(at) ^ SIGN_BIT) as i64, id))
 }
 
 fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
