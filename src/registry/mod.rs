@@ -403,9 +403,14 @@ impl Registry {
                 detail: format!("manifest does not list config and layers: {e}"),
             })?;
         let same_registry = source.registry() == target.registry();
-        let all: Vec<&OciDescriptor> = std::iter::once(&blobs.config)
-            .chain(&blobs.layers)
-            .collect();
+        // Each blob once: a manifest may list one twice, and two copies of one blob into one
+        // repository at once are what docker-registry 2.8 was seen to lose.
+        let mut all: Vec<&OciDescriptor> = Vec::with_capacity(blobs.layers.len() + 1);
+        for blob in std::iter::once(&blobs.config).chain(&blobs.layers) {
+            if !all.iter().any(|seen| seen.digest == blob.digest) {
+                all.push(blob);
+            }
+        }
         // Blobs side by side (a few at a time, each still taking a slot at its host), the
         // manifest once all are there.
         let ends = Ends {
