@@ -21,12 +21,18 @@ pub fn spec() -> BuildSpec {
 /// journal refuses, as a test should.
 pub async fn new_build(journal: &Journal) -> BuildId {
     let id = BuildId::new();
+    create_build(journal, id).await;
+    id
+}
+
+/// Creates build `id` of [`spec`] in `journal` (base ref `b`, workspace ref `w`); panics if
+/// the journal refuses, as a test should.
+pub async fn create_build(journal: &Journal, id: BuildId) {
     #[allow(clippy::unwrap_used)]
     journal
         .create(id, spec(), "b".into(), "w".into())
         .await
         .unwrap();
-    id
 }
 
 /// Runs `open` until the store's lock is free, for at most two seconds: sled's I/O threads
