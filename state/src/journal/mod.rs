@@ -234,15 +234,18 @@ impl Journal {
 
     /// Records the trace of the build's current attempt, so that a restart continues it.
     pub async fn traced(&self, id: BuildId, trace_id: String, span_id: String) -> Result<()> {
-        self.append(id, |view| {
-            Ok(vec![Record::Traced {
-                attempt: view.attempt,
-                trace_id,
-                span_id,
-            }])
-        })
+        self.append_with(
+            id,
+            |view, _| {
+                Ok(vec![Record::Traced {
+                    attempt: view.attempt,
+                    trace_id,
+                    span_id,
+                }])
+            },
+            |_| (),
+        )
         .await
-        .map(drop)
     }
 
     /// Removes a finished build and its log for good (retention). Refused for a build that has
@@ -374,9 +377,8 @@ impl Journal {
     /// Journals how far the current attempt's builder has got: before the builder is made
     /// (`consumed` 0), so that a restart finds it by the journaled name.
     pub async fn builder_progress(&self, id: BuildId, progress: BuilderProgress) -> Result<()> {
-        self.append(id, |_| Ok(vec![Record::BuilderOutput(progress)]))
+        self.append_with(id, |_, _| Ok(vec![Record::BuilderOutput(progress)]), |_| ())
             .await
-            .map(drop)
     }
 
     /// [`Journal::log`], and in the same commit how far those bytes took the output of the
@@ -391,38 +393,42 @@ impl Journal {
         let mut offset = 0;
         let len = data.len() as u64;
         let mut bytes = Some(data);
-        self.append_with(id, |view, logs| {
-            offset = view.log_len;
-            let data = bytes.take().unwrap_or_default();
-            let progress = progress.map(Record::BuilderOutput);
-            if data.is_empty() {
-                return Ok(progress.into_iter().collect());
-            }
-            if data.len() < INLINE_LOG_BYTES {
-                return Ok(std::iter::once(Record::Log { offset, data })
-                    .chain(progress)
-                    .collect());
-            }
-            let mut records: Vec<Record> = data
-                .chunks(LOG_PIECE_BYTES)
-                .scan(offset, |at, piece| {
-                    let record = Record::LogChecked {
-                        offset: *at,
-                        len: piece.len() as u64,
-                        crc32: crc32fast::hash(piece),
-                    };
-                    *at += piece.len() as u64;
-                    Some(record)
-                })
-                .collect();
-            records.extend(progress);
-            logs.push(LogBytes {
-                id,
-                offset,
-                bytes: data,
-            });
-            Ok(records)
-        })
+        self.append_with(
+            id,
+            |view, logs| {
+                offset = view.log_len;
+                let data = bytes.take().unwrap_or_default();
+                let progress = progress.map(Record::BuilderOutput);
+                if data.is_empty() {
+                    return Ok(progress.into_iter().collect());
+                }
+                if data.len() < INLINE_LOG_BYTES {
+                    return Ok(std::iter::once(Record::Log { offset, data })
+                        .chain(progress)
+                        .collect());
+                }
+                let mut records: Vec<Record> = data
+                    .chunks(LOG_PIECE_BYTES)
+                    .scan(offset, |at, piece| {
+                        let record = Record::LogChecked {
+                            offset: *at,
+                            len: piece.len() as u64,
+                            crc32: crc32fast::hash(piece),
+                        };
+                        *at += piece.len() as u64;
+                        Some(record)
+                    })
+                    .collect();
+                records.extend(progress);
+                logs.push(LogBytes {
+                    id,
+                    offset,
+                    bytes: data,
+                });
+                Ok(records)
+            },
+            |_| (),
+        )
         .await?;
         if let Some(observer) = self.shared.observer.get() {
             observer.log_written(len);
@@ -435,16 +441,20 @@ impl Journal {
         id: BuildId,
         make: impl FnOnce(&BuildView) -> Result<Vec<Record>>,
     ) -> Result<BuildView> {
-        self.append_with(id, |view, _| make(view)).await
+        self.append_with(id, |view, _| make(view), BuildView::clone)
+            .await
     }
 
-    /// Appends the records `make` gives (it may also give log bytes they name).
-    async fn append_with(
+    /// Appends the records `make` gives (it may also give log bytes they name), and returns
+    /// what `answer` takes from the build's view after them (no copy of the view unless it
+    /// takes one: a log append, the hot path, takes nothing).
+    async fn append_with<R>(
         &self,
         id: BuildId,
         make: impl FnOnce(&BuildView, &mut Vec<LogBytes>) -> Result<Vec<Record>>,
-    ) -> Result<BuildView> {
-        let (pending, view) = {
+        answer: impl FnOnce(&BuildView) -> R,
+    ) -> Result<R> {
+        let (pending, answer) = {
             let (mut heads, mut view) = self.lock_head(id)?;
             if self.is_removed(id) {
                 return Err(Error::NotFound(id));
@@ -459,11 +469,12 @@ impl Journal {
                 numbered.push((seq, record));
             }
             let pending = self.enqueue(&view, numbered, logs)?;
-            heads.insert(id, view.clone());
-            (pending, view)
+            let answer = answer(&view);
+            heads.insert(id, view);
+            (pending, answer)
         };
         self.wait(pending).await?;
-        Ok(view)
+        Ok(answer)
     }
 
     /// Encodes records and the new summary and queues them for the committer. Called with the
