@@ -36,12 +36,28 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    pub(super) fn send(&self, commit: Commit) -> Result<()> {
+    /// Queues `batch` (after `logs`, its log bytes) for the next group commit; the receiver
+    /// answers once it is durable. `checkpoint`: fold everything into the store's long-term
+    /// form after that commit (a clean stop).
+    pub(super) fn queue(
+        &self,
+        logs: Vec<LogBytes>,
+        batch: WriteBatch,
+        checkpoint: bool,
+    ) -> Result<oneshot::Receiver<Result<()>>> {
+        let (done, wait) = oneshot::channel();
+        let commit = Commit {
+            logs,
+            batch,
+            done,
+            checkpoint,
+        };
         self.queue
             .as_ref()
             .ok_or(Error::Closed)?
             .send(commit)
-            .map_err(|_| Error::Closed)
+            .map_err(|_| Error::Closed)?;
+        Ok(wait)
     }
 }
 

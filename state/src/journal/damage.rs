@@ -8,7 +8,6 @@
 //! and takes no new record; retention removes it like a finished build. The report is kept in
 //! the store, so the build stays listed as damaged across restarts.
 
-use super::commit::Commit;
 use super::{Error, Journal};
 use crate::build::BuildId;
 use crate::now_ms;
@@ -218,14 +217,8 @@ impl Journal {
         self.lock_damaged().insert(id, damage.clone());
         self.lock_heads().remove(&id);
         if let Ok(batch) = batch(&[(id, damage)]) {
-            let (done, _) = tokio::sync::oneshot::channel();
             // Best effort: if this is lost, the damage is found again on the next read.
-            let _ = self.committer.send(Commit {
-                logs: Vec::new(),
-                batch,
-                done,
-                checkpoint: false,
-            });
+            let _ = self.committer.queue(Vec::new(), batch, false);
         }
         self.damaged_error(id)
     }

@@ -32,7 +32,7 @@ use std::sync::{Arc, mpsc};
 
 use tokio::sync::{oneshot, watch};
 
-use commit::{Commit, Committer, checkpoint_loop, commit_loop};
+use commit::{Committer, checkpoint_loop, commit_loop};
 pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 
 use crate::build::{BuildId, BuildSpec};
@@ -270,7 +270,6 @@ impl Journal {
             }
             heads.remove(&id);
             self.shared.removed.lock().insert(id);
-            let (done, wait) = oneshot::channel();
             // A damaged build's index entry, if any, goes at the next sweep (found stale).
             let ended = view
                 .and_then(|v| v.finished_at_ms())
@@ -280,13 +279,7 @@ impl Journal {
                 finished: ended.into_iter().collect(),
                 ..WriteBatch::default()
             };
-            self.committer.send(Commit {
-                logs: Vec::new(),
-                batch,
-                done,
-                checkpoint: false,
-            })?;
-            wait
+            self.committer.queue(Vec::new(), batch, false)?
         };
         self.wait(pending).await?;
         self.lock_damaged().remove(&id);
@@ -321,16 +314,15 @@ impl Journal {
                 before
             }
         };
-        let damaged: Vec<(BuildId, i64)> = self
+        let damaged: HashMap<BuildId, i64> = self
             .lock_damaged()
             .iter()
             .map(|(id, damage)| (*id, damage.found_at_ms))
             .collect();
-        let is_damaged = |id: BuildId| damaged.iter().any(|(d, _)| *d == id);
         let mut ended = Vec::new();
         let mut stale = WriteBatch::default();
         for (at, id) in entries {
-            if is_damaged(id) {
+            if damaged.contains_key(&id) {
                 // A damaged build goes by when it was found damaged (below).
                 continue;
             }
@@ -345,7 +337,7 @@ impl Journal {
         ended.extend(
             damaged
                 .iter()
-                .filter(|(_, found_at)| *found_at < cutoff_ms)
+                .filter(|(_, found_at)| **found_at < cutoff_ms)
                 .map(|(id, _)| *id),
         );
         if !stale.is_empty() {
@@ -353,13 +345,7 @@ impl Journal {
                 stale = stale.finished.len(),
                 "dropping stale entries of the index of finished builds"
             );
-            let (done, wait) = oneshot::channel();
-            self.committer.send(Commit {
-                logs: Vec::new(),
-                batch: stale,
-                done,
-                checkpoint: false,
-            })?;
+            let wait = self.committer.queue(Vec::new(), stale, false)?;
             wait.await.unwrap_or(Err(Error::Closed))?;
         }
         Ok(ended)
@@ -503,14 +489,7 @@ impl Journal {
         }
         let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
         batch.put_summary(id, summary, view.finished_at_ms());
-        let (done, wait) = oneshot::channel();
-        self.committer.send(Commit {
-            logs,
-            batch,
-            done,
-            checkpoint: false,
-        })?;
-        Ok(wait)
+        self.committer.queue(logs, batch, false)
     }
 
     async fn wait(&self, pending: oneshot::Receiver<Result<()>>) -> Result<()> {
@@ -568,13 +547,9 @@ impl Journal {
     }
 
     async fn empty_commit(&self, checkpoint: bool) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        self.committer.send(Commit {
-            logs: Vec::new(),
-            batch: WriteBatch::default(),
-            done,
-            checkpoint,
-        })?;
+        let wait = self
+            .committer
+            .queue(Vec::new(), WriteBatch::default(), checkpoint)?;
         wait.await.unwrap_or(Err(Error::Closed))
     }
 }

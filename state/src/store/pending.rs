@@ -250,19 +250,33 @@ impl Pending {
             .filter(|_| !self.removed.contains(&id))
     }
 
-    /// Whether each build whose summary is held is unfinished.
-    pub(super) fn unfinished(&self) -> BTreeMap<BuildId, bool> {
-        let mut flags: BTreeMap<BuildId, bool> = match &self.sealed {
-            Some(sealed) => sealed
-                .unfinished
-                .iter()
-                .filter(|(id, _)| !self.is_removed(**id, true))
-                .map(|(id, open)| (*id, *open))
-                .collect(),
+    /// What `pick` takes from both layers, by key: the sealed layer's, less what `gone` says
+    /// was removed since it was sealed, then the live layer's over it.
+    fn overlay<K: Ord, V>(
+        &self,
+        pick: impl Fn(&Layer) -> Vec<(K, V)>,
+        gone: impl Fn(&K) -> bool,
+    ) -> BTreeMap<K, V> {
+        let mut all: BTreeMap<K, V> = match &self.sealed {
+            Some(sealed) => pick(sealed).into_iter().filter(|(k, _)| !gone(k)).collect(),
             None => BTreeMap::new(),
         };
-        flags.extend(self.live.unfinished.iter().map(|(id, open)| (*id, *open)));
-        flags
+        all.extend(pick(&self.live));
+        all
+    }
+
+    /// Whether each build whose summary is held is unfinished.
+    pub(super) fn unfinished(&self) -> BTreeMap<BuildId, bool> {
+        self.overlay(
+            |layer| {
+                layer
+                    .unfinished
+                    .iter()
+                    .map(|(id, open)| (*id, *open))
+                    .collect()
+            },
+            |id| self.is_removed(*id, true),
+        )
     }
 
     /// The index entries held for builds that ended before `cutoff_ms`: put or removed.
@@ -275,15 +289,8 @@ impl Pending {
                 .map(|(entry, put)| (*entry, *put))
                 .collect()
         };
-        let mut entries: BTreeMap<Ended, bool> = match &self.sealed {
-            Some(sealed) => before(sealed)
-                .into_iter()
-                .filter(|((_, id), _)| !self.removed.contains(id))
-                .collect(),
-            None => BTreeMap::new(),
-        };
-        entries.extend(before(&self.live));
-        entries.into_iter().collect()
+        let gone = |(_, id): &Ended| self.removed.contains(id);
+        self.overlay(before, gone).into_iter().collect()
     }
 
     /// `id`'s records with sequence numbers in `seqs`, in order, up to `max_bytes` (each
@@ -337,22 +344,13 @@ impl Pending {
     }
 
     pub(super) fn summaries(&self) -> BTreeMap<BuildId, Vec<u8>> {
-        let mut all: BTreeMap<BuildId, Vec<u8>> = match &self.sealed {
-            Some(sealed) => sealed
-                .summaries
-                .iter()
-                .filter(|(id, _)| !self.is_removed(**id, true))
-                .map(|(id, value)| (*id, value.clone()))
-                .collect(),
-            None => BTreeMap::new(),
-        };
-        all.extend(
-            self.live
-                .summaries
-                .iter()
-                .map(|(id, value)| (*id, value.clone())),
-        );
-        all
+        self.overlay(
+            |layer| {
+                let all = layer.summaries.iter();
+                all.map(|(id, value)| (*id, value.clone())).collect()
+            },
+            |id| self.is_removed(*id, true),
+        )
     }
 }
 

@@ -6,10 +6,10 @@
 //! applies it, and a sync is one `fdatasync` of this file. Sled itself is flushed only at a
 //! checkpoint (the log past [`CHECKPOINT_BYTES`] or [`CHECKPOINT_EVERY`] old, and when the store
 //! closes): the log is sealed (the next entries go to a new file), sled takes what the sealed
-//! file holds, off the commit path, is flushed, and the sealed file is removed. At open, every entry is applied to
-//! sled again, in order: each is idempotent (puts and removals of whole keys, removals of whole
-//! builds), so sled then holds everything the log made durable, whatever sled had written of
-//! it before the crash.
+//! file holds, off the commit path, is flushed, and the sealed file is removed. At open, every
+//! entry is applied to sled again, in order: each is idempotent (puts and removals of whole
+//! keys, removals of whole builds), so sled then holds everything the log made durable,
+//! whatever sled had written of it before the crash.
 //!
 //! Format: files `wal.<generation, 20 digits>` in the store's folder, each a run of entries:
 //! payload length (4 bytes, little endian), CRC-32 of the payload (4), the payload (one

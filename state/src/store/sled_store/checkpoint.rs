@@ -179,7 +179,7 @@ impl SledStore {
         }
         let records = std::mem::take(&mut batch.records);
         let removes = !batch.removed_summaries.is_empty() || !batch.removed_builds.is_empty();
-        // A removal and a checkpoint writing a sealed layer take turns (see `write_sealed`).
+        // A removal and a checkpoint writing a sealed layer take turns (see `write_sealed_layer`).
         let _gate = removes.then(|| self.removal_gate.lock());
         {
             let mut pending = self.pending.lock();

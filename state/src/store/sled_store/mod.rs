@@ -53,7 +53,7 @@ pub struct SledStore {
     /// Held while a sealed layer is written into sled: one checkpoint at a time.
     folding: Mutex<()>,
     /// Taken by a removal, and by a checkpoint for each build it writes (see
-    /// `write_sealed`). Taken after the log, before the pending layers.
+    /// `write_sealed_layer`). Taken after the log, before the pending layers.
     removal_gate: Mutex<()>,
     /// The builds written since the last open's checks, if the store can tell.
     written_since_last_open: Option<Vec<BuildId>>,
@@ -81,16 +81,11 @@ fn finished_key((at_ms, id): Ended) -> [u8; 24] {
 const SIGN_BIT: u64 = 1 << 63;
 
 fn split_finished_key(key: &[u8]) -> Result<Ended, Error> {
-    let bad = || Error::BadKey {
-        keyspace: FINISHED_TREE,
-        len: key.len(),
-    };
-    let at: [u8; 8] = key
-        .get(..8)
-        .and_then(|k| k.try_into().ok())
-        .ok_or_else(bad)?;
-    let id = id_key(FINISHED_TREE, key.get(8..).ok_or_else(bad)?)?;
-    Ok(((u64::from_be_bytes(at) ^ SIGN_BIT) as i64, id))
+    let (at, id) = split_key::<8, 16>(FINISHED_TREE, key)?;
+    Ok((
+        (u64::from_be_bytes(at) ^ SIGN_BIT) as i64,
+        BuildId::from_bytes(id),
+    ))
 }
 
 fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
@@ -101,19 +96,27 @@ fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
 }
 
 fn split_record_key(key: &[u8]) -> Result<(BuildId, u64), Error> {
+    let (id, seq) = split_key::<16, 8>(JOURNAL_TREE, key)?;
+    Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
+}
+
+/// A key of exactly `A` + `B` bytes, in its two parts.
+fn split_key<const A: usize, const B: usize>(
+    keyspace: &'static str,
+    key: &[u8],
+) -> Result<([u8; A], [u8; B]), Error> {
     let bad = || Error::BadKey {
-        keyspace: JOURNAL_TREE,
+        keyspace,
         len: key.len(),
     };
-    let id: [u8; 16] = key
-        .get(..16)
-        .and_then(|k| k.try_into().ok())
-        .ok_or_else(bad)?;
-    let seq: [u8; 8] = key
-        .get(16..)
-        .and_then(|k| k.try_into().ok())
-        .ok_or_else(bad)?;
-    Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
+    if key.len() != A + B {
+        return Err(bad());
+    }
+    let (a, b) = key.split_at(A);
+    Ok((
+        a.try_into().map_err(|_| bad())?,
+        b.try_into().map_err(|_| bad())?,
+    ))
 }
 
 fn id_key(keyspace: &'static str, key: &[u8]) -> Result<BuildId, Error> {
