@@ -3,7 +3,11 @@
 //! throughput through its log writer (chunked, pipelined, durable at the flush) beside raw
 //! `write` + `fdatasync` of 64 KiB chunks.
 //!
-//! `cargo bench --bench journal` (BENCH_SECONDS sets each phase's length, default 3).
+//! The append phases and the raw fsync loop take turns, in rounds (this machine's disk swings
+//! by ±20% within a minute), and each figure pools its rounds.
+//!
+//! `cargo bench --bench journal` (BENCH_SECONDS sets each phase's length, default 1;
+//! BENCH_ROUNDS the rounds, default 5).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::io::Write;
@@ -16,7 +20,8 @@ use image_builder_state::testing::new_build;
 
 const CHUNK: usize = 128;
 
-fn fsync_rate(dir: &std::path::Path, phase: Duration) -> f64 {
+/// Raw `write` + `fdatasync` of [`CHUNK`] bytes for `phase`: (syncs, seconds taken).
+fn fsync_loop(dir: &std::path::Path, phase: Duration) -> (u64, f64) {
     let mut file = std::fs::File::create(dir.join("fsync-probe")).unwrap();
     let start = Instant::now();
     let mut n = 0u64;
@@ -25,7 +30,31 @@ fn fsync_rate(dir: &std::path::Path, phase: Duration) -> f64 {
         file.sync_data().unwrap();
         n += 1;
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (n, start.elapsed().as_secs_f64())
+}
+
+/// Counts and seconds pooled over rounds.
+#[derive(Default)]
+struct Pooled {
+    count: u64,
+    seconds: f64,
+    commits: u64,
+}
+
+impl Pooled {
+    fn add(&mut self, (count, seconds, commits): (u64, f64, u64)) {
+        self.count += count;
+        self.seconds += seconds;
+        self.commits += commits;
+    }
+
+    fn rate(&self) -> f64 {
+        self.count as f64 / self.seconds
+    }
+
+    fn per_commit(&self) -> f64 {
+        self.count as f64 / self.commits.max(1) as f64
+    }
 }
 
 /// Output bytes one build writes in the throughput rows.
@@ -69,7 +98,9 @@ async fn build_output_mb_per_s(journal: &Journal) -> (f64, usize) {
     (rate, records)
 }
 
-async fn appends(journal: &Journal, writers: usize, phase: Duration) -> (f64, u64) {
+/// `writers` builds appending [`CHUNK`]-byte log chunks for `phase`: (appends, seconds taken,
+/// group commits).
+async fn appends(journal: &Journal, writers: usize, phase: Duration) -> (u64, f64, u64) {
     let commits_before = *journal.commits().borrow();
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -89,16 +120,20 @@ async fn appends(journal: &Journal, writers: usize, phase: Duration) -> (f64, u6
     for task in tasks {
         total += task.await.unwrap();
     }
-    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let seconds = start.elapsed().as_secs_f64();
     let commits = *journal.commits().borrow() - commits_before;
-    (rate, commits.max(1))
+    (total, seconds, commits)
 }
 
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(1);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let phase = Duration::from_secs(seconds);
     // Same file system as the repository (target/), not a tmpfs.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -107,11 +142,15 @@ fn main() {
         .build()
         .unwrap();
 
-    let fsync = fsync_rate(dir.path(), phase);
     let journal = Journal::open(&dir.path().join("store")).unwrap();
-    let (single, single_commits) = runtime.block_on(appends(&journal, 1, phase));
-    let (many, many_commits) = runtime.block_on(appends(&journal, 64, phase));
-    let many_total = many * phase.as_secs_f64();
+    let (mut raw, mut single, mut many) = (Pooled::default(), Pooled::default(), Pooled::default());
+    for _ in 0..rounds {
+        let (n, seconds) = fsync_loop(dir.path(), phase);
+        raw.add((n, seconds, n));
+        single.add(runtime.block_on(appends(&journal, 1, phase)));
+        many.add(runtime.block_on(appends(&journal, 64, phase)));
+    }
+    let fsync = raw.rate();
     let raw_chunks = raw_chunks_mb_per_s(dir.path());
     let (output, output_records) = runtime.block_on(build_output_mb_per_s(&journal));
 
@@ -119,19 +158,22 @@ fn main() {
     println!("|---|---:|---:|");
     println!("| raw write+fdatasync of {CHUNK} B (same fs) | {fsync:.0} | 1.00 |");
     println!(
-        "| journal append, 1 writer, durable | {single:.0} | {:.2} |",
-        single / fsync
+        "| journal append, 1 writer, durable | {:.0} | {:.2} |",
+        single.rate(),
+        single.rate() / fsync
     );
     println!(
-        "| journal append, 64 concurrent builds, durable | {many:.0} | {:.2} |",
-        many / fsync
+        "| journal append, 64 concurrent builds, durable | {:.0} | {:.2} |",
+        many.rate(),
+        many.rate() / fsync
     );
     println!();
     println!(
-        "group commit: 1 writer {:.1} appends/sync; 64 builds {:.1} appends/sync ({} syncs)",
-        single * phase.as_secs_f64() / single_commits as f64,
-        many_total / many_commits as f64,
-        many_commits
+        "{rounds} rounds of {seconds} s per phase; group commit: 1 writer {:.1} appends/sync; \
+         64 builds {:.1} appends/sync ({} syncs)",
+        single.per_commit(),
+        many.per_commit(),
+        many.commits
     );
     println!();
     println!("| measurement | MB/s | vs raw |");

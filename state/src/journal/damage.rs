@@ -218,7 +218,7 @@ impl Journal {
         self.lock_heads().remove(&id);
         if let Ok(batch) = batch(&[(id, damage)]) {
             // Best effort: if this is lost, the damage is found again on the next read.
-            let _ = self.committer.queue(Vec::new(), batch, false);
+            let _ = self.committer.queue(&self.shared, Vec::new(), batch, false);
         }
         self.damaged_error(id)
     }
