@@ -872,6 +872,24 @@ mod tests {
         builds_share_commits().await;
     }
 
+    /// Queues a log append to `id` by hand and returns its ticket unwaited: on a
+    /// multi-threaded runtime with nothing else under way, the append holds the committer's
+    /// turn until the ticket is waited for or dropped.
+    fn held_append(journal: &Journal, id: BuildId, data: &[u8]) -> Ticket {
+        let (mut heads, mut view) = journal.lock_head(id).unwrap();
+        let seq = view.next_seq;
+        let record = Record::Log {
+            offset: view.log_len,
+            data: data.to_vec(),
+        };
+        view.apply(seq, &record).unwrap();
+        let ticket = journal
+            .enqueue(&view, vec![(seq, record)], Vec::new())
+            .unwrap();
+        heads.insert(id, view);
+        ticket
+    }
+
     /// An append whose caller would commit it but drops it unwritten (a best-effort write that
     /// is not waited for) is written by the committer thread, before what was queued after it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -879,19 +897,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
         let id = new_build(&journal).await;
-        let ticket = {
-            let (mut heads, mut view) = journal.lock_head(id).unwrap();
-            let record = Record::Log {
-                offset: 0,
-                data: b"first\n".to_vec(),
-            };
-            view.apply(1, &record).unwrap();
-            let ticket = journal
-                .enqueue(&view, vec![(1, record)], Vec::new())
-                .unwrap();
-            heads.insert(id, view);
-            ticket
-        };
+        let ticket = held_append(&journal, id, b"first\n");
         assert!(
             matches!(ticket, Ticket::Lead(_)),
             "a lone append on a multi-threaded runtime commits itself"
@@ -927,6 +933,51 @@ mod tests {
             13,
             "both durable"
         );
+    }
+
+    /// A log append to an ended build and the build's removal, queued in that order and
+    /// taken into one group commit: the build is gone, with nothing of it left behind (the
+    /// store applies a batch's removals before its puts, so the group must not hold the
+    /// append's record and summary beside the removal).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_committed_with_its_builds_removal_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let holder = new_build(&journal).await;
+        let ended = new_build(&journal).await;
+        journal
+            .transition(ended, Event::Failed { reason: "r".into() })
+            .await
+            .unwrap();
+        let turn = held_append(&journal, holder, b"hold\n");
+        let late = {
+            let journal = journal.clone();
+            tokio::spawn(async move { journal.log(ended, b"late output\n".to_vec()).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let removal = {
+            let journal = journal.clone();
+            tokio::spawn(async move { journal.remove(ended).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!late.is_finished() && !removal.is_finished(), "both queued");
+        turn.wait().await.unwrap();
+        late.await.unwrap().unwrap();
+        removal.await.unwrap().unwrap();
+        let check = |journal: &Journal| {
+            assert!(journal.view(ended).unwrap().is_none(), "no view of it");
+            assert!(
+                journal.records(ended, 0).unwrap().is_empty(),
+                "no record of it"
+            );
+            let listed: Vec<BuildId> = journal.summaries().unwrap().iter().map(|s| s.id).collect();
+            assert_eq!(listed, vec![holder], "only the other build is listed");
+        };
+        check(&journal);
+        journal.checkpoint().await.unwrap();
+        check(&journal);
+        drop(journal);
+        check(&Journal::open(dir.path()).unwrap());
     }
 
     #[tokio::test]

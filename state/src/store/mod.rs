@@ -221,8 +221,19 @@ impl WriteBatch {
         }
     }
 
-    /// Adds everything `other` holds to this batch.
+    /// Adds everything `other` holds to this batch, as written after it. A build `other`
+    /// removes loses what this batch held for it: a store applies a batch's removals before
+    /// its puts, so a record or summary queued before the removal would otherwise outlive its
+    /// build.
     pub fn extend(&mut self, other: WriteBatch) {
+        if !other.removed_builds.is_empty() {
+            let gone = |id: &BuildId| other.removed_builds.contains(id);
+            self.records.retain(|(id, _, _)| !gone(id));
+            self.summaries.retain(|(id, _)| !gone(id));
+            self.damage.retain(|(id, _)| !gone(id));
+            self.unfinished.retain(|(id, _)| !gone(id));
+            self.finished.retain(|((_, id), put)| !(*put && gone(id)));
+        }
         self.records.extend(other.records);
         self.summaries.extend(other.summaries);
         self.removed_summaries.extend(other.removed_summaries);
