@@ -31,9 +31,13 @@ impl SledStore {
 
     /// Writes `batch` into sled (not flushed).
     pub(super) fn apply(&self, batch: WriteBatch) -> Result<(), Error> {
+        // A record a checkpoint already wrote into a run (the log it came from was not
+        // removed before a crash) stays there alone: each record lives in one key.
         let mut records = sled::Batch::default();
         for (id, seq, value) in batch.records {
-            records.insert(&record_key(id, seq)[..], value);
+            if !self.in_a_run(id, seq)? {
+                records.insert(&record_key(id, seq)[..], value);
+            }
         }
         let mut damage = sled::Batch::default();
         for (id, value) in batch.damage {
@@ -61,11 +65,7 @@ impl SledStore {
         }
         for id in &batch.removed_builds {
             damage.remove(&id.as_bytes()[..]);
-            for key in self
-                .journal
-                .range(record_key(*id, 0)..=record_key(*id, u64::MAX))
-                .keys()
-            {
+            for key in self.journal.scan_prefix(id.as_bytes()).keys() {
                 records.remove(key?);
             }
         }
@@ -79,6 +79,19 @@ impl SledStore {
             self.segments.remove(*id)?;
         }
         Ok(())
+    }
+
+    /// Whether sled holds record `seq` of build `id` in a run.
+    fn in_a_run(&self, id: BuildId, seq: u64) -> Result<bool, Error> {
+        let Some((key, value)) = self.journal.get_gt(record_key(id, seq))? else {
+            return Ok(false);
+        };
+        if key.len() != 25 || split_record_key(&key)?.0 != id {
+            return Ok(false);
+        }
+        Ok(stored_records(&key, &value)?
+            .first()
+            .is_some_and(|(first, _)| *first <= seq))
     }
 
     /// Seals the live layer and the log file that holds it for a checkpoint, if anything was
@@ -127,8 +140,11 @@ impl SledStore {
             }
             let summary_removed = pending.is_removed(build.id, true);
             drop(pending);
-            for (seq, value) in build.records {
-                self.journal.insert(&record_key(build.id, seq)[..], value)?;
+            for run in runs(&build.records) {
+                if let Some((last, _)) = run.last() {
+                    self.journal
+                        .insert(&run_key(build.id, *last)[..], encode_run(run))?;
+                }
             }
             if let Some(open) = build.unfinished.filter(|_| !summary_removed) {
                 set_index_key(&self.unfinished, build.id.as_bytes(), open)?;
@@ -207,4 +223,25 @@ impl SledStore {
         }
         self.apply(batch)
     }
+}
+
+/// A build's records in runs of about [`RUN_BYTES`] at most (one record at least each), in
+/// order; the same records always give the same runs, so a checkpoint written again after a
+/// failure writes the same keys.
+fn runs<'a, 'b>(records: &'b [(u64, &'a [u8])]) -> Vec<&'b [(u64, &'a [u8])]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, (_, record)) in records.iter().enumerate() {
+        if i > start && size + record.len() > RUN_BYTES {
+            runs.push(&records[start..i]);
+            start = i;
+            size = 0;
+        }
+        size += record.len();
+    }
+    if start < records.len() {
+        runs.push(&records[start..]);
+    }
+    runs
 }

@@ -95,9 +95,70 @@ fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
     key
 }
 
+/// The last byte of a run's key: the key of the run's last record, then this (a single
+/// record's key has no 25th byte), so a run sorts right after where its last record would.
+const RUN_MARK: u8 = 1;
+
+/// A checkpoint writes each build's records as runs of about this many bytes at most (one
+/// sled value each instead of one per record: sled writes every value into its own log, and
+/// keeps a page entry per node in memory).
+const RUN_BYTES: usize = 64 << 10;
+
+/// The key of a run of a build's records whose last record is `last`.
+fn run_key(id: BuildId, last: u64) -> [u8; 25] {
+    let mut key = [RUN_MARK; 25];
+    key[..24].copy_from_slice(&record_key(id, last));
+    key
+}
+
+/// The build and sequence number of a key of the journal tree: a record's, or the last
+/// record's of a run.
 fn split_record_key(key: &[u8]) -> Result<(BuildId, u64), Error> {
+    let key = match key {
+        [record @ .., RUN_MARK] if record.len() == 24 => record,
+        _ => key,
+    };
     let (id, seq) = split_key::<16, 8>(JOURNAL_TREE, key)?;
     Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
+}
+
+/// A run's value: for each record, its sequence number (8 bytes, little endian), its length
+/// (4) and its bytes.
+fn encode_run(records: &[(u64, &[u8])]) -> Vec<u8> {
+    let size = records.iter().map(|(_, r)| 12 + r.len()).sum();
+    let mut value = Vec::with_capacity(size);
+    for (seq, record) in records {
+        value.extend_from_slice(&seq.to_le_bytes());
+        value.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        value.extend_from_slice(record);
+    }
+    value
+}
+
+/// The records an entry of the journal tree holds, in order: one for a record's key, the
+/// run's for a run's. A run that does not parse is corruption (sled's checksums passed, so
+/// the bytes are as written, but not as this store writes them).
+fn stored_records<'a>(key: &[u8], value: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>, Error> {
+    let (_, last) = split_record_key(key)?;
+    if key.len() == 24 {
+        return Ok(vec![(last, value)]);
+    }
+    let corrupt = || Error::Sled(sled::Error::Corruption { at: None, bt: () });
+    let mut records = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let (seq, tail) = rest.split_at_checked(8).ok_or_else(corrupt)?;
+        let (len, tail) = tail.split_at_checked(4).ok_or_else(corrupt)?;
+        let seq = u64::from_le_bytes(seq.try_into().map_err(|_| corrupt())?);
+        let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
+        let (record, tail) = tail.split_at_checked(len).ok_or_else(corrupt)?;
+        records.push((seq, record));
+        rest = tail;
+    }
+    if records.last().map(|(seq, _)| *seq) != Some(last) {
+        return Err(corrupt());
+    }
+    Ok(records)
 }
 
 /// A key of exactly `A` + `B` bytes, in its two parts.
@@ -384,17 +445,27 @@ impl Store for SledStore {
             .pending
             .lock()
             .records(id, seqs.clone(), max_bytes, RECORD_FLOOR_BYTES);
-        let start = record_key(id, seqs.start);
-        let end = record_key(id, seqs.end);
+        // From the first key whose last record is at or past the start (a run that holds
+        // the start has its key there), in order: each record lives in one key.
         let mut out = Vec::new();
         let mut size = 0usize;
-        for entry in self.journal.range(start..end) {
+        'keys: for entry in self
+            .journal
+            .range(record_key(id, seqs.start).as_slice()..=run_key(id, u64::MAX).as_slice())
+        {
             let (key, value) = entry?;
-            let (_, seq) = split_record_key(&key)?;
-            size += value.len().max(RECORD_FLOOR_BYTES);
-            out.push((seq, value.to_vec()));
-            if size >= max_bytes {
-                break;
+            for (seq, record) in stored_records(&key, &value)? {
+                if seq < seqs.start {
+                    continue;
+                }
+                if seq >= seqs.end {
+                    break 'keys;
+                }
+                size += record.len().max(RECORD_FLOOR_BYTES);
+                out.push((seq, record.to_vec()));
+                if size >= max_bytes {
+                    break 'keys;
+                }
             }
         }
         Ok(pending::merge_records(
@@ -443,7 +514,7 @@ impl Store for SledStore {
             let (id, _) = split_record_key(&key)?;
             ids.push(id);
             // Skip the rest of this build's records in one seek.
-            next = self.journal.get_gt(record_key(id, u64::MAX))?;
+            next = self.journal.get_gt(run_key(id, u64::MAX))?;
         }
         if pending.iter().any(|id| ids.binary_search(id).is_err()) {
             ids.extend(pending);
@@ -544,6 +615,43 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// Reads of a store holding builds `a` and `b` with records 0, 1, 2, 256, 300 each.
+    fn reads_back_in_order_and_alone(store: &SledStore, a: BuildId, b: BuildId, when: &str) {
+        let seqs: Vec<u64> = store
+            .records(a, 0..u64::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 256, 300], "{when}");
+        assert_eq!(
+            store.records(a, 2..u64::MAX, usize::MAX).unwrap(),
+            [(2, vec![2]), (256, vec![0]), (300, vec![44])],
+            "{when}"
+        );
+        assert_eq!(
+            store.records(a, 1..256, usize::MAX).unwrap().len(),
+            2,
+            "{when}: nothing past the end"
+        );
+        assert_eq!(
+            store
+                .records(a, 0..u64::MAX, 2 * RECORD_FLOOR_BYTES)
+                .unwrap()
+                .len(),
+            2,
+            "{when}: stops at max_bytes"
+        );
+        assert_eq!(
+            store.records(a, 0..u64::MAX, 0).unwrap().len(),
+            1,
+            "{when}: at least one record"
+        );
+        assert_eq!(store.last_seq(a).unwrap(), Some(300), "{when}");
+        assert_eq!(store.journal_ids().unwrap(), [a, b], "{when}");
+        assert_eq!(store.last_seq(BuildId::new()).unwrap(), None, "{when}");
+    }
+
     #[test]
     fn records_of_one_build_read_back_in_order_and_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -556,30 +664,117 @@ mod tests {
         }
         store.write(batch).unwrap();
         store.sync().unwrap();
-        let seqs: Vec<u64> = store
-            .records(a, 0..u64::MAX, usize::MAX)
+        reads_back_in_order_and_alone(&store, a, b, "pending");
+        store.checkpoint().unwrap();
+        reads_back_in_order_and_alone(&store, a, b, "in sled, as runs");
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        reads_back_in_order_and_alone(&store, a, b, "reopened");
+    }
+
+    /// A checkpoint writes each build's records as runs of about `RUN_BYTES`: reads find
+    /// every record, from any start inside a run, beside records stored one per key (a store
+    /// written before runs) and records replayed from a log whose records a checkpoint had
+    /// already written (a crash before the log's removal).
+    #[test]
+    fn records_in_runs_read_back_whole_from_any_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = SledStore::open(&live).unwrap();
+        let id = BuildId::new();
+        let record = |seq: u64| vec![seq as u8; if seq % 7 == 0 { 20 << 10 } else { 100 }];
+        // Records 0..10 one per key, as before runs.
+        let mut old = sled::Batch::default();
+        for seq in 0..10 {
+            old.insert(&record_key(id, seq)[..], record(seq));
+        }
+        store.journal.apply_batch(old).unwrap();
+        let mut batch = WriteBatch::default();
+        for seq in 10..200 {
+            batch.records.push((id, seq, record(seq)));
+        }
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        // The log as it is before the checkpoint removes it.
+        let logs: Vec<_> = std::fs::read_dir(&live)
             .unwrap()
-            .into_iter()
-            .map(|r| r.0)
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("wal."))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(seqs, [0, 1, 2, 256, 300]);
-        assert_eq!(store.records(a, 2..u64::MAX, usize::MAX).unwrap().len(), 3);
-        assert_eq!(
-            store
-                .records(a, 0..u64::MAX, 2 * RECORD_FLOOR_BYTES)
+        store.checkpoint().unwrap();
+        let keys = store.journal.scan_prefix(id.as_bytes()).count();
+        assert!(
+            (13..=20).contains(&keys),
+            "10 single records, then about 190 records of 4.4 MiB in 64 KiB runs: {keys} keys"
+        );
+        let expect =
+            |from: u64| -> Vec<(u64, Vec<u8>)> { (from..200).map(|s| (s, record(s))).collect() };
+        let check = |store: &SledStore, when: &str| {
+            for from in [0, 5, 10, 11, 63, 64, 65, 150, 199] {
+                assert_eq!(
+                    store.records(id, from..u64::MAX, usize::MAX).unwrap(),
+                    expect(from),
+                    "{when}: from {from}"
+                );
+            }
+            let mut paged = Vec::new();
+            let mut next = 0;
+            while let Some(last) = store
+                .records(id, next..u64::MAX, 50 << 10)
                 .unwrap()
-                .len(),
-            2,
-            "stops at max_bytes"
-        );
+                .into_iter()
+                .inspect(|r| paged.push(r.clone()))
+                .last()
+            {
+                next = last.0 + 1;
+            }
+            assert_eq!(paged, expect(0), "{when}: read in pages");
+            assert_eq!(store.last_seq(id).unwrap(), Some(199), "{when}");
+        };
+        check(&store, "after the checkpoint");
+        // A crash after the checkpoint's flush, before its log file went: a start replays
+        // the log over the runs that hold its records.
+        let crashed = dir.path().join("crashed");
+        crate::testing::crash_copy(&live, &crashed);
+        for (name, bytes) in &logs {
+            std::fs::write(crashed.join(name), bytes).unwrap();
+        }
+        drop(store);
+        let reopened = SledStore::open(&crashed).unwrap();
+        check(&reopened, "after a replay over runs");
         assert_eq!(
-            store.records(a, 0..u64::MAX, 0).unwrap().len(),
-            1,
-            "at least one record"
+            reopened.journal.scan_prefix(id.as_bytes()).count(),
+            keys,
+            "each record in one key"
         );
-        assert_eq!(store.last_seq(a).unwrap(), Some(300));
-        assert_eq!(store.journal_ids().unwrap(), [a, b]);
-        assert_eq!(store.last_seq(BuildId::new()).unwrap(), None);
+    }
+
+    /// A run whose bytes are not as written (cut short, or ending elsewhere than its key
+    /// says) reads as corruption, which the journal reports as damage from that record on.
+    #[test]
+    fn a_run_that_does_not_parse_is_corruption() {
+        let id = BuildId::new();
+        let run = encode_run(&[(4, b"four"), (5, b"five")]);
+        assert_eq!(
+            stored_records(&run_key(id, 5), &run).unwrap(),
+            [(4, &b"four"[..]), (5, &b"five"[..])]
+        );
+        let corrupt = |key: &[u8], value: &[u8]| {
+            matches!(
+                stored_records(key, value),
+                Err(Error::Sled(sled::Error::Corruption { .. }))
+            )
+        };
+        assert!(corrupt(&run_key(id, 5), &run[..run.len() - 1]), "cut short");
+        assert!(corrupt(&run_key(id, 5), &run[..10]), "cut in a header");
+        assert!(corrupt(&run_key(id, 6), &run), "the key names another last record");
+        assert!(corrupt(&run_key(id, 5), &[]), "empty");
     }
 
     #[test]
