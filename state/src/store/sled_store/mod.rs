@@ -682,7 +682,7 @@ mod tests {
         let live = dir.path().join("live");
         let store = SledStore::open(&live).unwrap();
         let id = BuildId::new();
-        let record = |seq: u64| vec![seq as u8; if seq % 7 == 0 { 20 << 10 } else { 100 }];
+        let record = |seq: u64| vec![seq as u8; if seq.is_multiple_of(7) { 20 << 10 } else { 100 }];
         // Records 0..10 one per key, as before runs.
         let mut old = sled::Batch::default();
         for seq in 0..10 {
@@ -773,7 +773,10 @@ mod tests {
         };
         assert!(corrupt(&run_key(id, 5), &run[..run.len() - 1]), "cut short");
         assert!(corrupt(&run_key(id, 5), &run[..10]), "cut in a header");
-        assert!(corrupt(&run_key(id, 6), &run), "the key names another last record");
+        assert!(
+            corrupt(&run_key(id, 6), &run),
+            "the key names another last record"
+        );
         assert!(corrupt(&run_key(id, 5), &[]), "empty");
     }
 
