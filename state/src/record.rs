@@ -167,7 +167,12 @@ pub enum Error {
 
 /// Encodes any serde value behind the format-version byte.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    let mut out = vec![FORMAT_VERSION];
+    // Measured first, so the bytes take one allocation of their size (growing a vector
+    // field by field took several on the journal's hot path, and kept spare capacity).
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, bincode::config::standard())?;
+    let mut out = Vec::with_capacity(1 + size.bytes_written);
+    out.push(FORMAT_VERSION);
     bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard())?;
     Ok(out)
 }

@@ -330,6 +330,37 @@ impl BuildView {
             damage: None,
         }
     }
+
+    /// [`BuildView::summary`], encoded as stored (`record::encode`), without copying the
+    /// view's strings first: the journal encodes one at every append.
+    pub fn encoded_summary(&self) -> Result<Vec<u8>, crate::record::Error> {
+        /// [`Summary`]'s stored fields, in its order, borrowed.
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            id: BuildId,
+            last_seq: u64,
+            phase: Phase,
+            base_ref: &'a str,
+            workspace_ref: &'a str,
+            triggered_by: &'a str,
+            created_at_ms: i64,
+            finished_at_ms: Option<i64>,
+            failure: Option<&'a str>,
+            attempt: u32,
+        }
+        crate::record::encode(&Stored {
+            id: self.id,
+            last_seq: self.next_seq - 1,
+            phase: self.phase(),
+            base_ref: &self.base_ref,
+            workspace_ref: &self.workspace_ref,
+            triggered_by: &self.spec.triggered_by,
+            created_at_ms: self.created_at_ms,
+            finished_at_ms: self.finished_at_ms(),
+            failure: self.failure.as_deref(),
+            attempt: self.attempt,
+        })
+    }
 }
 
 /// What listing a build needs, kept beside the journal for speed. Always derivable from the
@@ -456,6 +487,10 @@ mod tests {
                 let view = view.unwrap();
                 prop_assert_eq!(view.next_seq, end as u64);
                 prop_assert_eq!(view.phases.last().map(|p| p.phase), Some(view.phase()));
+                // The summary encoded in place is the summary, byte for byte.
+                let encoded = view.encoded_summary().unwrap();
+                prop_assert_eq!(&encoded, &crate::record::encode(&view.summary()).unwrap());
+                prop_assert_eq!(crate::record::decode::<Summary>(&encoded).unwrap(), view.summary());
             }
         }
 

@@ -476,7 +476,9 @@ impl Journal {
             let bytes = record.encode().map_err(|e| encode_err(seq, e))?;
             batch.records.push((id, seq, bytes));
         }
-        let summary = record::encode(&view.summary()).map_err(|e| encode_err(view.next_seq, e))?;
+        let summary = view
+            .encoded_summary()
+            .map_err(|e| encode_err(view.next_seq, e))?;
         batch.put_summary(id, summary, view.finished_at_ms());
         self.committer.queue(&self.shared, logs, batch, false)
     }

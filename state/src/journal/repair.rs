@@ -124,7 +124,7 @@ fn repair_summaries(
         match folded {
             Ok(view) => {
                 tracing::info!(build_id = %id, "rebuilt the build's summary from its journal");
-                let bytes = record::encode(&view.summary()).map_err(|e| Error::Record {
+                let bytes = view.encoded_summary().map_err(|e| Error::Record {
                     id,
                     seq: last_seq,
                     source: Arc::new(e),
