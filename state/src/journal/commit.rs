@@ -174,9 +174,11 @@ impl Lead {
         let (lock, wake) = &*self.queue;
         let mut queue = lock.lock();
         queue.busy = false;
-        let waiting = !queue.commits.is_empty();
+        // The thread waits for this turn when appends queued meanwhile, or when the journal
+        // closed meanwhile (it ends once no commit is under way).
+        let waited_for = !queue.commits.is_empty() || queue.closed;
         drop(queue);
-        if waiting {
+        if waited_for {
             wake.notify_one();
         }
     }

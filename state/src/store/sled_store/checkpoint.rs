@@ -225,15 +225,15 @@ impl SledStore {
     }
 }
 
-/// A build's records in runs of about [`RUN_BYTES`] at most (one record at least each), in
-/// order; the same records always give the same runs, so a checkpoint written again after a
-/// failure writes the same keys.
+/// A build's records in runs of [`RUN_RECORDS`] and about [`RUN_BYTES`] at most (one record
+/// at least each), in order; the same records always give the same runs, so a checkpoint
+/// written again after a failure writes the same keys.
 fn runs<'a, 'b>(records: &'b [(u64, &'a [u8])]) -> Vec<&'b [(u64, &'a [u8])]> {
     let mut runs = Vec::new();
     let mut start = 0;
     let mut size = 0;
     for (i, (_, record)) in records.iter().enumerate() {
-        if i > start && size + record.len() > RUN_BYTES {
+        if i > start && (i - start == RUN_RECORDS || size + record.len() > RUN_BYTES) {
             runs.push(&records[start..i]);
             start = i;
             size = 0;

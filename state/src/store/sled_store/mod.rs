@@ -99,9 +99,13 @@ fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
 /// record's key has no 25th byte), so a run sorts right after where its last record would.
 const RUN_MARK: u8 = 1;
 
-/// A checkpoint writes each build's records as runs of about this many bytes at most (one
-/// sled value each instead of one per record: sled writes every value into its own log, and
-/// keeps a page entry per node in memory).
+/// A checkpoint writes each build's records as runs of this many records at most (one sled
+/// value each instead of one per record: sled copies a node per insert and writes every value
+/// into its own log, and keeps a page entry per node in memory) ...
+const RUN_RECORDS: usize = 8;
+
+/// ... and of about this many bytes at most. Both bound what a damaged value costs its build:
+/// sled drops a value whose checksum fails, with all it wrote after it.
 const RUN_BYTES: usize = 64 << 10;
 
 /// The key of a run of a build's records whose last record is `last`.
@@ -672,7 +676,7 @@ mod tests {
         reads_back_in_order_and_alone(&store, a, b, "reopened");
     }
 
-    /// A checkpoint writes each build's records as runs of about `RUN_BYTES`: reads find
+    /// A checkpoint writes each build's records as runs of `RUN_RECORDS`: reads find
     /// every record, from any start inside a run, beside records stored one per key (a store
     /// written before runs) and records replayed from a log whose records a checkpoint had
     /// already written (a crash before the log's removal).
@@ -710,8 +714,8 @@ mod tests {
         store.checkpoint().unwrap();
         let keys = store.journal.scan_prefix(id.as_bytes()).count();
         assert!(
-            (13..=20).contains(&keys),
-            "10 single records, then about 190 records of 4.4 MiB in 64 KiB runs: {keys} keys"
+            (10 + 190 / RUN_RECORDS..=10 + 190 / RUN_RECORDS + 12).contains(&keys),
+            "10 single records, then 190 records in runs of {RUN_RECORDS} and 64 KiB at most: {keys} keys"
         );
         let expect =
             |from: u64| -> Vec<(u64, Vec<u8>)> { (from..200).map(|s| (s, record(s))).collect() };
