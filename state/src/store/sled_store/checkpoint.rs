@@ -81,7 +81,8 @@ impl SledStore {
         Ok(())
     }
 
-    /// Whether sled holds record `seq` of build `id` in a run.
+    /// Whether sled holds record `seq` of build `id` in a run. A run that does not parse
+    /// holds nothing here: the open goes on, and the build reads as damaged there.
     fn in_a_run(&self, id: BuildId, seq: u64) -> Result<bool, Error> {
         let Some((key, value)) = self.journal.get_gt(record_key(id, seq))? else {
             return Ok(false);
@@ -89,9 +90,8 @@ impl SledStore {
         if key.len() != 25 || split_record_key(&key)?.0 != id {
             return Ok(false);
         }
-        Ok(stored_records(&key, &value)?
-            .first()
-            .is_some_and(|(first, _)| *first <= seq))
+        Ok(stored_records(&key, &value)
+            .is_ok_and(|records| records.first().is_some_and(|(first, _)| *first <= seq)))
     }
 
     /// Seals the live layer and the log file that holds it for a checkpoint, if anything was

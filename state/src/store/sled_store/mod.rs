@@ -759,6 +759,60 @@ mod tests {
         );
     }
 
+    /// A run that does not parse, found by a log replay at open: the store opens, and reads
+    /// of that build fail there as corruption (the journal reports the build damaged) instead
+    /// of the whole store refusing to open.
+    #[test]
+    fn a_replay_over_a_run_that_does_not_parse_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let store = SledStore::open(&live).unwrap();
+        let (id, other) = (BuildId::new(), BuildId::new());
+        let mut batch = WriteBatch::default();
+        for seq in 0..4 {
+            batch.records.push((id, seq, vec![seq as u8]));
+            batch.records.push((other, seq, vec![seq as u8]));
+        }
+        store.write(batch).unwrap();
+        store.sync().unwrap();
+        let logs: Vec<_> = std::fs::read_dir(&live)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("wal."))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        store.checkpoint().unwrap();
+        store
+            .journal
+            .insert(&run_key(id, 3)[..], &b"not a run"[..])
+            .unwrap();
+        store.db.flush().unwrap();
+        let crashed = dir.path().join("crashed");
+        crate::testing::crash_copy(&live, &crashed);
+        for (name, bytes) in &logs {
+            std::fs::write(crashed.join(name), bytes).unwrap();
+        }
+        drop(store);
+        let reopened = SledStore::open(&crashed).unwrap();
+        assert!(matches!(
+            reopened.records(id, 0..u64::MAX, usize::MAX),
+            Err(Error::Sled(sled::Error::Corruption { .. }))
+        ));
+        assert_eq!(
+            reopened
+                .records(other, 0..u64::MAX, usize::MAX)
+                .unwrap()
+                .len(),
+            4,
+            "the other build reads whole"
+        );
+    }
+
     /// A run whose bytes are not as written (cut short, or ending elsewhere than its key
     /// says) reads as corruption, which the journal reports as damage from that record on.
     #[test]
