@@ -156,24 +156,29 @@ impl KubernetesExecutor {
             insecure_registries: &self.insecure_registries,
         };
         let wanted = manifest::job(&self.config, &self.installation, &attempt);
-        let job = match self.jobs.create(&PostParams::default(), &wanted).await {
-            Ok(job) => {
-                log.line(format!(
-                    "started builder job {}/{name} for {}",
-                    self.config.namespace, build.base_ref
-                ))
-                .await;
-                job
-            }
+        let (job, created) = match self.jobs.create(&PostParams::default(), &wanted).await {
+            Ok(job) => (job, true),
             // Made by an earlier run of this step that did not hear back: ours.
-            Err(e) if is_status(&e, 409) => self
-                .jobs
-                .get(&name)
-                .await
-                .map_err(api_error(format!("reading job {name}")))?,
+            Err(e) if is_status(&e, 409) => (
+                self.jobs
+                    .get(&name)
+                    .await
+                    .map_err(api_error(format!("reading job {name}")))?,
+                false,
+            ),
             Err(e) => return Err(api_error(format!("creating job {name}"))(e).into()),
         };
+        // Said once the Job has its Secret too: a client that reads this line (and a restart
+        // after it) finds the builder with the request's credentials, which are never
+        // journaled and so cannot be made again after a restart.
         self.ensure_secret(&job, build, secrets).await?;
+        if created {
+            log.line(format!(
+                "started builder job {}/{name} for {}",
+                self.config.namespace, build.base_ref
+            ))
+            .await;
+        }
         Ok(job)
     }
 

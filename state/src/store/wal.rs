@@ -58,7 +58,8 @@ pub(super) struct Replay {
     pub files: Vec<PathBuf>,
 }
 
-fn generation_of(path: &Path) -> Option<u64> {
+/// The generation a log file's name gives, if it names one.
+pub(super) fn generation_of(path: &Path) -> Option<u64> {
     path.file_name()?
         .to_str()?
         .strip_prefix(PREFIX)?

@@ -619,6 +619,33 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// The write-ahead log files of a store as they were at one moment, to put back into a
+    /// crash copy: a crash after a checkpoint's flush, before its log file was removed.
+    struct WalFiles(Vec<(std::ffi::OsString, Vec<u8>)>);
+
+    impl WalFiles {
+        fn copy(dir: &Path) -> Self {
+            let files = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| wal::generation_of(p).is_some())
+                .map(|p| {
+                    (
+                        p.file_name().unwrap().to_owned(),
+                        std::fs::read(&p).unwrap(),
+                    )
+                })
+                .collect();
+            Self(files)
+        }
+
+        fn put_back(&self, dir: &Path) {
+            for (name, bytes) in &self.0 {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+    }
+
     /// Reads of a store holding builds `a` and `b` with records 0, 1, 2, 256, 300 each.
     fn reads_back_in_order_and_alone(store: &SledStore, a: BuildId, b: BuildId, when: &str) {
         let seqs: Vec<u64> = store
@@ -700,17 +727,7 @@ mod tests {
         store.write(batch).unwrap();
         store.sync().unwrap();
         // The log as it is before the checkpoint removes it.
-        let logs: Vec<_> = std::fs::read_dir(&live)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("wal."))
-            .map(|p| {
-                (
-                    p.file_name().unwrap().to_owned(),
-                    std::fs::read(&p).unwrap(),
-                )
-            })
-            .collect();
+        let logs = WalFiles::copy(&live);
         store.checkpoint().unwrap();
         let keys = store.journal.scan_prefix(id.as_bytes()).count();
         assert!(
@@ -746,9 +763,7 @@ mod tests {
         // the log over the runs that hold its records.
         let crashed = dir.path().join("crashed");
         crate::testing::crash_copy(&live, &crashed);
-        for (name, bytes) in &logs {
-            std::fs::write(crashed.join(name), bytes).unwrap();
-        }
+        logs.put_back(&crashed);
         drop(store);
         let reopened = SledStore::open(&crashed).unwrap();
         check(&reopened, "after a replay over runs");
@@ -775,17 +790,7 @@ mod tests {
         }
         store.write(batch).unwrap();
         store.sync().unwrap();
-        let logs: Vec<_> = std::fs::read_dir(&live)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("wal."))
-            .map(|p| {
-                (
-                    p.file_name().unwrap().to_owned(),
-                    std::fs::read(&p).unwrap(),
-                )
-            })
-            .collect();
+        let logs = WalFiles::copy(&live);
         store.checkpoint().unwrap();
         store
             .journal
@@ -794,9 +799,7 @@ mod tests {
         store.db.flush().unwrap();
         let crashed = dir.path().join("crashed");
         crate::testing::crash_copy(&live, &crashed);
-        for (name, bytes) in &logs {
-            std::fs::write(crashed.join(name), bytes).unwrap();
-        }
+        logs.put_back(&crashed);
         drop(store);
         let reopened = SledStore::open(&crashed).unwrap();
         assert!(matches!(
