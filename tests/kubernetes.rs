@@ -411,41 +411,40 @@ async fn a_job_no_build_knows_is_deleted_by_the_sweep_and_counted() {
 
     // Deleted by the sweep: gone, or on its way out (a foreground deletion keeps the Job until
     // the kubelet has stopped its pod, which a busy node can take a while to do).
-    let being_deleted =
-        |job: Option<Job>| job.is_none_or(|job| job.metadata.deletion_timestamp.is_some());
-    let mut deleted = false;
-    for _ in 0..120 {
-        deleted = being_deleted(rig.jobs().get_opt("orphan").await.unwrap());
-        if deleted {
-            break;
+    eventually("the orphan is deleted", async || {
+        match rig
+            .jobs()
+            .get_opt("orphan")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(job) if job.metadata.deletion_timestamp.is_none() => Err(format!(
+                "what the service said of jobs:\n{}",
+                service
+                    .log()
+                    .lines()
+                    .filter(|line| line.contains("job"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )),
+            _ => Ok(()),
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        deleted,
-        "the orphan was never deleted; what the service said of jobs:\n{}",
-        service
-            .log()
-            .lines()
-            .filter(|line| line.contains("job"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    })
+    .await;
     let foreign = rig.jobs().get_opt("foreign").await.unwrap();
     assert!(
         foreign.is_some_and(|job| job.metadata.deletion_timestamp.is_none()),
         "another installation's Job was touched"
     );
     // Counted once the sweep is done with it (its Secret is deleted after the Job).
-    let mut counted = None;
-    for _ in 0..40 {
-        counted = metric(&service, "image_builder_orphan_jobs_deleted_total").await;
-        if counted.is_some_and(|n| n > 0.0) {
-            break;
+    let counted = eventually("the orphan is counted", async || {
+        match metric(&service, "image_builder_orphan_jobs_deleted_total").await {
+            Some(n) if n > 0.0 => Ok(n),
+            seen => Err(format!("the counter reads {seen:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(counted, Some(1.0));
+    })
+    .await;
+    assert_eq!(counted, 1.0);
 }
 
 /// `deploy/image-builder.yaml`, applied to the test cluster with what this cluster needs: the

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use common::*;
@@ -17,19 +17,6 @@ use image_builder_testkit::{
     self as testkit, BaseImage, GitRepo, Jaeger, LocalRegistry, Prometheus, Service,
 };
 use serde_json::Value;
-
-/// Polls `check` every 300 ms until it gives a value, for at most 60 s; panics with `what`
-/// and the last thing seen otherwise.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    }
-}
 
 /// The vector a PromQL query answers: each series' labels and value.
 async fn query(prometheus: &Prometheus, promql: &str) -> Result<Vec<(Value, f64)>, String> {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
@@ -231,7 +232,7 @@ pub async fn wait_for_service_log(service: &Service, needle: &str) {
         if service.log().contains(needle) {
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the service never logged {needle:?}:\n{}", service.log());
 }
@@ -261,4 +262,17 @@ pub async fn ops_build(service: &Service, id: &str) -> image_builder::proto::ops
         .await
         .unwrap()
         .into_inner()
+}
+
+/// Polls `check` every 300 ms until it gives a value, for at most 60 s; panics with `what`
+/// and the last thing seen otherwise.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => panic!("{what}: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
 }
