@@ -1,4 +1,5 @@
-//! Journal appends per second with durability (one writer; 64 concurrent builds), beside the
+//! Journal appends per second with durability (one writer; 64 concurrent builds, without and
+//! with 1000 idle builds listened to, as queued builds' Build streams are), beside the
 //! raw fsync rate of the same file system measured in the same run; and one build's output
 //! throughput through its log writer (chunked, pipelined, durable at the flush) beside raw
 //! `write` + `fdatasync` of 64 KiB chunks.
@@ -20,6 +21,9 @@ use image_builder_state::Journal;
 use image_builder_state::testing::new_build;
 
 const CHUNK: usize = 128;
+
+/// Builds that append nothing but have a listener each, in the phase that has them.
+const IDLE_LISTENED: usize = 1000;
 
 /// Turns the raw loop and the one writer take within each round's phase.
 const SLICES: u32 = 10;
@@ -129,6 +133,39 @@ async fn appends(journal: &Journal, writers: usize, phase: Duration) -> (u64, f6
     (total, seconds, commits)
 }
 
+/// [`appends`] of 64 builds while each of `idle` (builds that append nothing, as queued
+/// builds do) has a listener reading it live, as a Build stream or a Logs client does.
+async fn appends_beside_listeners(
+    journal: &Journal,
+    idle: &[image_builder_state::BuildId],
+    phase: Duration,
+) -> (u64, f64, u64) {
+    let (listening, mut ready) = tokio::sync::mpsc::channel::<()>(idle.len().max(1));
+    let listeners: Vec<_> = idle
+        .iter()
+        .map(|&id| {
+            let (journal, listening) = (journal.clone(), listening.clone());
+            tokio::spawn(async move {
+                let mut reader = journal.read(id, 0, 0);
+                reader.next().await.unwrap().unwrap();
+                listening.send(()).await.unwrap();
+                // Waits for a record that never comes, until aborted.
+                while let Some(next) = reader.next().await {
+                    next.unwrap();
+                }
+            })
+        })
+        .collect();
+    for _ in idle {
+        ready.recv().await.unwrap();
+    }
+    let appended = appends(journal, 64, phase).await;
+    for listener in listeners {
+        listener.abort();
+    }
+    appended
+}
+
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
@@ -147,7 +184,21 @@ fn main() {
         .unwrap();
 
     let journal = Journal::open(&dir.path().join("store")).unwrap();
+    let idle: Vec<_> = runtime.block_on(async {
+        let creates: Vec<_> = (0..IDLE_LISTENED)
+            .map(|_| {
+                let journal = journal.clone();
+                tokio::spawn(async move { new_build(&journal).await })
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(creates.len());
+        for create in creates {
+            ids.push(create.await.unwrap());
+        }
+        ids
+    });
     let (mut raw, mut single, mut many) = (Pooled::default(), Pooled::default(), Pooled::default());
+    let mut listened = Pooled::default();
     for _ in 0..rounds {
         // One writer and the raw loop compare two `fdatasync`-bound rates, so they take turns
         // in slices: a disk whose speed drifts within a second moves both alike.
@@ -158,6 +209,7 @@ fn main() {
             single.add(runtime.block_on(appends(&journal, 1, slice)));
         }
         many.add(runtime.block_on(appends(&journal, 64, phase)));
+        listened.add(runtime.block_on(appends_beside_listeners(&journal, &idle, phase)));
     }
     let fsync = raw.rate();
     let raw_chunks = raw_chunks_mb_per_s(dir.path());
@@ -175,6 +227,11 @@ fn main() {
         "| journal append, 64 concurrent builds, durable | {:.0} | {:.2} |",
         many.rate(),
         many.rate() / fsync
+    );
+    println!(
+        "| journal append, 64 concurrent builds, durable, {IDLE_LISTENED} idle builds listened to | {:.0} | {:.2} |",
+        listened.rate(),
+        listened.rate() / fsync
     );
     println!();
     println!(

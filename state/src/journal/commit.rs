@@ -299,6 +299,13 @@ fn commit_group(shared: &Shared, group: Vec<Commit>, sealed: &mpsc::SyncSender<(
         .collect();
     let written_count = written.len();
     let removed = batch.removed_builds.clone();
+    let mut touched: Vec<BuildId> = written
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(removed.iter().copied())
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
     // With the summaries, the entries of the index of finished builds: a sweep that
     // found an entry before its build's summary said it ended would drop it as stale.
     let summaries = WriteBatch {
@@ -351,6 +358,7 @@ fn commit_group(shared: &Shared, group: Vec<Commit>, sealed: &mpsc::SyncSender<(
         observer.committed(waiters.len(), written_count, started.elapsed());
     }
     shared.generation.send_modify(|g| *g += 1);
+    shared.wake_followers(&touched);
     for done in waiters {
         answer(done, result.clone(), &mut own);
     }

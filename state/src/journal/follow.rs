@@ -1,12 +1,13 @@
 //! Readers that tail one build: [`Follower`] yields its durable records, [`Reader`] the same
 //! with log records turned into their durable bytes. Both read the store in bounded batches, only as fast as their caller
-//! asks, and wake on each durable commit: a reader's memory does not grow with the log.
+//! asks, and wake on each durable commit of their build (never on other builds' commits): a
+//! reader's memory does not grow with the log, nor its work with the builds beside it.
 
 use std::collections::VecDeque;
 
 use tokio::sync::watch;
 
-use super::{Error, Journal, Result};
+use super::{Error, Journal, Result, Shared};
 use crate::build::BuildId;
 use crate::record::Record;
 use crate::view::BuildView;
@@ -24,9 +25,16 @@ impl Journal {
     /// record as it becomes durable, ending after the record that puts the build in a final
     /// phase. No gap, no duplicate, and a slow follower holds up nobody.
     pub fn follow(&self, id: BuildId, from_seq: u64) -> Follower {
+        let commits = self
+            .shared
+            .followed
+            .lock()
+            .entry(id)
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe();
         Follower {
             journal: self.clone(),
-            commits: self.commits(),
+            commits,
             id,
             from_seq,
             read_seq: 0,
@@ -38,10 +46,26 @@ impl Journal {
     }
 }
 
+impl Shared {
+    /// Wakes the followers of `ids` (each named once), the builds a commit carried.
+    pub(super) fn wake_followers(&self, ids: &[BuildId]) {
+        let followed = self.followed.lock();
+        if followed.is_empty() {
+            return;
+        }
+        for id in ids {
+            if let Some(commits) = followed.get(id) {
+                commits.send_replace(());
+            }
+        }
+    }
+}
+
 /// A reader that tails one build's journal; see [`Journal::follow`].
 pub struct Follower {
     journal: Journal,
-    commits: watch::Receiver<u64>,
+    /// Changes after each commit that carried this build's records.
+    commits: watch::Receiver<()>,
     id: BuildId,
     from_seq: u64,
     read_seq: u64,
@@ -133,6 +157,19 @@ impl Follower {
     /// The build this follower reads.
     pub fn id(&self) -> BuildId {
         self.id
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let mut followed = self.journal.shared.followed.lock();
+        // This follower's own receiver still counts: the last one removes the entry.
+        if followed
+            .get(&self.id)
+            .is_some_and(|commits| commits.receiver_count() <= 1)
+        {
+            followed.remove(&self.id);
+        }
     }
 }
 
@@ -321,5 +358,84 @@ impl Reader {
     /// The build as folded from every record read so far.
     pub fn view(&self) -> Option<&BuildView> {
         self.records.view()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use super::*;
+    use crate::testing::new_build;
+
+    /// Counts how often a task was woken.
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Before, every commit woke every follower, which then read its build from the store:
+    /// with one listener per build in flight, each commit cost a store read per build.
+    #[tokio::test]
+    async fn a_follower_is_woken_by_its_own_builds_commits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let (followed, other) = (new_build(&journal).await, new_build(&journal).await);
+        let mut follower = journal.follow(followed, 0);
+        assert_eq!(
+            follower.next().await.unwrap().unwrap().0,
+            0,
+            "its Created record"
+        );
+
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        let mut next = Box::pin(follower.next());
+        assert!(next.as_mut().poll(&mut cx).is_pending(), "nothing new yet");
+        for _ in 0..20 {
+            journal
+                .log(other, b"another build's line\n".to_vec())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            0,
+            "another build's commits woke the follower"
+        );
+
+        let line = b"its own line\n";
+        journal.log(followed, line.to_vec()).await.unwrap();
+        assert!(
+            wakes.0.load(Ordering::SeqCst) >= 1,
+            "its own commit did not wake it"
+        );
+        match next.as_mut().poll(&mut cx) {
+            Poll::Ready(Some(Ok((1, record)))) => {
+                assert_eq!(record.log_extent(), Some((0, line.len() as u64)));
+            }
+            other => panic!("expected its log record, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_builds_wake_channel_lives_as_long_as_a_follower_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let id = new_build(&journal).await;
+        let followed = || journal.shared.followed.lock().contains_key(&id);
+        let (first, second) = (journal.follow(id, 0), journal.follow(id, 0));
+        assert!(followed());
+        drop(first);
+        assert!(followed(), "the second follower still waits on it");
+        drop(second);
+        assert!(!followed(), "no follower is left: the channel goes");
     }
 }

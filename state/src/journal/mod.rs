@@ -75,6 +75,11 @@ pub(super) struct Shared {
     removed: Mutex<std::collections::HashSet<BuildId>>,
     /// Bumped after every durable group commit.
     generation: watch::Sender<u64>,
+    /// The builds someone follows, each with a channel told after every commit that carried
+    /// records of it (or removed it): a follower wakes for its own build's commits only, so
+    /// a commit costs work for the builds in it, not for every build someone listens to.
+    /// An entry lives while a follower of its build does. Held for map operations only.
+    followed: Mutex<HashMap<BuildId, watch::Sender<()>>>,
     /// Told of every group commit (metrics), once set.
     observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
     /// Damaged builds (see `damage.rs`): loaded at open, added to when a read finds damage.
@@ -109,6 +114,7 @@ impl Journal {
             heads: Mutex::new(HashMap::new()),
             removed: Mutex::new(std::collections::HashSet::new()),
             generation,
+            followed: Mutex::new(HashMap::new()),
             damaged: Mutex::new(HashMap::new()),
             observer: std::sync::OnceLock::new(),
         });

@@ -217,7 +217,9 @@ impl Journal {
         Ok(self.shared.store.size_on_disk()?)
     }
 
-    /// A receiver that changes after every durable commit: wake on it, then read.
+    /// A receiver whose value counts the group commits so far (durable or failed): how
+    /// benchmarks and tests see commits shared. Followers wake on their own build's commits
+    /// instead ([`Journal::follow`]).
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.shared.generation.subscribe()
     }
