@@ -282,3 +282,115 @@ async fn anonymous_lookups_of_an_open_registry_are_one_request_each() {
     // And a registry that wants credentials still gets asked for its challenge: the
     // credential tests (basic and token auth) run against such registries.
 }
+
+/// A copy asks the registry only what it does not know: the manifest its resolve read a
+/// moment before is not read again, and a blob the target repository was seen to hold is not
+/// checked again. A blob the registry lost since (deleted here) is found out by the manifest
+/// push: the copy checks what it took as present, copies it, and pushes once more.
+#[tokio::test]
+async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since() {
+    use image_builder_testkit::FaultProxy;
+
+    let local = LocalRegistry::start().unwrap();
+    testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        local.addr(),
+        "kn/busybox:base",
+    )
+    .unwrap();
+    // Three images sharing every layer, each with a config of its own.
+    testkit::bench::distinct_images(local.addr(), "kn/busybox", 3)
+        .await
+        .unwrap();
+    let inspected = testkit::skopeo_inspect(&format!("{}/kn/busybox:base", local.addr())).unwrap();
+    let layers: Vec<String> = inspected["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    assert!(!layers.is_empty());
+    let proxy = FaultProxy::start(local.addr()).await.unwrap();
+    let via = proxy.addr().to_owned();
+    let registry = Registry::new(std::slice::from_ref(&via));
+
+    let mut results = Vec::new();
+    for i in 0..3 {
+        if i == 2 {
+            // The registry loses a shared layer from the workspace repository.
+            let gone = reqwest::Client::new()
+                .delete(format!(
+                    "http://{}/v2/kn/ws/blobs/{}",
+                    local.addr(),
+                    layers[0]
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(gone.status().as_u16(), 202, "the registry deleted the blob");
+        }
+        let before = proxy.calls().len();
+        let pinned = registry
+            .resolve(
+                &format!("{via}/kn/busybox:v{i}"),
+                &NoCredentials,
+                &Untracked,
+            )
+            .await
+            .unwrap();
+        let to = format!("{via}/kn/ws:{i}");
+        let lines = Lines(Default::default());
+        let digest = registry
+            .copy(&pinned, &to, &NoCredentials, &lines)
+            .await
+            .unwrap();
+        let direct = format!("{}/kn/ws:{i}", local.addr());
+        assert_eq!(digest_of(&direct), digest, "image {i} arrived whole");
+        let calls = proxy.calls()[before..].to_vec();
+        let lines = lines.0.lock().unwrap().clone();
+        results.push((calls, lines));
+    }
+    let count = |calls: &[(String, String)], method: &str, part: &str| {
+        calls
+            .iter()
+            .filter(|(m, p)| m == method && p.contains(part))
+            .count()
+    };
+    for (i, (calls, _)) in results.iter().enumerate() {
+        assert_eq!(
+            count(calls, "GET", "/manifests/"),
+            1,
+            "image {i}: the resolve's read only, not the copy's: {calls:?}"
+        );
+    }
+    let (first, _) = &results[0];
+    for layer in &layers {
+        assert_eq!(count(first, "HEAD", layer), 1, "{first:?}");
+    }
+    let (second, _) = &results[1];
+    for layer in &layers {
+        assert!(
+            !second.iter().any(|(_, p)| p.contains(layer.as_str())),
+            "a layer copied by the first image is not asked about again: {second:?}"
+        );
+    }
+    assert_eq!(count(second, "PUT", "/manifests/"), 1, "{second:?}");
+    let (third, lines) = &results[2];
+    assert_eq!(
+        count(third, "PUT", "/manifests/"),
+        2,
+        "refused for the lost blob, then pushed again: {third:?}"
+    );
+    assert!(
+        third
+            .iter()
+            .any(|(m, p)| m == "HEAD" && p.contains(layers[0].as_str())),
+        "the lost layer was checked: {third:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("checking the") && l.contains("taken as present")),
+        "{lines:?}"
+    );
+}

@@ -4,6 +4,7 @@
 
 mod coalesce;
 mod error;
+mod known;
 mod limits;
 mod once;
 mod open;
@@ -67,6 +68,8 @@ pub struct Registry {
     limits: HostLimits,
     /// Registries that need no credentials.
     open_hosts: open::OpenHosts,
+    /// Manifests by digest and repositories' blobs, seen lately.
+    known: known::Known,
     /// References parsed lately: parsing is a regular-expression match that cost a cache hit
     /// about a sixth of its CPU, and the same few references come back all the time.
     parsed: quick_cache::sync::Cache<String, Reference>,
@@ -156,6 +159,7 @@ impl Registry {
             resolutions: Coalescer::default(),
             limits: HostLimits::new(DEFAULT_PER_HOST),
             open_hosts: open::OpenHosts::default(),
+            known: known::Known::default(),
             parsed: quick_cache::sync::Cache::new(PARSED_REFERENCES),
         }
     }
@@ -204,6 +208,7 @@ impl Registry {
                 let session = Session {
                     client: self.client(ANONYMOUS),
                     auth: RegistryAuth::Anonymous,
+                    credential: ANONYMOUS,
                 };
                 if openness.open {
                     open::skip_challenge(&session, image).await;
@@ -211,12 +216,17 @@ impl Registry {
                 session
             }
             Some(secret) => {
-                let client = self.client(secret.fingerprint());
+                let credential = secret.fingerprint();
+                let client = self.client(credential);
                 let auth = secret.registry_auth();
                 client
                     .store_auth_if_needed(image.resolve_registry(), &auth)
                     .await;
-                Session { client, auth }
+                Session {
+                    client,
+                    auth,
+                    credential,
+                }
             }
         }
     }
@@ -248,7 +258,8 @@ impl Registry {
     }
 
     /// Resolves a reference to `registry/repository@sha256:…`; an index resolves to its
-    /// linux/amd64 manifest. Transient faults are retried.
+    /// linux/amd64 manifest. Transient faults are retried. A manifest read on the way is kept
+    /// for the copy that may follow.
     pub async fn resolve(
         &self,
         reference: &str,
@@ -331,7 +342,7 @@ impl Registry {
     ) -> Result<T, Error>
     where
         T: Clone,
-        F: AsyncFn(&Session, &Reference, &str) -> Result<T, Error>,
+        F: AsyncFn(&Registry, &Session, &Reference, &str) -> Result<T, Error>,
     {
         let image = self.parse(reference)?;
         self.renewing(keychain, &[image.registry()], progress, || async {
@@ -341,7 +352,7 @@ impl Registry {
                 .answer(question, || async {
                     let session = self.session(&image, secret.as_ref()).await;
                     self.retrying(Resource::Manifest(&image), progress, || {
-                        once(&session, &image, reference)
+                        once(self, &session, &image, reference)
                     })
                     .await
                 })
@@ -387,22 +398,29 @@ impl Registry {
             .session(&target, keychain.push(target.registry()).await.as_ref())
             .await;
         let what = format!("image {from}");
-        let (manifest, digest) = self
-            .retrying(Resource::Manifest(&source), progress, || async {
-                reader
-                    .client
-                    .pull_manifest_raw(&source, &reader.auth, COPY_MEDIA_TYPES)
-                    .await
-                    .map_err(|e| fail(&source, &what, e))
-            })
-            .await?;
+        let (manifest, digest) = match self.known.manifest(reader.credential, &source) {
+            Some(kept) => kept,
+            None => {
+                let (bytes, digest) = self
+                    .retrying(Resource::Manifest(&source), progress, || async {
+                        reader
+                            .client
+                            .pull_manifest_raw(&source, &reader.auth, COPY_MEDIA_TYPES)
+                            .await
+                            .map_err(|e| fail(&source, &what, e))
+                    })
+                    .await?;
+                self.known
+                    .keep_manifest(reader.credential, &source, &digest, bytes.clone());
+                (bytes, digest)
+            }
+        };
         let blobs: ManifestBlobs =
             serde_json::from_slice(&manifest).map_err(|e| Error::Invalid {
                 registry: source.registry().to_owned(),
                 what: what.clone(),
                 detail: format!("manifest does not list config and layers: {e}"),
             })?;
-        let same_registry = source.registry() == target.registry();
         // Each blob once: a manifest may list one twice, and two copies of one blob into one
         // repository at once are what docker-registry 2.8 was seen to lose.
         let mut all: Vec<&OciDescriptor> = Vec::with_capacity(blobs.layers.len() + 1);
@@ -411,26 +429,29 @@ impl Registry {
                 all.push(blob);
             }
         }
-        // Blobs side by side (a few at a time, each still taking a slot at its host), the
-        // manifest once all are there.
         let ends = Ends {
             source: &source,
             reader: &reader,
             target: &target,
             writer: &writer,
         };
-        let mut copies = Vec::with_capacity(all.len());
-        for (i, blob) in all.iter().enumerate() {
-            let (ends, n) = (&ends, (i + 1, all.len()));
-            copies.push(self.retrying(
-                Resource::Blob(&source, &blob.digest),
-                progress,
-                move || copy_blob(ends, blob, same_registry, n, progress),
-            ));
+        // Blobs the target repository was seen to hold (an earlier copy put or found them
+        // there) are taken as present; the rest are checked and copied.
+        let (trusted, unknown): (Vec<_>, Vec<_>) = all
+            .iter()
+            .enumerate()
+            .map(|(i, blob)| (i + 1, *blob))
+            .partition(|(_, blob)| self.known.holds_blob(&target, &blob.digest));
+        for (n, blob) in &trusted {
+            progress
+                .line(format!(
+                    "blob {n}/{} {} already present (seen there before)",
+                    all.len(),
+                    blob.digest
+                ))
+                .await;
         }
-        futures::stream::iter(copies)
-            .buffer_unordered(BLOB_COPIES_AT_ONCE)
-            .try_collect::<()>()
+        self.copy_blobs(&ends, &unknown, all.len(), progress)
             .await?;
         let media_type = blobs
             .media_type
@@ -441,15 +462,38 @@ impl Registry {
                 what: what.clone(),
                 detail: format!("media type {media_type:?} is not a header value"),
             })?;
-        let location = self
-            .retrying(Resource::Manifest(&target), progress, || async {
+        let push_manifest = || {
+            self.retrying(Resource::Manifest(&target), progress, || async {
                 writer
                     .client
                     .push_manifest_raw(&target, manifest.clone(), content_type.clone())
                     .await
                     .map_err(|e| fail(&target, &format!("manifest of {to}"), e))
             })
-            .await?;
+        };
+        let location = match push_manifest().await {
+            Ok(location) => location,
+            // The registry may have lost a blob since it was seen there (deleted, collected):
+            // the manifest is refused as naming an unknown blob. Check those and push again.
+            Err(err)
+                if !trusted.is_empty()
+                    && matches!(err.root(), Error::NotFound { .. } | Error::Invalid { .. }) =>
+            {
+                progress
+                    .line(format!(
+                        "{err}; checking the {} blobs taken as present and pushing once more",
+                        trusted.len()
+                    ))
+                    .await;
+                for (_, blob) in &trusted {
+                    self.known.forget_blob(&target, &blob.digest);
+                }
+                self.copy_blobs(&ends, &trusted, all.len(), progress)
+                    .await?;
+                push_manifest().await?
+            }
+            Err(err) => return Err(err),
+        };
         progress
             .line(format!("pushed manifest {digest} to {to}"))
             .await;
@@ -459,7 +503,7 @@ impl Registry {
             Some(stored) => Some(stored.to_owned()),
             None => {
                 self.retrying(Resource::Manifest(&target), progress, || {
-                    lookup_once(&writer, &target, to)
+                    lookup_once(self, &writer, &target, to)
                 })
                 .await?
             }
@@ -478,6 +522,36 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Copies `blobs` (each with its place among the image's `of` blobs) into the target
+    /// repository, a few side by side (each still taking a slot at its host), and remembers
+    /// the repository holds each one copied or found.
+    async fn copy_blobs(
+        &self,
+        ends: &Ends<'_>,
+        blobs: &[(usize, &OciDescriptor)],
+        of: usize,
+        progress: &dyn Progress,
+    ) -> Result<(), Error> {
+        let same_registry = ends.source.registry() == ends.target.registry();
+        let mut copies = Vec::with_capacity(blobs.len());
+        for &(n, blob) in blobs {
+            copies.push(async move {
+                self.retrying(Resource::Blob(ends.source, &blob.digest), progress, || {
+                    copy_blob(ends, blob, same_registry, (n, of), progress)
+                })
+                .await?;
+                self.known.hold_blob(ends.target, &blob.digest);
+                Ok::<_, Error>(())
+            });
+        }
+        futures::stream::iter(copies)
+            .buffer_unordered(BLOB_COPIES_AT_ONCE)
+            .try_collect::<()>()
+            .await
+    }
+}
+
 /// The digest a manifest's location names as its last path segment, if it names one.
 fn digest_in_location(location: &str) -> Option<&str> {
     let last = location.split('?').next()?.rsplit('/').next()?;
@@ -489,6 +563,8 @@ fn digest_in_location(location: &str) -> Option<&str> {
 struct Session {
     client: Client,
     auth: RegistryAuth,
+    /// The credential's fingerprint ([`ANONYMOUS`] for none).
+    credential: [u8; 32],
 }
 
 /// Both ends of a copy.

@@ -3,7 +3,10 @@
 
 use super::*;
 
+/// Resolves `image` to its pinned form; a manifest read on the way (not an index) is kept in
+/// `registry` for the copy that may follow.
 pub(super) async fn resolve_once(
+    registry: &Registry,
     session: &Session,
     image: &Reference,
     reference: &str,
@@ -25,7 +28,11 @@ pub(super) async fn resolve_once(
             Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE)
         );
     if !is_index {
-        return Ok(pinned(image, &digest));
+        let pinned = pinned(image, &digest);
+        registry
+            .known
+            .keep_manifest(session.credential, image, &digest, bytes);
+        return Ok(pinned);
     }
     let entries = kind.manifests.unwrap_or_default();
     let chosen = linux_amd64_resolver(&entries).ok_or_else(|| Error::NotFound {
@@ -35,6 +42,7 @@ pub(super) async fn resolve_once(
 }
 
 pub(super) async fn lookup_once(
+    _: &Registry,
     session: &Session,
     image: &Reference,
     reference: &str,

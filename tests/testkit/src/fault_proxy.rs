@@ -26,8 +26,8 @@ struct Shared {
     upstream: String,
     rules: Mutex<Vec<Rule>>,
     served: AtomicU64,
-    /// Every request, by path.
-    requests: Mutex<Vec<String>>,
+    /// Every request: its method and path.
+    requests: Mutex<Vec<(String, String)>>,
     client: reqwest::Client,
 }
 
@@ -84,6 +84,11 @@ impl FaultProxy {
 
     /// The path of every request forwarded or answered so far, in order.
     pub fn requests(&self) -> Vec<String> {
+        self.calls().into_iter().map(|(_, path)| path).collect()
+    }
+
+    /// The method and path of every request forwarded or answered so far, in order.
+    pub fn calls(&self) -> Vec<(String, String)> {
         self.shared.requests.lock().clone()
     }
 
@@ -126,8 +131,11 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response<Body> {
-    shared.requests.lock().push(request.uri().path().to_owned());
     let method = request.method().as_str().to_owned();
+    shared
+        .requests
+        .lock()
+        .push((method.clone(), request.uri().path().to_owned()));
     let path = request
         .uri()
         .path_and_query()
