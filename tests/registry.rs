@@ -284,9 +284,10 @@ async fn anonymous_lookups_of_an_open_registry_are_one_request_each() {
 }
 
 /// A copy asks the registry only what it does not know: the manifest its resolve read a
-/// moment before is not read again, and a blob the target repository was seen to hold is not
-/// checked again. A blob the registry lost since (deleted here) is found out by the manifest
-/// push: the copy checks what it took as present, copies it, and pushes once more.
+/// moment before is not read again, a blob is mounted within the registry in one request
+/// (no check first), and a blob the target repository was seen to hold is not asked about
+/// again. A blob the registry lost since (deleted here) is found out by the manifest push:
+/// the copy mounts the image's blobs again and pushes once more.
 #[tokio::test]
 async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since() {
     use image_builder_testkit::FaultProxy;
@@ -302,14 +303,27 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
     testkit::bench::distinct_images(local.addr(), "kn/busybox", 3)
         .await
         .unwrap();
-    let inspected = testkit::skopeo_inspect(&format!("{}/kn/busybox:base", local.addr())).unwrap();
-    let layers: Vec<String> = inspected["Layers"]
+    let manifest: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/v2/kn/busybox/manifests/v0", local.addr()))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layers: Vec<String> = manifest["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
         .collect();
     assert!(!layers.is_empty());
+    // A digest's hex names it in a path and in an (escaped) query alike.
+    let hex = |digest: &str| digest.trim_start_matches("sha256:").to_owned();
     let proxy = FaultProxy::start(local.addr()).await.unwrap();
     let via = proxy.addr().to_owned();
     let registry = Registry::new(std::slice::from_ref(&via));
@@ -365,12 +379,20 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
     }
     let (first, _) = &results[0];
     for layer in &layers {
-        assert_eq!(count(first, "HEAD", layer), 1, "{first:?}");
+        let about: Vec<_> = first
+            .iter()
+            .filter(|(_, p)| p.contains(&hex(layer)))
+            .collect();
+        assert_eq!(about.len(), 1, "one request per layer: {first:?}");
+        assert!(
+            about[0].0 == "POST" && about[0].1.contains("mount="),
+            "a mount: {first:?}"
+        );
     }
     let (second, _) = &results[1];
     for layer in &layers {
         assert!(
-            !second.iter().any(|(_, p)| p.contains(layer.as_str())),
+            !second.iter().any(|(_, p)| p.contains(&hex(layer))),
             "a layer copied by the first image is not asked about again: {second:?}"
         );
     }
@@ -384,13 +406,82 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
     assert!(
         third
             .iter()
-            .any(|(m, p)| m == "HEAD" && p.contains(layers[0].as_str())),
-        "the lost layer was checked: {third:?}"
+            .any(|(m, p)| m == "POST" && p.contains(&hex(&layers[0]))),
+        "the lost layer was mounted again: {third:?}"
     );
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("checking the") && l.contains("taken as present")),
+            .any(|l| l.contains("blobs again and pushing once more")),
         "{lines:?}"
     );
+}
+
+/// Two copies at once of images that share a layer mount that layer into the workspace
+/// repository once: docker-registry 2.8 was seen to lose a blob mounted into one repository
+/// many times at once, and the second copy has nothing to ask that the first is not asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_at_once_of_a_shared_layer_mount_it_once() {
+    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+
+    let local = LocalRegistry::start().unwrap();
+    testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        local.addr(),
+        "once/busybox:base",
+    )
+    .unwrap();
+    testkit::bench::distinct_images(local.addr(), "once/busybox", 4)
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(local.addr()).await.unwrap();
+    // Mounts take a while: the copies overlap.
+    proxy.inject(Fault {
+        path_contains: "/blobs/uploads/".into(),
+        method: None,
+        kind: FaultKind::Latency { ms: 300 },
+        times: None,
+    });
+    let via = proxy.addr().to_owned();
+    let registry = std::sync::Arc::new(Registry::new(std::slice::from_ref(&via)));
+    let copies: Vec<_> = (0..4)
+        .map(|i| {
+            let registry = std::sync::Arc::clone(&registry);
+            let via = via.clone();
+            tokio::spawn(async move {
+                let pinned = registry
+                    .resolve(
+                        &format!("{via}/once/busybox:v{i}"),
+                        &NoCredentials,
+                        &Untracked,
+                    )
+                    .await?;
+                registry
+                    .copy(
+                        &pinned,
+                        &format!("{via}/once/ws:{i}"),
+                        &NoCredentials,
+                        &Untracked,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for copy in copies {
+        copy.await.unwrap().unwrap();
+    }
+    let mounts: Vec<String> = proxy
+        .calls()
+        .into_iter()
+        .filter(|(m, p)| m == "POST" && p.contains("mount="))
+        .map(|(_, p)| p)
+        .collect();
+    // Four configs of their own and the layers they share, each mounted once.
+    let distinct: std::collections::BTreeSet<_> = mounts.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        mounts.len(),
+        "a blob mounted twice: {mounts:?}"
+    );
+    assert!(mounts.len() > 4, "{mounts:?}");
 }

@@ -40,6 +40,21 @@ impl Question {
             lane,
         }
     }
+
+    /// A question asked with the credential whose fingerprint is `credential`.
+    pub(super) fn by_fingerprint(
+        kind: &'static str,
+        reference: &str,
+        credential: [u8; 32],
+        lane: Lane,
+    ) -> Self {
+        Self {
+            kind,
+            reference: reference.to_owned(),
+            credential: Some(credential),
+            lane,
+        }
+    }
 }
 
 type Answer<T> = Option<Result<T, Error>>;

@@ -64,6 +64,8 @@ pub struct Registry {
     /// Identical lookups and resolutions in flight.
     lookups: Coalescer<Option<String>>,
     resolutions: Coalescer<String>,
+    /// Identical blob copies (one blob into one repository) in flight.
+    blob_copies: Coalescer<()>,
     /// Requests in flight per host and lane.
     limits: HostLimits,
     /// Registries that need no credentials.
@@ -157,6 +159,7 @@ impl Registry {
             clients: parking_lot::Mutex::new(HashMap::new()),
             lookups: Coalescer::default(),
             resolutions: Coalescer::default(),
+            blob_copies: Coalescer::default(),
             limits: HostLimits::new(DEFAULT_PER_HOST),
             open_hosts: open::OpenHosts::default(),
             known: known::Known::default(),
@@ -436,11 +439,14 @@ impl Registry {
             writer: &writer,
         };
         // Blobs the target repository was seen to hold (an earlier copy put or found them
-        // there) are taken as present; the rest are checked and copied.
-        let (trusted, unknown): (Vec<_>, Vec<_>) = all
+        // there) are taken as present; the rest are copied.
+        let numbered: Vec<(usize, &OciDescriptor)> = all
             .iter()
             .enumerate()
             .map(|(i, blob)| (i + 1, *blob))
+            .collect();
+        let (trusted, unknown): (Vec<_>, Vec<_>) = numbered
+            .iter()
             .partition(|(_, blob)| self.known.holds_blob(&target, &blob.digest));
         for (n, blob) in &trusted {
             progress
@@ -473,22 +479,20 @@ impl Registry {
         };
         let location = match push_manifest().await {
             Ok(location) => location,
-            // The registry may have lost a blob since it was seen there (deleted, collected):
-            // the manifest is refused as naming an unknown blob. Check those and push again.
-            Err(err)
-                if !trusted.is_empty()
-                    && matches!(err.root(), Error::NotFound { .. } | Error::Invalid { .. }) =>
-            {
+            // The registry may have lost a blob since it was seen there or put there
+            // (deleted, collected, or lost to a race of its own): the manifest is refused as
+            // naming an unknown blob. Copy every blob again, then push once more.
+            Err(err) if matches!(err.root(), Error::NotFound { .. } | Error::Invalid { .. }) => {
                 progress
                     .line(format!(
-                        "{err}; checking the {} blobs taken as present and pushing once more",
-                        trusted.len()
+                        "{err}; copying the image's {} blobs again and pushing once more",
+                        all.len()
                     ))
                     .await;
-                for (_, blob) in &trusted {
+                for blob in &all {
                     self.known.forget_blob(&target, &blob.digest);
                 }
-                self.copy_blobs(&ends, &trusted, all.len(), progress)
+                self.copy_blobs(&ends, &numbered, all.len(), progress)
                     .await?;
                 push_manifest().await?
             }
@@ -537,10 +541,35 @@ impl Registry {
         let mut copies = Vec::with_capacity(blobs.len());
         for &(n, blob) in blobs {
             copies.push(async move {
-                self.retrying(Resource::Blob(ends.source, &blob.digest), progress, || {
-                    copy_blob(ends, blob, same_registry, (n, of), progress)
-                })
-                .await?;
+                let blob_in_target = format!(
+                    "{}/{}@{}",
+                    ends.target.registry(),
+                    ends.target.repository(),
+                    blob.digest
+                );
+                let question = Question::by_fingerprint(
+                    "copy blob",
+                    &blob_in_target,
+                    ends.writer.credential,
+                    progress.lane(),
+                );
+                let asked = std::sync::atomic::AtomicBool::new(false);
+                self.blob_copies
+                    .answer(question, || {
+                        asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.retrying(Resource::Blob(ends.source, &blob.digest), progress, || {
+                            copy_blob(ends, blob, same_registry, (n, of), progress)
+                        })
+                    })
+                    .await?;
+                if !asked.load(std::sync::atomic::Ordering::Relaxed) {
+                    progress
+                        .line(format!(
+                            "blob {n}/{of} {} copied there by another build at the same time",
+                            blob.digest
+                        ))
+                        .await;
+                }
                 self.known.hold_blob(ends.target, &blob.digest);
                 Ok::<_, Error>(())
             });

@@ -74,21 +74,11 @@ pub(super) async fn copy_blob(
         writer,
     } = *ends;
     let what = format!("blob {}", blob.digest);
-    // Asked first, though a mount within one registry would do in one request: a registry
-    // mounting one blob into one repository many times at once was seen to lose it
-    // (docker-registry 2.8, 500 builds at once: the manifest push then found it unknown).
-    let present = writer
-        .client
-        .blob_exists(target, &blob.digest)
-        .await
-        .map_err(|e| fail(target, &what, e))?;
-    if present {
-        progress
-            .line(format!("blob {n}/{of} {} already present", blob.digest))
-            .await;
-        return Ok(());
-    }
     if same_registry {
+        // Within one registry a mount does in one request what a check and a mount do in
+        // two: the registry links the blob whether or not the repository held it already.
+        // (Never two mounts of one blob into one repository at once: the copies are
+        // coalesced, as docker-registry 2.8 was seen to lose a blob mounted so.)
         match writer.client.mount_blob(target, source, &blob.digest).await {
             Ok(()) => {
                 progress
@@ -100,11 +90,22 @@ pub(super) async fn copy_blob(
                     .await;
                 return Ok(());
             }
-            // A registry may refuse a mount and offer an upload instead: copy the bytes.
+            // A registry may refuse a mount and offer an upload instead: check, then copy.
             Err(e) => {
-                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; streaming");
+                tracing::debug!(digest = %blob.digest, error = %e, "blob mount refused; checking and streaming");
             }
         }
+    }
+    let present = writer
+        .client
+        .blob_exists(target, &blob.digest)
+        .await
+        .map_err(|e| fail(target, &what, e))?;
+    if present {
+        progress
+            .line(format!("blob {n}/{of} {} already present", blob.digest))
+            .await;
+        return Ok(());
     }
     progress
         .line(format!(

@@ -26,7 +26,7 @@ struct Shared {
     upstream: String,
     rules: Mutex<Vec<Rule>>,
     served: AtomicU64,
-    /// Every request: its method and path.
+    /// Every request: its method, and its path with the query.
     requests: Mutex<Vec<(String, String)>>,
     client: reqwest::Client,
 }
@@ -82,12 +82,13 @@ impl FaultProxy {
         self.shared.rules.lock().clear();
     }
 
-    /// The path of every request forwarded or answered so far, in order.
+    /// The path (with the query) of every request forwarded or answered so far, in order.
     pub fn requests(&self) -> Vec<String> {
         self.calls().into_iter().map(|(_, path)| path).collect()
     }
 
-    /// The method and path of every request forwarded or answered so far, in order.
+    /// The method and path (with the query) of every request forwarded or answered so far,
+    /// in order.
     pub fn calls(&self) -> Vec<(String, String)> {
         self.shared.requests.lock().clone()
     }
@@ -132,15 +133,12 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Body> {
 
 async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response<Body> {
     let method = request.method().as_str().to_owned();
-    shared
-        .requests
-        .lock()
-        .push((method.clone(), request.uri().path().to_owned()));
     let path = request
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    shared.requests.lock().push((method.clone(), path.clone()));
     let fault = shared.fault_for(&method, &path);
     let mut cut_after = None;
     match fault {
