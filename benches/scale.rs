@@ -25,7 +25,7 @@ use image_builder_testkit::bench::{
     distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
     status_kib,
 };
-use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
+use image_builder_testkit::{LocalRegistry, Service};
 use tonic::transport::Channel;
 
 type Client = pb::image_builder_client::ImageBuilderClient<Channel>;
@@ -119,12 +119,6 @@ fn main() {
     let clients = env_or("BENCH_CLIENTS", 32);
     let skopeo = env_or("BENCH_SKOPEO", 320);
     let registry = LocalRegistry::start().unwrap();
-    testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        registry.addr(),
-        "bench/many:base",
-    )
-    .unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let total = 1 + distinct + copies + skopeo + 1;
     let made = Instant::now();

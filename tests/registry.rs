@@ -293,28 +293,14 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
     use image_builder_testkit::FaultProxy;
 
     let local = LocalRegistry::start().unwrap();
-    testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        local.addr(),
-        "kn/busybox:base",
-    )
-    .unwrap();
     // Three images sharing every layer, each with a config of its own.
     testkit::bench::distinct_images(local.addr(), "kn/busybox", 3)
         .await
         .unwrap();
-    let manifest: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/v2/kn/busybox/manifests/v0", local.addr()))
-        .header(
-            "Accept",
-            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (manifest, _) =
+        testkit::bench::manifest_of(&reqwest::Client::new(), local.addr(), "kn/busybox", "v0")
+            .await
+            .unwrap();
     let layers: Vec<String> = manifest["layers"]
         .as_array()
         .unwrap()
@@ -425,12 +411,6 @@ async fn copies_at_once_of_a_shared_layer_mount_it_once() {
     use image_builder_testkit::{Fault, FaultKind, FaultProxy};
 
     let local = LocalRegistry::start().unwrap();
-    testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        local.addr(),
-        "once/busybox:base",
-    )
-    .unwrap();
     testkit::bench::distinct_images(local.addr(), "once/busybox", 4)
         .await
         .unwrap();

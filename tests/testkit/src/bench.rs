@@ -177,32 +177,52 @@ pub fn buildah_by_hand(root: &std::path::Path, context: &std::path::Path, tag: &
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Makes `count` distinct images in `repository` of the registry at `registry` (plain HTTP),
-/// tagged `v0`, `v1`, …: each is the image already tagged `base` there with a config of its
-/// own (a label), so they share every layer and differ in digest. Bare registry requests, 32
-/// at once: thousands take seconds, where pushing each with skopeo would take minutes.
-/// Returns their references (`registry/repository:vN`).
+/// The single-platform manifest tagged `tag` in `repository` of the registry at `registry`
+/// (plain HTTP), and its media type as the registry names it (an OCI manifest may leave it
+/// out of its body).
+pub async fn manifest_of(
+    http: &reqwest::Client,
+    registry: &str,
+    repository: &str,
+    tag: &str,
+) -> Result<(serde_json::Value, String)> {
+    let answer = http
+        .get(format!("http://{registry}/v2/{repository}/manifests/{tag}"))
+        .header("Accept", MANIFEST_TYPES)
+        .send()
+        .await?
+        .error_for_status()?;
+    let media_type = answer
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .with_context(|| format!("the manifest of {repository}:{tag} came without a content type"))?
+        .to_owned();
+    let manifest = answer
+        .json()
+        .await
+        .with_context(|| format!("the manifest of {repository}:{tag}"))?;
+    Ok((manifest, media_type))
+}
+
+/// Pushes busybox as `base` to `repository` of the registry at `registry` (plain HTTP), then
+/// makes `count` distinct images there, tagged `v0`, `v1`, …: each is `base` with a config of
+/// its own (a label), so they share every layer and differ in digest. Bare registry
+/// requests, 32 at once: thousands take seconds, where pushing each with skopeo would take
+/// minutes. Returns their references (`registry/repository:vN`).
 pub async fn distinct_images(
     registry: &str,
     repository: &str,
     count: usize,
 ) -> Result<Vec<String>> {
+    crate::push_image(
+        &crate::BaseImage::busybox(0)?,
+        registry,
+        &format!("{repository}:base"),
+    )?;
     let http = reqwest::Client::new();
     let base = format!("http://{registry}/v2/{repository}");
-    let answer = http
-        .get(format!("{base}/manifests/base"))
-        .header("Accept", MANIFEST_TYPES)
-        .send()
-        .await?
-        .error_for_status()?;
-    // An OCI manifest may leave out its media type: the registry's answer names it.
-    let media_type = answer
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .context("the base manifest came without a content type")?
-        .to_owned();
-    let manifest: serde_json::Value = answer.json().await.context("the base manifest")?;
+    let (manifest, media_type) = manifest_of(&http, registry, repository, "base").await?;
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .context("the base manifest names no config")?;
