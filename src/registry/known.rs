@@ -1,8 +1,8 @@
 //! What this process learnt of the registries' content and may use without asking again:
 //! manifests by digest (a digest names its bytes, so they never change) and the blobs each
-//! repository holds (true until the registry deletes one: a copy that trusted it and then had
-//! its manifest refused checks each of those blobs again). Tags are never kept: what a tag
-//! names is asked each time.
+//! repository holds (true until the registry deletes one: a copy whose manifest is refused as
+//! naming an unknown blob puts the image's blobs there again). Tags are never kept: what a
+//! tag names is asked each time.
 //!
 //! A Build's resolve reads the base's manifest; its copy moments later needs the same bytes,
 //! and the blobs a workspace repository got from the last build of the same base are there

@@ -367,7 +367,7 @@ impl Registry {
     /// Copies the image `from` (a single-platform manifest) to `to`, then confirms `to` exists
     /// with the same manifest digest, which it returns. `from` is read with the keychain's pull
     /// credential, `to` written with its push credential. Safe to run again after an
-    /// interruption: blobs already present are skipped.
+    /// interruption: a blob already there is mounted again (one request) or found present.
     pub async fn copy(
         &self,
         from: &str,
