@@ -114,7 +114,8 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
         "{first:?}"
     );
 
-    // Running the step again (as after a crash) finds every blob present and succeeds.
+    // Running the step again in the same process finds every blob present without asking,
+    // and succeeds.
     let again = Lines(Default::default());
     assert_eq!(
         registry
@@ -131,6 +132,26 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
             .count()
             >= 2,
         "{second:?}"
+    );
+    // And in a new process (as after a crash), which knows nothing yet: each blob is mounted
+    // again, which the registry takes for one already there, and the copy succeeds.
+    let restarted = Registry::new(std::slice::from_ref(&addr));
+    let after_crash = Lines(Default::default());
+    let pinned_again = restarted
+        .resolve(&base, &NoCredentials, &Untracked)
+        .await
+        .unwrap();
+    assert_eq!(
+        restarted
+            .copy(&pinned_again, &to, &NoCredentials, &after_crash)
+            .await
+            .unwrap(),
+        digest
+    );
+    let third = after_crash.0.lock().unwrap().clone();
+    assert!(
+        third.iter().filter(|l| l.contains("mounted from")).count() >= 2,
+        "{third:?}"
     );
 
     assert_eq!(
