@@ -13,6 +13,8 @@ use oci_client::Reference;
 use quick_cache::Weighter;
 use quick_cache::sync::Cache;
 
+use super::pinned;
+
 /// Manifest bytes kept, at most.
 const MANIFEST_BYTES: u64 = 1 << 20;
 /// A manifest larger than this is not kept (a single-platform manifest is a few KiB).
@@ -52,10 +54,6 @@ impl Default for Known {
             blobs: Cache::new(BLOBS),
         }
     }
-}
-
-fn pinned(image: &Reference, digest: &str) -> String {
-    format!("{}/{}@{digest}", image.registry(), image.repository())
 }
 
 impl Known {

@@ -117,7 +117,8 @@ pub fn parse_reference(reference: &str) -> Result<Reference, Error> {
         })
 }
 
-/// `registry/repository@digest`: the pinned form mk3 answers with.
+/// `registry/repository@digest`: the pinned form mk3 answers with (of a blob, too: which
+/// repository holds it).
 fn pinned(reference: &Reference, digest: &str) -> String {
     format!(
         "{}/{}@{}",
@@ -541,15 +542,9 @@ impl Registry {
         let mut copies = Vec::with_capacity(blobs.len());
         for &(n, blob) in blobs {
             copies.push(async move {
-                let blob_in_target = format!(
-                    "{}/{}@{}",
-                    ends.target.registry(),
-                    ends.target.repository(),
-                    blob.digest
-                );
                 let question = Question::by_fingerprint(
                     "copy blob",
-                    &blob_in_target,
+                    &pinned(ends.target, &blob.digest),
                     ends.writer.credential,
                     progress.lane(),
                 );
