@@ -486,3 +486,97 @@ async fn copies_at_once_of_a_shared_layer_mount_it_once() {
     );
     assert!(mounts.len() > 4, "{mounts:?}");
 }
+
+/// Copies at once of one blob into one repository share one copy, but only its success: when
+/// the copy asked first fails (here the blob cannot be read from its source repository), a
+/// copy of the same blob from another source tries its own and succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_blob_copy_that_fails_leaves_the_others_to_try_their_own() {
+    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+
+    let local = LocalRegistry::start().unwrap();
+    testkit::bench::distinct_images(local.addr(), "s1/busybox", 2)
+        .await
+        .unwrap();
+    // A second source repository holding the same layer (and v1's config).
+    let addr = local.addr().to_owned();
+    let setup = Registry::new(std::slice::from_ref(&addr));
+    let v1 = setup
+        .resolve(&format!("{addr}/s1/busybox:v1"), &NoCredentials, &Untracked)
+        .await
+        .unwrap();
+    setup
+        .copy(
+            &v1,
+            &format!("{addr}/s2/busybox:v1"),
+            &NoCredentials,
+            &Untracked,
+        )
+        .await
+        .unwrap();
+
+    let (manifest, _) =
+        testkit::bench::manifest_of(&reqwest::Client::new(), &addr, "s1/busybox", "v0")
+            .await
+            .unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let hex = layer.trim_start_matches("sha256:");
+
+    let proxy = FaultProxy::start(local.addr()).await.unwrap();
+    // The shared layer cannot be taken from s1: its mount from there and its reads there fail,
+    // every time (s1's own config copies fine, so s1's copy of the layer ends in an error of
+    // its own rather than being dropped with a failed copy).
+    for path_contains in [
+        format!("{hex}&from=s1"),
+        format!("/v2/s1/busybox/blobs/{layer}"),
+    ] {
+        proxy.inject(Fault {
+            path_contains,
+            method: None,
+            kind: FaultKind::Status {
+                code: 500,
+                retry_after: None,
+            },
+            times: None,
+        });
+    }
+    let via = proxy.addr().to_owned();
+    let policy = registry::RetryPolicy {
+        budget: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let registry = std::sync::Arc::new(Registry::with_policy(
+        std::slice::from_ref(&via),
+        policy,
+        std::time::Duration::from_secs(5),
+    ));
+    let copy = |source: &'static str, tag: &'static str| {
+        let registry = std::sync::Arc::clone(&registry);
+        let via = via.clone();
+        tokio::spawn(async move {
+            let pinned = registry
+                .resolve(&format!("{via}/{source}"), &NoCredentials, &Untracked)
+                .await?;
+            registry
+                .copy(
+                    &pinned,
+                    &format!("{via}/ws/busybox:{tag}"),
+                    &NoCredentials,
+                    &Untracked,
+                )
+                .await
+        })
+    };
+    let failing = copy("s1/busybox:v0", "a");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let other = copy("s2/busybox:v1", "b");
+    assert!(
+        failing.await.unwrap().is_err(),
+        "the layer cannot be read from s1"
+    );
+    let digest = other
+        .await
+        .unwrap()
+        .expect("the copy from s2 does not take s1's failure for its own");
+    assert_eq!(digest_of(&format!("{addr}/ws/busybox:b")), digest);
+}

@@ -548,22 +548,35 @@ impl Registry {
                     ends.writer.credential,
                     progress.lane(),
                 );
+                let copy = || {
+                    self.retrying(Resource::Blob(ends.source, &blob.digest), progress, || {
+                        copy_blob(ends, blob, same_registry, (n, of), progress)
+                    })
+                };
                 let asked = std::sync::atomic::AtomicBool::new(false);
-                self.blob_copies
+                let shared = self
+                    .blob_copies
                     .answer(question, || {
                         asked.store(true, std::sync::atomic::Ordering::Relaxed);
-                        self.retrying(Resource::Blob(ends.source, &blob.digest), progress, || {
-                            copy_blob(ends, blob, same_registry, (n, of), progress)
-                        })
+                        copy()
                     })
-                    .await?;
-                if !asked.load(std::sync::atomic::Ordering::Relaxed) {
-                    progress
-                        .line(format!(
-                            "blob {n}/{of} {} copied there by another build at the same time",
-                            blob.digest
-                        ))
-                        .await;
+                    .await;
+                match shared {
+                    Ok(()) if !asked.load(std::sync::atomic::Ordering::Relaxed) => {
+                        progress
+                            .line(format!(
+                                "blob {n}/{of} {} copied there by another build at the same time",
+                                blob.digest
+                            ))
+                            .await;
+                    }
+                    Ok(()) => {}
+                    Err(err) if asked.load(std::sync::atomic::Ordering::Relaxed) => {
+                        return Err(err);
+                    }
+                    // Another build's copy failed: it read another source, maybe with another
+                    // credential. This one tries its own.
+                    Err(_) => copy().await?,
                 }
                 self.known.hold_blob(ends.target, &blob.digest);
                 Ok::<_, Error>(())
