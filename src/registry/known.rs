@@ -57,19 +57,22 @@ impl Default for Known {
 }
 
 impl Known {
-    /// Keeps the bytes of `image`'s manifest whose (verified) digest is `digest`, as read with
-    /// `credential`.
+    /// Keeps a copy of the bytes of `image`'s manifest whose (verified) digest is `digest`, as
+    /// read with `credential`.
     pub(super) fn keep_manifest(
         &self,
         credential: [u8; 32],
         image: &Reference,
         digest: &str,
-        bytes: Bytes,
+        bytes: &[u8],
     ) {
         if bytes.len() <= LARGEST_MANIFEST {
             let pinned = pinned(image, digest);
+            // A body read off the wire may be a slice of a much larger read buffer, which the
+            // kept slice would hold alive: keep a copy of its own size.
+            let own = Bytes::copy_from_slice(bytes);
             self.manifests
-                .insert(ManifestKey { credential, pinned }, bytes);
+                .insert(ManifestKey { credential, pinned }, own);
         }
     }
 
@@ -115,7 +118,7 @@ mod tests {
         let known = Known::default();
         let digest = format!("sha256:{}", "a".repeat(64));
         let tagged = image("r.example/a/b:1");
-        known.keep_manifest([1; 32], &tagged, &digest, Bytes::from_static(b"{}"));
+        known.keep_manifest([1; 32], &tagged, &digest, b"{}");
         let by_digest = image(&format!("r.example/a/b@{digest}"));
         assert_eq!(
             known.manifest([1; 32], &by_digest),
@@ -135,9 +138,28 @@ mod tests {
         assert_eq!(known.manifest([1; 32], &other_repository), None);
         let big = Bytes::from(vec![b' '; LARGEST_MANIFEST + 1]);
         let big_digest = format!("sha256:{}", "b".repeat(64));
-        known.keep_manifest([1; 32], &tagged, &big_digest, big);
+        known.keep_manifest([1; 32], &tagged, &big_digest, &big);
         let big_image = image(&format!("r.example/a/b@{big_digest}"));
         assert_eq!(known.manifest([1; 32], &big_image), None);
+    }
+
+    #[test]
+    fn a_kept_manifest_does_not_hold_the_buffer_it_was_read_into() {
+        let known = Known::default();
+        let digest = format!("sha256:{}", "c".repeat(64));
+        let buffer = Bytes::from(vec![b'x'; 1 << 20]);
+        let body = buffer.slice(100..1100);
+        known.keep_manifest([1; 32], &image("r.example/a:1"), &digest, &body);
+        drop(body);
+        let (kept, _) = known
+            .manifest([1; 32], &image(&format!("r.example/a@{digest}")))
+            .unwrap();
+        assert_eq!(kept.len(), 1000);
+        let whole = buffer.as_ptr_range();
+        assert!(
+            !whole.contains(&kept.as_ptr()),
+            "the kept manifest points into the 1 MiB read buffer"
+        );
     }
 
     #[test]

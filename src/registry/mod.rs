@@ -415,7 +415,7 @@ impl Registry {
                     })
                     .await?;
                 self.known
-                    .keep_manifest(reader.credential, &source, &digest, bytes.clone());
+                    .keep_manifest(reader.credential, &source, &digest, &bytes);
                 (bytes, digest)
             }
         };

@@ -31,7 +31,7 @@ pub(super) async fn resolve_once(
         let pinned = pinned(image, &digest);
         registry
             .known
-            .keep_manifest(session.credential, image, &digest, bytes);
+            .keep_manifest(session.credential, image, &digest, &bytes);
         return Ok(pinned);
     }
     let entries = kind.manifests.unwrap_or_default();
