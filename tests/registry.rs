@@ -18,6 +18,18 @@ impl Progress for Lines {
     }
 }
 
+/// Resolves `from` and copies what it names to `to`, as a build of a reference does; the
+/// copy's lines go to `progress`.
+async fn resolve_and_copy(
+    registry: &Registry,
+    from: &str,
+    to: &str,
+    progress: &dyn Progress,
+) -> Result<String, registry::Error> {
+    let pinned = registry.resolve(from, &NoCredentials, &Untracked).await?;
+    registry.copy(&pinned, to, &NoCredentials, progress).await
+}
+
 fn digest_of(reference: &str) -> String {
     testkit::skopeo_inspect(reference).unwrap()["Digest"]
         .as_str()
@@ -137,13 +149,8 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     // again, which the registry takes for one already there, and the copy succeeds.
     let restarted = Registry::new(std::slice::from_ref(&addr));
     let after_crash = Lines(Default::default());
-    let pinned_again = restarted
-        .resolve(&base, &NoCredentials, &Untracked)
-        .await
-        .unwrap();
     assert_eq!(
-        restarted
-            .copy(&pinned_again, &to, &NoCredentials, &after_crash)
+        resolve_and_copy(&restarted, &base, &to, &after_crash)
             .await
             .unwrap(),
         digest
@@ -351,18 +358,9 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
             assert_eq!(gone.status().as_u16(), 202, "the registry deleted the blob");
         }
         let before = proxy.calls().len();
-        let pinned = registry
-            .resolve(
-                &format!("{via}/kn/busybox:v{i}"),
-                &NoCredentials,
-                &Untracked,
-            )
-            .await
-            .unwrap();
         let to = format!("{via}/kn/ws:{i}");
         let lines = Lines(Default::default());
-        let digest = registry
-            .copy(&pinned, &to, &NoCredentials, &lines)
+        let digest = resolve_and_copy(&registry, &format!("{via}/kn/busybox:v{i}"), &to, &lines)
             .await
             .unwrap();
         let direct = format!("{}/kn/ws:{i}", local.addr());
@@ -450,21 +448,11 @@ async fn copies_at_once_of_a_shared_layer_mount_it_once() {
             let registry = std::sync::Arc::clone(&registry);
             let via = via.clone();
             tokio::spawn(async move {
-                let pinned = registry
-                    .resolve(
-                        &format!("{via}/once/busybox:v{i}"),
-                        &NoCredentials,
-                        &Untracked,
-                    )
-                    .await?;
-                registry
-                    .copy(
-                        &pinned,
-                        &format!("{via}/once/ws:{i}"),
-                        &NoCredentials,
-                        &Untracked,
-                    )
-                    .await
+                let (from, to) = (
+                    format!("{via}/once/busybox:v{i}"),
+                    format!("{via}/once/ws:{i}"),
+                );
+                resolve_and_copy(&registry, &from, &to, &Untracked).await
             })
         })
         .collect();
@@ -501,19 +489,14 @@ async fn a_shared_blob_copy_that_fails_leaves_the_others_to_try_their_own() {
     // A second source repository holding the same layer (and v1's config).
     let addr = local.addr().to_owned();
     let setup = Registry::new(std::slice::from_ref(&addr));
-    let v1 = setup
-        .resolve(&format!("{addr}/s1/busybox:v1"), &NoCredentials, &Untracked)
-        .await
-        .unwrap();
-    setup
-        .copy(
-            &v1,
-            &format!("{addr}/s2/busybox:v1"),
-            &NoCredentials,
-            &Untracked,
-        )
-        .await
-        .unwrap();
+    resolve_and_copy(
+        &setup,
+        &format!("{addr}/s1/busybox:v1"),
+        &format!("{addr}/s2/busybox:v1"),
+        &Untracked,
+    )
+    .await
+    .unwrap();
 
     let (manifest, _) =
         testkit::bench::manifest_of(&reqwest::Client::new(), &addr, "s1/busybox", "v0")
@@ -554,17 +537,8 @@ async fn a_shared_blob_copy_that_fails_leaves_the_others_to_try_their_own() {
         let registry = std::sync::Arc::clone(&registry);
         let via = via.clone();
         tokio::spawn(async move {
-            let pinned = registry
-                .resolve(&format!("{via}/{source}"), &NoCredentials, &Untracked)
-                .await?;
-            registry
-                .copy(
-                    &pinned,
-                    &format!("{via}/ws/busybox:{tag}"),
-                    &NoCredentials,
-                    &Untracked,
-                )
-                .await
+            let (from, to) = (format!("{via}/{source}"), format!("{via}/ws/busybox:{tag}"));
+            resolve_and_copy(&registry, &from, &to, &Untracked).await
         })
     };
     let failing = copy("s1/busybox:v0", "a");
