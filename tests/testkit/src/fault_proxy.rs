@@ -26,9 +26,18 @@ struct Shared {
     upstream: String,
     rules: Mutex<Vec<Rule>>,
     served: AtomicU64,
-    /// Every request: its method, and its path with the query.
-    requests: Mutex<Vec<(String, String)>>,
+    /// Every request's arrival and answer, in order.
+    events: Mutex<Vec<Event>>,
     client: reqwest::Client,
+}
+
+/// What happened to a request at the proxy: its method, and its path with the query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The request came in.
+    Arrived(String, String),
+    /// Its answer's head went out (faults, latency included).
+    Answered(String, String),
 }
 
 /// A running proxy; stops when dropped.
@@ -47,7 +56,7 @@ impl FaultProxy {
             upstream: upstream.to_owned(),
             rules: Mutex::new(Vec::new()),
             served: AtomicU64::new(0),
-            requests: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -90,7 +99,18 @@ impl FaultProxy {
     /// The method and path (with the query) of every request forwarded or answered so far,
     /// in order.
     pub fn calls(&self) -> Vec<(String, String)> {
-        self.shared.requests.lock().clone()
+        self.events()
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::Arrived(method, path) => Some((method, path)),
+                Event::Answered(..) => None,
+            })
+            .collect()
+    }
+
+    /// Every request's arrival and answer so far, in order.
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.events.lock().clone()
     }
 
     /// How many requests got a fault so far.
@@ -138,8 +158,18 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    shared.requests.lock().push((method.clone(), path.clone()));
-    let fault = shared.fault_for(&method, &path);
+    shared
+        .events
+        .lock()
+        .push(Event::Arrived(method.clone(), path.clone()));
+    let response = answer(&shared, request, &method, &path).await;
+    shared.events.lock().push(Event::Answered(method, path));
+    response
+}
+
+/// Forwards `request`, or answers it with the fault a rule names.
+async fn answer(shared: &Shared, request: Request, method: &str, path: &str) -> Response<Body> {
+    let fault = shared.fault_for(method, path);
     let mut cut_after = None;
     match fault {
         Some(FaultKind::Status { code, retry_after }) => {

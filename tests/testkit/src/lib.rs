@@ -24,7 +24,7 @@ pub mod self_hosted;
 mod service;
 mod token_server;
 
-pub use fault_proxy::{Fault, FaultKind, FaultProxy};
+pub use fault_proxy::{Event, Fault, FaultKind, FaultProxy};
 pub use git_http::GitHttpServer;
 pub use image_builder::scenario::fixtures::{
     BaseImage, Error, GitRepo, Result, files_containing, push_image, push_image_as,
