@@ -70,6 +70,76 @@ async fn ref_build_succeeds_and_second_build_is_a_cache_hit() {
     );
 }
 
+/// A cache hit of a reference resolved before asks its two questions at once: the workspace
+/// image is looked up while the base's tag is still being resolved (held back here by the
+/// proxy). The tag is still asked every time: once it moves, the next Build builds.
+#[tokio::test]
+async fn a_known_reference_asks_its_two_questions_at_once_and_a_moved_tag_is_built() {
+    use image_builder_testkit::{Event, Fault, FaultKind, FaultProxy};
+
+    let registry = LocalRegistry::start().unwrap();
+    testkit::push_image(
+        &BaseImage::busybox(0).unwrap(),
+        registry.addr(),
+        "base/busybox:1",
+    )
+    .unwrap();
+    let proxy = FaultProxy::start(registry.addr()).await.unwrap();
+    let service = Service::start(binary(), config(proxy.addr(), "early")).unwrap();
+    let mut client = service.client().await.unwrap();
+    let base = format!("{}/base/busybox:1", proxy.addr());
+    let first = build_all(&mut client, ref_build(&base)).await.unwrap();
+    let built = first.last().unwrap();
+    assert_eq!(status(built), pb::BuildStatus::DoneSuccess, "{first:?}");
+
+    let tag = "/v2/base/busybox/manifests/1";
+    proxy.inject(Fault {
+        path_contains: tag.into(),
+        method: None,
+        kind: FaultKind::Latency { ms: 1500 },
+        times: Some(1),
+    });
+    let seen = proxy.events().len();
+    let hit = build_all(&mut client, ref_build(&base)).await.unwrap();
+    assert_eq!(hit.len(), 1, "a cache hit: {hit:?}");
+    assert_eq!(hit[0].r#ref, built.r#ref);
+    let events = proxy.events().split_off(seen);
+    let workspace = format!(
+        "/v2/early/workspace/manifests/{}",
+        built.r#ref.rsplit_once(':').unwrap().1
+    );
+    let at = |wanted: &dyn Fn(&Event) -> bool| {
+        events
+            .iter()
+            .position(wanted)
+            .unwrap_or_else(|| panic!("not in {events:#?}"))
+    };
+    let looked_up = at(&|e| matches!(e, Event::Arrived(_, p) if *p == workspace));
+    let resolved = at(&|e| matches!(e, Event::Answered(_, p) if p == tag));
+    assert!(
+        looked_up < resolved,
+        "the workspace image was asked about while the tag was resolved: {events:#?}"
+    );
+
+    // The tag moves: the image of its last base exists, but the next Build builds.
+    let moved = testkit::push_image(
+        &BaseImage::busybox(1024).unwrap(),
+        registry.addr(),
+        "base/busybox:1",
+    )
+    .unwrap();
+    let rebuilt = build_all(&mut client, ref_build(&base)).await.unwrap();
+    assert_eq!(status(&rebuilt[0]), pb::BuildStatus::Running, "{rebuilt:?}");
+    let last = rebuilt.last().unwrap();
+    assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{rebuilt:?}");
+    let moved_digest = testkit::skopeo_inspect(&moved).unwrap()["Digest"].clone();
+    assert_eq!(
+        last.base_ref.rsplit_once('@').unwrap().1,
+        moved_digest.as_str().unwrap()
+    );
+    assert_ne!(last.r#ref, built.r#ref);
+}
+
 #[tokio::test]
 async fn concurrent_builds_of_one_image_share_one_build() {
     let shared = shared();

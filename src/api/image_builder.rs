@@ -181,16 +181,11 @@ impl ImageBuilder for ImageBuilderService {
                 let git =
                     convert::source_git_credentials(req.source.as_ref(), remote_userinfo.as_ref())?;
                 let request = convert::registry_auth(req.auth.as_ref())?;
-                let refs = self
+                let (refs, found) = self
                     .orchestrator
-                    .resolve_refs(&source, remote_userinfo.as_ref(), git.as_ref(), &request)
+                    .resolve_and_look_up(&source, remote_userinfo.as_ref(), git.as_ref(), &request)
                     .await?;
-                let exists = self
-                    .orchestrator
-                    .lookup_own(&refs.workspace_ref)
-                    .await?
-                    .is_some();
-                let status = if exists {
+                let status = if found.is_some() {
                     pb::BuildStatus::DoneSuccess
                 } else {
                     pb::BuildStatus::Unknown

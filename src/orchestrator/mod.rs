@@ -147,6 +147,10 @@ pub struct RetryOutcome {
     pub needs_request_credentials: bool,
 }
 
+/// Reference sources whose last base ref is kept for the next resolve's early lookup (a few
+/// hundred bytes each).
+const LAST_BASES: usize = 1024;
+
 struct Inner {
     journal: Journal,
     steps: Steps,
@@ -155,6 +159,9 @@ struct Inner {
     limits: Limits,
     metrics: Arc<Metrics>,
     flights: Mutex<HashMap<String, Flight>>,
+    /// The base ref each reference source resolved to last: its workspace image is asked
+    /// about beside the next resolve (see [`Orchestrator::resolve_and_look_up`]).
+    last_bases: quick_cache::sync::Cache<String, String>,
     secrets: Mutex<HashMap<BuildId, BuildSecrets>>,
     admissions: mpsc::UnboundedSender<Admission>,
     shutdown: CancellationToken,
@@ -188,6 +195,7 @@ impl Orchestrator {
             limits,
             metrics,
             flights: Mutex::new(HashMap::new()),
+            last_bases: quick_cache::sync::Cache::new(LAST_BASES),
             secrets: Mutex::new(HashMap::new()),
             admissions,
             shutdown: CancellationToken::new(),

@@ -2,6 +2,8 @@
 //! running build of the same workspace image (single flight), or journaled as a new build.
 
 use super::*;
+use futures::FutureExt;
+
 use crate::credentials::RequestAuth;
 
 impl Orchestrator {
@@ -33,7 +35,7 @@ impl Orchestrator {
     /// keys, reads a Dockerfile source's content with `git` credentials).
     /// `remote_userinfo` is what the request's git remote URL carried: mk3 hashes the URL as
     /// sent, so it goes back in for the hash (and nowhere else).
-    pub async fn resolve_refs(
+    async fn resolve_refs(
         &self,
         source: &BuildSource,
         remote_userinfo: Option<&UrlUserinfo>,
@@ -42,7 +44,12 @@ impl Orchestrator {
     ) -> Result<ResolvedRefs, Error> {
         let (base_ref, commit) = match source {
             BuildSource::Reference { reference } => {
-                (self.resolve_base(reference, request).await?, None)
+                let base_ref = self.resolve_base(reference, request).await?;
+                let last_bases = &self.inner.last_bases;
+                if last_bases.get(reference).as_ref() != Some(&base_ref) {
+                    last_bases.insert(reference.clone(), base_ref.clone());
+                }
+                (base_ref, None)
             }
             BuildSource::Dockerfile(d) => {
                 let remote_uri = remote_userinfo
@@ -83,6 +90,50 @@ impl Orchestrator {
         })
     }
 
+    /// The refs a source resolves to, and the workspace image's digest if it exists already.
+    ///
+    /// The workspace ref follows from the resolved base, so the two registry questions come
+    /// one after the other; for a reference source resolved before, the workspace image the
+    /// last resolve led to is asked about beside the new resolve, and that answer is taken
+    /// only when the new resolve names the same base. Every call still resolves its tag (a
+    /// moved tag is seen by the next request) and nothing is answered from memory: a moved
+    /// tag costs one lookup more, never a wrong answer.
+    pub async fn resolve_and_look_up(
+        &self,
+        source: &BuildSource,
+        remote_userinfo: Option<&UrlUserinfo>,
+        git: Option<&GitCredentials>,
+        request: &RequestAuth,
+    ) -> Result<(ResolvedRefs, Option<String>), Error> {
+        let resolve = self.resolve_refs(source, remote_userinfo, git, request);
+        let early = match source {
+            BuildSource::Reference { reference } => self
+                .inner
+                .last_bases
+                .get(reference)
+                .map(|base_ref| refs::workspace_ref(&self.inner.repos.workspace, &base_ref)),
+            BuildSource::Dockerfile(_) => None,
+        };
+        let Some(early) = early else {
+            let refs = resolve.await?;
+            let found = self.lookup_own(&refs.workspace_ref).await?;
+            return Ok((refs, found));
+        };
+        // A failed resolve drops the early lookup; its own failure matters only if taken.
+        let looked_up = self.lookup_own(&early).map(Ok);
+        let (refs, looked_up) = futures::future::try_join(resolve, looked_up).await?;
+        let found = if refs.workspace_ref == early {
+            looked_up?
+        } else {
+            tracing::debug!(
+                workspace_ref = %refs.workspace_ref,
+                "the base moved since the last resolve: the early lookup is not used"
+            );
+            self.lookup_own(&refs.workspace_ref).await?
+        };
+        Ok((refs, found))
+    }
+
     /// Refuses a remote on the service's own machine unless the configuration allows them.
     fn check_local_remote(&self, remote_uri: &str) -> Result<(), Error> {
         if crate::context::is_local_remote(remote_uri)
@@ -98,7 +149,7 @@ impl Orchestrator {
     /// The manifest digest of an image of the installation's own repositories (a workspace
     /// image, a Dockerfile build's base image), looked up with the installation's credentials
     /// as mk3 does.
-    pub async fn lookup_own(&self, reference: &str) -> Result<Option<String>, Error> {
+    async fn lookup_own(&self, reference: &str) -> Result<Option<String>, Error> {
         Ok(self
             .inner
             .steps
@@ -126,25 +177,36 @@ impl Orchestrator {
         if let BuildSource::Dockerfile(d) = &spec.source {
             self.check_local_remote(&d.remote_uri)?;
         }
+        let remote_userinfo = secrets.remote_userinfo.as_ref();
+        let (resolved, found) = if spec.force_rebuild {
+            let resolve = self.resolve_refs(
+                &spec.source,
+                remote_userinfo,
+                secrets.git.as_ref(),
+                &secrets.registry,
+            );
+            (resolve.await?, None)
+        } else {
+            let resolve = self.resolve_and_look_up(
+                &spec.source,
+                remote_userinfo,
+                secrets.git.as_ref(),
+                &secrets.registry,
+            );
+            resolve.await?
+        };
         let ResolvedRefs {
             base_ref,
             workspace_ref,
             commit,
-        } = self
-            .resolve_refs(
-                &spec.source,
-                secrets.remote_userinfo.as_ref(),
-                secrets.git.as_ref(),
-                &secrets.registry,
-            )
-            .await?;
+        } = resolved;
         // A content key names one commit's content: the build checks out that commit.
         if let (BuildSource::Dockerfile(d), Some(commit)) = (&mut spec.source, commit) {
             d.target_mode = image_builder_state::CloneTargetMode::RemoteCommit;
             d.clone_target = commit;
         }
         let checked = std::time::Instant::now();
-        if !spec.force_rebuild && self.lookup_own(&workspace_ref).await?.is_some() {
+        if found.is_some() {
             self.inner.metrics.cache_hit();
             return Ok(Submitted::CacheHit {
                 base_ref,

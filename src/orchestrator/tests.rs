@@ -25,6 +25,13 @@ struct Fakes {
     gate: Semaphore,
     /// How the builder fails its next builds, one kind each, before it succeeds again.
     failures: Mutex<Vec<StepErrorKind>>,
+    /// How often each reference's tag moved: each move gives it another digest.
+    moves: Mutex<HashMap<String, usize>>,
+    /// Every reference looked up, in order.
+    lookups: Mutex<Vec<String>>,
+    /// While set, a resolve answers only after a lookup was made for it (one permit each).
+    resolve_after_lookup: std::sync::atomic::AtomicBool,
+    looked_up: Semaphore,
 }
 
 impl Default for Fakes {
@@ -35,8 +42,20 @@ impl Default for Fakes {
             inside: Mutex::default(),
             gate: Semaphore::new(0),
             failures: Mutex::default(),
+            moves: Mutex::default(),
+            lookups: Mutex::default(),
+            resolve_after_lookup: std::sync::atomic::AtomicBool::new(false),
+            looked_up: Semaphore::new(0),
         }
     }
+}
+
+/// What the fake registry pins `reference` to now.
+fn pinned(reference: &str, moves: usize) -> String {
+    format!(
+        "registry.test/{reference}@sha256:{:0>64}",
+        reference.len() + moves
+    )
 }
 
 #[async_trait]
@@ -47,8 +66,16 @@ impl Resolve for Fakes {
         _: &dyn Keychain,
         _: &dyn Progress,
     ) -> Result<String, StepError> {
+        if self
+            .resolve_after_lookup
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let permit = self.looked_up.acquire().await;
+            permit.map(tokio::sync::SemaphorePermit::forget).ok();
+        }
         // Every image it resolves exists (as a base image does).
-        let pinned = format!("registry.test/{reference}@sha256:{:0>64}", reference.len());
+        let moves = self.moves.lock().get(reference).copied().unwrap_or(0);
+        let pinned = pinned(reference, moves);
         self.images.lock().insert(pinned.clone());
         Ok(pinned)
     }
@@ -62,6 +89,8 @@ impl CheckCache for Fakes {
         _: &dyn Keychain,
         _: &dyn Progress,
     ) -> Result<Option<String>, StepError> {
+        self.lookups.lock().push(reference.to_owned());
+        self.looked_up.add_permits(1);
         Ok(self
             .images
             .lock()
@@ -232,6 +261,77 @@ async fn requests_for_one_image_join_one_build() {
     assert!(matches!(again, Submitted::CacheHit { .. }));
 }
 
+/// Builds `reference` to done, so that its workspace image exists.
+async fn built(rig: &Rig, reference: &str) {
+    let (id, _) = submit(&rig.orchestrator, reference).await;
+    rig.fakes.gate.add_permits(1);
+    assert_eq!(ended(&rig.orchestrator, id).await.phase(), Phase::Done);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_resolved_before_has_its_workspace_image_asked_about_while_it_resolves() {
+    let rig = rig(4);
+    built(&rig, "busybox:1").await;
+    // From now on a resolve answers only once a lookup went out: a lookup that waits for
+    // the resolve never comes.
+    rig.fakes.looked_up.forget_permits(usize::MAX);
+    rig.fakes
+        .resolve_after_lookup
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let submitted = tokio::time::timeout(
+        Duration::from_secs(20),
+        rig.orchestrator
+            .submit(spec("busybox:1"), BuildSecrets::default(), None),
+    )
+    .await
+    .expect("the workspace image was asked about only after the resolve")
+    .unwrap();
+    let Submitted::CacheHit { workspace_ref, .. } = submitted else {
+        panic!("the image built before is a cache hit");
+    };
+    assert_eq!(
+        rig.fakes.lookups.lock().last(),
+        Some(&workspace_ref),
+        "one lookup, of the workspace image the resolve names"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_tag_is_built_though_the_image_of_its_last_base_exists() {
+    let rig = rig(4);
+    built(&rig, "busybox:1").await;
+    let Submitted::CacheHit {
+        workspace_ref: before,
+        ..
+    } = rig
+        .orchestrator
+        .submit(spec("busybox:1"), BuildSecrets::default(), None)
+        .await
+        .unwrap()
+    else {
+        panic!("the image built before is a cache hit");
+    };
+
+    rig.fakes.moves.lock().insert("busybox:1".into(), 1);
+    rig.fakes.lookups.lock().clear();
+    let (id, joined) = submit(&rig.orchestrator, "busybox:1").await;
+    assert!(!joined);
+    let view = rig.orchestrator.view(id).unwrap();
+    assert_eq!(
+        view.base_ref,
+        pinned("busybox:1", 1),
+        "the moved tag is seen"
+    );
+    assert_ne!(view.workspace_ref, before);
+    assert_eq!(
+        *rig.fakes.lookups.lock(),
+        [before, view.workspace_ref.clone()],
+        "the early lookup (of the last base's image) is not taken; the new one is asked about"
+    );
+    rig.fakes.gate.add_permits(1);
+    assert_eq!(ended(&rig.orchestrator, id).await.phase(), Phase::Done);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn builds_are_admitted_in_order_within_the_limit() {
     let rig = rig(1);
@@ -250,7 +350,7 @@ async fn builds_are_admitted_in_order_within_the_limit() {
     let order: Vec<String> = rig.fakes.entered.lock().clone();
     let expected: Vec<String> = ["one", "two", "three"]
         .iter()
-        .map(|r| format!("registry.test/{r}@sha256:{:0>64}", r.len()))
+        .map(|r| pinned(r, 0))
         .collect();
     assert_eq!(order, expected, "admitted in the order they came");
     assert_eq!(rig.fakes.inside.lock().1, 1, "never more than one at once");
