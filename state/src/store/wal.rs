@@ -13,11 +13,20 @@
 //!
 //! Format: files `wal.<generation, 20 digits>` in the store's folder, each a run of entries:
 //! payload length (4 bytes, little endian), CRC-32 of the payload (4), the payload (one
-//! [`WriteBatch`], bincode). Reading a file stops at the first entry that is cut short or
-//! fails its checksum: a torn tail, never synced, so never acknowledged.
+//! [`WriteBatch`], bincode), then [`FILL`] bytes. Reading a file stops at the first entry that
+//! is cut short (the fill's length, all ones, runs past any file's end) or fails its checksum:
+//! a torn tail, never synced, so never acknowledged.
+//!
+//! Filled ahead: a file is written full of [`FILL`] an [`EXTENT`] at a time ahead of its
+//! entries, so an entry overwrites blocks already allocated and written, and its `fdatasync`
+//! has no file size or extent to record: a commit pays for the data alone (15–30% faster here
+//! than an append; BENCHMARKS.md). The commit that passes the fill pays for the next extent.
+//! The fill is not zeros: a zero header would pass its checksum as an empty entry, and a
+//! binary from before the fill reads its files alike (it stops at the fill as at a torn tail).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -34,12 +43,24 @@ const PREFIX: &str = "wal.";
 const MAX_KEPT_BUFFER: usize = 1 << 20;
 const HEADER_BYTES: usize = 8;
 
+/// The fill is written ahead of the entries this much at a time.
+pub(super) const EXTENT: u64 = 1 << 20;
+
+/// What a file holds past its entries.
+pub(super) const FILL: u8 = 0xff;
+
+/// What the fill is written from.
+static FILLED: [u8; 64 << 10] = [FILL; 64 << 10];
+
 /// The log being written.
 pub(super) struct Wal {
     dir: PathBuf,
     file: File,
     generation: u64,
+    /// Where the next entry goes: every entry so far is before it.
     bytes: u64,
+    /// The file's length: [`FILL`] from `bytes` on.
+    filled: u64,
     /// When the first entry of this file was written.
     first_entry: Option<Instant>,
     /// The last entry's encoding, kept for the next.
@@ -138,17 +159,32 @@ impl Wal {
             .truncate(true)
             .write(true)
             .open(&path)?;
-        file.sync_all()?;
-        File::open(dir)?.sync_all()?;
-        remove(older)?;
-        Ok(Self {
+        let mut wal = Self {
             dir: dir.to_owned(),
             file,
             generation,
             bytes: 0,
+            filled: 0,
             first_entry: None,
             buffer: Vec::new(),
-        })
+        };
+        wal.fill_ahead(EXTENT)?;
+        wal.file.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        remove(older)?;
+        Ok(wal)
+    }
+
+    /// Writes [`FILL`] past the file's end up to the next multiple of [`EXTENT`] at or past
+    /// `end` (not durable: the next sync makes it so, with the entry that needed it).
+    fn fill_ahead(&mut self, end: u64) -> std::io::Result<()> {
+        let to = end.next_multiple_of(EXTENT);
+        while self.filled < to {
+            let n = usize::try_from(to - self.filled).map_or(FILLED.len(), |n| n.min(FILLED.len()));
+            self.file.write_all_at(&FILLED[..n], self.filled)?;
+            self.filled += n as u64;
+        }
+        Ok(())
     }
 
     /// Appends `batch` (not yet durable: see [`Wal::sync`]).
@@ -165,8 +201,12 @@ impl Wal {
         let crc = crc32fast::hash(payload);
         entry[..4].copy_from_slice(&len.to_le_bytes());
         entry[4..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all(&entry)?;
-        self.bytes += entry.len() as u64;
+        let end = self.bytes + entry.len() as u64;
+        if end > self.filled {
+            self.fill_ahead(end)?;
+        }
+        self.file.write_all_at(&entry, self.bytes)?;
+        self.bytes = end;
         self.first_entry.get_or_insert_with(Instant::now);
         // A large batch's buffer is not kept.
         if entry.capacity() <= MAX_KEPT_BUFFER {
@@ -229,18 +269,18 @@ mod tests {
         let kept = wal.path();
         let mut next = Wal::start(dir.path(), 2, &[]).unwrap();
         next.append(&batch(3)).unwrap();
+        let last = next.bytes;
         next.append(&batch(4)).unwrap();
         next.sync().unwrap();
+        let end = next.bytes;
         drop((wal, next));
-        // Cut the last entry short, as a crash in the middle of its write would.
+        // Cut the last entry short, as a crash in the middle of its write would: its payload
+        // is still the fill it was.
         let newest = dir.path().join(format!("{PREFIX}{:020}", 2));
-        let len = std::fs::metadata(&newest).unwrap().len();
-        OpenOptions::new()
-            .write(true)
-            .open(&newest)
-            .unwrap()
-            .set_len(len - 3)
-            .unwrap();
+        let file = OpenOptions::new().write(true).open(&newest).unwrap();
+        let payload = last + HEADER_BYTES as u64;
+        let torn = vec![FILL; usize::try_from(end - payload).unwrap()];
+        file.write_all_at(&torn, payload).unwrap();
         let replay = replay(dir.path()).unwrap();
         let seqs: Vec<u64> = replay.batches.iter().map(|b| b.records[0].1).collect();
         assert_eq!(seqs, [1, 2, 3]);
@@ -255,10 +295,10 @@ mod tests {
         for n in 1..=3 {
             wal.append(&batch(n)).unwrap();
         }
-        let path = wal.path();
+        let (path, end) = (wal.path(), wal.bytes);
         drop(wal);
         let mut bytes = std::fs::read(&path).unwrap();
-        let second = bytes.len() / 3 + HEADER_BYTES + 2;
+        let second = usize::try_from(end).unwrap() / 3 + HEADER_BYTES + 2;
         bytes[second] ^= 0x40;
         std::fs::write(&path, bytes).unwrap();
         let seqs: Vec<u64> = replay(dir.path())
@@ -268,6 +308,39 @@ mod tests {
             .map(|b| b.records[0].1)
             .collect();
         assert_eq!(seqs, [1]);
+    }
+
+    #[test]
+    fn entries_overwrite_the_fill_ahead_and_past_an_extent_more_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::start(dir.path(), 1, &[]).unwrap();
+        let path = wal.path();
+        let length = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(length(), EXTENT, "a new file is the fill, one extent long");
+        let mut n = 0;
+        while wal.bytes <= EXTENT {
+            n += 1;
+            wal.append(&batch(n)).unwrap();
+            if wal.bytes < EXTENT {
+                assert_eq!(length(), EXTENT, "entries within the fill keep the length");
+            }
+        }
+        assert_eq!(
+            length(),
+            2 * EXTENT,
+            "the entry past the fill wrote the next extent"
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let end = usize::try_from(wal.bytes).unwrap();
+        assert!(bytes[end..].iter().all(|b| *b == FILL));
+        wal.sync().unwrap();
+        let seqs: Vec<u64> = replay(dir.path())
+            .unwrap()
+            .batches
+            .iter()
+            .map(|b| b.records[0].1)
+            .collect();
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "the fill is no entry");
     }
 
     #[test]
