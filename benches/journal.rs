@@ -1,6 +1,7 @@
 //! Journal appends per second with durability (one writer; 64 concurrent builds, without and
 //! with 1000 idle builds listened to, as queued builds' Build streams are), beside the
-//! raw fsync rate of the same file system measured in the same run; and one build's output
+//! raw fsync rate of the same file system measured in the same run (appending, the goal's
+//! peer, and overwriting a file written beforehand, as the write-ahead log does); and one build's output
 //! throughput through its log writer (chunked, pipelined, durable at the flush) beside raw
 //! `write` + `fdatasync` of 64 KiB chunks.
 //!
@@ -35,6 +36,26 @@ fn fsync_loop(dir: &std::path::Path, phase: Duration) -> (u64, f64) {
     let mut n = 0u64;
     while start.elapsed() < phase {
         file.write_all(&[7u8; CHUNK]).unwrap();
+        file.sync_data().unwrap();
+        n += 1;
+    }
+    (n, start.elapsed().as_secs_f64())
+}
+
+/// Raw `pwrite` + `fdatasync` of [`CHUNK`] bytes over a file written in full beforehand
+/// (no size or extent changes for `fdatasync` to record, as the write-ahead log does) for
+/// `phase`: (syncs, seconds taken).
+fn fsync_overwrite_loop(dir: &std::path::Path, phase: Duration) -> (u64, f64) {
+    use std::os::unix::fs::FileExt;
+    const FILE: usize = 8 << 20;
+    let file = std::fs::File::create(dir.join("fsync-overwrite-probe")).unwrap();
+    file.write_all_at(&vec![0xff; FILE], 0).unwrap();
+    file.sync_all().unwrap();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < phase {
+        let at = (n as usize * CHUNK) % (FILE - CHUNK);
+        file.write_all_at(&[7u8; CHUNK], at as u64).unwrap();
         file.sync_data().unwrap();
         n += 1;
     }
@@ -198,6 +219,7 @@ fn main() {
         ids
     });
     let (mut raw, mut single, mut many) = (Pooled::default(), Pooled::default(), Pooled::default());
+    let mut overwrite = Pooled::default();
     let mut listened = Pooled::default();
     for _ in 0..rounds {
         // One writer and the raw loop compare two `fdatasync`-bound rates, so they take turns
@@ -207,6 +229,8 @@ fn main() {
             let (n, seconds) = fsync_loop(dir.path(), slice);
             raw.add((n, seconds, n));
             single.add(runtime.block_on(appends(&journal, 1, slice)));
+            let (n, seconds) = fsync_overwrite_loop(dir.path(), slice);
+            overwrite.add((n, seconds, n));
         }
         many.add(runtime.block_on(appends(&journal, 64, phase)));
         listened.add(runtime.block_on(appends_beside_listeners(&journal, &idle, phase)));
@@ -218,6 +242,11 @@ fn main() {
     println!("| measurement | per second | vs raw fsync |");
     println!("|---|---:|---:|");
     println!("| raw write+fdatasync of {CHUNK} B (same fs) | {fsync:.0} | 1.00 |");
+    println!(
+        "| raw pwrite+fdatasync of {CHUNK} B over a file written beforehand | {:.0} | {:.2} |",
+        overwrite.rate(),
+        overwrite.rate() / fsync
+    );
     println!(
         "| journal append, 1 writer, durable | {:.0} | {:.2} |",
         single.rate(),
