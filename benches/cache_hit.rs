@@ -3,7 +3,8 @@
 //! needs (resolve the base, look up the workspace image), an in-process lookup, and `skopeo
 //! inspect`. Then a burst of identical cache-hit Builds at once, beside the client's own floor
 //! (as many trivial RPCs at once: grpc.health Check) and the registry's (twice as many HEADs at
-//! once from one async client).
+//! once from one async client). Last, cache hits through a registry 20 ms away (a proxy
+//! delays each manifest request) beside the two HEADs in turn through the same proxy.
 //!
 //! `cargo bench --bench cache_hit` (BENCH_CALLS: sequential rounds, each a Build call and one
 //! call of each peer in turn, default 300; BENCH_BURST: calls at once, default 1000;
@@ -63,6 +64,56 @@ where
         samples.push(task.await.unwrap());
     }
     (samples, started.elapsed())
+}
+
+/// How far away the distant registry is: each manifest request waits this long at the proxy.
+const DISTANT_MS: u64 = 20;
+
+/// Cache hits through a registry [`DISTANT_MS`] away (the fault proxy delays every manifest
+/// request), beside the two HEADs in turn through the same proxy, `calls` rounds (at least
+/// 20), one of each in turn: (Build times, HEAD pair times).
+async fn distant_registry(
+    registry: &LocalRegistry,
+    image: &BaseImage,
+    calls: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+    testkit::push_image(image, registry.addr(), "distant/busybox:1").unwrap();
+    let proxy = FaultProxy::start(registry.addr()).await.unwrap();
+    proxy.inject(Fault {
+        path_contains: "/manifests/".into(),
+        method: None,
+        kind: FaultKind::Latency { ms: DISTANT_MS },
+        times: None,
+    });
+    let config = serde_json::json!({
+        "baseImageRepository": format!("{}/distant/base", proxy.addr()),
+        "workspaceImageRepository": format!("{}/distant/workspace", proxy.addr()),
+        "insecureRegistries": [proxy.addr()],
+    });
+    let service = Service::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
+        config,
+    )
+    .unwrap();
+    let base = format!("{}/distant/busybox:1", proxy.addr());
+    let mut client = service.client().await.unwrap();
+    let first = build(&mut client, &base).await;
+    let workspace_ref = first.last().unwrap().r#ref.clone();
+    let http = reqwest::Client::new();
+    let (base_url, workspace_url) = (manifest_url(&base), manifest_url(&workspace_ref));
+    let (mut hits, mut heads) = (Vec::new(), Vec::new());
+    for _ in 0..calls.max(20) {
+        let start = Instant::now();
+        let r = build(&mut client, &base).await;
+        hits.push(start.elapsed());
+        assert_eq!(r.len(), 1, "every call is a cache hit");
+        let start = Instant::now();
+        head(&http, &base_url).await;
+        head(&http, &workspace_url).await;
+        heads.push(start.elapsed());
+    }
+    (hits, heads)
 }
 
 fn main() {
@@ -181,6 +232,8 @@ fn main() {
             (hits, hits_total, floor, floor_total, heads, heads_total)
         });
 
+    let distant = runtime.block_on(distant_registry(&registry, &image, calls / 10));
+
     let skopeo_runs = (calls / 10).max(10);
     let mut skopeo: Vec<Duration> = (0..skopeo_runs)
         .map(|_| {
@@ -236,6 +289,37 @@ fn main() {
     println!(
         "cache-hit Build p50 / two HEADs p50: {:.2}x (goal <= 1.2x)",
         ms(h50) / ms(t50)
+    );
+    println!();
+    let (mut distant_hits, mut distant_heads) = distant;
+    let (d50, d99) = (
+        percentile(&mut distant_hits, 0.5),
+        percentile(&mut distant_hits, 0.99),
+    );
+    let (e50, e99) = (
+        percentile(&mut distant_heads, 0.5),
+        percentile(&mut distant_heads, 0.99),
+    );
+    println!(
+        "| a registry {DISTANT_MS} ms away (a proxy delays each manifest request) | runs | p50 ms | p99 ms |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| cache-hit Build via gRPC | {} | {:.1} | {:.1} |",
+        distant_hits.len(),
+        ms(d50),
+        ms(d99)
+    );
+    println!(
+        "| two keep-alive HEADs (base, workspace) in turn | {} | {:.1} | {:.1} |",
+        distant_heads.len(),
+        ms(e50),
+        ms(e99)
+    );
+    println!();
+    println!(
+        "distant registry: cache-hit Build p50 / two HEADs p50: {:.2}x (goal <= 1.2x)",
+        ms(d50) / ms(e50)
     );
     println!();
     let (b50, b99) = (
