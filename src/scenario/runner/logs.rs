@@ -154,6 +154,53 @@ impl World {
     }
 }
 
+impl World {
+    /// The last lines of every named build's log, for a failed scenario's report: read
+    /// through Logs as far as it gives within a moment (a build still running is not waited
+    /// for), the last [`TAIL_BYTES`] kept.
+    pub(super) async fn build_log_tails(&self) -> String {
+        const TAIL_BYTES: usize = 4096;
+        const TAIL_LINES: usize = 15;
+        let mut names: Vec<&String> = self.builds.keys().collect();
+        names.sort();
+        let mut out = String::new();
+        for name in names {
+            let Ok(id) = self.build_id(name).await else {
+                continue;
+            };
+            let tail = match self.client().await {
+                Ok(mut client) => match client
+                    .logs(pb::LogsRequest {
+                        build_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        let mut tail = Vec::new();
+                        let wait = Duration::from_secs(2);
+                        while let Ok(Ok(Some(chunk))) =
+                            tokio::time::timeout(wait, stream.message()).await
+                        {
+                            tail.extend(chunk.content);
+                            let excess = tail.len().saturating_sub(TAIL_BYTES);
+                            tail.drain(..excess);
+                        }
+                        let text = String::from_utf8_lossy(&tail).into_owned();
+                        let lines: Vec<&str> = text.lines().rev().take(TAIL_LINES).collect();
+                        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    }
+                    Err(e) => format!("(no log: {} {})", e.code(), e.message()),
+                },
+                Err(e) => format!("(no log: {e})"),
+            };
+            out.push_str(&format!("--- {name} ({id})\n{tail}\n"));
+        }
+        out
+    }
+}
+
 pub(super) async fn drain(
     mut stream: tonic::Streaming<pb::LogsResponse>,
 ) -> Result<Vec<u8>, tonic::Status> {

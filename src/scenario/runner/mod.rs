@@ -168,6 +168,17 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
             Duration::ZERO,
         ));
     }
+    if failed {
+        let tails = world.build_log_tails().await;
+        if !tails.is_empty() {
+            report.steps.push((
+                0,
+                "build logs (last lines)",
+                Outcome::Skipped(tails),
+                Duration::ZERO,
+            ));
+        }
+    }
     report
 }
 
