@@ -259,6 +259,16 @@ mod tests {
         }
     }
 
+    /// The numbers of the batches the logs in `dir` replay, in order.
+    fn replayed(dir: &Path) -> Vec<u64> {
+        replay(dir)
+            .unwrap()
+            .batches
+            .iter()
+            .map(|b| b.records[0].1)
+            .collect()
+    }
+
     #[test]
     fn entries_read_back_in_order_across_files_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -301,13 +311,7 @@ mod tests {
         let second = usize::try_from(end).unwrap() / 3 + HEADER_BYTES + 2;
         bytes[second] ^= 0x40;
         std::fs::write(&path, bytes).unwrap();
-        let seqs: Vec<u64> = replay(dir.path())
-            .unwrap()
-            .batches
-            .iter()
-            .map(|b| b.records[0].1)
-            .collect();
-        assert_eq!(seqs, [1]);
+        assert_eq!(replayed(dir.path()), [1]);
     }
 
     #[test]
@@ -334,13 +338,11 @@ mod tests {
         let end = usize::try_from(wal.bytes).unwrap();
         assert!(bytes[end..].iter().all(|b| *b == FILL));
         wal.sync().unwrap();
-        let seqs: Vec<u64> = replay(dir.path())
-            .unwrap()
-            .batches
-            .iter()
-            .map(|b| b.records[0].1)
-            .collect();
-        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "the fill is no entry");
+        assert_eq!(
+            replayed(dir.path()),
+            (1..=n).collect::<Vec<_>>(),
+            "the fill is no entry"
+        );
     }
 
     #[test]
@@ -352,17 +354,9 @@ mod tests {
         let sealed = wal.seal().unwrap();
         assert!(wal.is_empty() && !wal.due());
         wal.append(&batch(2)).unwrap();
-        let seqs = |dir: &Path| -> Vec<u64> {
-            replay(dir)
-                .unwrap()
-                .batches
-                .iter()
-                .map(|b| b.records[0].1)
-                .collect()
-        };
-        assert_eq!(seqs(dir.path()), [1, 2]);
+        assert_eq!(replayed(dir.path()), [1, 2]);
         remove(&[sealed]).unwrap();
-        assert_eq!(seqs(dir.path()), [2]);
+        assert_eq!(replayed(dir.path()), [2]);
         assert_eq!(replay(dir.path()).unwrap().generation, 2);
     }
 }
