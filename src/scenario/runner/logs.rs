@@ -152,15 +152,9 @@ impl World {
             other => Err(format!("{} is not played here", other.kind())),
         }
     }
-}
 
-impl World {
-    /// The last lines of every named build's log, for a failed scenario's report: read
-    /// through Logs as far as it gives within a moment (a build still running is not waited
-    /// for), the last [`TAIL_BYTES`] kept.
+    /// The last lines of every named build's log, for a failed scenario's report.
     pub(super) async fn build_log_tails(&self) -> String {
-        const TAIL_BYTES: usize = 4096;
-        const TAIL_LINES: usize = 15;
         let mut names: Vec<&String> = self.builds.keys().collect();
         names.sort();
         let mut out = String::new();
@@ -168,36 +162,34 @@ impl World {
             let Ok(id) = self.build_id(name).await else {
                 continue;
             };
-            let tail = match self.client().await {
-                Ok(mut client) => match client
-                    .logs(pb::LogsRequest {
-                        build_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                {
-                    Ok(stream) => {
-                        let mut stream = stream.into_inner();
-                        let mut tail = Vec::new();
-                        let wait = Duration::from_secs(2);
-                        while let Ok(Ok(Some(chunk))) =
-                            tokio::time::timeout(wait, stream.message()).await
-                        {
-                            tail.extend(chunk.content);
-                            let excess = tail.len().saturating_sub(TAIL_BYTES);
-                            tail.drain(..excess);
-                        }
-                        let text = String::from_utf8_lossy(&tail).into_owned();
-                        let lines: Vec<&str> = text.lines().rev().take(TAIL_LINES).collect();
-                        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    }
-                    Err(e) => format!("(no log: {} {})", e.code(), e.message()),
-                },
-                Err(e) => format!("(no log: {e})"),
-            };
+            let tail = (self.log_tail(&id).await).unwrap_or_else(|e| format!("(no log: {e})"));
             out.push_str(&format!("--- {name} ({id})\n{tail}\n"));
         }
         out
+    }
+
+    /// The last lines of a build's log: read through Logs as far as it gives within a moment
+    /// (a build still running is not waited for), the last 4 KiB kept.
+    async fn log_tail(&self, id: &str) -> Result<String, String> {
+        const TAIL_BYTES: usize = 4096;
+        const TAIL_LINES: usize = 15;
+        let mut client = self.client().await?;
+        let mut stream = client
+            .logs(pb::LogsRequest {
+                build_id: id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("Logs: {e}"))?
+            .into_inner();
+        let mut tail = Vec::new();
+        let wait = Duration::from_secs(2);
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout(wait, stream.message()).await {
+            tail.extend(chunk.content);
+            let excess = tail.len().saturating_sub(TAIL_BYTES);
+            tail.drain(..excess);
+        }
+        Ok(last_lines(&String::from_utf8_lossy(&tail), TAIL_LINES))
     }
 }
 

@@ -159,12 +159,10 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
             .push((i + 1, step.kind(), outcome, started.elapsed()));
     }
     if failed && let Some(service) = &world.env.service {
-        let log = service.log();
-        let tail: Vec<&str> = log.lines().rev().take(30).collect();
         report.steps.push((
             0,
             "service log (last lines)",
-            Outcome::Skipped(tail.into_iter().rev().collect::<Vec<_>>().join("\n")),
+            Outcome::Skipped(last_lines(&service.log(), 30)),
             Duration::ZERO,
         ));
     }
@@ -180,6 +178,13 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
         }
     }
     report
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let mut lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.reverse();
+    lines.join("\n")
 }
 
 impl World {
