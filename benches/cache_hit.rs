@@ -18,7 +18,7 @@ use image_builder::proto::builder as pb;
 use image_builder::registry::{NoCredentials, Registry};
 use image_builder::steps::Untracked;
 use image_builder_testkit::bench::{
-    env_or, head_manifest, manifest_url, ms, percentile, reference_build,
+    env_or, head_manifest, manifest_url, ms, percentile, reference_build, service_config,
 };
 use image_builder_testkit::{self as testkit, BaseImage, LocalRegistry, Service};
 
@@ -66,6 +66,15 @@ where
     (samples, started.elapsed())
 }
 
+/// The service under test, its repositories `{prefix}/…` in the registry at `registry`.
+fn start_service(registry: &str, prefix: &str) -> Service {
+    Service::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
+        service_config(registry, prefix),
+    )
+    .unwrap()
+}
+
 /// How far away the distant registry is: each manifest request waits this long at the proxy.
 const DISTANT_MS: u64 = 20;
 
@@ -77,25 +86,12 @@ async fn distant_registry(
     image: &BaseImage,
     calls: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
-    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
     testkit::push_image(image, registry.addr(), "distant/busybox:1").unwrap();
-    let proxy = FaultProxy::start(registry.addr()).await.unwrap();
-    proxy.inject(Fault {
-        path_contains: "/manifests/".into(),
-        method: None,
-        kind: FaultKind::Latency { ms: DISTANT_MS },
-        times: None,
-    });
-    let config = serde_json::json!({
-        "baseImageRepository": format!("{}/distant/base", proxy.addr()),
-        "workspaceImageRepository": format!("{}/distant/workspace", proxy.addr()),
-        "insecureRegistries": [proxy.addr()],
-    });
-    let service = Service::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
-        config,
-    )
-    .unwrap();
+    let proxy = image_builder_testkit::FaultProxy::start(registry.addr())
+        .await
+        .unwrap();
+    proxy.delay("/manifests/", DISTANT_MS);
+    let service = start_service(proxy.addr(), "distant");
     let base = format!("{}/distant/busybox:1", proxy.addr());
     let mut client = service.client().await.unwrap();
     let first = build(&mut client, &base).await;
@@ -123,16 +119,7 @@ fn main() {
     let registry = LocalRegistry::start().unwrap();
     let image = BaseImage::busybox(0).unwrap();
     let base = testkit::push_image(&image, registry.addr(), "bench/busybox:1").unwrap();
-    let config = serde_json::json!({
-        "baseImageRepository": format!("{}/bench/base", registry.addr()),
-        "workspaceImageRepository": format!("{}/bench/workspace", registry.addr()),
-        "insecureRegistries": [registry.addr()],
-    });
-    let service = Service::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
-        config,
-    )
-    .unwrap();
+    let service = start_service(registry.addr(), "bench");
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // The cache hit and its two peers take turns, one call each in every round, so a machine

@@ -91,14 +91,11 @@ fn main() {
     .unwrap();
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let config = |key: &str| {
-        serde_json::json!({
-            "baseImageRepository": format!("{}/bench-layers/base", registry.addr()),
-            "workspaceImageRepository": format!("{}/bench-layers/workspace", registry.addr()),
-            "insecureRegistries": [registry.addr()],
-            "dataDir": data.path().display().to_string(),
-            "allowLocalRepositories": true,
-            "baseImageKey": key,
-        })
+        let mut config = testkit::bench::service_config(registry.addr(), "bench-layers");
+        config["dataDir"] = data.path().display().to_string().into();
+        config["allowLocalRepositories"] = true.into();
+        config["baseImageKey"] = key.into();
+        config
     };
     let binary = Path::new(env!("CARGO_BIN_EXE_image-builder"));
     let mut service = Service::start(binary, config("mk3")).unwrap();

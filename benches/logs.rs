@@ -66,14 +66,10 @@ fn main() {
     )
     .unwrap();
     let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let config = serde_json::json!({
-        "baseImageRepository": format!("{}/bench-logs/base", registry.addr()),
-        "workspaceImageRepository": format!("{}/bench-logs/workspace", registry.addr()),
-        "insecureRegistries": [registry.addr()],
-        "dataDir": data.path().display().to_string(),
-        "maxLogBytes": 64u64 << 20,
-        "allowLocalRepositories": true,
-    });
+    let mut config = testkit::bench::service_config(registry.addr(), "bench-logs");
+    config["dataDir"] = data.path().display().to_string().into();
+    config["maxLogBytes"] = (64u64 << 20).into();
+    config["allowLocalRepositories"] = true.into();
     let service = Service::start(Path::new(env!("CARGO_BIN_EXE_image-builder")), config).unwrap();
     let pid = service.pid().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder_testkit::bench::{
     distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
-    status_kib,
+    service_config, status_kib,
 };
 use image_builder_testkit::{LocalRegistry, Service};
 use tonic::transport::Channel;
@@ -133,16 +133,13 @@ fn main() {
     let (burst_refs, rest) = rest.split_at(distinct);
     let (copy_refs, skopeo_refs) = rest.split_at(copies);
 
-    let config = serde_json::json!({
-        "baseImageRepository": format!("{}/bench/base", registry.addr()),
-        "workspaceImageRepository": format!("{}/bench/workspace", registry.addr()),
-        "insecureRegistries": [registry.addr()],
-        "maxConcurrentBuilds": clients,
-        "registryRequestsPerHost": env_or(
-            "BENCH_PER_HOST",
-            image_builder::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST
-        ),
-    });
+    let mut config = service_config(registry.addr(), "bench");
+    config["maxConcurrentBuilds"] = clients.into();
+    config["registryRequestsPerHost"] = env_or(
+        "BENCH_PER_HOST",
+        image_builder::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST,
+    )
+    .into();
     let service = Service::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_image-builder")),
         config,

@@ -213,7 +213,7 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn identical_lookups_at_once_make_one_request_and_a_moved_tag_is_seen_next() {
-    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+    use image_builder_testkit::FaultProxy;
 
     let local = LocalRegistry::start().unwrap();
     testkit::push_image(
@@ -224,12 +224,7 @@ async fn identical_lookups_at_once_make_one_request_and_a_moved_tag_is_seen_next
     .unwrap();
     let proxy = FaultProxy::start(local.addr()).await.unwrap();
     // Every manifest request takes half a second: the lookups below overlap.
-    proxy.inject(Fault {
-        path_contains: "/manifests/".into(),
-        method: None,
-        kind: FaultKind::Latency { ms: 500 },
-        times: None,
-    });
+    proxy.delay("/manifests/", 500);
     let via = proxy.addr().to_owned();
     let registry = std::sync::Arc::new(Registry::new(std::slice::from_ref(&via)));
     let reference = format!("{via}/co/busybox:1");
@@ -427,7 +422,7 @@ async fn a_copy_asks_only_what_it_does_not_know_and_recovers_a_blob_lost_since()
 /// many times at once, and the second copy has nothing to ask that the first is not asking.
 #[tokio::test(flavor = "multi_thread")]
 async fn copies_at_once_of_a_shared_layer_mount_it_once() {
-    use image_builder_testkit::{Fault, FaultKind, FaultProxy};
+    use image_builder_testkit::FaultProxy;
 
     let local = LocalRegistry::start().unwrap();
     testkit::bench::distinct_images(local.addr(), "once/busybox", 4)
@@ -435,12 +430,7 @@ async fn copies_at_once_of_a_shared_layer_mount_it_once() {
         .unwrap();
     let proxy = FaultProxy::start(local.addr()).await.unwrap();
     // Mounts take a while: the copies overlap.
-    proxy.inject(Fault {
-        path_contains: "/blobs/uploads/".into(),
-        method: None,
-        kind: FaultKind::Latency { ms: 300 },
-        times: None,
-    });
+    proxy.delay("/blobs/uploads/", 300);
     let via = proxy.addr().to_owned();
     let registry = std::sync::Arc::new(Registry::new(std::slice::from_ref(&via)));
     let copies: Vec<_> = (0..4)

@@ -22,6 +22,16 @@ pub fn manifest_url(reference: &str) -> String {
 /// The manifest media types a registry client accepts.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json";
 
+/// A service configuration whose base and workspace repositories are `{prefix}/base` and
+/// `{prefix}/workspace` in the plain-HTTP registry at `registry`; add keys as needed.
+pub fn service_config(registry: &str, prefix: &str) -> serde_json::Value {
+    serde_json::json!({
+        "baseImageRepository": format!("{registry}/{prefix}/base"),
+        "workspaceImageRepository": format!("{registry}/{prefix}/workspace"),
+        "insecureRegistries": [registry],
+    })
+}
+
 /// `HEAD` of a manifest URL: whether the registry has it. Fails on any other answer.
 pub async fn head_manifest(http: &reqwest::Client, url: &str) -> Result<bool> {
     let r = http

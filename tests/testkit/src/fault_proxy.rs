@@ -86,6 +86,17 @@ impl FaultProxy {
         self.shared.rules.lock().push(Rule { fault, left });
     }
 
+    /// Delays every request whose path contains `path_contains` by `ms` before it goes on
+    /// (a registry further away, or one slow at that kind of request).
+    pub fn delay(&self, path_contains: &str, ms: u64) {
+        self.inject(Fault {
+            path_contains: path_contains.to_owned(),
+            method: None,
+            kind: FaultKind::Latency { ms },
+            times: None,
+        });
+    }
+
     /// Removes every fault rule.
     pub fn clear(&self) {
         self.shared.rules.lock().clear();
