@@ -129,3 +129,63 @@ fn the_cycle_finder_finds_a_cycle() {
     );
     assert_eq!(cycle_from(&graph, "d"), None);
 }
+
+/// tonic's ways of making a `Status` (`Status::from` goes through `api/status.rs`'s
+/// conversions, so it is not one of them).
+const TONIC_CONSTRUCTORS: [&str; 21] = [
+    "new",
+    "with_details",
+    "with_metadata",
+    "with_details_and_metadata",
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid_argument",
+    "deadline_exceeded",
+    "not_found",
+    "already_exists",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "aborted",
+    "out_of_range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data_loss",
+    "unauthenticated",
+];
+
+/// Every status the service sends is made by `api/status.rs` (its bounded constructor or
+/// `Status::from` an error), so no handler can echo a client's input unbounded.
+#[test]
+fn only_the_status_module_makes_a_status() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let own = src.join("api").join("status.rs");
+    let mut found = Vec::new();
+    for file in rust_files(&src).into_iter().filter(|f| *f != own) {
+        let text = std::fs::read_to_string(&file).expect("a readable source file");
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            let makes = code.match_indices("Status::").any(|(at, _)| {
+                let own_type = code[..at]
+                    .chars()
+                    .next_back()
+                    .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+                let name: String = code[at + "Status::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                own_type && TONIC_CONSTRUCTORS.contains(&name.as_str())
+            });
+            if makes {
+                found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "statuses made outside api/status.rs (use api::status::refuse):\n{}",
+        found.join("\n")
+    );
+}

@@ -247,6 +247,77 @@ async fn every_bad_request_gets_its_code_and_a_bounded_message_and_the_service_s
         "Logs offset",
     );
 
+    // The ops API bounds what it echoes as well: a 1 MiB state filter, page token, workspace
+    // ref filter, build id and cancel reason.
+    let mut ops = ops_client(&service).await;
+    use image_builder::proto::ops;
+    let refusal = ops
+        .list_builds(ops::ListBuildsRequest {
+            states: vec![huge.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_refused(
+        &refusal,
+        Code::InvalidArgument,
+        "is not a state",
+        "ops ListBuilds 1 MiB state",
+    );
+    let refusal = ops
+        .list_builds(ops::ListBuildsRequest {
+            page_token: huge.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_refused(
+        &refusal,
+        Code::InvalidArgument,
+        "page_token",
+        "ops ListBuilds 1 MiB page token",
+    );
+    let listed = ops
+        .list_builds(ops::ListBuildsRequest {
+            workspace_ref: huge.clone(),
+            ..Default::default()
+        })
+        .await;
+    match listed {
+        Ok(page) => assert!(page.get_ref().builds.is_empty(), "{page:?}"),
+        Err(refusal) => assert!(
+            refusal.message().len() <= MAX_MESSAGE,
+            "ops ListBuilds 1 MiB workspace ref: {} bytes",
+            refusal.message().len()
+        ),
+    }
+    let refusal = ops
+        .get_build(ops::GetBuildRequest {
+            build_id: huge.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(
+        &refusal,
+        Code::InvalidArgument,
+        "not a build id",
+        "ops GetBuild 1 MiB id",
+    );
+    let refusal = ops
+        .cancel_build(ops::CancelBuildRequest {
+            build_id: "0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12".into(),
+            reason: huge.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refusal.message().len() <= MAX_MESSAGE
+            && matches!(refusal.code(), Code::InvalidArgument | Code::NotFound),
+        "ops CancelBuild 1 MiB reason: {:?} with {} bytes",
+        refusal.code(),
+        refusal.message().len()
+    );
+
     // And the service still builds.
     let responses = build_all(&mut client, head_build(&uri)).await.unwrap();
     let last = responses.last().unwrap();

@@ -11,7 +11,9 @@
 
 use std::path::PathBuf;
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
+
+use super::status::refuse;
 
 use crate::config::Config;
 use crate::reload::{ReadError, Reloading};
@@ -148,28 +150,37 @@ impl Access {
             });
         }
         if list.is_empty() && self.token.is_none() {
-            return Err(Status::permission_denied(format!(
-                "{call} is refused: this service names no {key} and no operatorTokenFile; \
+            return Err(refuse(
+                Code::PermissionDenied,
+                format!(
+                    "{call} is refused: this service names no {key} and no operatorTokenFile; \
                  its operator must configure one of them"
-            )));
+                ),
+            ));
         }
         match names {
-            Some(names) => Err(Status::permission_denied(format!(
-                "{call} needs a client certificate named in `{key}`; this one names {}",
-                shown(&names)
-            ))),
-            None => Err(Status::unauthenticated(format!(
-                "{call} needs {}",
-                self.what_admits(key)
-            ))),
+            Some(names) => Err(refuse(
+                Code::PermissionDenied,
+                format!(
+                    "{call} needs a client certificate named in `{key}`; this one names {}",
+                    shown(&names)
+                ),
+            )),
+            None => Err(refuse(
+                Code::Unauthenticated,
+                format!("{call} needs {}", self.what_admits(key)),
+            )),
         }
     }
 
     fn check_token(&self, presented: &str, call: &str) -> Result<Identity, Status> {
         let Some(token) = &self.token else {
-            return Err(Status::unauthenticated(format!(
-                "{call}: bearer tokens are not accepted here (no operatorTokenFile is configured)"
-            )));
+            return Err(refuse(
+                Code::Unauthenticated,
+                format!(
+                    "{call}: bearer tokens are not accepted here (no operatorTokenFile is configured)"
+                ),
+            ));
         };
         let (expected, error) = token.current();
         if let Some(e) = error {
@@ -178,9 +189,10 @@ impl Access {
         if bool::from(digest(presented.as_bytes()).ct_eq(&expected.0)) {
             Ok(Identity::Token)
         } else {
-            Err(Status::unauthenticated(format!(
-                "{call}: the bearer token is not the operator token"
-            )))
+            Err(refuse(
+                Code::Unauthenticated,
+                format!("{call}: the bearer token is not the operator token"),
+            ))
         }
     }
 
@@ -211,13 +223,17 @@ fn bearer<T>(request: &Request<T>) -> Result<Option<String>, Status> {
         return Ok(None);
     };
     let value = value.to_str().map_err(|_| {
-        Status::unauthenticated("the authorization header is not text: use `Bearer <token>`")
+        refuse(
+            Code::Unauthenticated,
+            "the authorization header is not text: use `Bearer <token>`",
+        )
     })?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
             Ok(Some(token.trim().to_owned()))
         }
-        _ => Err(Status::unauthenticated(
+        _ => Err(refuse(
+            Code::Unauthenticated,
             "the authorization header is not `Bearer <token>`",
         )),
     }

@@ -8,10 +8,11 @@ use image_builder_state::journal::{Entry, Reader};
 use image_builder_state::{BuildId, Phase, now_ms};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use super::convert;
+use super::status::refuse;
 use crate::credentials::StreamRedactor;
 use crate::orchestrator::{Error, Orchestrator, Submitted};
 use crate::proto::builder as pb;
@@ -131,16 +132,19 @@ pub fn parse_log_offset(value: &[u8]) -> Result<u64, Status> {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {}",
-                convert::echo(&String::from_utf8_lossy(value))
-            ))
+            refuse(
+                Code::InvalidArgument,
+                format!(
+                    "metadata {LOG_OFFSET_METADATA} must be a byte offset (a whole number), got {}",
+                    convert::echo(&String::from_utf8_lossy(value))
+                ),
+            )
         })
 }
 
 pub(super) fn parse_build_id(text: &str) -> Result<BuildId, Status> {
     text.parse().map_err(|_| {
-        Status::invalid_argument(format!(
+        refuse(Code::InvalidArgument, format!(
             "build_id {} is not a build id (expected a UUID such as 0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12)",
             convert::echo(text)
         ))
@@ -326,7 +330,8 @@ impl ImageBuilder for ImageBuilderService {
         } else if !req.build_ref.trim().is_empty() {
             self.orchestrator.find_by_ref(req.build_ref.trim())?
         } else {
-            return Err(Status::invalid_argument(
+            return Err(refuse(
+                Code::InvalidArgument,
                 "name the build: set build_id, or build_ref (the workspace image ref)",
             ));
         };

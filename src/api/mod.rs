@@ -6,7 +6,7 @@ pub mod access;
 mod convert;
 pub mod image_builder;
 pub mod ops;
-mod status;
+pub(crate) mod status;
 
 pub use convert::build_request;
 pub use image_builder::ImageBuilderService;

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use image_builder_state::view::{Damage, Summary};
 use image_builder_state::{BuildId, BuildSource, BuildView, Record};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::access::{Access, Role};
 use super::image_builder::{ResponseStream, parse_build_id, stream_journal};
+use super::status::refuse;
 use crate::orchestrator::Orchestrator;
 use crate::proto::ops as pb;
 use crate::proto::ops::build_ops_server::BuildOps;
@@ -208,16 +209,23 @@ impl BuildOps for OpsService {
             .chain([DAMAGED])
             .collect();
         if let Some(bad) = req.states.iter().find(|s| !known.contains(&s.as_str())) {
-            return Err(Status::invalid_argument(format!(
-                "states: {bad:?} is not a state (one of {})",
-                known.join(", ")
-            )));
+            return Err(refuse(
+                Code::InvalidArgument,
+                format!(
+                    "states: {} is not a state (one of {})",
+                    super::convert::echo(bad),
+                    known.join(", ")
+                ),
+            ));
         }
         let after = if req.page_token.is_empty() {
             None
         } else {
             Some(id_of(&req.page_token).map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous page")
+                refuse(
+                    Code::InvalidArgument,
+                    "page_token: not a token from a previous page",
+                )
             })?)
         };
         let size = match req.page_size as usize {

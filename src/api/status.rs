@@ -1,4 +1,6 @@
-//! The one place errors become gRPC status codes, with mk3's codes where mk3 had them.
+//! The one place errors become gRPC status codes, with mk3's codes where mk3 had them, and
+//! the one place a status is made: every handler builds its refusals with [`refuse`] (or
+//! `Status::from` an error), so no message exceeds [`MAX_MESSAGE_BYTES`] whatever it quotes.
 //! Nothing maps to `Unknown`.
 
 use tonic::{Code, Status};
@@ -30,8 +32,14 @@ impl From<orchestrator::Error> for Status {
         if code == Code::Internal {
             tracing::error!(error = %err, "request failed on an internal error");
         }
-        Status::new(code, bounded_message(err.to_string()))
+        refuse(code, err.to_string())
     }
+}
+
+/// A status with `code` and `message` cut to [`MAX_MESSAGE_BYTES`]: how every handler refuses
+/// a call. Client input quoted in `message` goes through [`echo`](super::convert::echo) first.
+pub fn refuse(code: Code, message: impl Into<String>) -> Status {
+    Status::new(code, bounded_message(message.into()))
 }
 
 /// Longest status message sent: whatever an error quotes, a default client's metadata limit
@@ -104,5 +112,20 @@ mod tests {
             assert_eq!(status.code(), code);
             assert!(!status.message().is_empty());
         }
+    }
+
+    #[test]
+    fn a_refusal_is_cut_at_the_bound_on_a_character_boundary_and_says_how_long_it_was() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let status = refuse(Code::InvalidArgument, long.clone());
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + 32);
+        assert!(
+            status
+                .message()
+                .ends_with(&format!("({} bytes)", long.len()))
+        );
+        let short = refuse(Code::NotFound, "no build 1");
+        assert_eq!(short.message(), "no build 1");
     }
 }

@@ -15,11 +15,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::grpc_metrics::GrpcMetricsLayer;
+use crate::api::status::refuse;
 use crate::api::{ImageBuilderService, OpsService};
 use crate::telemetry::Metrics;
 use crate::tls::ServerTls;
@@ -40,7 +41,8 @@ impl tonic::service::Interceptor for Gate {
         if self.0.load(Ordering::Acquire) {
             Ok(request)
         } else {
-            Err(Status::unavailable(
+            Err(refuse(
+                Code::Unavailable,
                 "image-builder is starting (resuming unfinished builds); try again in a moment",
             ))
         }
