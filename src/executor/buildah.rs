@@ -12,6 +12,7 @@ use std::time::Duration;
 use image_builder_state::BuildId;
 use tokio::process::Command;
 
+use super::LayerCacheUse;
 use crate::context::BuildContext;
 use crate::process::{self, Finished};
 use crate::steps::{StepError, StepErrorKind, StepLog};
@@ -124,11 +125,14 @@ impl Buildah {
     }
 
     /// Builds the context into the local image `tag`, logging buildah's output line by line.
+    /// Every step's result is kept in the storage; with [`LayerCacheUse::WriteOnly`] none is
+    /// taken from it (`--no-cache`): every step runs again.
     pub async fn build(
         &self,
         id: BuildId,
         context: &BuildContext,
         tag: &str,
+        cache: LayerCacheUse,
         auth_file: &Path,
         log: &dyn StepLog,
     ) -> Result<(), Error> {
@@ -141,11 +145,14 @@ impl Buildah {
             "--layers",
             "--format",
             "docker",
-            "-f",
-        ])
-        .arg(&context.dockerfile)
-        .args(["-t", tag])
-        .arg(&context.context);
+        ]);
+        if cache == LayerCacheUse::WriteOnly {
+            cmd.arg("--no-cache");
+        }
+        cmd.arg("-f")
+            .arg(&context.dockerfile)
+            .args(["-t", tag])
+            .arg(&context.context);
         self.run(cmd, "bud", id, log).await
     }
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildView};
 use sha2::{Digest, Sha256};
 
+use super::LayerCacheUse;
 use super::layer_cache::LayerCache;
 use crate::context::GitCheckouts;
 use crate::credentials::BuildSecrets;
@@ -158,14 +159,21 @@ impl BuildBase for LocalExecutor {
         let built = {
             let _shared = self.cache.share().await;
             let buildah = self.cache.buildah();
-            log.line(format!(
-                "building {} with buildah; steps found in its layer cache are not run again",
-                build.base_ref
-            ))
+            let cache = LayerCacheUse::of(build);
+            log.line(match cache {
+                LayerCacheUse::ReadWrite => format!(
+                    "building {} with buildah; steps found in its layer cache are not run again",
+                    build.base_ref
+                ),
+                LayerCacheUse::WriteOnly => format!(
+                    "building {} with buildah; force_rebuild is set: every step runs again (the layer cache is written, not read)",
+                    build.base_ref
+                ),
+            })
             .await;
             async {
                 buildah
-                    .build(build.id, &context, &build.base_ref, &auth.path, log)
+                    .build(build.id, &context, &build.base_ref, cache, &auth.path, log)
                     .await?;
                 log.line(format!("pushing {}", build.base_ref)).await;
                 buildah

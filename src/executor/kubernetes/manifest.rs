@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::config::KubernetesConfig;
+use crate::executor::LayerCacheUse;
 
 /// Marks every object this service makes.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "image-builder");
@@ -74,6 +75,8 @@ pub struct Attempt<'a> {
     pub tag: &'a str,
     /// Registries spoken to over plain HTTP.
     pub insecure_registries: &'a [String],
+    /// Whether steps may be taken from the layer cache repository.
+    pub cache: LayerCacheUse,
 }
 
 /// The Job that runs an attempt's builder.
@@ -97,6 +100,13 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         (
             "IB_CACHE",
             config.layer_cache_repository.as_deref().unwrap_or_default(),
+        ),
+        (
+            "IB_FORCE",
+            match attempt.cache {
+                LayerCacheUse::ReadWrite => "",
+                LayerCacheUse::WriteOnly => "1",
+            },
         ),
     ]
     .into_iter()
@@ -225,7 +235,9 @@ pub fn secret(job: &Job, auth_file: &serde_json::Value, git_basic: Option<String
 /// only), checks that the Dockerfile and context stay inside the checkout, builds with
 /// buildah and pushes. With a layer cache repository, every step's result is pushed there and
 /// looked up there first (`--layers --cache-to/--cache-from`), so a pod reuses what any other
-/// pod built. Everything it needs comes from `IB_*` variables, always quoted.
+/// pod built; a forced rebuild (`IB_FORCE`) only pushes there (`--cache-to`): its pod starts
+/// with empty storage, so every step runs. Everything it needs comes from `IB_*` variables,
+/// always quoted.
 const SCRIPT: &str = r#"set -eu
 secrets=/var/run/image-builder
 export GIT_TERMINAL_PROMPT=0 GIT_ASKPASS=/bin/false LC_ALL=C
@@ -262,7 +274,10 @@ inside() {
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
 context=$(inside context "${IB_CONTEXT:-.}")
 set -- --layers=false
-if [ -n "$IB_CACHE" ]; then
+if [ -n "$IB_CACHE" ] && [ -n "$IB_FORCE" ]; then
+  set -- --layers --cache-to "$IB_CACHE"
+  echo "building $IB_TAG with buildah; force_rebuild is set: every step runs again (the layer cache $IB_CACHE is written, not read)"
+elif [ -n "$IB_CACHE" ]; then
   set -- --layers --cache-from "$IB_CACHE" --cache-to "$IB_CACHE"
   echo "building $IB_TAG with buildah; steps found in the layer cache $IB_CACHE are not run again"
 else
@@ -314,6 +329,7 @@ mod tests {
             source: &source,
             tag: "reg.example/base:abc",
             insecure_registries: &[],
+            cache: LayerCacheUse::ReadWrite,
         };
         let job = job(&config(), "inst", &attempt);
         let name = job.metadata.name.clone().unwrap();
@@ -360,6 +376,42 @@ mod tests {
         );
         let data = secret.data.unwrap();
         assert!(data.contains_key("auth.json") && data.contains_key("git-basic"));
+    }
+
+    #[test]
+    fn a_forced_rebuild_asks_the_builder_to_take_nothing_from_the_layer_cache() {
+        let source = source();
+        let env_of = |cache| {
+            let attempt = Attempt {
+                id: BuildId::new(),
+                attempt: 1,
+                source: &source,
+                tag: "reg.example/base:abc",
+                insecure_registries: &[],
+                cache,
+            };
+            let job = job(&config(), "inst", &attempt);
+            let pod = job.spec.unwrap().template.spec.unwrap();
+            pod.containers[0]
+                .env
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|v| v.name == "IB_FORCE")
+                .and_then(|v| v.value)
+        };
+        assert_eq!(env_of(LayerCacheUse::WriteOnly).as_deref(), Some("1"));
+        assert_eq!(env_of(LayerCacheUse::ReadWrite).as_deref(), Some(""));
+        // The script reads the cache only when the build is not forced.
+        let forced = SCRIPT
+            .split("if [ -n \"$IB_CACHE\" ] && [ -n \"$IB_FORCE\" ]; then")
+            .nth(1)
+            .and_then(|rest| rest.split("elif").next())
+            .unwrap();
+        assert!(
+            forced.contains("--cache-to") && !forced.contains("--cache-from"),
+            "{forced}"
+        );
     }
 
     #[test]

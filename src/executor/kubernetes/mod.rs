@@ -154,6 +154,7 @@ impl KubernetesExecutor {
             source,
             tag: &build.base_ref,
             insecure_registries: &self.insecure_registries,
+            cache: super::LayerCacheUse::of(build),
         };
         let wanted = manifest::job(&self.config, &self.installation, &attempt);
         let (job, created) = match self.jobs.create(&PostParams::default(), &wanted).await {

@@ -111,6 +111,19 @@ pub enum Step {
         #[serde(default)]
         content: Option<String>,
     },
+    /// Assert a build's workspace image ends in a layer of its own (`differs_from`) or in the
+    /// same layer as another build's (`same_as`). Each image is read by the digest its build
+    /// journaled, so a tag pushed over since does not matter.
+    ExpectTopLayer {
+        /// The build.
+        build: String,
+        /// A build whose image's top layer must differ.
+        #[serde(default)]
+        differs_from: Option<String>,
+        /// A build whose image's top layer must be the same.
+        #[serde(default)]
+        same_as: Option<String>,
+    },
     /// Assert the builds of a group (or listed builds) share one build id.
     ExpectSameBuild {
         /// Build or group names.
@@ -245,6 +258,7 @@ impl Step {
             Step::ExpectLog { .. } => "expect_log",
             Step::ExpectListeners { .. } => "expect_listeners",
             Step::ExpectImage { .. } => "expect_image",
+            Step::ExpectTopLayer { .. } => "expect_top_layer",
             Step::ExpectSameBuild { .. } => "expect_same_build",
             Step::ExpectBuilds { .. } => "expect_builds",
             Step::ExpectConcurrency { .. } => "expect_concurrency",

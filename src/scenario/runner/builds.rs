@@ -95,6 +95,31 @@ impl World {
                 }
                 Ok(())
             }
+            Step::ExpectTopLayer {
+                build,
+                differs_from,
+                same_as,
+            } => {
+                let (other, same) = match (differs_from, same_as) {
+                    (Some(other), None) => (other, false),
+                    (None, Some(other)) => (other, true),
+                    _ => return Err("name one of differs_from and same_as".into()),
+                };
+                let mine = self.top_layer(build).await?;
+                let theirs = self.top_layer(other).await?;
+                if same {
+                    ensure!(
+                        mine == theirs,
+                        "{build} ends in layer {mine}, {other} in {theirs}: expected the same"
+                    );
+                } else {
+                    ensure!(
+                        mine != theirs,
+                        "{build} and {other} both end in layer {mine}: expected a new one"
+                    );
+                }
+                Ok(())
+            }
             Step::ExpectSameBuild { builds } => {
                 let mut ids = std::collections::BTreeSet::new();
                 for name in builds {
@@ -113,6 +138,38 @@ impl World {
             }
             other => Err(format!("{} is not played here", other.kind())),
         }
+    }
+
+    /// The last layer of the workspace image build `name` pushed, read by the digest it
+    /// journaled.
+    async fn top_layer(&self, name: &str) -> Result<String, String> {
+        let id = self.build_id(name).await?;
+        let build = self
+            .ops()
+            .await?
+            .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
+            .await
+            .map_err(|e| format!("GetBuild: {}", e.message()))?
+            .into_inner();
+        ensure!(!build.digest.is_empty(), "{name} journaled no image digest");
+        let image: oci_client::Reference = build
+            .workspace_ref
+            .parse()
+            .map_err(|e| format!("{}: {e}", build.workspace_ref))?;
+        let reference = format!(
+            "{}/{}@{}",
+            image.registry(),
+            image.repository(),
+            build.digest
+        );
+        let inspected = fixtures::skopeo_inspect_as(&reference, self.env.registry_creds.as_deref())
+            .map_err(|e| format!("{reference} is not in the registry: {e}"))?;
+        inspected["Layers"]
+            .as_array()
+            .and_then(|layers| layers.last())
+            .and_then(|layer| layer.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{reference} has no layers: {inspected}"))
     }
 
     /// Build names behind a build or group name.

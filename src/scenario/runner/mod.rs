@@ -211,6 +211,7 @@ impl World {
             | Step::WaitLog { .. }
             | Step::ExpectStatus { .. }
             | Step::ExpectImage { .. }
+            | Step::ExpectTopLayer { .. }
             | Step::ExpectSameBuild { .. }
             | Step::ExpectBuilds { .. } => self.build_step(step).await,
             Step::Listen { .. }

@@ -190,16 +190,21 @@ impl Setup for SelfHosted {
                 .await
                 .map_err(|e| format!("cluster: {e}"))?
                 .map_err(|e| format!("cluster: {e:#}"))?;
-            let executor = {
+            let (namespace, mut executor) = {
                 let cluster = cluster.clone();
-                tokio::task::spawn_blocking(move || -> anyhow::Result<serde_json::Value> {
+                tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                     let namespace = cluster.create_namespace("scenario")?;
-                    cluster.executor_config(&namespace)
+                    let executor = cluster.executor_config(&namespace)?;
+                    Ok((namespace, executor))
                 })
                 .await
                 .map_err(|e| format!("cluster: {e}"))?
                 .map_err(|e| format!("cluster: {e:#}"))?
             };
+            // Builder pods share their steps through a layer cache repository of this
+            // scenario's own, as an installation's pods do.
+            executor["layerCacheRepository"] =
+                format!("{via_workspace}/{namespace}/layer-cache").into();
             config["executor"] = executor;
             kubeconfig = Some(cluster.kubeconfig.display().to_string());
             // Builder pods cannot read this machine's files: they clone over HTTP.
