@@ -21,6 +21,9 @@ use crate::steps::{StepError, StepErrorKind, StepLog, Tail};
 /// How long one read of the builder's output may take.
 const READ_BYTES: usize = 64 * 1024;
 
+/// How long a failed Job's pod is waited for to report its builder's exit code.
+const EXIT_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What the watchers saw.
 enum Seen {
     Pod(Box<watcher::Event<Pod>>),
@@ -36,6 +39,8 @@ pub(super) struct JobWatch {
     followed: Option<String>,
     followed_gone: bool,
     job: Option<Job>,
+    /// How long a failed Job's pod is waited for to report its builder's exit code.
+    exit_wait: std::time::Duration,
 }
 
 /// How a builder Job ended.
@@ -61,13 +66,19 @@ impl JobWatch {
         )
         .default_backoff()
         .filter_map(|e| async move { log_error(e).map(|e| Seen::Job(Box::new(e))) });
+        Self::of(name, futures::stream::select(pod_events, job_events))
+    }
+
+    /// A watch of Job `name` that learns what happens from `events`.
+    fn of(name: &str, events: impl Stream<Item = Seen> + Send + 'static) -> Self {
         Self {
-            events: Box::pin(futures::stream::select(pod_events, job_events)),
+            events: Box::pin(events),
             name: name.to_owned(),
             pod: None,
             followed: None,
             followed_gone: false,
             job: None,
+            exit_wait: EXIT_REPORT_WAIT,
         }
     }
 
@@ -162,10 +173,28 @@ impl JobWatch {
                     self.name
                 )));
             }
-            if let Some(reason) = self.job_ended() {
-                return Ok(Ended::Failed(reason));
+            if self.job_ended().is_some() {
+                // The Job's controller may report the failure before the kubelet reports how
+                // the builder exited: an SRE needs that code, so wait a little for it.
+                self.await_exit(self.exit_wait).await;
+                return Ok(Ended::Failed(self.job_ended().unwrap_or_default()));
             }
             self.next().await?;
+        }
+    }
+
+    /// Takes in events until the builder's pod reports how its container ended, the pod goes
+    /// away, or `within` has passed.
+    async fn await_exit(&mut self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.followed_gone && self.pod.as_ref().and_then(terminated).is_none() {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!(job = %self.name, "the failed builder job's pod did not report its exit code in time");
+                    return;
+                }
+            }
         }
     }
 
@@ -325,5 +354,96 @@ async fn copy_from(
             *read = end;
         }
         at = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(failed: bool) -> Job {
+        let conditions = if failed {
+            serde_json::json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                "message": "Job has reached the specified backoff limit"}])
+        } else {
+            serde_json::json!([])
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ib-1-1"},
+            "status": {"conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    fn pod(state: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ib-1-1-abcde"},
+            "status": {"containerStatuses": [{
+                "name": CONTAINER, "image": "b", "imageID": "", "ready": false,
+                "restartCount": 0, "state": state,
+            }]},
+        }))
+        .unwrap()
+    }
+
+    fn running() -> Pod {
+        pod(serde_json::json!({"running": {}}))
+    }
+
+    fn exited(code: i32) -> Pod {
+        pod(serde_json::json!({"terminated": {"exitCode": code, "reason": "Error"}}))
+    }
+
+    fn watch(events: Vec<Seen>) -> JobWatch {
+        JobWatch::of(
+            "ib-1-1",
+            futures::stream::iter(events).chain(futures::stream::pending()),
+        )
+    }
+
+    fn reason(ended: Ended) -> String {
+        match ended {
+            Ended::Failed(reason) => reason,
+            Ended::Succeeded => panic!("the job succeeded"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_reported_failed_before_its_pod_exited_waits_for_the_exit_code() {
+        let mut watch = watch(vec![
+            Seen::Pod(Box::new(watcher::Event::Apply(running()))),
+            Seen::Job(Box::new(watcher::Event::Apply(job(true)))),
+            Seen::Pod(Box::new(watcher::Event::Apply(exited(3)))),
+        ]);
+        let reason = reason(watch.ended().await.unwrap());
+        assert!(
+            reason.contains("backoff limit")
+                && reason.contains("the builder exited with code 3, Error"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_never_reports_its_exit_holds_the_failure_up_only_for_a_while() {
+        let mut watch = watch(vec![
+            Seen::Pod(Box::new(watcher::Event::Apply(running()))),
+            Seen::Job(Box::new(watcher::Event::Apply(job(true)))),
+        ]);
+        watch.exit_wait = std::time::Duration::from_millis(300);
+        let started = tokio::time::Instant::now();
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(10), watch.ended())
+            .await
+            .expect("the failure is reported once the wait is over")
+            .unwrap();
+        let reason = self::reason(reason);
+        assert!(
+            reason.contains("backoff limit") && !reason.contains("exited"),
+            "{reason}"
+        );
+        assert!(
+            started.elapsed() >= watch.exit_wait,
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
