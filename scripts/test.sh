@@ -35,9 +35,9 @@ export IMAGE_BUILDER_KUBERNETES_BIN
 # grpcurl (reflection) and Jaeger v2 (traces), built from their Go modules and cached.
 go_tools=$(./scripts/peers/go-tools.sh)
 while IFS= read -r line; do export "${line?}"; done <<<"$go_tools"
-# The deployment test runs the release binary in the service's container image.
-cargo build --quiet --release -p image-builder --bin image-builder
-IMAGE_BUILDER_RELEASE_BINARY=$PWD/target/release/image-builder
+# The deployment test runs the shipped release binary (and its debug file beside it) in the
+# service's container image; tests/release.rs checks its size and backtraces.
+IMAGE_BUILDER_RELEASE_BINARY=$(./scripts/release.sh)
 export IMAGE_BUILDER_RELEASE_BINARY
 cargo build --quiet -p image-builder-testkit
 cluster_env=$(mktemp)

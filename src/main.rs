@@ -197,6 +197,13 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("image-builder: {e:#}");
+            // Where the error was made, when RUST_BACKTRACE (or RUST_LIB_BACKTRACE) asks for
+            // it: the release binary's symbols and line tables are in `image-builder.debug`
+            // beside it (scripts/release.sh), which the backtrace finds there.
+            let backtrace = e.backtrace();
+            if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+                eprintln!("backtrace:\n{backtrace}");
+            }
             ExitCode::FAILURE
         }
     }

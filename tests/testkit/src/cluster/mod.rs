@@ -702,6 +702,16 @@ pub fn service_image(binary: &Path, name: &str) -> Result<ImageArchive> {
         &path(binary),
         "/usr/local/bin/image-builder",
     ])?;
+    // The shipped binary's symbols and line tables, where its backtraces look for them.
+    let debug = binary.with_file_name("image-builder.debug");
+    if debug.is_file() {
+        buildah(&[
+            "copy",
+            &container,
+            &path(&debug),
+            "/usr/local/bin/image-builder.debug",
+        ])?;
+    }
     buildah(&[
         "config",
         "--entrypoint",
