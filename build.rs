@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(descriptors)
         .build_server(true)
         .build_client(true)
+        // Prost's codec with a smaller yield threshold (see `proto::codec`).
+        .codec_path("crate::proto::codec::StreamCodec")
         .compile_protos(&["proto/imgbuilder.proto", "proto/ops.proto"], &["proto"])?;
     Ok(())
 }

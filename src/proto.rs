@@ -21,3 +21,52 @@ pub mod ops {
 /// The encoded descriptors of every file in `proto/` and what they import, for server
 /// reflection (`grpcurl list` without the proto files).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+/// The codec of every generated service and client: prost's, with a smaller yield threshold.
+///
+/// tonic hands an answer stream to HTTP/2 in chunks of at least its yield threshold (32 KiB by
+/// default), and a Logs listener that stops reading holds about three such chunks in the
+/// stack below the service (one in the encoder's hands, one waiting for flow-control window,
+/// the rest of one partly sent). At 16 KiB, one log piece
+/// ([`LOG_PIECE_BYTES`](image_builder_state::journal::LOG_PIECE_BYTES)) is one chunk: `cargo
+/// bench --bench listeners` measures what a listener costs beside a bare tonic server.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// How tonic buffers what it encodes: 8 KiB to start with, a chunk handed on at 16 KiB.
+    fn settings() -> BufferSettings {
+        BufferSettings::new(8 * 1024, 16 * 1024)
+    }
+
+    /// Prost's codec, encoding with [`settings`].
+    #[derive(Debug, Clone, Copy)]
+    pub struct StreamCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for StreamCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for StreamCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(settings())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::default())
+        }
+    }
+}

@@ -13,12 +13,19 @@ use crate::record::Record;
 use crate::view::BuildView;
 
 /// Bytes of records a follower reads from the store at once (each record counts as at least
-/// [`store::RECORD_FLOOR_BYTES`](crate::store::RECORD_FLOOR_BYTES), about what it takes in
-/// memory once decoded).
-const RECORD_BATCH_BYTES: usize = 32 * 1024;
+/// [`store::RECORD_FLOOR_BYTES`](crate::store::RECORD_FLOOR_BYTES), what it takes in memory
+/// once decoded): what a follower holds, however far behind its reader is (about 66 records,
+/// 2 MiB of log named by them).
+const RECORD_BATCH_BYTES: usize = 8 * 1024;
 
-/// The largest piece of log a [`Reader`] returns at once.
-pub const LOG_PIECE_BYTES: usize = 64 * 1024;
+/// The largest piece of log a [`Reader`] returns at once, and of a checksummed log record.
+///
+/// A listener that stops reading holds about three pieces in the gRPC stack below the service
+/// (one in the encoder's hands, one waiting for flow-control window, the rest of one partly
+/// sent): at 64 KiB a listener cost about 240 KiB, at 16 KiB (one piece, one gRPC message,
+/// one chunk: `proto::codec`) about 100 KiB. `cargo bench --bench listeners` measures it
+/// beside a bare tonic server (BENCHMARKS.md).
+pub const LOG_PIECE_BYTES: usize = 16 * 1024;
 
 impl Journal {
     /// Follows a build's durable records from `from_seq` on: what is stored now, then each

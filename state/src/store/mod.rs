@@ -136,9 +136,9 @@ impl Error {
     }
 }
 
-/// What a record counts for against a batch's `max_bytes` at least: small records take more
-/// memory decoded than stored.
-pub const RECORD_FLOOR_BYTES: usize = 128;
+/// What a record counts for against a batch's `max_bytes` at least: what it takes in memory
+/// once decoded (with its sequence number), which is more than most take stored.
+pub const RECORD_FLOOR_BYTES: usize = std::mem::size_of::<(u64, crate::record::Record)>();
 
 /// Bytes free for an unprivileged writer on the file system holding `path`.
 pub fn free_bytes(path: &Path) -> Option<u64> {
