@@ -26,9 +26,9 @@ if cargo tree -e normal -p image-builder --prefix none \
   exit 1
 fi
 
-# Kubernetes 1.20 from Debian's source package, the builder image, grpcurl and Jaeger (cached
-# by version; a fresh machine builds them once), then one test cluster for every test binary: started here,
-# stopped on the way out.
+# Kubernetes, etcd, containerd and runc from their Go modules, the builder image, grpcurl and
+# Jaeger (cached by version; a fresh machine builds them once), then one test cluster for every
+# test binary: started here, stopped on the way out.
 IMAGE_BUILDER_KUBERNETES_BIN=$(./scripts/peers/kubernetes.sh)
 export IMAGE_BUILDER_KUBERNETES_BIN
 ./scripts/peers/builder-image.sh >/dev/null

@@ -670,7 +670,7 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
 /// Runs kubectl as the admin with `stdin`; panics with its output when it fails.
 fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
     use std::io::Write;
-    let mut child = std::process::Command::new("kubectl")
+    let mut child = std::process::Command::new(cluster::node_tool("kubectl").unwrap())
         .arg("--kubeconfig")
         .arg(&rig.cluster.kubeconfig)
         .args(args)

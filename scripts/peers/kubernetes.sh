@@ -1,42 +1,43 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes control plane and kubelet the tests run (kube-apiserver, kubelet,
-# kube-controller-manager, kube-scheduler), from Debian 12's source package of Kubernetes
-# 1.20.2 with Debian's Go, and installs the Debian packages a node needs (etcd, containerd,
-# the CNI plugins, kubectl). The binaries are cached outside the clone, keyed by version:
-#   ${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}/kubernetes-<version>/bin
-# A fresh machine takes about 7 minutes here (two cores); a cached one, none.
-# Prints the bin directory on stdout. Idempotent.
+# Builds the single-node Kubernetes the tests run, from the Go modules of each project through
+# the Go module proxy, with the machine's Go (no source change):
+#   Kubernetes  kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl
+#   etcd        the server
+#   containerd  containerd, its runc shim, ctr
+#   runc        with seccomp (user namespaces for pods need runc >= 1.2; Debian's is 1.1.5)
+# Each is cached outside the clone, keyed by its version:
+#   ${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}/node/<name>-<version>/
+# and the directory printed on stdout links them all by name. A fresh two-core machine takes
+# about 15 minutes (Kubernetes' shared packages are most of it); a cached one, none.
+# Installs the Debian packages a node needs (CNI plugins, iptables, ...). Idempotent.
 set -euo pipefail
 
-VERSION=v1.20.2
-DEBIAN_VERSION=1.20.5+really1.20.2-1.1+deb12u1
+KUBERNETES=v1.37.2
+ETCD=v3.7.3
+CONTAINERD=v2.4.2
+RUNC=v1.5.3
+# The Go these modules ask for (their go.mod `go` lines).
+GO_MIN=1.26.6
+
 CACHE=${IMAGE_BUILDER_CACHE:-/var/cache/image-builder}
-DEST=$CACHE/kubernetes-$VERSION-deb12u1
-BINARIES=(kube-apiserver kubelet kube-controller-manager kube-scheduler)
+NODE=$CACHE/node
 
 say() { echo "kubernetes: $*" >&2; }
 
 sudo=""
 [[ $(id -u) -eq 0 ]] || sudo="sudo"
 
-cached=true
-for b in "${BINARIES[@]}"; do [[ -x $DEST/bin/$b ]] || cached=false; done
-
-# What a node needs from Debian, and Debian's Go 1.19 for the 1.20 tree.
+# What a node needs from Debian, and what cgo needs to build runc.
 need=()
-command -v etcd >/dev/null || need+=(etcd-server)
-command -v containerd >/dev/null || need+=(containerd)
 [[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
-command -v runc >/dev/null || need+=(runc)
 command -v iptables >/dev/null || need+=(iptables)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v socat >/dev/null || need+=(socat)
 command -v ip >/dev/null || need+=(iproute2)
-command -v kubectl >/dev/null || need+=(kubernetes-client)
-if ! $cached; then
-  [[ -x /usr/lib/go-1.19/bin/go ]] || need+=(golang-1.19-go)
-  [[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]] || need+=(golang-github-modern-go-reflect2-dev)
-  command -v dpkg-source >/dev/null || need+=(dpkg-dev)
+if [[ ! -x $NODE/runc-$RUNC/runc ]]; then
+  [[ -e /usr/include/seccomp.h ]] || need+=(libseccomp-dev)
+  command -v pkg-config >/dev/null || need+=(pkg-config)
+  command -v gcc >/dev/null || need+=(gcc libc6-dev)
 fi
 if ((${#need[@]})); then
   say "installing ${need[*]}"
@@ -44,69 +45,143 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if $cached; then
-  say "cached in $DEST/bin"
-  echo "$DEST/bin"
-  exit 0
-fi
+go_bin() {
+  local candidate have
+  for candidate in "$(command -v go 2>/dev/null)" /usr/local/go/bin/go; do
+    [[ -x $candidate ]] || continue
+    have=$("$candidate" env GOVERSION 2>/dev/null | sed 's/^go//')
+    if [[ -n $have && $(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -n 1) == "$GO_MIN" ]]; then
+      echo "$candidate"
+      return
+    fi
+  done
+  say "these builds need Go $GO_MIN or later (the go.mod of each module names it); none found"
+  exit 1
+}
 
-started=$SECONDS
-work=$(mktemp -d "${TMPDIR:-/tmp}/kubernetes-build.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+export GOMODCACHE=$CACHE/go-mod GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
-# Debian's source package, through a private apt state with deb-src lines (the machine's own
-# lists stay as they are).
-say "fetching Debian's source package kubernetes $DEBIAN_VERSION"
-mkdir -p "$work/apt/lists/partial" "$work/src"
-cat >"$work/apt/sources.list" <<EOF
-deb-src http://deb.debian.org/debian bookworm main
-deb-src http://deb.debian.org/debian-security bookworm-security main
+# build NAME VERSION FILES...: runs the function build_NAME into a fresh directory unless
+# $NODE/NAME-VERSION already holds FILES.
+build() {
+  local name=$1 version=$2
+  shift 2
+  local dest=$NODE/$name-$version file missing=false
+  for file in "$@"; do [[ -x $dest/$file ]] || missing=true; done
+  $missing || return 0
+  local started=$SECONDS work
+  work=$(mktemp -d "${TMPDIR:-/tmp}/node-build.XXXXXX")
+  rm -rf "$dest.partial"
+  mkdir -p "$dest.partial"
+  say "building $name $version (cached afterwards in $dest)"
+  ( cd "$work" && "build_$name" "$version" "$dest.partial" ) >&2
+  rm -rf "$work" "$dest"
+  mv "$dest.partial" "$dest"
+  say "built $name in $((SECONDS - started)) s"
+}
+
+# A module's own source, writable, in the current directory (its go.mod and replace lines
+# apply, which `go install module@version` refuses).
+module_source() {
+  local src
+  src=$("$GO" mod download -json "$1@$2" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [[ -d $src ]] || { say "cannot download $1@$2"; exit 1; }
+  cp -r "$src/." .
+  chmod -R u+w .
+}
+
+# Kubernetes: a scratch module requiring k8s.io/kubernetes, with each staging module its go.mod
+# replaces by a relative path (not in the module's zip) taken at the matching v0.x release.
+build_kubernetes() {
+  local version=$1 out=$2 minor=${1#v1.}
+  minor=${minor%%.*}
+  local gomod
+  gomod=$("$GO" mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  {
+    echo "module image-builder.test/kubernetes"
+    echo "go $GO_MIN"
+    echo "require k8s.io/kubernetes $version"
+    sed -n 's|^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/src/k8s.io/.*$|replace \1 => \1 v0.'"${version#v1.}"'|p' "$gomod"
+  } >go.mod
+  cat >tools.go <<'EOF'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+)
 EOF
-apt_private=(-o "APT::Sandbox::User=root" -o "Dir::Etc::SourceList=$work/apt/sources.list"
-  -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::State::Lists=$work/apt/lists"
-  -o "Dir::Cache::srcpkgcache=" -o "Dir::Cache::pkgcache=")
-apt-get "${apt_private[@]}" update -qq
-(cd "$work/src" && apt-get "${apt_private[@]}" source --download-only -qq "kubernetes=$DEBIAN_VERSION" >/dev/null)
-# apt checked the files against the signed Sources index; dpkg-source need not check again.
-dpkg-source --no-check -x "$work"/src/kubernetes_*.dsc "$work/src/tree" >/dev/null
+  "$GO" mod tidy
+  local flags="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  # No cgo anywhere: one build of the shared packages serves all five (with cgo, the kubelet
+  # alone recompiles them, about 8 minutes here).
+  local b
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
+    say "  $b"
+    CGO_ENABLED=0 "$GO" build -p 2 -trimpath -tags selinux,notest,grpcnotrace \
+      -ldflags "$flags" -o "$out/$b" "k8s.io/kubernetes/cmd/$b"
+  done
+}
 
-# GOPATH mode with Debian's Go 1.19, as the 1.20 tree expects.
-export GOPATH=$work/gopath GO111MODULE=off GOFLAGS= CGO_ENABLED=0
-export GOCACHE=$CACHE/go-build-1.19 PATH=/usr/lib/go-1.19/bin:$PATH
-mkdir -p "$GOPATH/src/k8s.io"
-ln -s "$work/src/tree" "$GOPATH/src/k8s.io/kubernetes"
-cd "$GOPATH/src/k8s.io/kubernetes"
+# etcd: the server module's go.mod replaces its siblings by relative paths, so it is built as
+# a dependency of a scratch module (its requirements name the same versions).
+build_etcd() {
+  local version=$1 out=$2
+  printf 'module image-builder.test/etcd\ngo %s\nrequire go.etcd.io/etcd/server/v3 %s\n' "$GO_MIN" "$version" >go.mod
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >tools.go
+  "$GO" mod tidy
+  CGO_ENABLED=0 "$GO" build -p 2 -trimpath -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3
+}
 
-# The vendored reflect2 1.0.1 crashes on Go >= 1.18: Debian's 1.0.2 replaces it.
-rm -rf vendor/github.com/modern-go/reflect2
-cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
-rm -f vendor/github.com/modern-go/reflect2/go.mod vendor/github.com/modern-go/reflect2/go.sum
+build_containerd() {
+  local version=$1 out=$2
+  module_source github.com/containerd/containerd/v2 "$version"
+  local flags="-s -w -X github.com/containerd/containerd/v2/version.Version=$version"
+  CGO_ENABLED=0 "$GO" build -p 2 -trimpath -tags urfave_cli_no_docs,no_btrfs -ldflags "$flags" \
+    -o "$out/containerd" ./cmd/containerd
+  CGO_ENABLED=0 "$GO" build -p 2 -trimpath -tags urfave_cli_no_docs,no_btrfs,no_grpc -ldflags "$flags" \
+    -o "$out/containerd-shim-runc-v2" ./cmd/containerd-shim-runc-v2
+  CGO_ENABLED=0 "$GO" build -p 2 -trimpath -tags urfave_cli_no_docs,no_btrfs -ldflags "$flags" \
+    -o "$out/ctr" ./cmd/ctr
+}
 
-# The tarball lacks the generated OpenAPI definitions the API server serves. They cover every
-# package with the tag on any of its files (a type may carry it, as intstr.IntOrString does),
-# named by import path: staging/src/k8s.io/x is k8s.io/x, pkg/... is k8s.io/kubernetes/pkg/...
-say "generating the OpenAPI definitions"
-go build -o "$work/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
-tagged=$(grep -rl --include='*.go' '+k8s:openapi-gen=' pkg staging/src vendor 2>/dev/null |
-  grep -v -e '/testdata/' -e '^pkg/generated/openapi/' | xargs -n1 dirname | sort -u |
-  sed -e 's|^staging/src/||' -e 's|^vendor/||' -e 's|^pkg/|k8s.io/kubernetes/pkg/|' |
-  sort -u | paste -sd, -)
-"$work/openapi-gen" --input-dirs "$tagged" \
-  --output-package k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
-  --go-header-file hack/boilerplate/boilerplate.generatego.txt \
-  --report-filename /dev/null --output-base "$GOPATH/src"
+# runc: cgo (its nsenter is C) with libseccomp; without libpathrs (a Rust library Debian 12
+# lacks; runc's own path checks serve instead).
+build_runc() {
+  local version=$1 out=$2
+  module_source github.com/opencontainers/runc "$version"
+  CGO_ENABLED=1 "$GO" build -p 2 -trimpath -buildmode=pie -tags seccomp,urfave_cli_no_docs \
+    -ldflags "-s -w -X main.version=${version#v}" -o "$out/runc" .
+}
 
-version_flags=""
-for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
-  version_flags+=" -X $pkg.gitVersion=$VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
-  version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
-mkdir -p "$DEST/bin.partial"
-for b in "${BINARIES[@]}"; do
-  say "building $b"
-  go build -trimpath -ldflags "-s -w $version_flags" -o "$DEST/bin.partial/$b" "./cmd/$b"
-done
-rm -rf "$DEST/bin"
-mv "$DEST/bin.partial" "$DEST/bin"
-say "built in $((SECONDS - started)) s into $DEST/bin"
-echo "$DEST/bin"
+if [[ ! -x $NODE/kubernetes-$KUBERNETES/kubelet || ! -x $NODE/etcd-$ETCD/etcd ||
+      ! -x $NODE/containerd-$CONTAINERD/containerd || ! -x $NODE/runc-$RUNC/runc ]]; then
+  GO=$(go_bin)
+  export GOCACHE=$CACHE/go-build-node
+fi
+build kubernetes "$KUBERNETES" kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet
+build etcd "$ETCD" etcd
+build containerd "$CONTAINERD" containerd containerd-shim-runc-v2 ctr
+build runc "$RUNC" runc
+
+# One directory naming every binary of this set of versions.
+bin=$NODE/bin-$KUBERNETES-etcd$ETCD-containerd$CONTAINERD-runc$RUNC
+if [[ ! -d $bin ]]; then
+  rm -rf "$bin.partial"
+  mkdir -p "$bin.partial"
+  for dir in "kubernetes-$KUBERNETES" "etcd-$ETCD" "containerd-$CONTAINERD" "runc-$RUNC"; do
+    for file in "$NODE/$dir"/*; do ln -s "$file" "$bin.partial/$(basename "$file")"; done
+  done
+  mv "$bin.partial" "$bin"
+fi
+say "cached in $bin"
+echo "$bin"

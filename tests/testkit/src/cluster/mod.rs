@@ -1,11 +1,11 @@
 //! A real single-node Kubernetes for the tests: etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler, containerd and a kubelet, all on loopback, in a work directory of their
-//! own. Kubernetes 1.20.2 is built from Debian's source package by
-//! `scripts/peers/kubernetes.sh` (cached by version); the rest are Debian's packages.
+//! own. Kubernetes, etcd, containerd and runc are built from their Go modules by
+//! `scripts/peers/kubernetes.sh` (cached by version); the CNI plugins are Debian's.
 //!
-//! What this machine needs, found by trying (`../shared/design/kubernetes.md`): cgroups v1
-//! with the `cgroupfs` driver, and `restrict_oom_score_adj` in containerd's CRI config since
-//! root lacks `CAP_SYS_RESOURCE`. Pods that must reach loopback services use the host network;
+//! What this machine needs, found by trying: cgroups v1 with the `cgroupfs` driver (the
+//! kubelet refuses cgroup v1 unless told `failCgroupV1: false`), and `restrict_oom_score_adj`
+//! in containerd's CRI config since root lacks `CAP_SYS_RESOURCE`. Pods that must reach loopback services use the host network;
 //! the others get a bridge whose traffic cannot leave the machine (no masquerade, and a
 //! firewall rule drops whatever it sends outside its own subnet).
 //!
@@ -50,13 +50,22 @@ pub struct Cluster {
     firewall: bool,
 }
 
-/// Where the Kubernetes binaries are: `IMAGE_BUILDER_KUBERNETES_BIN`, or what the peer
-/// script builds (or finds cached).
+/// Where the node's binaries are (Kubernetes, etcd, containerd, ctr, runc):
+/// `IMAGE_BUILDER_KUBERNETES_BIN`, or what the peer script builds (or finds cached).
 pub fn kubernetes_bin() -> Result<PathBuf> {
-    if let Ok(dir) = std::env::var("IMAGE_BUILDER_KUBERNETES_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    peer_script("kubernetes.sh")
+    static BIN: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("IMAGE_BUILDER_KUBERNETES_BIN") {
+        Ok(dir) => Ok(PathBuf::from(dir)),
+        Err(_) => peer_script("kubernetes.sh").map_err(|e| format!("{e:#}")),
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The path of one of the node's programs (`kubectl`, `ctr`, ...), built with the cluster.
+pub fn node_tool(name: &str) -> Result<String> {
+    Ok(path(&kubernetes_bin()?.join(name)))
 }
 
 /// Runs `scripts/peers/<name>` (it builds or finds its peer, cached) and returns the path it
@@ -121,7 +130,7 @@ impl Cluster {
         let kubeconfig = path(&self.kubeconfig);
         let mut all = vec!["--kubeconfig", kubeconfig.as_str()];
         all.extend_from_slice(args);
-        Ok(run("kubectl", &all)?)
+        Ok(run(&node_tool("kubectl")?, &all)?)
     }
 
     /// Imports a `docker-archive` tarball into the node's containerd, for pods with
@@ -145,7 +154,7 @@ impl Cluster {
         let etcd_peer = crate::free_port()?;
         self.run(
             "etcd",
-            Command::new("etcd").args([
+            Command::new(bin.join("etcd")).args([
                 "--data-dir",
                 &path(&dir.join("etcd")),
                 "--listen-client-urls",
@@ -174,7 +183,6 @@ impl Cluster {
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
                 &format!("--secure-port={api_port}"),
-                "--insecure-port=0",
                 &format!("--tls-cert-file={}", path(&apiserver.cert)),
                 &format!("--tls-private-key-file={}", path(&apiserver.key)),
                 &format!("--client-ca-file={}", path(&pki.ca())),
@@ -208,9 +216,8 @@ impl Cluster {
             Command::new(bin.join("kube-controller-manager")).args([
                 &format!("--kubeconfig={admin}"),
                 "--leader-elect=false",
-                "--port=0",
                 "--secure-port=0",
-                "--controllers=*,-nodeipam,-route,-service,-cloud-node-lifecycle",
+                "--controllers=*,-node-ipam-controller",
                 &format!("--service-account-private-key-file={}", path(&sa.key)),
                 &format!("--root-ca-file={}", path(&pki.ca())),
                 "--use-service-account-credentials=false",
@@ -221,12 +228,11 @@ impl Cluster {
             Command::new(bin.join("kube-scheduler")).args([
                 &format!("--kubeconfig={admin}"),
                 "--leader-elect=false",
-                "--port=0",
                 "--secure-port=0",
             ]),
         )?;
 
-        self.start_containerd()?;
+        self.start_containerd(&bin)?;
         NodeImages::get()?.import(self)?;
         self.start_kubelet(&bin, &pki, &node_kubeconfig)?;
         self.wait("the node to be Ready", Duration::from_secs(120), |c| {
@@ -252,7 +258,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_containerd(&mut self) -> Result<()> {
+    fn start_containerd(&mut self, bin: &Path) -> Result<()> {
         let dir = self.dir.join("containerd");
         let cni_conf = self.dir.join("cni/net.d");
         std::fs::create_dir_all(&cni_conf)?;
@@ -286,32 +292,41 @@ impl Cluster {
         self.firewall = true;
 
         let config = format!(
-            r#"version = 2
+            r#"version = 3
 root = "{root}"
 state = "{state}"
 [grpc]
   address = "{socket}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "{PAUSE_IMAGE}"
+[plugins.'io.containerd.cri.v1.runtime']
   restrict_oom_score_adj = true
   disable_apparmor = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
     conf_dir = "{cni}"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      BinaryName = "{runc}"
 "#,
             root = path(&dir.join("root")),
             state = path(&dir.join("state")),
             socket = path(&self.containerd_socket()),
             cni = path(&cni_conf),
+            runc = path(&bin.join("runc")),
         );
         std::fs::create_dir_all(&dir)?;
         let config_file = dir.join("config.toml");
         std::fs::write(&config_file, config)?;
+        // Its runc shim is looked up on PATH first: ours, not a distribution's older one.
+        let search = std::env::var("PATH").unwrap_or_default();
         self.run(
             "containerd",
-            Command::new("containerd").arg("--config").arg(&config_file),
+            Command::new(bin.join("containerd"))
+                .arg("--config")
+                .arg(&config_file)
+                .env("PATH", format!("{}:{search}", path(bin))),
         )?;
         self.wait("containerd", Duration::from_secs(30), |c| {
             Ok(c.ctr(&["version"]).is_ok())
@@ -331,7 +346,9 @@ readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 healthzPort: {healthz}
 cgroupDriver: cgroupfs
+failCgroupV1: false
 failSwapOn: false
+containerRuntimeEndpoint: "unix://{socket}"
 authentication:
   anonymous:
     enabled: false
@@ -356,6 +373,7 @@ maxPods: 110
             ca = path(&pki.ca()),
             cert = path(&serving.cert),
             key = path(&serving.key),
+            socket = path(&self.containerd_socket()),
         );
         let config_file = self.dir.join("kubelet.yaml");
         std::fs::write(&config_file, config)?;
@@ -366,11 +384,6 @@ maxPods: 110
             Command::new(bin.join("kubelet")).args([
                 &format!("--config={}", path(&config_file)),
                 &format!("--kubeconfig={}", path(kubeconfig)),
-                "--container-runtime=remote",
-                &format!(
-                    "--container-runtime-endpoint=unix://{}",
-                    path(&self.containerd_socket())
-                ),
                 &format!("--hostname-override={NODE_NAME}"),
                 &format!("--root-dir={}", path(&root)),
                 &format!("--cert-dir={}", path(&self.dir.join("kubelet-pki"))),
@@ -549,7 +562,7 @@ fn ctr(socket: &Path, args: &[&str]) -> Result<String> {
     let mut all = CTR_TIMEOUTS.to_vec();
     all.extend(["--address", socket.as_str(), "--namespace", "k8s.io"]);
     all.extend_from_slice(args);
-    Ok(run("ctr", &all)?)
+    Ok(run(&node_tool("ctr")?, &all)?)
 }
 
 fn path(p: &Path) -> String {
@@ -744,7 +757,9 @@ impl ClusterAccess {
         let kubectl = |args: &[&str]| {
             let mut all = vec!["--kubeconfig", &kubeconfig];
             all.extend_from_slice(args);
-            run("kubectl", &all).unwrap_or_else(|e| format!("({e:#})"))
+            node_tool("kubectl")
+                .and_then(|kubectl| Ok(run(&kubectl, &all)?))
+                .unwrap_or_else(|e| format!("({e:#})"))
         };
         let mut report = String::new();
         for (title, text) in [
@@ -801,7 +816,7 @@ impl ClusterAccess {
             &uuid::Uuid::now_v7().simple().to_string()[20..]
         );
         run(
-            "kubectl",
+            &node_tool("kubectl")?,
             &[
                 "--kubeconfig",
                 &path(&self.kubeconfig),
