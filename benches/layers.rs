@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
-use image_builder_testkit::bench::{buildah_by_hand, dockerfile_build, du_bytes, ms, percentile};
-use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::bench::{
+    DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, ms, percentile,
+};
+use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::transport::Channel;
 
 /// Pairs (first build, rebuild) on each side.
@@ -82,18 +84,10 @@ fn git(dir: &Path, args: &[&str]) -> Duration {
 }
 
 fn main() {
-    let registry = LocalRegistry::start().unwrap();
-    let base = testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        registry.addr(),
-        "bench/busybox:1",
-    )
-    .unwrap();
-    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let bench = DockerfileBench::start(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    let (registry, base, data) = (&bench.registry, bench.base.clone(), &bench.data);
     let config = |key: &str| {
-        let mut config = testkit::bench::service_config(registry.addr(), "bench-layers");
-        config["dataDir"] = data.path().display().to_string().into();
-        config["allowLocalRepositories"] = true.into();
+        let mut config = bench.config("bench-layers");
         config["baseImageKey"] = key.into();
         config
     };

@@ -20,8 +20,10 @@ use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder::proto::builder::image_builder_server::{ImageBuilder, ImageBuilderServer};
 use image_builder_state::journal::LOG_PIECE_BYTES;
-use image_builder_testkit::bench::{dockerfile_build, env_or, mib, percentile, status_kib};
-use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::bench::{
+    DockerfileBench, dockerfile_build, env_or, mib, percentile, status_kib,
+};
+use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::{Request, Response, Status};
 
 /// Replays of the whole log by one listener in a turn (their median is the turn's figure).
@@ -36,17 +38,9 @@ fn main() {
     }
     let listeners = env_or("LISTENERS", 200);
     let rounds = env_or("ROUNDS", 3);
-    let registry = LocalRegistry::start().unwrap();
-    let base = testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        registry.addr(),
-        "bench/busybox:1",
-    )
-    .unwrap();
-    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut config = testkit::bench::service_config(registry.addr(), "bench-listeners");
-    config["dataDir"] = data.path().display().to_string().into();
-    config["allowLocalRepositories"] = true.into();
+    let bench = DockerfileBench::start(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    let (base, data) = (bench.base.clone(), &bench.data);
+    let config = bench.config("bench-listeners");
     // `SERVICE_BINARY` runs another build of the service (an earlier commit's, for a
     // before-and-after comparison run in turn with this one).
     let binary = std::env::var("SERVICE_BINARY")

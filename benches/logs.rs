@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder_testkit::bench::{
-    buildah_by_hand, dockerfile_build, du_bytes, mib, percentile, status_kib,
+    DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, mib, percentile, status_kib,
 };
-use image_builder_testkit::{self as testkit, BaseImage, GitRepo, LocalRegistry, Service};
+use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::transport::Channel;
 
 fn dockerfile_request(uri: &str, version: &str) -> pb::BuildRequest {
@@ -58,18 +58,10 @@ async fn replay(client: &mut ImageBuilderClient<Channel>, id: &str) -> usize {
 const RUNS: usize = 5;
 
 fn main() {
-    let registry = LocalRegistry::start().unwrap();
-    let base = testkit::push_image(
-        &BaseImage::busybox(0).unwrap(),
-        registry.addr(),
-        "bench/busybox:1",
-    )
-    .unwrap();
-    let data = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let mut config = testkit::bench::service_config(registry.addr(), "bench-logs");
-    config["dataDir"] = data.path().display().to_string().into();
+    let bench = DockerfileBench::start(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
+    let (registry, base, data) = (&bench.registry, bench.base.clone(), &bench.data);
+    let mut config = bench.config("bench-logs");
     config["maxLogBytes"] = (64u64 << 20).into();
-    config["allowLocalRepositories"] = true.into();
     let service = Service::start(Path::new(env!("CARGO_BIN_EXE_image-builder")), config).unwrap();
     let pid = service.pid().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

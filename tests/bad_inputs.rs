@@ -30,6 +30,17 @@ async fn refused(
     }
 }
 
+/// Awaits a call that must be refused as [`assert_refused`] says.
+async fn expect_refused<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    code: Code,
+    words: &str,
+    case: &str,
+) {
+    let refusal = call.await.expect_err(case);
+    assert_refused(&refusal, code, words, case);
+}
+
 fn assert_refused(status: &tonic::Status, code: Code, words: &str, case: &str) {
     assert_eq!(status.code(), code, "{case}: {status:?}");
     assert!(
@@ -199,84 +210,72 @@ async fn every_bad_request_gets_its_code_and_a_bounded_message_and_the_service_s
     );
 
     // ResolveBaseImage bounds its ref too.
-    let refusal = client
-        .resolve_base_image(pb::ResolveBaseImageRequest {
+    expect_refused(
+        client.resolve_base_image(pb::ResolveBaseImageRequest {
             r#ref: huge.clone(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_refused(
-        &refusal,
+        }),
         Code::InvalidArgument,
         "at most 512",
         "ResolveBaseImage 1 MiB",
-    );
+    )
+    .await;
 
     // Logs: a malformed id, an unknown one, a bad offset.
     let logs = |build_id: &str| pb::LogsRequest {
         build_id: build_id.into(),
         ..Default::default()
     };
-    let refusal = client.logs(logs(&huge)).await.unwrap_err();
-    assert_refused(
-        &refusal,
+    expect_refused(
+        client.logs(logs(&huge)),
         Code::InvalidArgument,
         "not a build id",
         "Logs 1 MiB id",
-    );
-    let refusal = client
-        .logs(logs("0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12"))
-        .await
-        .unwrap_err();
-    assert_refused(
-        &refusal,
+    )
+    .await;
+    expect_refused(
+        client.logs(logs("0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12")),
         Code::NotFound,
         "does not exist",
         "Logs unknown id",
-    );
+    )
+    .await;
     let mut request = tonic::Request::new(logs("0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12"));
     request
         .metadata_mut()
         .insert(LOG_OFFSET_METADATA, "x".repeat(4000).parse().unwrap());
-    let refusal = client.logs(request).await.unwrap_err();
-    assert_refused(
-        &refusal,
+    expect_refused(
+        client.logs(request),
         Code::InvalidArgument,
         "byte offset",
         "Logs offset",
-    );
+    )
+    .await;
 
     // The ops API bounds what it echoes as well: a 1 MiB state filter, page token, workspace
     // ref filter, build id and cancel reason.
     let mut ops = ops_client(&service).await;
     use image_builder::proto::ops;
-    let refusal = ops
-        .list_builds(ops::ListBuildsRequest {
+    expect_refused(
+        ops.list_builds(ops::ListBuildsRequest {
             states: vec![huge.clone()],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_refused(
-        &refusal,
+        }),
         Code::InvalidArgument,
         "is not a state",
         "ops ListBuilds 1 MiB state",
-    );
-    let refusal = ops
-        .list_builds(ops::ListBuildsRequest {
+    )
+    .await;
+    expect_refused(
+        ops.list_builds(ops::ListBuildsRequest {
             page_token: huge.clone(),
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_refused(
-        &refusal,
+        }),
         Code::InvalidArgument,
         "page_token",
         "ops ListBuilds 1 MiB page token",
-    );
+    )
+    .await;
     let listed = ops
         .list_builds(ops::ListBuildsRequest {
             workspace_ref: huge.clone(),
@@ -291,18 +290,15 @@ async fn every_bad_request_gets_its_code_and_a_bounded_message_and_the_service_s
             refusal.message().len()
         ),
     }
-    let refusal = ops
-        .get_build(ops::GetBuildRequest {
+    expect_refused(
+        ops.get_build(ops::GetBuildRequest {
             build_id: huge.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_refused(
-        &refusal,
+        }),
         Code::InvalidArgument,
         "not a build id",
         "ops GetBuild 1 MiB id",
-    );
+    )
+    .await;
     let refusal = ops
         .cancel_build(ops::CancelBuildRequest {
             build_id: "0190b7a2-8c5e-7d3a-9f1e-2b4c6d8e0f12".into(),

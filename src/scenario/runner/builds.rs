@@ -143,14 +143,7 @@ impl World {
     /// The last layer of the workspace image build `name` pushed, read by the digest it
     /// journaled.
     async fn top_layer(&self, name: &str) -> Result<String, String> {
-        let id = self.build_id(name).await?;
-        let build = self
-            .ops()
-            .await?
-            .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
-            .await
-            .map_err(|e| format!("GetBuild: {}", e.message()))?
-            .into_inner();
+        let build = self.ops_view(name).await?;
         ensure!(!build.digest.is_empty(), "{name} journaled no image digest");
         let image: oci_client::Reference = build
             .workspace_ref
@@ -341,6 +334,18 @@ impl World {
         self.builds
             .get(name)
             .ok_or_else(|| format!("no build named {name:?}"))
+    }
+
+    /// What the ops API says of build `name` (`GetBuild`).
+    pub(super) async fn ops_view(&self, name: &str) -> Result<crate::proto::ops::Build, String> {
+        let id = self.build_id(name).await?;
+        Ok(self
+            .ops()
+            .await?
+            .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
+            .await
+            .map_err(|e| format!("GetBuild: {}", e.message()))?
+            .into_inner())
     }
 
     pub(super) async fn build_id(&self, name: &str) -> Result<String, String> {

@@ -106,14 +106,7 @@ impl World {
                 state,
                 attempt,
             } => {
-                let id = self.build_id(build).await?;
-                let got = self
-                    .ops()
-                    .await?
-                    .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
-                    .await
-                    .map_err(|e| format!("GetBuild: {}", e.message()))?
-                    .into_inner();
+                let got = self.ops_view(build).await?;
                 ensure!(
                     got.state == state.as_str(),
                     "{build} is {}, expected {}",

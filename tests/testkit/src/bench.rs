@@ -32,6 +32,44 @@ pub fn service_config(registry: &str, prefix: &str) -> serde_json::Value {
     })
 }
 
+/// What a Dockerfile bench starts from: a registry holding busybox as `bench/busybox:1`, and
+/// a data directory for the service in `tmp` (the bench's `CARGO_TARGET_TMPDIR`).
+pub struct DockerfileBench {
+    /// The plain-HTTP registry every repository of the bench lives in.
+    pub registry: crate::LocalRegistry,
+    /// The base image's reference, for the Dockerfiles' `FROM`.
+    pub base: String,
+    /// The service's data directory.
+    pub data: tempfile::TempDir,
+}
+
+impl DockerfileBench {
+    /// Starts the registry and pushes the base image.
+    pub fn start(tmp: &std::path::Path) -> Result<Self> {
+        let registry = crate::LocalRegistry::start()?;
+        let base = crate::push_image(
+            &crate::BaseImage::busybox(0)?,
+            registry.addr(),
+            "bench/busybox:1",
+        )?;
+        let data = tempfile::tempdir_in(tmp)?;
+        Ok(Self {
+            registry,
+            base,
+            data,
+        })
+    }
+
+    /// [`service_config`] under `prefix`, with the data directory and local git repositories
+    /// allowed; add keys as needed.
+    pub fn config(&self, prefix: &str) -> serde_json::Value {
+        let mut config = service_config(self.registry.addr(), prefix);
+        config["dataDir"] = self.data.path().display().to_string().into();
+        config["allowLocalRepositories"] = true.into();
+        config
+    }
+}
+
 /// `HEAD` of a manifest URL: whether the registry has it. Fails on any other answer.
 pub async fn head_manifest(http: &reqwest::Client, url: &str) -> Result<bool> {
     let r = http
