@@ -469,6 +469,9 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         .prefix("deployed-data-")
         .tempdir_in("/var/tmp")
         .unwrap();
+    // A hostPath volume takes no fsGroup: the service's user owns it, as a provisioner's
+    // volume would let it write through its group.
+    std::os::unix::fs::chown(data.path(), Some(SERVICE_UID), Some(SERVICE_UID)).unwrap();
     let pv = format!("{}-data", rig.namespace);
     kubectl(
         &rig,
@@ -589,6 +592,27 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         ],
         "",
     );
+    // The service runs as the image's user, unable to write its own root file system.
+    let inside = kubectl(
+        &rig,
+        &[
+            "-n",
+            &rig.namespace,
+            "exec",
+            "image-builder-0",
+            "--",
+            "sh",
+            "-c",
+            "id -u; touch /written 2>&1 || true; touch /tmp/written && echo tmp-writable",
+        ],
+        "",
+    );
+    assert!(
+        inside.starts_with(&format!("{SERVICE_UID}\n"))
+            && inside.contains("Read-only file system")
+            && inside.contains("tmp-writable"),
+        "{inside}"
+    );
 
     let repo = GitRepo::new(&[(
         "Dockerfile",
@@ -667,8 +691,12 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
     );
 }
 
-/// Runs kubectl as the admin with `stdin`; panics with its output when it fails.
-fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
+/// The user `deploy/Containerfile` runs the service as.
+const SERVICE_UID: u32 = 65532;
+
+/// Runs kubectl as the admin with `stdin` and returns its output; panics with it when it
+/// fails.
+fn kubectl(rig: &Rig, args: &[&str], stdin: &str) -> String {
     use std::io::Write;
     let mut child = std::process::Command::new(cluster::node_tool("kubectl").unwrap())
         .arg("--kubeconfig")
@@ -694,6 +722,7 @@ fn kubectl(rig: &Rig, args: &[&str], stdin: &str) {
         String::from_utf8_lossy(&out.stderr),
         rig.cluster.report(&rig.namespace)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Resident memory of process `pid`, in bytes.

@@ -680,9 +680,11 @@ impl ImageArchive {
     }
 }
 
-/// The service's own container image: `binary` (the release build) on the builder image's
-/// Debian, made with buildah in a storage of its own and saved as a docker archive named
-/// `name`. The buildah storage is removed before it returns; the archive with the value.
+/// The service's own container image, made as a user makes it: `deploy/Containerfile` built
+/// with buildah (in a storage of its own) on the builder image's Debian, from a context that
+/// holds `binary` (the release build) and its debug file when there is one. Saved as a docker
+/// archive named `name`; the buildah storage is removed before it returns, the archive with
+/// the value.
 pub fn service_image(binary: &Path, name: &str) -> Result<ImageArchive> {
     let (builder, _) = builder_image()?;
     let image = ImageArchive {
@@ -691,6 +693,14 @@ pub fn service_image(binary: &Path, name: &str) -> Result<ImageArchive> {
             .tempdir_in("/var/tmp")?,
     };
     let dir = image.dir.path();
+    let context = dir.join("context");
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(binary, context.join("image-builder"))?;
+    let debug = binary.with_file_name("image-builder.debug");
+    if debug.is_file() {
+        std::fs::copy(&debug, context.join("image-builder.debug"))?;
+    }
+    let containerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/Containerfile");
     let storage = [
         "--root".to_owned(),
         path(&dir.join("storage")),
@@ -704,46 +714,25 @@ pub fn service_image(binary: &Path, name: &str) -> Result<ImageArchive> {
         all.extend_from_slice(args);
         Ok(run("buildah", &all)?.trim().to_owned())
     };
-    let container = buildah(&[
-        "from",
+    buildah(&[
+        "bud",
         "--quiet",
-        &format!("docker-archive:{}", path(&builder)),
+        "--build-arg",
+        &format!("BASE=docker-archive:{}", path(&builder)),
+        "-f",
+        &path(&containerfile),
+        "-t",
+        name,
+        &path(&context),
     ])?;
-    buildah(&[
-        "copy",
-        &container,
-        &path(binary),
-        "/usr/local/bin/image-builder",
-    ])?;
-    // The shipped binary's symbols and line tables, where its backtraces look for them.
-    let debug = binary.with_file_name("image-builder.debug");
-    if debug.is_file() {
-        buildah(&[
-            "copy",
-            &container,
-            &path(&debug),
-            "/usr/local/bin/image-builder.debug",
-        ])?;
-    }
-    buildah(&[
-        "config",
-        "--entrypoint",
-        r#"["/usr/local/bin/image-builder"]"#,
-        "--cmd",
-        "",
-        "--workingdir",
-        "/",
-        &container,
-    ])?;
-    buildah(&["commit", "--quiet", &container, name])?;
     buildah(&[
         "push",
         "--quiet",
         name,
         &format!("docker-archive:{}:{name}", path(&image.path())),
     ])?;
-    buildah(&["rm", &container])?;
     std::fs::remove_dir_all(dir.join("storage"))?;
+    std::fs::remove_dir_all(&context)?;
     Ok(image)
 }
 
