@@ -5,9 +5,10 @@
 //!
 //! What this machine needs, found by trying: cgroups v1 with the `cgroupfs` driver (the
 //! kubelet refuses cgroup v1 unless told `failCgroupV1: false`), and `restrict_oom_score_adj`
-//! in containerd's CRI config since root lacks `CAP_SYS_RESOURCE`. Pods that must reach loopback services use the host network;
-//! the others get a bridge whose traffic cannot leave the machine (no masquerade, and a
-//! firewall rule drops whatever it sends outside its own subnet).
+//! in containerd's CRI config since root lacks `CAP_SYS_RESOURCE`. Pods that must reach
+//! loopback services use the host network; the others get a bridge whose traffic cannot leave
+//! the machine (no masquerade, and a firewall rule drops whatever it sends outside its own
+//! subnet).
 //!
 //! Dropping the [`Cluster`] stops the kubelet, then every container, then the rest, and
 //! removes the mounts, network namespaces, bridge and firewall rule it made.
