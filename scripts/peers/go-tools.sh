@@ -23,22 +23,13 @@ say() { echo "go-tools: $*" >&2; }
 GO_MIN=1.24.6
 GO_TOOLCHAIN=1.25.4
 
-go_version_ok() {
-  local have
-  have=$("$1" env GOVERSION 2>/dev/null | sed 's/^go//') || return 1
-  [[ -n $have ]] && [[ $(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -n 1) == "$GO_MIN" ]]
-}
+# shellcheck source=local-go.sh
+source "$(dirname "$0")/local-go.sh"
 
 # A Go new enough: the one on PATH or in /usr/local/go, else the toolchain the Go module
 # proxy serves (golang.org/toolchain), unpacked into the cache.
 go_bin() {
-  local candidate
-  for candidate in "$(command -v go 2>/dev/null)" /usr/local/go/bin/go; do
-    if [[ -x $candidate ]] && go_version_ok "$candidate"; then
-      echo "$candidate"
-      return
-    fi
-  done
+  local_go "$GO_MIN" && return
   local dest=$CACHE/go-toolchain-$GO_TOOLCHAIN
   if [[ ! -x $dest/bin/go ]]; then
     say "fetching Go $GO_TOOLCHAIN from the Go module proxy"

@@ -45,16 +45,10 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# shellcheck source=local-go.sh
+source "$(dirname "$0")/local-go.sh"
 go_bin() {
-  local candidate have
-  for candidate in "$(command -v go 2>/dev/null)" /usr/local/go/bin/go; do
-    [[ -x $candidate ]] || continue
-    have=$("$candidate" env GOVERSION 2>/dev/null | sed 's/^go//')
-    if [[ -n $have && $(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -n 1) == "$GO_MIN" ]]; then
-      echo "$candidate"
-      return
-    fi
-  done
+  local_go "$GO_MIN" && return
   say "these builds need Go $GO_MIN or later (the go.mod of each module names it); none found"
   exit 1
 }

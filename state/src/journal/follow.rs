@@ -325,25 +325,21 @@ impl Reader {
                 start,
             } => {
                 let end = (start + LOG_PIECE_BYTES).min(data.len());
-                if start == 0 && end == data.len() {
-                    // The whole of it is the piece (a checked record read from its start):
-                    // served as it was read, without a copy.
-                    self.from_byte = offset + end as u64;
-                    return Ok(Entry::Log {
-                        seq,
-                        offset,
-                        bytes: data,
-                    });
-                }
-                let bytes = data[start..end].to_vec();
-                if end < data.len() {
-                    self.extent = Some(Extent::Inline {
-                        seq,
-                        offset,
-                        data,
-                        start: end,
-                    });
-                }
+                let bytes = if start == 0 && end == data.len() {
+                    // The whole of it is the piece: served as it was read, without a copy.
+                    data
+                } else {
+                    let bytes = data[start..end].to_vec();
+                    if end < data.len() {
+                        self.extent = Some(Extent::Inline {
+                            seq,
+                            offset,
+                            data,
+                            start: end,
+                        });
+                    }
+                    bytes
+                };
                 (seq, offset + start as u64, bytes)
             }
             Extent::Segment { seq, at, end } => {
