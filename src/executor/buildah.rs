@@ -1,10 +1,15 @@
 //! buildah as the local builder: `bud` with vfs storage, its storage under the data dir, then
 //! `push` to the base ref. Every step's result stays in that storage (`--layers`), so a later
 //! build sharing its first steps takes them from there (buildah says `Using cache`); the
-//! [`LayerCache`](super::layer_cache::LayerCache) bounds it. RUN steps run with OCI isolation (runc): their own pid, mount and
-//! network namespaces, on buildah's private bridge network, so a Dockerfile can reach the
-//! outside world but not the service's loopback ports, and cannot see its processes. (Chroot
-//! isolation, used before, shared the host's network and pid namespaces.)
+//! [`LayerCache`](super::layer_cache::LayerCache) bounds it.
+//!
+//! Every buildah command runs as root of a user namespace mapped from the service user's
+//! subordinate ids ([`UserNamespace`]): its storage belongs to that unprivileged host id, and
+//! so does every file of every layer. RUN steps run in containers of their own (buildah's
+//! rootless isolation: runc, with pid, mount, network, ipc and uts namespaces of their own,
+//! pivot_root into the image) inside that namespace: root in RUN is an unprivileged id on the
+//! host. Their network is slirp4netns, a user-mode stack that reaches the outside world
+//! but not the host's loopback, so not the service's ports.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +18,7 @@ use image_builder_state::BuildId;
 use tokio::process::Command;
 
 use super::LayerCacheUse;
+use super::user_namespace::UserNamespace;
 use crate::context::BuildContext;
 use crate::process::{self, Finished};
 use crate::steps::{StepError, StepErrorKind, StepLog};
@@ -33,8 +39,8 @@ pub enum Error {
         /// buildah's last lines.
         tail: String,
     },
-    /// The registries configuration could not be written.
-    #[error("cannot write {path}: {source}")]
+    /// The registries configuration or the storage directories could not be written.
+    #[error("cannot prepare {path}: {source}")]
     Config {
         /// The file.
         path: PathBuf,
@@ -54,16 +60,29 @@ impl From<Error> for StepError {
 /// Times a push is tried before its failure fails the build.
 pub const PUSH_ATTEMPTS: u32 = 3;
 
-/// A buildah with its own storage.
+/// A buildah with its own storage, in its user namespace.
 #[derive(Debug, Clone)]
 pub struct Buildah {
     dir: PathBuf,
+    namespace: UserNamespace,
 }
 
+/// The directories under buildah's own that root of its namespace writes: the storage, the
+/// runtime state, temporary files and its home (where it looks for per-user configuration).
+const NAMESPACE_DIRS: [&str; 4] = ["root", "runroot", "tmp", "home"];
+
 impl Buildah {
-    /// A buildah keeping its storage in `dir`, speaking plain HTTP to `insecure_registries`.
-    pub fn new(dir: PathBuf, insecure_registries: &[String]) -> Result<Self, Error> {
-        let buildah = Self { dir };
+    /// A buildah keeping its storage in `dir`, speaking plain HTTP to `insecure_registries`,
+    /// running in `namespace`. A storage that root of the namespace does not own (one a
+    /// service without user namespaces made) is removed: it is a cache, and its files would
+    /// be out of the namespace's reach.
+    pub fn new(
+        dir: PathBuf,
+        insecure_registries: &[String],
+        namespace: UserNamespace,
+    ) -> Result<Self, Error> {
+        let buildah = Self { dir, namespace };
+        buildah.prepare_dirs()?;
         let conf = buildah.registries_conf();
         let mut text = String::from(
             "# Written by image-builder at start from insecureRegistries.\n\
@@ -75,10 +94,78 @@ impl Buildah {
                 "\n[[registry]]\nlocation = {host:?}\ninsecure = true\n"
             ));
         }
-        std::fs::create_dir_all(buildah.temp_dir())
-            .and_then(|()| std::fs::write(&conf, text))
-            .map_err(|source| Error::Config { path: conf, source })?;
+        std::fs::write(&conf, text).map_err(|source| Error::Config { path: conf, source })?;
+        buildah.write_lookaside_conf()?;
         Ok(buildah)
+    }
+
+    /// Makes the namespace's directories, owned by its root; `dir` and its parent (the data
+    /// dir) get search permission for others, so that the namespace reaches them without
+    /// being able to list them.
+    fn prepare_dirs(&self) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let failed = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Config { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(failed(&self.dir))?;
+        for dir in [Some(self.dir.as_path()), self.dir.parent()]
+            .into_iter()
+            .flatten()
+        {
+            let mode = std::fs::metadata(dir)
+                .map_err(failed(dir))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                    .map_err(failed(dir))?;
+            }
+        }
+        for name in NAMESPACE_DIRS {
+            let path = self.dir.join(name);
+            if path.exists() && !self.namespace.owns(&path) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "removing builder files made outside the builder's user namespace (the layer cache starts empty)"
+                );
+                std::fs::remove_dir_all(&path).map_err(failed(&path))?;
+            }
+            std::fs::create_dir_all(&path)
+                .and_then(|()| self.namespace.give(&path))
+                .map_err(failed(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Points signature lookaside at buildah's own home: the built-in default for root,
+    /// `/var/lib/containers/sigstore`, is out of the namespace's reach, and reading it fails
+    /// every pull. (containers/image reads `$HOME/.config/containers/registries.d` first.)
+    fn write_lookaside_conf(&self) -> Result<(), Error> {
+        let home = self.dir.join("home");
+        let dir = home.join(".config/containers/registries.d");
+        let conf = dir.join("default.yaml");
+        let text = format!(
+            "# Written by image-builder at start.\ndefault-docker:\n  lookaside: file://{}\n",
+            home.join("sigstore").display()
+        );
+        // Every directory on the way belongs to the namespace: buildah makes others beside.
+        let mut made = home;
+        for part in [".config", "containers", "registries.d"] {
+            made.push(part);
+            std::fs::create_dir_all(&made)
+                .and_then(|()| self.namespace.give(&made))
+                .map_err(|source| Error::Config {
+                    path: made.clone(),
+                    source,
+                })?;
+        }
+        std::fs::write(&conf, text).map_err(|source| Error::Config { path: conf, source })
+    }
+
+    /// The user namespace buildah runs in.
+    pub fn namespace(&self) -> &UserNamespace {
+        &self.namespace
     }
 
     fn registries_conf(&self) -> PathBuf {
@@ -111,10 +198,11 @@ impl Buildah {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new("buildah");
+        let mut cmd = self.namespace.command("buildah");
         cmd.env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
             .env("TMPDIR", self.temp_dir())
-            .env("BUILDAH_ISOLATION", "oci")
+            .env("HOME", self.dir.join("home"))
+            .env("BUILDAH_ISOLATION", "rootless")
             .env("LC_ALL", "C")
             .arg("--root")
             .arg(self.storage())
@@ -141,7 +229,7 @@ impl Buildah {
         cmd.args([
             "bud",
             "--isolation",
-            "oci",
+            "rootless",
             "--layers",
             "--format",
             "docker",

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::LayerCacheUse;
 use super::layer_cache::LayerCache;
+use super::user_namespace::UserNamespace;
 use crate::context::GitCheckouts;
 use crate::credentials::BuildSecrets;
 use crate::credentials::Credentials;
@@ -95,8 +96,14 @@ impl AuthFiles {
             .count()
     }
 
-    /// A new file for build `id`, readable by us only, removed when dropped.
-    fn write(&self, id: BuildId, content: &serde_json::Value) -> std::io::Result<AuthFile> {
+    /// A new file for build `id`, readable by its owner only (root of the builder's user
+    /// namespace), removed when dropped.
+    fn write(
+        &self,
+        id: BuildId,
+        content: &serde_json::Value,
+        owner: &UserNamespace,
+    ) -> std::io::Result<AuthFile> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let nonce = uuid::Uuid::now_v7().simple();
@@ -109,6 +116,7 @@ impl AuthFiles {
             .mode(0o600)
             .open(&path)?;
         let file_guard = AuthFile { path };
+        owner.give(&file_guard.path)?;
         file.write_all(content.to_string().as_bytes())?;
         Ok(file_guard)
     }
@@ -150,12 +158,16 @@ impl BuildBase for LocalExecutor {
                 &[crate::credentials::registry_host(&build.base_ref)],
             )
             .await;
-        let auth = self.auth_files.write(build.id, &auth).map_err(|e| {
-            StepError::new(
-                StepErrorKind::Failed,
-                format!("cannot write the builder's credentials file: {e}"),
-            )
-        })?;
+        let namespace = self.cache.buildah().namespace();
+        let auth = self
+            .auth_files
+            .write(build.id, &auth, namespace)
+            .map_err(|e| {
+                StepError::new(
+                    StepErrorKind::Failed,
+                    format!("cannot write the builder's credentials file: {e}"),
+                )
+            })?;
         let built = {
             let _shared = self.cache.share().await;
             let buildah = self.cache.buildah();

@@ -6,6 +6,7 @@ pub mod buildah;
 pub mod kubernetes;
 pub mod layer_cache;
 mod local;
+pub mod user_namespace;
 
 pub use local::LocalExecutor;
 

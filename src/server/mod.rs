@@ -21,6 +21,7 @@ use crate::executor::LocalExecutor;
 use crate::executor::buildah::Buildah;
 use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
 use crate::executor::layer_cache::LayerCache;
+use crate::executor::user_namespace::UserNamespace;
 use crate::orchestrator::{Limits, Orchestrator, Repositories};
 use crate::registry::{Registry, RetryPolicy};
 use crate::steps::{BuildBase, ReadSource, Steps};
@@ -55,6 +56,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create dataDir {}", config.data_dir.display()))?;
     let store = config.data_dir.join(STORE_DIR);
+    private_dir(&store)?;
     let opening = std::time::Instant::now();
     let journal = Journal::open(&store)
         .with_context(|| format!("cannot open the build store in {}", store.display()))?;
@@ -82,9 +84,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let (builder, kubernetes): (Arc<dyn BuildBase>, _) = match &config.executor {
         ExecutorConfig::Local => {
+            let namespace = UserNamespace::of_current_user()
+                .context("the local executor cannot run builds in a user namespace")?;
             let buildah = Buildah::new(
                 config.data_dir.join(BUILDAH_DIR),
                 &config.insecure_registries,
+                namespace,
             )?;
             let cache = Arc::new(LayerCache::new(
                 buildah,
@@ -118,7 +123,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let content = match config.base_image_key {
         BaseImageKey::Mk3 => None,
         BaseImageKey::Content => {
-            Some(Arc::new(ContentKeys::new(config.data_dir.join(KEYS_DIR))) as Arc<dyn ReadSource>)
+            let keys = config.data_dir.join(KEYS_DIR);
+            private_dir(&keys)?;
+            Some(Arc::new(ContentKeys::new(keys)) as Arc<dyn ReadSource>)
         }
     };
     let steps = Steps {
@@ -259,6 +266,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Removes builds past `retention` in the background, every tenth of it (between 1 s and an
 /// hour).
+/// Makes `dir` (and its parents) and keeps it to the service's user (mode 0700): the data
+/// dir is reachable by the local builder's user namespace, the journal and the content keys'
+/// clones of users' repositories are not.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .with_context(|| format!("cannot make {} private to the service", dir.display()))
+}
+
 async fn retention(orchestrator: Orchestrator, retention: Duration, shutdown: CancellationToken) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
     let mut tick = tokio::time::interval(every);
