@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder_testkit::bench::{
-    DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, ms, percentile,
+    ByHand, DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, ms, percentile,
 };
 use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::transport::Channel;
@@ -116,6 +116,7 @@ fn main() {
                 by_hand_dir.path(),
                 &repo.path().join("app"),
                 &format!("{}/bench-layers/by-hand:{i}-{last}", registry.addr()),
+                ByHand::UserNamespace,
             ));
             let version = format!("{i}-{last}");
             service_runs.push(runtime.block_on(build(&mut client, request(&repo.uri(), &version))));

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use image_builder::proto::builder as pb;
 use image_builder::proto::builder::image_builder_client::ImageBuilderClient;
 use image_builder_testkit::bench::{
-    DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, mib, percentile, status_kib,
+    ByHand, DockerfileBench, buildah_by_hand, dockerfile_build, du_bytes, mib, percentile,
+    status_kib,
 };
 use image_builder_testkit::{self as testkit, GitRepo, Service};
 use tonic::transport::Channel;
@@ -128,6 +129,7 @@ fn main() {
                 by_hand_dir.path(),
                 repo.path(),
                 &format!("{}/bench-logs/by-hand:{name}-{i}", registry.addr()),
+                ByHand::UserNamespace,
             ));
             if service_runs.len() < RUNS {
                 let start = Instant::now();

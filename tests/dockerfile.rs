@@ -599,45 +599,6 @@ async fn a_build_resumed_after_a_restart_asks_again_for_the_password_its_url_car
     assert!(!log.contains(marker), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_run_step_cannot_reach_the_service_or_see_its_processes() {
-    let shared = shared();
-    let service = service("run-isolation");
-    let port = |url: String| {
-        url.trim_start_matches("http://")
-            .split(['/', ':'])
-            .nth(1)
-            .unwrap()
-            .to_owned()
-    };
-    let (grpc, metrics) = (port(service.grpc_url()), port(service.metrics_url()));
-    let run = format!(
-        "for p in {grpc} {metrics}; do (nc -w 2 127.0.0.1 $p </dev/null && echo \"reached port $p\" || echo \"refused port $p\"); done; echo \"service processes seen: $(ps -o args | grep -c '[i]mage-builder run')\""
-    );
-    let repo =
-        GitRepo::new(&[("Dockerfile", &format!("FROM {}\nRUN {run}\n", shared.base))]).unwrap();
-    let mut client = service.client().await.unwrap();
-    let responses = build_all(&mut client, head_build(&repo.uri()))
-        .await
-        .unwrap();
-    let id = build_id(&responses[0]);
-    let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
-    // The base image came from the registry on loopback: buildah itself still reaches it.
-    assert_eq!(
-        status(responses.last().unwrap()),
-        pb::BuildStatus::DoneSuccess,
-        "{log}"
-    );
-    for line in [
-        format!("refused port {grpc}\n"),
-        format!("refused port {metrics}\n"),
-        "service processes seen: 0\n".to_owned(),
-    ] {
-        assert!(log.contains(&line), "{line:?} missing from\n{log}");
-    }
-    assert!(!log.lines().any(|l| l.starts_with("reached port")), "{log}");
-}
-
 #[tokio::test]
 async fn the_layer_cache_keeps_to_its_size_and_builds_go_on() {
     let shared = shared();

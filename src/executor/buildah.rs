@@ -96,6 +96,7 @@ impl Buildah {
         }
         std::fs::write(&conf, text).map_err(|source| Error::Config { path: conf, source })?;
         buildah.write_lookaside_conf()?;
+        buildah.write_network_helper()?;
         Ok(buildah)
     }
 
@@ -163,6 +164,43 @@ impl Buildah {
         std::fs::write(&conf, text).map_err(|source| Error::Config { path: conf, source })
     }
 
+    /// Puts a `slirp4netns` first on buildah's PATH that runs the machine's with
+    /// `--disable-host-loopback`: buildah 1.28 starts it for every RUN step without that flag,
+    /// and slirp4netns then forwards 10.0.2.2 to the host's loopback, where the service's
+    /// ports are (tests/isolation.rs connects there). The helper is root's, out of the
+    /// namespace's reach. `--enable-sandbox` and `--enable-seccomp` confine slirp4netns
+    /// itself, which parses every packet a Dockerfile sends.
+    fn write_network_helper(&self) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.helpers_dir();
+        let helper = bin.join("slirp4netns");
+        let failed = |source| Error::Config {
+            path: helper.clone(),
+            source,
+        };
+        let real = find_program("slirp4netns", &bin).ok_or_else(|| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "slirp4netns is not on PATH (package slirp4netns; scripts/setup.sh installs it): RUN steps need it for their network",
+            ))
+        })?;
+        let script = format!(
+            "#!/bin/sh\n# Written by image-builder at start: RUN steps never reach the host's loopback.\nexec {} --disable-host-loopback --enable-sandbox --enable-seccomp \"$@\"\n",
+            real.display()
+        );
+        std::fs::create_dir_all(&bin)
+            .and_then(|()| std::fs::write(&helper, script))
+            .and_then(|()| {
+                std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))
+            })
+            .map_err(failed)
+    }
+
+    /// Programs buildah finds before the machine's (see [`Buildah::write_network_helper`]).
+    fn helpers_dir(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+
     /// The user namespace buildah runs in.
     pub fn namespace(&self) -> &UserNamespace {
         &self.namespace
@@ -199,17 +237,38 @@ impl Buildah {
 
     fn command(&self) -> Command {
         let mut cmd = self.namespace.command("buildah");
-        cmd.env("CONTAINERS_REGISTRIES_CONF", self.registries_conf())
-            .env("TMPDIR", self.temp_dir())
-            .env("HOME", self.dir.join("home"))
-            .env("BUILDAH_ISOLATION", "rootless")
-            .env("LC_ALL", "C")
-            .arg("--root")
-            .arg(self.storage())
-            .arg("--runroot")
-            .arg(self.dir.join("runroot"))
-            .args(["--storage-driver", "vfs"]);
+        cmd.envs(self.environment()).args(self.global_args());
         cmd
+    }
+
+    /// The environment every buildah command of this storage runs with: the helpers first
+    /// on PATH, its registries configuration, temporary directory, home and isolation.
+    pub fn environment(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut path = self.helpers_dir().into_os_string();
+        if let Some(rest) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(rest);
+        }
+        vec![
+            ("PATH", path),
+            ("CONTAINERS_REGISTRIES_CONF", self.registries_conf().into()),
+            ("TMPDIR", self.temp_dir().into()),
+            ("HOME", self.dir.join("home").into()),
+            ("BUILDAH_ISOLATION", "rootless".into()),
+            ("LC_ALL", "C".into()),
+        ]
+    }
+
+    /// The options every buildah command of this storage starts with.
+    pub fn global_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--root".into(),
+            self.storage().into(),
+            "--runroot".into(),
+            self.dir.join("runroot").into(),
+            "--storage-driver".into(),
+            "vfs".into(),
+        ]
     }
 
     /// Builds the context into the local image `tag`, logging buildah's output line by line.
@@ -356,6 +415,14 @@ impl Buildah {
     pub fn storage(&self) -> PathBuf {
         self.dir.join("root")
     }
+}
+
+/// The first `name` on PATH outside `except`.
+fn find_program(name: &str, except: &Path) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .filter(|dir| dir != except)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
 }
 
 /// One image in buildah's storage, as `buildah images --json` lists it.

@@ -91,26 +91,30 @@ impl UserNamespace {
     /// mounts stays its own), mapped from the subordinate ranges.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.arg(format!(
-            "--map-users={},0,{}",
-            self.uids.first, self.uids.count
-        ))
-        .arg(format!(
-            "--map-groups={},0,{}",
-            self.gids.first, self.gids.count
-        ))
-        .args([
-            "--setuid",
-            "0",
-            "--setgid",
-            "0",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-        ])
-        .arg(program);
+        cmd.args(self.unshare_args()).arg(program);
         cmd
+    }
+
+    /// The arguments of util-linux's `unshare` that run the program after them so.
+    pub fn unshare_args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--map-users={},0,{}", self.uids.first, self.uids.count),
+            format!("--map-groups={},0,{}", self.gids.first, self.gids.count),
+        ];
+        args.extend(
+            [
+                "--setuid",
+                "0",
+                "--setgid",
+                "0",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+            ]
+            .map(str::to_owned),
+        );
+        args
     }
 
     /// Gives `path` to root of the namespace.

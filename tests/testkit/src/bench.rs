@@ -176,20 +176,62 @@ pub fn du_bytes(path: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// `buildah bud` + `buildah push` by hand, as the service runs them (vfs storage under `root`,
-/// OCI isolation, `--layers`), the Dockerfile of `context` built as `tag` and pushed to it;
-/// output to a file. Panics when buildah fails.
-pub fn buildah_by_hand(root: &std::path::Path, context: &std::path::Path, tag: &str) -> Duration {
+/// How a by-hand buildah runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByHand {
+    /// As the host's root, RUN in runc containers (OCI isolation): the service's way before
+    /// user namespaces, and what the machine gives without any.
+    HostRoot,
+    /// As the service runs it: root of a user namespace mapped from the subordinate ids,
+    /// RUN in rootless isolation with slirp4netns (the same storage preparation, environment
+    /// and options as the service's, typed out).
+    UserNamespace,
+}
+
+/// `buildah bud` + `buildah push` by hand (vfs storage under `root`, `--layers`), isolated
+/// as `how` says, the Dockerfile of `context` built as `tag` and pushed to it; output to a
+/// file. Panics when buildah fails. A `root` serves one `how` only.
+pub fn buildah_by_hand(
+    root: &std::path::Path,
+    context: &std::path::Path,
+    tag: &str,
+    how: ByHand,
+) -> Duration {
+    use image_builder::executor::buildah::Buildah;
+    use image_builder::executor::user_namespace::UserNamespace;
     use std::process::{Command, Stdio};
+    let prepared = (how == ByHand::UserNamespace).then(|| {
+        let namespace = UserNamespace::of_current_user().unwrap();
+        let buildah = Buildah::new(root.to_owned(), &[], namespace).unwrap();
+        (namespace, buildah)
+    });
+    let isolation = match how {
+        ByHand::HostRoot => "oci",
+        ByHand::UserNamespace => "rootless",
+    };
     let buildah = |args: &[&str]| {
         let log = std::fs::File::create(root.join("by-hand.log")).unwrap();
-        let status = Command::new("buildah")
-            .env("BUILDAH_ISOLATION", "oci")
-            .arg("--root")
-            .arg(root.join("root"))
-            .arg("--runroot")
-            .arg(root.join("runroot"))
-            .args(["--storage-driver", "vfs"])
+        let mut cmd = match &prepared {
+            None => {
+                let mut cmd = Command::new("buildah");
+                cmd.env("BUILDAH_ISOLATION", isolation)
+                    .arg("--root")
+                    .arg(root.join("root"))
+                    .arg("--runroot")
+                    .arg(root.join("runroot"))
+                    .args(["--storage-driver", "vfs"]);
+                cmd
+            }
+            Some((namespace, buildah)) => {
+                let mut cmd = Command::new("unshare");
+                cmd.args(namespace.unshare_args())
+                    .arg("buildah")
+                    .envs(buildah.environment())
+                    .args(buildah.global_args());
+                cmd
+            }
+        };
+        let status = cmd
             .args(args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -204,7 +246,7 @@ pub fn buildah_by_hand(root: &std::path::Path, context: &std::path::Path, tag: &
         "bud",
         "--tls-verify=false",
         "--isolation",
-        "oci",
+        isolation,
         "--layers",
         "--format",
         "docker",
