@@ -212,10 +212,16 @@ pub struct KubernetesConfig {
     /// `activeDeadlineSeconds`). Default `60m`.
     #[serde(default = "default_build_timeout", with = "humantime_serde")]
     pub pod_timeout: Duration,
-    /// Run builder pods in the node's network namespace, to reach registries and git servers
-    /// on the node's loopback (single-node and test clusters). Default `false`.
+    /// Kept so that a config naming it gets a precise answer: builder pods run in user
+    /// namespaces, which Kubernetes refuses on the node's network, so only `false` is valid.
     #[serde(default)]
     pub host_network: bool,
+    /// The seccomp profile of builder pods, a `Localhost` profile under the kubelet's
+    /// `seccomp` directory on every node (`deploy/seccomp/builder.json`: the runtime's
+    /// default plus the namespace calls buildah's nested user namespace needs). Default
+    /// `image-builder/builder.json`.
+    #[serde(default = "default_seccomp_profile")]
+    pub seccomp_profile: String,
     /// A builder Job carrying this installation's labels that no build in the journal
     /// knows is deleted once it is this old. Default `10m`.
     #[serde(default = "default_orphan_grace", with = "humantime_serde")]
@@ -273,6 +279,10 @@ fn default_grpc_address() -> SocketAddr {
 
 fn default_metrics_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9500))
+}
+
+fn default_seccomp_profile() -> String {
+    "image-builder/builder.json".to_owned()
 }
 
 fn default_data_dir() -> PathBuf {
@@ -413,6 +423,21 @@ impl Config {
                     format!("{:?} is not an image reference", k.builder_image),
                 ));
             }
+            if k.host_network {
+                return Err(invalid(
+                    "executor.hostNetwork",
+                    "builder pods run in user namespaces (hostUsers: false), which Kubernetes does not allow on the node's network: serve registries and git where pods reach them and remove the key",
+                ));
+            }
+            if k.seccomp_profile.is_empty()
+                || k.seccomp_profile.starts_with('/')
+                || k.seccomp_profile.split('/').any(|part| part == "..")
+            {
+                return Err(invalid(
+                    "executor.seccompProfile",
+                    "must be a path relative to the kubelet's seccomp directory, e.g. \"image-builder/builder.json\"",
+                ));
+            }
             if k.pod_timeout.as_secs() == 0 {
                 return Err(invalid(
                     "executor.podTimeout",
@@ -545,7 +570,7 @@ mod tests {
         let c = Config::parse(&with(
             r#"{"kind": "kubernetes", "namespace": "builds", "builderImage": "r/builder:1",
                 "resources": {"limits": {"memory": "2Gi"}}, "tolerations": [{"key": "k", "operator": "Exists"}],
-                "podTimeout": "20m", "hostNetwork": true}"#,
+                "podTimeout": "20m"}"#,
         ))
         .unwrap();
         let ExecutorConfig::Kubernetes(k) = c.executor else {
@@ -555,7 +580,8 @@ mod tests {
             (k.namespace.as_str(), k.pod_timeout),
             ("builds", Duration::from_secs(1200))
         );
-        assert!(k.host_network && k.resources.is_some() && k.tolerations.len() == 1);
+        assert!(k.resources.is_some() && k.tolerations.len() == 1);
+        assert_eq!(k.seccomp_profile, "image-builder/builder.json");
         for (executor, key) in [
             (
                 r#"{"kind": "kubernetes", "namespace": "Bad_NS", "builderImage": "r/b:1"}"#,
@@ -570,6 +596,14 @@ mod tests {
                 "podTimout",
             ),
             (r#"{"kind": "docker"}"#, "docker"),
+            (
+                r#"{"kind": "kubernetes", "namespace": "ns", "builderImage": "r/b:1", "hostNetwork": true}"#,
+                "user namespaces",
+            ),
+            (
+                r#"{"kind": "kubernetes", "namespace": "ns", "builderImage": "r/b:1", "seccompProfile": "../x.json"}"#,
+                "executor.seccompProfile",
+            ),
         ] {
             let err = Config::parse(&with(executor)).unwrap_err().to_string();
             assert!(err.contains(key), "{executor}: {err}");

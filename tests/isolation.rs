@@ -1,7 +1,9 @@
-//! A hostile Dockerfile takes nothing: its RUN step runs a static program of this test's own
-//! (`tests/isolation/attack.c`) that tries what an attacker would, against the real service,
-//! buildah and registry, and every attempt must fail; a Dockerfile that needs root inside
-//! its image still builds an image whose files have the owners and modes it gave them.
+//! A hostile Dockerfile takes nothing, on either executor: its RUN step runs a static program
+//! of this test's own (`tests/isolation/attack.c`) that tries what an attacker would, against
+//! the real service, buildah, registry and (for Jobs) the test cluster, and every attempt must
+//! fail; root in RUN must be an unprivileged id on the host, read from the host's side while
+//! the step runs. A Dockerfile that needs root inside its image still builds an image whose
+//! files have the owners and modes it gave them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
@@ -11,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder_testkit::{GitRepo, Ownership, Service, UnpackedImage};
+use image_builder_testkit::cluster::{self, POD_GATEWAY};
+use image_builder_testkit::{
+    self as testkit, GitHttpServer, GitRepo, LocalRegistry, Ownership, Service, UnpackedImage,
+};
 
 /// Capabilities no RUN step may hold, even in its own user namespace: each would let it act
 /// on the host or on other processes beyond its files (capabilities(7) numbers).
@@ -49,8 +54,14 @@ fn attack_binary() -> PathBuf {
     binary.clone()
 }
 
+/// Seconds the attack program waits after its last line, for [`host_uid_map_of_attack`].
+const HOLD_SECONDS: u32 = 5;
+
 /// A repository whose Dockerfile copies the attack program in and runs it with `args`.
 fn attack_repo(base: &str, args: &[String]) -> GitRepo {
+    let mut all = vec!["--hold".to_owned(), HOLD_SECONDS.to_string()];
+    all.extend_from_slice(args);
+    let args = all;
     let repo = GitRepo::new(&[(
         "Dockerfile",
         &format!(
@@ -102,7 +113,7 @@ impl<'a> Verdicts<'a> {
         self.log
             .lines()
             .filter_map(|l| l.strip_prefix("ATTACK "))
-            .filter(|l| *l != "done")
+            .filter(|l| *l != "done" && *l != "holding")
     }
 
     /// Asserts that the program ran to its end, that nothing it tried worked, and that it
@@ -135,16 +146,11 @@ impl<'a> Verdicts<'a> {
             .trim()
     }
 
-    /// Asserts that root in RUN is an unprivileged id on the host and that RUN holds none
-    /// of [`FORBIDDEN_CAPABILITIES`].
+    /// Asserts that RUN holds none of [`FORBIDDEN_CAPABILITIES`], and that its uid map (as
+    /// RUN reads it) maps a bounded range, not every id.
     fn unprivileged(&self) {
-        let map: Vec<u64> = self
-            .report("uid_map")
-            .split_whitespace()
-            .map(|n| n.parse().unwrap())
-            .collect();
+        let map = uid_map(self.report("uid_map"));
         assert_eq!(map[0], 0, "uid_map {map:?}");
-        assert_ne!(map[1], 0, "root in RUN is the host's root: uid_map {map:?}");
         assert!(
             map[2] < u64::from(u32::MAX),
             "uid_map {map:?} maps every id"
@@ -156,6 +162,68 @@ impl<'a> Verdicts<'a> {
             }
         }
     }
+}
+
+/// The first line of a uid map: inside id, outside id, count.
+fn uid_map(text: &str) -> Vec<u64> {
+    text.split_whitespace()
+        .take(3)
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// Watches this machine's processes for the attack program and returns its uid map as the
+/// host sees it (`/proc/<pid>/uid_map` read from the initial user namespace): where root of
+/// RUN really is.
+fn host_uid_map_of_attack(nonce: &str) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while std::time::Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let dir = entry.path();
+            let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+                continue;
+            };
+            if cmdline.starts_with(b"/attack\0")
+                && String::from_utf8_lossy(&cmdline).contains(nonce)
+                && let Ok(map) = std::fs::read_to_string(dir.join("uid_map"))
+            {
+                return Some(map);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+/// Builds `request` (a repository from [`attack_repo`] with `nonce` among the attack's
+/// arguments), reading the attack's uid map from the host's side meanwhile; the last answer,
+/// the log and that map.
+async fn attack_build(
+    service: &Service,
+    request: pb::BuildRequest,
+    nonce: &str,
+) -> (pb::BuildResponse, String, String) {
+    let nonce = nonce.to_owned();
+    let watch = tokio::task::spawn_blocking(move || host_uid_map_of_attack(&nonce));
+    let (last, log) = build_and_log(service, request).await;
+    let map = if log.contains("ATTACK holding") {
+        watch.await.unwrap().unwrap_or_default()
+    } else {
+        watch.abort();
+        String::new()
+    };
+    (last, log, map)
+}
+
+/// Asserts that root in RUN is a non-zero id on the host.
+fn root_is_not_the_hosts(host_map: &str, log: &str) {
+    assert!(
+        !host_map.is_empty(),
+        "the attack was never seen running:\n{log}"
+    );
+    let map = uid_map(host_map);
+    assert_eq!(map[0], 0, "{host_map}");
+    assert_ne!(map[1], 0, "root in RUN is the host's root: {host_map}");
 }
 
 async fn build_and_log(
@@ -198,29 +266,17 @@ async fn a_local_run_step_cannot_escape_read_secrets_devices_or_reach_the_servic
         .iter()
         .flat_map(|h| ports.iter().map(move |p| format!("{h}:{p}")))
         .collect();
+    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
     let mut args = secrets.to_vec();
-    args.push("--".into());
+    args.extend([nonce.clone(), "--".into()]);
     args.extend(targets.iter().cloned());
     let repo = attack_repo(&shared.base, &args);
 
-    let (last, log) = build_and_log(&service, head_build(&repo.uri())).await;
+    let (last, log, host_map) = attack_build(&service, head_build(&repo.uri()), &nonce).await;
     assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+    root_is_not_the_hosts(&host_map, &log);
     let verdicts = Verdicts { log: &log };
-    let mut attempts: Vec<String> = [
-        "chroot-escape",
-        "credentials-in-dev-shm",
-        "service-account-token",
-        "read-device",
-        "mknod-device",
-        "mount-device",
-        "mount-proc",
-        "see-processes",
-        "write /proc/sys/vm/drop_caches",
-        "write /proc/sys/kernel/core_pattern",
-        "write /sys/kernel/mm/transparent_hugepage/enabled",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut attempts: Vec<String> = COMMON_ATTEMPTS.map(str::to_owned).to_vec();
     attempts.extend(secrets.iter().map(|s| format!("read-secret {s}")));
     attempts.extend(targets.iter().map(|t| format!("connect {t}")));
     verdicts.all_blocked(&attempts);
@@ -228,6 +284,108 @@ async fn a_local_run_step_cannot_escape_read_secrets_devices_or_reach_the_servic
     // The step saw its own few processes, not the host's.
     let seen: usize = verdicts.report("processes").parse().unwrap();
     assert!(seen < 10, "{seen} processes visible to RUN");
+}
+
+/// What every attack tries, whatever the executor.
+const COMMON_ATTEMPTS: [&str; 11] = [
+    "chroot-escape",
+    "credentials-in-dev-shm",
+    "service-account-token",
+    "read-device",
+    "mknod-device",
+    "mount-device",
+    "mount-proc",
+    "see-processes",
+    "write /proc/sys/vm/drop_caches",
+    "write /proc/sys/kernel/core_pattern",
+    "write /sys/kernel/mm/transparent_hugepage/enabled",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_step_in_a_job_cannot_escape_read_the_builders_credentials_or_reach_the_node() {
+    let cluster = tokio::task::spawn_blocking(cluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let (namespace, executor) = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let namespace = cluster.create_namespace("isolation")?;
+            let executor = cluster.executor_config(&namespace)?;
+            anyhow::Ok((namespace, executor))
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    // Builder pods reach the registry and git on the pod gateway only.
+    let registry = LocalRegistry::start_for_pods(&[]).unwrap();
+    let image = testkit::BaseImage::busybox(0).unwrap();
+    let base = testkit::push_image(&image, registry.addr(), "base/busybox:1").unwrap();
+    let mut config = common::config(registry.addr(), "isolation-k8s");
+    config["executor"] = executor;
+    let kubeconfig = cluster.kubeconfig.display().to_string();
+    let service =
+        Service::start_with_env(binary(), config, &[("KUBECONFIG", kubeconfig.as_str())]).unwrap();
+
+    // The node's own ports: the API server's (from the kubeconfig) and the kubelet's (from
+    // its config beside it), on the node's loopback and on the pod gateway.
+    let kubeconfig_text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let api = kubeconfig_text
+        .split("https://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let kubelet_config =
+        std::fs::read_to_string(cluster.kubeconfig.parent().unwrap().join("kubelet.yaml")).unwrap();
+    let kubelet = kubelet_config
+        .lines()
+        .find_map(|l| l.strip_prefix("port: "))
+        .unwrap()
+        .trim()
+        .parse::<u16>()
+        .unwrap();
+    let ports = [
+        port(&service.grpc_url()),
+        port(&service.metrics_url()),
+        api,
+        kubelet,
+    ];
+    let targets: Vec<String> = ["127.0.0.1", POD_GATEWAY]
+        .iter()
+        .flat_map(|h| ports.iter().map(move |p| format!("{h}:{p}")))
+        .collect();
+    // The builder's credentials files, where its container has them.
+    let secrets = [
+        "/var/run/image-builder/auth.json".to_owned(),
+        "/var/run/image-builder/git-basic".to_owned(),
+    ];
+    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
+    let mut args = secrets.to_vec();
+    args.extend([nonce.clone(), "--".into()]);
+    args.extend(targets.iter().cloned());
+    let repo = attack_repo(&base, &args);
+    let (user, password) = ("builder", "isolation-git-pw-5c1e");
+    let git = GitHttpServer::start_for_pods(&repo, Some((user, password))).unwrap();
+    let uri = git
+        .uri()
+        .replace("http://", &format!("http://{user}:{password}@"));
+
+    let (last, log, host_map) = attack_build(&service, head_build(&uri), &nonce).await;
+    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+    root_is_not_the_hosts(&host_map, &log);
+    let verdicts = Verdicts { log: &log };
+    let mut attempts: Vec<String> = COMMON_ATTEMPTS.map(str::to_owned).to_vec();
+    attempts.extend(secrets.iter().map(|s| format!("read-secret {s}")));
+    attempts.extend(targets.iter().map(|t| format!("connect {t}")));
+    verdicts.all_blocked(&attempts);
+    verdicts.unprivileged();
+    let seen: usize = verdicts.report("processes").parse().unwrap();
+    assert!(seen < 10, "{seen} processes visible to RUN");
+    drop(service);
+    let _ = namespace;
 }
 
 #[tokio::test(flavor = "multi_thread")]

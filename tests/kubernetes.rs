@@ -23,6 +23,21 @@ use kube::{Api, Client};
 const GIT_USER: &str = "builder";
 const GIT_PASSWORD: &str = "kube-git-s3cret-4711";
 
+/// The registry builder pods push to, on the test cluster's pod gateway (builder pods have
+/// no host network), with the busybox base image; shared by the tests of this binary.
+fn pods_shared() -> &'static Shared {
+    static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        // The gateway's address exists once the cluster runs.
+        cluster::shared().expect("the test cluster");
+        let registry = testkit::LocalRegistry::start_for_pods(&[]).expect("start docker-registry");
+        let image = testkit::BaseImage::busybox(0).expect("make the busybox image");
+        let base =
+            testkit::push_image(&image, registry.addr(), "base/busybox:1").expect("push busybox");
+        Shared { registry, base }
+    })
+}
+
 /// One namespace per test, in the shared cluster.
 struct Rig {
     cluster: ClusterAccess,
@@ -55,10 +70,7 @@ impl Rig {
             "{name}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[24..]
         );
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": namespace}
-        }))
-        .unwrap();
+        let ns: Namespace = serde_json::from_value(cluster::namespace(&namespace)).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
             .await
@@ -72,12 +84,12 @@ impl Rig {
     }
 
     fn config(&self, name: &str) -> serde_json::Value {
-        let mut config = common::config(shared().registry.addr(), name);
+        let mut config = common::config(pods_shared().registry.addr(), name);
         config["executor"] = serde_json::json!({
             "kind": "kubernetes",
             "namespace": self.namespace,
             "builderImage": self.builder_image,
-            "hostNetwork": true,
+            "seccompProfile": cluster::SECCOMP_PROFILE,
             "podTimeout": "5m",
         });
         config
@@ -133,14 +145,14 @@ impl Rig {
 fn repository(seconds: u32) -> (GitRepo, GitHttpServer) {
     let dockerfile = format!(
         "FROM {}\nCOPY greeting.txt /greeting.txt\nRUN echo start-of-run && sleep {seconds} && echo end-of-run\n",
-        shared().base
+        pods_shared().base
     );
     let repo = GitRepo::new(&[
         ("Dockerfile", dockerfile.as_str()),
         ("greeting.txt", "hello from a job\n"),
     ])
     .unwrap();
-    let server = GitHttpServer::start(&repo, GIT_USER, GIT_PASSWORD).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, Some((GIT_USER, GIT_PASSWORD))).unwrap();
     (repo, server)
 }
 
@@ -317,7 +329,7 @@ async fn a_deleted_pod_fails_the_attempt_and_a_retry_runs_a_new_job() {
     // A public repository: a retry has the whole request again (credentials are never kept
     // once an attempt ends).
     let (repo, _) = repository(20);
-    let server = GitHttpServer::start_public(&repo).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let service = rig.service("k8s-evicted");
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, head_build(&server.uri())).await;
@@ -575,6 +587,21 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
             "          env:\n            - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n            - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n"
         ),
     );
+    // The test cluster runs no service network, so the service's pod reaches the API server
+    // on the node's loopback, through the node's network: Pod Security `baseline` refuses
+    // that, so this namespace alone lets it (builder pods still ask for no privilege; the
+    // other tests' namespaces enforce `baseline` on them).
+    kubectl(
+        &rig,
+        &[
+            "label",
+            "namespace",
+            &rig.namespace,
+            "--overwrite",
+            "pod-security.kubernetes.io/enforce=privileged",
+        ],
+        "",
+    );
     kubectl(
         &rig,
         &["-n", &rig.namespace, "apply", "-f", "-"],
@@ -618,12 +645,12 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         "Dockerfile",
         format!(
             "FROM {}\nRUN echo built-in-the-cluster > /where\n",
-            shared().base
+            pods_shared().base
         )
         .as_str(),
     )])
     .unwrap();
-    let server = GitHttpServer::start_public(&repo).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     // Only over mTLS, with a certificate of the CA.
     let address = format!("127.0.0.1:{grpc}");
     let as_operator = image_builder::client::ClientOptions {
@@ -749,12 +776,12 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
         "Dockerfile",
         format!(
             "FROM {}\nRUN for i in $(seq 1 300); do echo output-line-$i; done\n",
-            shared().base
+            pods_shared().base
         )
         .as_str(),
     )])
     .unwrap();
-    let server = GitHttpServer::start_public(&repo).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let mut config = rig.config("k8s-fifty");
     config["maxConcurrentBuilds"] = LIMIT.into();
     let service = rig.start(config, &[]);
@@ -872,7 +899,7 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
 async fn a_build_past_its_time_limit_fails_and_its_job_is_deleted() {
     let rig = Rig::new("timeout").await;
     let (repo, _) = repository(300);
-    let server = GitHttpServer::start_public(&repo).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let mut config = rig.config("k8s-timeout");
     config["buildTimeout"] = "15s".into();
     let service = rig.start(config, &[]);
@@ -887,7 +914,7 @@ async fn a_build_past_its_time_limit_fails_and_its_job_is_deleted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn builder_pods_share_their_steps_through_the_layer_cache_repository() {
     let rig = Rig::new("layers").await;
-    let base = &shared().base;
+    let base = &pods_shared().base;
     let steps = |last: &str| {
         format!(
             "FROM {base}\nRUN echo \"shared-$((20+1))\" | tee /shared.txt\nRUN echo \"slow-$((20+2))\" && sleep 1\nRUN echo \"{last}-$((30+1))\" | tee /last.txt\n"
@@ -898,12 +925,12 @@ async fn builder_pods_share_their_steps_through_the_layer_cache_repository() {
         ("second.Dockerfile", steps("second").as_str()),
     ])
     .unwrap();
-    let server = GitHttpServer::start(&repo, GIT_USER, GIT_PASSWORD).unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, Some((GIT_USER, GIT_PASSWORD))).unwrap();
     let uri = server
         .uri()
         .replace("http://", &format!("http://{GIT_USER}:{GIT_PASSWORD}@"));
     let mut config = rig.config("k8s-layers");
-    let cache = format!("{}/k8s-layers/cache", shared().registry.addr());
+    let cache = format!("{}/k8s-layers/cache", pods_shared().registry.addr());
     config["executor"]["layerCacheRepository"] = cache.clone().into();
     let service = rig.start(config, &[]);
     let mut client = service.client().await.unwrap();

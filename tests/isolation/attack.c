@@ -6,7 +6,9 @@
  *   REPORT uid_map <first line of /proc/self/uid_map>
  *   REPORT CapEff <hex> / REPORT CapBnd <hex>
  *
- * Usage: attack <secret-file>... -- <host:port>...
+ * Usage: attack [--hold SECONDS] <secret-file>... -- <host:port>...
+ * With --hold it waits that long after its last line ("ATTACK holding"), so that the test
+ * can read its uid map from the host's side.
  * The secret files are paths on the builder's host (or its container) that must stay out of
  * reach; the addresses are ports of the service, the node and the cluster that must not answer. */
 #define _GNU_SOURCE
@@ -293,6 +295,12 @@ static void write_setting(const char *path, const char *fallback) {
 }
 
 int main(int argc, char **argv) {
+  int hold = 0;
+  if (argc > 2 && strcmp(argv[1], "--hold") == 0) {
+    hold = atoi(argv[2]);
+    argv += 2;
+    argc -= 2;
+  }
   char **secrets = argv + 1;
   int nsecrets = 0;
   while (1 + nsecrets < argc && strcmp(argv[1 + nsecrets], "--") != 0) nsecrets++;
@@ -311,5 +319,9 @@ int main(int argc, char **argv) {
   write_setting("/sys/kernel/mm/transparent_hugepage/enabled", NULL);
   write_setting("/sys/kernel/uevent_helper", NULL);
   puts("ATTACK done");
+  if (hold > 0) {
+    puts("ATTACK holding");
+    sleep(hold);
+  }
   return 0;
 }

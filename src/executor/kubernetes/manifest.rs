@@ -9,8 +9,9 @@ use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
+    PodTemplateSpec, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -123,11 +124,7 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         command: Some(vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()]),
         env: Some(env),
         resources: config.resources.clone(),
-        // buildah makes mounts and namespaces of its own: the pod is the isolation boundary.
-        security_context: Some(SecurityContext {
-            privileged: Some(true),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(builder_security()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "secrets".into(),
@@ -150,7 +147,16 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         service_account_name: config.service_account.clone(),
-        host_network: Some(config.host_network),
+        // A user namespace of its own: root in the pod, and in every RUN step, is an
+        // unprivileged id on the node.
+        host_users: Some(false),
+        security_context: Some(PodSecurityContext {
+            seccomp_profile: Some(SeccompProfile {
+                type_: "Localhost".into(),
+                localhost_profile: Some(config.seccomp_profile.clone()),
+            }),
+            ..PodSecurityContext::default()
+        }),
         node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
         tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
         containers: vec![container],
@@ -194,6 +200,32 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
             ..JobSpec::default()
         }),
         status: None,
+    }
+}
+
+/// Capabilities the builder keeps, each for one step of making the nested user namespace
+/// buildah runs in (see [`SCRIPT`]); everything else is dropped:
+/// - `SETUID`, `SETGID`: `newuidmap`/`newgidmap` write the namespace's id maps, and the
+///   builder becomes root of it;
+/// - `SETFCAP`: the kernel asks for it to map the pod's root into a namespace.
+///
+/// Inside that namespace buildah holds every capability, over the pod's ids only. RUN
+/// steps run there in runc containers (pid, mount, ipc and uts namespaces of their own,
+/// pivot_root into the image). `procMount: Unmasked` lets runc mount a fresh `/proc` for
+/// them (the kernel refuses it under a masked one); Pod Security `baseline` allows it for
+/// user-namespaced pods.
+pub const BUILDER_CAPABILITIES: [&str; 3] = ["SETUID", "SETGID", "SETFCAP"];
+
+fn builder_security() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        proc_mount: Some("Unmasked".into()),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: Some(BUILDER_CAPABILITIES.map(str::to_owned).to_vec()),
+        }),
+        ..SecurityContext::default()
     }
 }
 
@@ -283,12 +315,19 @@ elif [ -n "$IB_CACHE" ]; then
 else
   echo "building $IB_TAG with buildah"
 fi
-buildah bud --isolation chroot "$@" --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
+# buildah runs as root of a user namespace nested in the pod's (mapped before it starts: no
+# privilege is gained across exec), where it holds the capabilities it needs over the pod's
+# ids only. RUN steps are runc containers there, on the pod's network.
+nested() {
+  unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
+    --mount --propagation private -- "$@"
+}
+nested buildah bud --isolation oci --network host "$@" --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
 # Pushing the same content again is harmless; a registry answering "blob unknown" to a
 # manifest while another builder pushes the same layer to the same repository is not final.
 for attempt in 1 2 3 4; do
-  buildah push --authfile "$secrets/auth.json" "$IB_TAG" "docker://$IB_TAG" && exit 0
+  nested buildah push --authfile "$secrets/auth.json" "$IB_TAG" "docker://$IB_TAG" && exit 0
   [ "$attempt" = 4 ] && exit 1
   echo "push attempt $attempt failed; trying again"
   sleep "$attempt"
@@ -345,6 +384,26 @@ mod tests {
         );
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
+        // Unprivileged, in a user namespace of its own, never on the node's network.
+        assert_eq!((pod.host_users, pod.host_network), (Some(false), None));
+        let seccomp = pod
+            .security_context
+            .clone()
+            .unwrap()
+            .seccomp_profile
+            .unwrap();
+        assert_eq!(
+            (seccomp.type_.as_str(), seccomp.localhost_profile.as_deref()),
+            ("Localhost", Some("image-builder/builder.json"))
+        );
+        let security = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(
+            (security.privileged, security.allow_privilege_escalation),
+            (Some(false), Some(false))
+        );
+        let caps = security.capabilities.unwrap();
+        assert_eq!(caps.drop.unwrap(), ["ALL"]);
+        assert_eq!(caps.add.unwrap(), BUILDER_CAPABILITIES);
         // Credentials reach the builder as files of the Secret's volume, read-only, never as
         // variables (the pod spec and `kubectl describe` show those).
         let container = &pod.containers[0];

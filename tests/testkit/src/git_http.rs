@@ -10,25 +10,36 @@ use image_builder::scenario::fixtures::run;
 
 const SERVER: &str = include_str!("git_http_server.py");
 
-/// Serves a bare copy of a repository at `http://127.0.0.1:PORT/repo.git`.
+/// Serves a bare copy of a repository at `http://HOST:PORT/repo.git`, HOST loopback or the
+/// test cluster's pod gateway.
 pub struct GitHttpServer {
     child: Child,
+    host: &'static str,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl GitHttpServer {
-    /// Serves `repo` to anyone.
+    /// Serves `repo` to anyone, on loopback.
     pub fn start_public(repo: &GitRepo) -> Result<Self> {
-        Self::serve(repo, "")
+        Self::serve(repo, "", "127.0.0.1")
     }
 
-    /// Serves `repo` to clients that authenticate as `user` / `password`.
+    /// Serves `repo` on loopback to clients that authenticate as `user` / `password`.
     pub fn start(repo: &GitRepo, user: &str, password: &str) -> Result<Self> {
-        Self::serve(repo, &format!("{user}:{password}"))
+        Self::serve(repo, &format!("{user}:{password}"), "127.0.0.1")
     }
 
-    fn serve(repo: &GitRepo, auth: &str) -> Result<Self> {
+    /// Serves `repo` where the test cluster's pods reach it (its
+    /// [`POD_GATEWAY`](crate::cluster::POD_GATEWAY)), to anyone or to `user` / `password`.
+    pub fn start_for_pods(repo: &GitRepo, credentials: Option<(&str, &str)>) -> Result<Self> {
+        let auth = credentials
+            .map(|(u, p)| format!("{u}:{p}"))
+            .unwrap_or_default();
+        Self::serve(repo, &auth, crate::cluster::POD_GATEWAY)
+    }
+
+    fn serve(repo: &GitRepo, auth: &str, host: &'static str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("git-http-").tempdir()?;
         let bare = dir.path().join("repo.git");
         run(
@@ -49,13 +60,15 @@ impl GitHttpServer {
             .arg(&script)
             .arg(dir.path())
             .arg(port.to_string())
+            .arg(host)
             .env("GIT_HTTP_AUTH", auth)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut child = spawn(command)?;
-        wait_for_port(&format!("127.0.0.1:{port}"), "git http server", &mut child)?;
+        wait_for_port(&format!("{host}:{port}"), "git http server", &mut child)?;
         Ok(Self {
             child,
+            host,
             port,
             _dir: dir,
         })
@@ -63,7 +76,7 @@ impl GitHttpServer {
 
     /// The clone URL.
     pub fn uri(&self) -> String {
-        format!("http://127.0.0.1:{}/repo.git", self.port)
+        format!("http://{}:{}/repo.git", self.host, self.port)
     }
 }
 

@@ -1,14 +1,14 @@
 """Serves the git repositories under a directory over smart HTTP (git http-backend) on
 127.0.0.1, requiring basic auth with the user and password given (a private git remote for
 tests), or none when GIT_HTTP_AUTH is empty. Usage: GIT_HTTP_AUTH=USER:PASSWORD
-git_http_server.py ROOT PORT"""
+git_http_server.py ROOT PORT HOST"""
 import base64
 import http.server
 import subprocess
 import os
 import sys
 
-ROOT, PORT = sys.argv[1], int(sys.argv[2])
+ROOT, PORT, HOST = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 # The credential comes through the environment, never argv (where any process could read it).
 AUTH = os.environ.get("GIT_HTTP_AUTH", "")
 USER, _, PASSWORD = AUTH.partition(":")
@@ -62,4 +62,4 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_POST = handle_git
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+http.server.ThreadingHTTPServer((HOST, PORT), Handler).serve_forever()

@@ -1,12 +1,13 @@
-//! Debian's `docker-registry` (the CNCF distribution registry) on a loopback port.
+//! Debian's `docker-registry` (the CNCF distribution registry) on a loopback port, or on the
+//! test cluster's pod gateway for builds that run in pods.
 
 use std::process::{Child, Command, Stdio};
 
 use super::Result;
 use super::process::{free_port, spawn, wait_for_port};
 
-/// A registry serving plain HTTP on 127.0.0.1, storing into a temporary directory. Stopped
-/// when dropped.
+/// A registry serving plain HTTP on 127.0.0.1 (or the pod gateway), storing into a temporary
+/// directory. Stopped when dropped.
 pub struct LocalRegistry {
     child: Child,
     addr: String,
@@ -27,16 +28,27 @@ impl LocalRegistry {
     /// Starts a registry that demands bearer tokens from `tokens` (the distribution spec's
     /// token auth).
     pub fn start_with_token_auth(tokens: &super::TokenServer) -> Result<Self> {
-        Self::launch_with(&[], Some(tokens))
+        Self::launch_with(&[], Some(tokens), "127.0.0.1")
+    }
+
+    /// Starts a registry where the test cluster's pods reach it (its
+    /// [`POD_GATEWAY`](crate::cluster::POD_GATEWAY)), demanding basic auth from `users` if
+    /// there are any.
+    pub fn start_for_pods(users: &[(&str, &str)]) -> Result<Self> {
+        Self::launch_with(users, None, crate::cluster::POD_GATEWAY)
     }
 
     fn launch(users: &[(&str, &str)]) -> Result<Self> {
-        Self::launch_with(users, None)
+        Self::launch_with(users, None, "127.0.0.1")
     }
 
-    fn launch_with(users: &[(&str, &str)], tokens: Option<&super::TokenServer>) -> Result<Self> {
+    fn launch_with(
+        users: &[(&str, &str)],
+        tokens: Option<&super::TokenServer>,
+        host: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("registry-").tempdir()?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("{host}:{}", free_port()?);
         let config = dir.path().join("config.yml");
         let mut text = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
@@ -81,7 +93,7 @@ impl LocalRegistry {
         Ok(Self { child, addr, dir })
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `HOST:PORT`.
     pub fn addr(&self) -> &str {
         &self.addr
     }

@@ -98,8 +98,24 @@ impl Setup for SelfHosted {
         if env.ecr {
             users.insert(0, ("AWS", ecr_token.as_str()));
         }
-        let registry =
-            LocalRegistry::start_with_users(&users).map_err(|e| format!("registry: {e}"))?;
+        let on_cluster = env.executor == model::ExecutorKind::Kubernetes;
+        let cluster = if on_cluster {
+            Some(
+                tokio::task::spawn_blocking(crate::cluster::shared)
+                    .await
+                    .map_err(|e| format!("cluster: {e}"))?
+                    .map_err(|e| format!("cluster: {e:#}"))?,
+            )
+        } else {
+            None
+        };
+        // Builder pods have no host network: they reach a registry on the pod gateway.
+        let registry = if on_cluster {
+            LocalRegistry::start_for_pods(&users)
+        } else {
+            LocalRegistry::start_with_users(&users)
+        }
+        .map_err(|e| format!("registry: {e}"))?;
         let direct_addr = registry.addr().to_owned();
         keep.push(Box::new(registry));
         let proxy = match env.proxy {
@@ -185,11 +201,7 @@ impl Setup for SelfHosted {
             ]);
         }
         let mut remotes = std::collections::HashMap::new();
-        if env.executor == model::ExecutorKind::Kubernetes {
-            let cluster = tokio::task::spawn_blocking(crate::cluster::shared)
-                .await
-                .map_err(|e| format!("cluster: {e}"))?
-                .map_err(|e| format!("cluster: {e:#}"))?;
+        if let Some(cluster) = cluster {
             let (namespace, mut executor) = {
                 let cluster = cluster.clone();
                 tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -209,8 +221,8 @@ impl Setup for SelfHosted {
             kubeconfig = Some(cluster.kubeconfig.display().to_string());
             // Builder pods cannot read this machine's files: they clone over HTTP.
             for (name, repo) in &repos {
-                let server =
-                    GitHttpServer::start_public(repo).map_err(|e| format!("git server: {e}"))?;
+                let server = GitHttpServer::start_for_pods(repo, None)
+                    .map_err(|e| format!("git server: {e}"))?;
                 remotes.insert(name.clone(), server.uri());
                 keep.push(Box::new(server));
             }

@@ -33,6 +33,15 @@ use image_builder::scenario::fixtures::run;
 /// The pod network's bridge and subnet (no masquerade: nothing it sends leaves the machine).
 const BRIDGE: &str = "ibtest0";
 const POD_SUBNET: &str = "10.213.0.0/24";
+/// The bridge's own address on the node, the pods' gateway: where the tests' registries and
+/// git servers listen so that builder pods (which have no host network) reach them.
+pub const POD_GATEWAY: &str = "10.213.0.1";
+/// The Pod Security level every test namespace enforces: builder pods (user namespaces, no
+/// privilege, the builder's seccomp profile) must be admitted under it.
+pub const POD_SECURITY: &str = "baseline";
+/// The builder's seccomp profile, as builder pods name it (`localhostProfile`), under the
+/// kubelet's `seccomp` directory.
+pub const SECCOMP_PROFILE: &str = "image-builder/builder.json";
 /// The service network: no kube-proxy runs, so nothing may rely on it.
 const SERVICE_SUBNET: &str = "10.214.0.0/24";
 /// The name containerd gives the sandbox ("pause") image; the node images provide it.
@@ -41,6 +50,22 @@ pub const PAUSE_IMAGE: &str = "localhost/image-builder-test/pause:1";
 const CTR_TIMEOUTS: [&str; 4] = ["--connect-timeout", "5s", "--timeout", "120s"];
 /// A busybox image on the node.
 pub const BUSYBOX_IMAGE: &str = "localhost/image-builder-test/busybox:1";
+
+/// A test namespace: it enforces Pod Security [`POD_SECURITY`], so that the API server
+/// itself refuses a builder pod that asks for more (privilege, host network, ...).
+pub fn namespace(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "pod-security.kubernetes.io/enforce": POD_SECURITY,
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            },
+        },
+    })
+}
 
 /// A running single-node cluster.
 pub struct Cluster {
@@ -281,6 +306,15 @@ impl Cluster {
                 }],
             }))?,
         )?;
+        // The bridge and its address exist before any pod, so that registries and git
+        // servers can listen there from the start (the bridge plugin takes it as it is).
+        let _ = Command::new("ip").args(["link", "delete", BRIDGE]).status();
+        run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{POD_GATEWAY}/24"), "dev", BRIDGE],
+        )?;
+        run("ip", &["link", "set", BRIDGE, "up"])?;
         // Nothing a pod sends may leave the machine: drop what the pod subnet sends anywhere
         // but to itself.
         run(
@@ -379,7 +413,13 @@ maxPods: 110
         let config_file = self.dir.join("kubelet.yaml");
         std::fs::write(&config_file, config)?;
         let root = self.dir.join("kubelet");
-        std::fs::create_dir_all(&root)?;
+        // The builder's seccomp profile, installed as an operator would (deploy/seccomp).
+        let profile = root.join("seccomp").join(SECCOMP_PROFILE);
+        std::fs::create_dir_all(profile.parent().unwrap_or(&root))?;
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/seccomp/builder.json"),
+            &profile,
+        )?;
         self.run(
             "kubelet",
             Command::new(bin.join("kubelet")).args([
@@ -805,27 +845,30 @@ impl ClusterAccess {
             "{prefix}-{}",
             &uuid::Uuid::now_v7().simple().to_string()[20..]
         );
+        let manifest = tempfile::Builder::new().suffix(".json").tempfile()?;
+        std::fs::write(manifest.path(), namespace(&name).to_string())?;
         run(
             &node_tool("kubectl")?,
             &[
                 "--kubeconfig",
                 &path(&self.kubeconfig),
                 "create",
-                "namespace",
-                &name,
+                "-f",
+                &path(manifest.path()),
             ],
         )?;
         Ok(name)
     }
 
-    /// The `executor` config of a service whose builds run in `namespace` of this cluster,
-    /// with builder pods on the node's network (its loopback registries and git servers).
+    /// The `executor` config of a service whose builds run in `namespace` of this cluster
+    /// (builder pods on the pod network: registries and git servers listen on
+    /// [`POD_GATEWAY`]).
     pub fn executor_config(&self, namespace: &str) -> Result<serde_json::Value> {
         Ok(serde_json::json!({
             "kind": "kubernetes",
             "namespace": namespace,
             "builderImage": self.builder_image()?,
-            "hostNetwork": true,
+            "seccompProfile": SECCOMP_PROFILE,
             "podTimeout": "10m",
         }))
     }
