@@ -137,6 +137,37 @@ impl Credentials {
         serde_json::json!({ "auths": auths })
     }
 
+    /// The credentials of a build step that runs a Dockerfile beside them: as
+    /// [`Self::builder_auth_file`] with the installation's credential for `cache_hosts`, and
+    /// none at all for `withheld` (the registry another step pushes the image to) unless it
+    /// is one of them.
+    pub async fn build_step_auth_file(
+        &self,
+        request: &RequestAuth,
+        cache_hosts: &[String],
+        withheld: &str,
+    ) -> serde_json::Value {
+        let mut file = self.builder_auth_file(request, cache_hosts).await;
+        let withheld = normalize_host(withheld);
+        if !cache_hosts.iter().any(|h| normalize_host(h) == withheld)
+            && let Some(auths) = file["auths"].as_object_mut()
+        {
+            auths.remove(&withheld);
+        }
+        file
+    }
+
+    /// The installation's credential for pushing to `host`, alone, in the docker config
+    /// format: what a push step gets.
+    pub async fn push_auth_file(&self, host: &str) -> serde_json::Value {
+        let host = normalize_host(host);
+        let mut auths = serde_json::Map::new();
+        if let Some(token) = self.for_push(&host).await.and_then(|s| s.basic_token()) {
+            auths.insert(host, serde_json::json!({ "auth": token }));
+        }
+        serde_json::json!({ "auths": auths })
+    }
+
     /// Every credential value this service knows of for `request`, for redaction.
     pub fn sensitive_values(&self, request: &RequestAuth) -> Vec<String> {
         let mut values: Vec<String> = request

@@ -231,4 +231,39 @@ mod tests {
             "the base repository is elsewhere"
         );
     }
+
+    #[tokio::test]
+    async fn a_build_step_never_gets_the_push_registrys_credential_unless_it_holds_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            serde_json::json!({"auths": {
+                "push.example": {"auth": b64("pusher:push-pw")},
+                "pull.example": {"auth": b64("puller:pull-pw")},
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let creds = Credentials::new(Some(&path), "push.example/base", "push.example/ws").unwrap();
+        let request = RequestAuth {
+            allow_all: true,
+            ..Default::default()
+        };
+        let hosts = |file: serde_json::Value| -> Vec<String> {
+            file["auths"].as_object().unwrap().keys().cloned().collect()
+        };
+        let build = creds
+            .build_step_auth_file(&request, &[], "push.example")
+            .await;
+        assert_eq!(hosts(build), ["pull.example"]);
+        // A layer cache on the push registry needs its credential in the build step.
+        let cached = creds
+            .build_step_auth_file(&request, &["push.example".into()], "push.example")
+            .await;
+        assert_eq!(hosts(cached), ["pull.example", "push.example"]);
+        let push = creds.push_auth_file("push.example").await;
+        assert_eq!(hosts(push.clone()), ["push.example"]);
+        assert_eq!(push["auths"]["push.example"]["auth"], b64("pusher:push-pw"));
+    }
 }

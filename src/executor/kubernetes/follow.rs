@@ -15,7 +15,7 @@ use kube::Api;
 use kube::api::LogParams;
 use kube::runtime::{WatchStreamExt, watcher};
 
-use super::manifest::CONTAINER;
+use super::manifest::{CONTAINER, PUSH_CONTAINER};
 use crate::steps::{StepError, StepErrorKind, StepLog, Tail};
 
 /// How long one read of the builder's output may take.
@@ -173,6 +173,18 @@ impl JobWatch {
                     self.name
                 )));
             }
+            if let Some((step, terminated)) = self.pod.as_ref().and_then(failed_step) {
+                return Ok(Ended::Failed(format!(
+                    "builder job {} failed: the {step} exited with code {}{}",
+                    self.name,
+                    terminated.exit_code,
+                    terminated
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                )));
+            }
             if self.job_ended().is_some() {
                 // The Job's controller may report the failure before the kubelet reports how
                 // the builder exited: an SRE needs that code, so wait a little for it.
@@ -250,14 +262,34 @@ fn condition(job: &Job, kind: &str) -> bool {
 }
 
 fn builder_state(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerState> {
+    state_of(pod, CONTAINER)
+}
+
+fn state_of<'a>(
+    pod: &'a Pod,
+    container: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::ContainerState> {
     pod.status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .iter()
-        .find(|c| c.name == CONTAINER)?
+        .find(|c| c.name == container)?
         .state
         .as_ref()
+}
+
+/// The first step of the pod (the builder, then the push) that exited with an error, and how.
+/// Either failing fails the attempt at once: the other may wait for it until the Job's
+/// deadline (a step killed by the kernel cannot say it ended).
+fn failed_step(pod: &Pod) -> Option<(&'static str, &ContainerStateTerminated)> {
+    [CONTAINER, PUSH_CONTAINER].into_iter().find_map(|name| {
+        state_of(pod, name)?
+            .terminated
+            .as_ref()
+            .filter(|t| t.exit_code != 0)
+            .map(|t| (name, t))
+    })
 }
 
 fn container_started(pod: &Pod) -> bool {

@@ -2,6 +2,14 @@
 //! labelled after the build and attempt so that it is found again after any restart, and a
 //! Secret with the attempt's credentials, owned by the Job. Credentials live in the Secret's
 //! data only: never in the pod spec, its environment or its arguments.
+//!
+//! The Dockerfile is hostile. The pod runs in a user namespace of its own, unprivileged, and
+//! splits the attempt into steps that share no credential: an init container `clone` gets
+//! the git credentials; the `builder` container, where RUN steps run, gets the registry
+//! credentials for pulls and the layer cache only; the `push` container gets the credential
+//! for the base image's registry. The steps hand over through emptyDir volumes that RUN
+//! never sees (it runs in the image's root, pivot_root'ed), and the builder's log carries the
+//! clone's and the push's output, so the build's log is one stream.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +17,7 @@ use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PodSecurityContext, PodSpec,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PodSecurityContext, PodSpec,
     PodTemplateSpec, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
     VolumeMount,
 };
@@ -27,10 +35,32 @@ pub const INSTALLATION_LABEL: &str = "image-builder.gitpod.io/installation";
 pub const BUILD_LABEL: &str = "image-builder.gitpod.io/build-id";
 /// Names the attempt.
 pub const ATTEMPT_LABEL: &str = "image-builder.gitpod.io/attempt";
-/// The builder's container.
+/// The builder's container: it runs the Dockerfile, and its log is the build's (the clone's
+/// and the push's output are replayed into it).
 pub const CONTAINER: &str = "builder";
-/// Where the attempt's Secret is mounted in the builder.
+/// The init container that clones the build context, with the git credentials alone.
+pub const CLONE_CONTAINER: &str = "clone";
+/// The container that pushes the built image, with the push credentials alone.
+pub const PUSH_CONTAINER: &str = "push";
+/// Where each container finds its own credentials file.
 const SECRETS_DIR: &str = "/var/run/image-builder";
+/// The Secret's keys: the git credentials (clone), the build step's registry credentials
+/// (pulls and the layer cache) and the push step's.
+const GIT_KEY: &str = "git-basic";
+const BUILD_AUTH_KEY: &str = "build-auth.json";
+const PUSH_AUTH_KEY: &str = "push-auth.json";
+/// The name a registry credentials file has in the container that gets it.
+const AUTH_FILE: &str = "auth.json";
+/// The pod's volumes: one per credentials file, the checkout, buildah's storage (shared by
+/// the build and push steps), and the hand-off between steps (their output and status).
+const GIT_SECRET: &str = "git-secret";
+const BUILD_SECRET: &str = "build-secret";
+const PUSH_SECRET: &str = "push-secret";
+const WORKSPACE: &str = "workspace";
+const STORAGE: &str = "storage";
+const HANDOFF: &str = "handoff";
+const STORAGE_DIR: &str = "/var/lib/containers";
+const HANDOFF_DIR: &str = "/handoff";
 
 /// The Job of attempt `attempt` of build `id`: the same name every time it is asked for.
 pub fn job_name(id: BuildId, attempt: u32) -> String {
@@ -80,7 +110,8 @@ pub struct Attempt<'a> {
     pub cache: LayerCacheUse,
 }
 
-/// The Job that runs an attempt's builder.
+/// The Job that runs an attempt's builder: a pod of three containers, each with only the
+/// credentials of its own step (see the module's doc).
 pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>) -> Job {
     let name = job_name(attempt.id, attempt.attempt);
     let labels = labels(installation, attempt.id, attempt.attempt);
@@ -90,55 +121,83 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         CloneTargetMode::RemoteCommit => "commit",
         CloneTargetMode::RemoteBranch | CloneTargetMode::LocalBranch => "branch",
     };
-    let env = [
-        ("IB_REMOTE", source.remote_uri.as_str()),
-        ("IB_MODE", mode),
-        ("IB_TARGET", source.clone_target.as_str()),
-        ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
-        ("IB_CONTEXT", source.context_path.as_str()),
-        ("IB_TAG", attempt.tag),
-        ("IB_INSECURE", &attempt.insecure_registries.join(" ")),
-        (
-            "IB_CACHE",
-            config.layer_cache_repository.as_deref().unwrap_or_default(),
-        ),
-        (
-            "IB_FORCE",
-            match attempt.cache {
-                LayerCacheUse::ReadWrite => "",
-                LayerCacheUse::WriteOnly => "1",
-            },
-        ),
-    ]
-    .into_iter()
-    .map(|(name, value)| EnvVar {
-        name: name.to_owned(),
-        value: Some(value.to_owned()),
-        value_from: None,
-    })
-    .collect();
-    let container = Container {
-        name: CONTAINER.to_owned(),
-        image: Some(config.builder_image.clone()),
-        image_pull_policy: Some("IfNotPresent".to_owned()),
-        command: Some(vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()]),
-        env: Some(env),
-        resources: config.resources.clone(),
-        security_context: Some(builder_security()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "secrets".into(),
-                mount_path: SECRETS_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "storage".into(),
-                mount_path: "/var/lib/containers".into(),
-                ..VolumeMount::default()
-            },
-        ]),
-        ..Container::default()
+    let insecure = attempt.insecure_registries.join(" ");
+    let clone = step(
+        config,
+        CLONE_CONTAINER,
+        CLONE_SCRIPT,
+        &[
+            ("IB_REMOTE", source.remote_uri.as_str()),
+            ("IB_MODE", mode),
+            ("IB_TARGET", source.clone_target.as_str()),
+        ],
+        &[
+            (GIT_SECRET, SECRETS_DIR),
+            (WORKSPACE, "/workspace"),
+            (HANDOFF, HANDOFF_DIR),
+        ],
+        clone_security(),
+    );
+    let builder = step(
+        config,
+        CONTAINER,
+        BUILD_SCRIPT,
+        &[
+            ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
+            ("IB_CONTEXT", source.context_path.as_str()),
+            ("IB_TAG", attempt.tag),
+            ("IB_INSECURE", &insecure),
+            (
+                "IB_CACHE",
+                config.layer_cache_repository.as_deref().unwrap_or_default(),
+            ),
+            (
+                "IB_FORCE",
+                match attempt.cache {
+                    LayerCacheUse::ReadWrite => "",
+                    LayerCacheUse::WriteOnly => "1",
+                },
+            ),
+        ],
+        &[
+            (BUILD_SECRET, SECRETS_DIR),
+            (WORKSPACE, "/workspace"),
+            (STORAGE, STORAGE_DIR),
+            (HANDOFF, HANDOFF_DIR),
+        ],
+        builder_security(),
+    );
+    let push = step(
+        config,
+        PUSH_CONTAINER,
+        PUSH_SCRIPT,
+        &[("IB_TAG", attempt.tag), ("IB_INSECURE", &insecure)],
+        &[
+            (PUSH_SECRET, SECRETS_DIR),
+            (STORAGE, STORAGE_DIR),
+            (HANDOFF, HANDOFF_DIR),
+        ],
+        builder_security(),
+    );
+    let secret_volume = |volume: &str, key: &str, path: &str| Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name(&name)),
+            default_mode: Some(0o400),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: path.into(),
+                mode: None,
+            }]),
+            // A build without git credentials has no `git-basic`.
+            optional: Some(key == GIT_KEY),
+        }),
+        ..Volume::default()
+    };
+    let empty_dir = |volume: &str| Volume {
+        name: volume.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
     };
     let pod = PodSpec {
         restart_policy: Some("Never".into()),
@@ -159,22 +218,15 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         }),
         node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
         tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
-        containers: vec![container],
+        init_containers: Some(vec![clone]),
+        containers: vec![builder, push],
         volumes: Some(vec![
-            Volume {
-                name: "secrets".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret_name(&name)),
-                    default_mode: Some(0o400),
-                    ..SecretVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "storage".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
+            secret_volume(GIT_SECRET, GIT_KEY, GIT_KEY),
+            secret_volume(BUILD_SECRET, BUILD_AUTH_KEY, AUTH_FILE),
+            secret_volume(PUSH_SECRET, PUSH_AUTH_KEY, AUTH_FILE),
+            empty_dir(WORKSPACE),
+            empty_dir(STORAGE),
+            empty_dir(HANDOFF),
         ]),
         ..PodSpec::default()
     };
@@ -203,8 +255,68 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
     }
 }
 
+/// One container of the builder pod: the builder image running `script` with `env`, the
+/// volumes `mounts` (name, path) and `security`.
+fn step(
+    config: &KubernetesConfig,
+    name: &str,
+    script: &str,
+    env: &[(&str, &str)],
+    mounts: &[(&str, &str)],
+    security: SecurityContext,
+) -> Container {
+    Container {
+        name: name.to_owned(),
+        image: Some(config.builder_image.clone()),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+        env: Some(
+            env.iter()
+                .map(|(name, value)| EnvVar {
+                    name: (*name).to_owned(),
+                    value: Some((*value).to_owned()),
+                    value_from: None,
+                })
+                .collect(),
+        ),
+        resources: config.resources.clone(),
+        security_context: Some(security),
+        volume_mounts: Some(
+            mounts
+                .iter()
+                .map(|(volume, path)| VolumeMount {
+                    name: (*volume).to_owned(),
+                    mount_path: (*path).to_owned(),
+                    read_only: Some(volume.ends_with("-secret")),
+                    ..VolumeMount::default()
+                })
+                .collect(),
+        ),
+        ..Container::default()
+    }
+}
+
+/// The clone step needs no capability at all, and no more than the runtime's default
+/// seccomp profile: it runs git.
+fn clone_security() -> SecurityContext {
+    SecurityContext {
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// Capabilities the builder keeps, each for one step of making the nested user namespace
-/// buildah runs in (see [`SCRIPT`]); everything else is dropped:
+/// buildah runs in (see [`BUILD_SCRIPT`]); the push step holds the same; everything else is
+/// dropped:
 /// - `SETUID`, `SETGID`: `newuidmap`/`newgidmap` write the namespace's id maps, and the
 ///   builder becomes root of it;
 /// - `SETFCAP`: the kernel asks for it to map the pod's root into a namespace.
@@ -229,10 +341,15 @@ fn builder_security() -> SecurityContext {
     }
 }
 
-/// The Secret of an attempt, owned by its Job (garbage collection removes both): the
-/// builder's registry credentials file and, when the request had them, the git credentials
-/// as a basic-auth token.
-pub fn secret(job: &Job, auth_file: &serde_json::Value, git_basic: Option<String>) -> Secret {
+/// The Secret of an attempt, owned by its Job (garbage collection removes both): the build
+/// step's registry credentials file, the push step's and, when the request had them, the git
+/// credentials as a basic-auth token. Each container mounts its own key only.
+pub fn secret(
+    job: &Job,
+    build_auth: &serde_json::Value,
+    push_auth: &serde_json::Value,
+    git_basic: Option<String>,
+) -> Secret {
     let name = job.metadata.name.clone().unwrap_or_default();
     let owner = OwnerReference {
         api_version: "batch/v1".into(),
@@ -242,12 +359,18 @@ pub fn secret(job: &Job, auth_file: &serde_json::Value, git_basic: Option<String
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
-    let mut data = BTreeMap::from([(
-        "auth.json".to_owned(),
-        ByteString(auth_file.to_string().into_bytes()),
-    )]);
+    let mut data = BTreeMap::from([
+        (
+            BUILD_AUTH_KEY.to_owned(),
+            ByteString(build_auth.to_string().into_bytes()),
+        ),
+        (
+            PUSH_AUTH_KEY.to_owned(),
+            ByteString(push_auth.to_string().into_bytes()),
+        ),
+    ]);
     if let Some(token) = git_basic {
-        data.insert("git-basic".into(), ByteString(token.into_bytes()));
+        data.insert(GIT_KEY.into(), ByteString(token.into_bytes()));
     }
     Secret {
         metadata: ObjectMeta {
@@ -263,44 +386,65 @@ pub fn secret(job: &Job, auth_file: &serde_json::Value, git_basic: Option<String
     }
 }
 
-/// The builder: clones the context (credentials from the Secret, into git's environment
-/// only), checks that the Dockerfile and context stay inside the checkout, builds with
-/// buildah and pushes. With a layer cache repository, every step's result is pushed there and
-/// looked up there first (`--layers --cache-to/--cache-from`), so a pod reuses what any other
-/// pod built; a forced rebuild (`IB_FORCE`) only pushes there (`--cache-to`): its pod starts
-/// with empty storage, so every step runs. Everything it needs comes from `IB_*` variables,
-/// always quoted.
-const SCRIPT: &str = r#"set -eu
-secrets=/var/run/image-builder
+/// The clone step (an init container, with the git credentials alone, into git's
+/// environment only): clones the context into the shared checkout. Its output and exit
+/// status go to the hand-off, for the builder to put in the build's log; it always exits 0
+/// so that the builder can. Everything it needs comes from `IB_*` variables, always quoted.
+const CLONE_SCRIPT: &str = r#"set -u
+exec >/handoff/clone.log 2>&1
+(
+set -e
 export GIT_TERMINAL_PROMPT=0 GIT_ASKPASS=/bin/false LC_ALL=C
-for host in $IB_INSECURE; do
-  mkdir -p /etc/containers/registries.conf.d
-  printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
-done
-if [ -s "$secrets/git-basic" ]; then
+if [ -s /var/run/image-builder/git-basic ]; then
   GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader
-  GIT_CONFIG_VALUE_0="Authorization: Basic $(cat "$secrets/git-basic")"
+  GIT_CONFIG_VALUE_0="Authorization: Basic $(cat /var/run/image-builder/git-basic)"
   export GIT_CONFIG_COUNT GIT_CONFIG_KEY_0 GIT_CONFIG_VALUE_0
 fi
 echo "cloning $IB_REMOTE"
 case "$IB_MODE" in
-  head) git clone --quiet --depth 1 -- "$IB_REMOTE" /workspace ;;
-  branch) git clone --quiet --depth 1 --branch "$IB_TARGET" -- "$IB_REMOTE" /workspace ;;
-  commit) git init --quiet /workspace
+  head) git clone --quiet --depth 1 -- "$IB_REMOTE" /workspace/src ;;
+  branch) git clone --quiet --depth 1 --branch "$IB_TARGET" -- "$IB_REMOTE" /workspace/src ;;
+  commit) git init --quiet /workspace/src
           # That commit alone where the server serves commits by id, else the whole history.
-          if git -C /workspace fetch --quiet --no-tags --depth 1 -- "$IB_REMOTE" "$IB_TARGET"; then
-            git -C /workspace checkout --quiet --detach FETCH_HEAD
-            rm -f /workspace/.git/FETCH_HEAD
+          if git -C /workspace/src fetch --quiet --no-tags --depth 1 -- "$IB_REMOTE" "$IB_TARGET"; then
+            git -C /workspace/src checkout --quiet --detach FETCH_HEAD
+            rm -f /workspace/src/.git/FETCH_HEAD
           else
             echo "the server does not serve that commit alone; fetching the whole repository"
-            git -C /workspace fetch --quiet --no-tags -- "$IB_REMOTE" "+refs/heads/*:refs/remotes/origin/*"
-            git -C /workspace checkout --quiet --detach "$IB_TARGET"
+            git -C /workspace/src fetch --quiet --no-tags -- "$IB_REMOTE" "+refs/heads/*:refs/remotes/origin/*"
+            git -C /workspace/src checkout --quiet --detach "$IB_TARGET"
           fi ;;
 esac
-unset GIT_CONFIG_VALUE_0
-root=$(realpath /workspace)
+)
+echo "$?" >/handoff/clone.status
+exit 0
+"#;
+
+/// The build step (the builder container, with the build credentials alone: pulls and the
+/// layer cache): puts the clone's output in the log, checks that the Dockerfile and context
+/// stay inside the checkout, builds with buildah, hands the image to the push step through
+/// buildah's storage, and puts the push's output and status in the log. buildah runs as root
+/// of a user namespace nested in the pod's (mapped before it starts: no privilege is gained
+/// across exec), holding the capabilities it needs over the pod's ids only; RUN steps are runc
+/// containers there (pivot_root into the image; pid, mount, ipc and uts namespaces of their
+/// own) on the pod's network. With a layer cache repository, every step's result is pushed
+/// there and looked up there first (`--layers --cache-to/--cache-from`), so a pod reuses what
+/// any other pod built; a forced rebuild (`IB_FORCE`) only pushes there (`--cache-to`): its pod
+/// starts with empty storage, so every step runs.
+const BUILD_SCRIPT: &str = r#"set -eu
+# Whatever ends this script, the push step learns how (it waits for this file).
+trap 'code=$?; [ -e /handoff/build.status ] || echo "$code" >/handoff/build.status' EXIT
+export LC_ALL=C
+cat /handoff/clone.log
+cloned=$(cat /handoff/clone.status 2>/dev/null || echo 1)
+[ "$cloned" = 0 ] || exit "$cloned"
+for host in $IB_INSECURE; do
+  mkdir -p /etc/containers/registries.conf.d
+  printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
+done
+root=$(realpath /workspace/src)
 inside() {
-  real=$(realpath -e "/workspace/$2" 2>/dev/null) || { echo "the $1 $2 does not exist in the repository" >&2; exit 2; }
+  real=$(realpath -e "/workspace/src/$2" 2>/dev/null) || { echo "the $1 $2 does not exist in the repository" >&2; exit 2; }
   case "$real/" in "$root"/*) echo "$real" ;; *) echo "the $1 $2 leaves the repository" >&2; exit 2 ;; esac
 }
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
@@ -315,23 +459,43 @@ elif [ -n "$IB_CACHE" ]; then
 else
   echo "building $IB_TAG with buildah"
 fi
-# buildah runs as root of a user namespace nested in the pod's (mapped before it starts: no
-# privilege is gained across exec), where it holds the capabilities it needs over the pod's
-# ids only. RUN steps are runc containers there, on the pod's network.
-nested() {
-  unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
-    --mount --propagation private -- "$@"
-}
-nested buildah bud --isolation oci --network host "$@" --format docker --authfile "$secrets/auth.json" -f "$dockerfile" -t "$IB_TAG" "$context"
+unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
+  --mount --propagation private -- \
+  buildah bud --isolation oci --network host "$@" --format docker \
+  --authfile /var/run/image-builder/auth.json -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
+echo 0 >/handoff/build.status
+until [ -e /handoff/push.status ]; do sleep 0.2; done
+cat /handoff/push.log
+exit "$(cat /handoff/push.status)"
+"#;
+
+/// The push step (with the push credentials alone): waits for the build step, then pushes
+/// the image from the shared storage, as root of its own nested user namespace (the layers'
+/// files belong to the pod's ids). Its output and status go to the hand-off.
+const PUSH_SCRIPT: &str = r#"set -u
+until [ -e /handoff/build.status ]; do sleep 0.2; done
+[ "$(cat /handoff/build.status)" = 0 ] || exit 0
+exec >/handoff/push.log 2>&1
+export LC_ALL=C
+for host in $IB_INSECURE; do
+  mkdir -p /etc/containers/registries.conf.d
+  printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
+done
 # Pushing the same content again is harmless; a registry answering "blob unknown" to a
 # manifest while another builder pushes the same layer to the same repository is not final.
+code=1
 for attempt in 1 2 3 4; do
-  nested buildah push --authfile "$secrets/auth.json" "$IB_TAG" "docker://$IB_TAG" && exit 0
-  [ "$attempt" = 4 ] && exit 1
-  echo "push attempt $attempt failed; trying again"
-  sleep "$attempt"
+  if unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
+      --mount --propagation private -- \
+      buildah push --authfile /var/run/image-builder/auth.json "$IB_TAG" "docker://$IB_TAG"; then
+    code=0
+    break
+  fi
+  [ "$attempt" = 4 ] || { echo "push attempt $attempt failed; trying again"; sleep "$attempt"; }
 done
+echo "$code" >/handoff/push.status
+exit "$code"
 "#;
 
 #[cfg(test)]
@@ -404,23 +568,40 @@ mod tests {
         let caps = security.capabilities.unwrap();
         assert_eq!(caps.drop.unwrap(), ["ALL"]);
         assert_eq!(caps.add.unwrap(), BUILDER_CAPABILITIES);
-        // Credentials reach the builder as files of the Secret's volume, read-only, never as
-        // variables (the pod spec and `kubectl describe` show those).
-        let container = &pod.containers[0];
-        let env = container.env.clone().unwrap();
-        assert!(env.iter().all(|v| v.value_from.is_none()), "{env:?}");
-        let mount = container.volume_mounts.clone().unwrap();
-        assert!(
-            mount
-                .iter()
-                .any(|m| m.name == "secrets" && m.read_only == Some(true))
-        );
+        // Credentials reach each step as a file of the Secret, read-only, never as variables
+        // (the pod spec and `kubectl describe` show those); each step mounts its own key only.
         let volumes = pod.volumes.clone().unwrap();
-        let secret_volume = volumes.iter().find_map(|v| v.secret.clone()).unwrap();
-        assert_eq!(secret_volume.default_mode, Some(0o400));
+        let keys_of = |container: &Container| -> Vec<String> {
+            let env = container.env.clone().unwrap();
+            assert!(env.iter().all(|v| v.value_from.is_none()), "{env:?}");
+            container
+                .volume_mounts
+                .clone()
+                .unwrap()
+                .iter()
+                .filter_map(|m| {
+                    let volume = volumes.iter().find(|v| v.name == m.name).unwrap();
+                    let secret = volume.secret.clone()?;
+                    assert_eq!(m.read_only, Some(true));
+                    assert_eq!(secret.default_mode, Some(0o400));
+                    Some(secret.items.unwrap()[0].key.clone())
+                })
+                .collect()
+        };
+        let init = pod.init_containers.clone().unwrap();
+        assert_eq!(init[0].name, CLONE_CONTAINER);
+        assert_eq!(keys_of(&init[0]), ["git-basic"]);
+        assert_eq!(pod.containers[0].name, CONTAINER);
+        assert_eq!(keys_of(&pod.containers[0]), ["build-auth.json"]);
+        assert_eq!(pod.containers[1].name, PUSH_CONTAINER);
+        assert_eq!(keys_of(&pod.containers[1]), ["push-auth.json"]);
+        // The clone runs git with no capability at all.
+        let clone = init[0].security_context.clone().unwrap();
+        assert_eq!(clone.capabilities.unwrap().add, None);
 
         let secret = secret(
             &job,
+            &serde_json::json!({"auths": {"pull.example": {"auth": "cHVsbA=="}}}),
             &serde_json::json!({"auths": {"reg.example": {"auth": "c2VjcmV0"}}}),
             Some("Ym9iOnB3".into()),
         );
@@ -434,7 +615,10 @@ mod tests {
             ("Job", name.as_str())
         );
         let data = secret.data.unwrap();
-        assert!(data.contains_key("auth.json") && data.contains_key("git-basic"));
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            ["build-auth.json", "git-basic", "push-auth.json"]
+        );
     }
 
     #[test]
@@ -462,7 +646,7 @@ mod tests {
         assert_eq!(env_of(LayerCacheUse::WriteOnly).as_deref(), Some("1"));
         assert_eq!(env_of(LayerCacheUse::ReadWrite).as_deref(), Some(""));
         // The script reads the cache only when the build is not forced.
-        let forced = SCRIPT
+        let forced = BUILD_SCRIPT
             .split("if [ -n \"$IB_CACHE\" ] && [ -n \"$IB_FORCE\" ]; then")
             .nth(1)
             .and_then(|rest| rest.split("elif").next())

@@ -200,17 +200,19 @@ impl KubernetesExecutor {
         {
             return Ok(());
         }
-        let mut push_hosts = vec![crate::credentials::registry_host(&build.base_ref)];
-        push_hosts.extend(
-            self.config
-                .layer_cache_repository
-                .as_deref()
-                .map(crate::credentials::registry_host),
-        );
-        let auth = self
+        let push_host = crate::credentials::registry_host(&build.base_ref);
+        let cache_hosts: Vec<String> = self
+            .config
+            .layer_cache_repository
+            .as_deref()
+            .map(crate::credentials::registry_host)
+            .into_iter()
+            .collect();
+        let build_auth = self
             .credentials
-            .builder_auth_file(&secrets.registry, &push_hosts)
+            .build_step_auth_file(&secrets.registry, &cache_hosts, &push_host)
             .await;
+        let push_auth = self.credentials.push_auth_file(&push_host).await;
         let git = secrets.git.as_ref().and_then(|g| {
             Credential::Basic {
                 user: g.user.clone(),
@@ -218,7 +220,7 @@ impl KubernetesExecutor {
             }
             .basic_token()
         });
-        let secret = manifest::secret(job, &auth, git);
+        let secret = manifest::secret(job, &build_auth, &push_auth, git);
         match self.secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => Ok(()),
             Err(e) if is_status(&e, 409) => Ok(()),
