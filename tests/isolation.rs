@@ -286,6 +286,50 @@ async fn a_local_run_step_cannot_escape_read_secrets_devices_or_reach_the_servic
     assert!(seen < 10, "{seen} processes visible to RUN");
 }
 
+/// The service building as Jobs in a namespace of its own in the test cluster (Pod Security
+/// `baseline` enforced), with a registry where builder pods reach it (the pod gateway) holding
+/// the busybox base.
+struct JobService {
+    cluster: cluster::ClusterAccess,
+    service: Service,
+    base: String,
+    _registry: LocalRegistry,
+}
+
+impl JobService {
+    async fn start(name: &str) -> Self {
+        let cluster = tokio::task::spawn_blocking(cluster::shared)
+            .await
+            .unwrap()
+            .unwrap();
+        let executor = {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || {
+                let namespace = cluster.create_namespace("isolation")?;
+                cluster.executor_config(&namespace)
+            })
+            .await
+            .unwrap()
+            .unwrap()
+        };
+        let registry = LocalRegistry::start_for_pods(&[]).unwrap();
+        let image = testkit::BaseImage::busybox(0).unwrap();
+        let base = testkit::push_image(&image, registry.addr(), "base/busybox:1").unwrap();
+        let mut config = common::config(registry.addr(), name);
+        config["executor"] = executor;
+        let kubeconfig = cluster.kubeconfig.display().to_string();
+        let service =
+            Service::start_with_env(binary(), config, &[("KUBECONFIG", kubeconfig.as_str())])
+                .unwrap();
+        Self {
+            cluster,
+            service,
+            base,
+            _registry: registry,
+        }
+    }
+}
+
 /// What every attack tries, whatever the executor.
 const COMMON_ATTEMPTS: [&str; 11] = [
     "chroot-escape",
@@ -303,31 +347,8 @@ const COMMON_ATTEMPTS: [&str; 11] = [
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_step_in_a_job_cannot_escape_read_the_builders_credentials_or_reach_the_node() {
-    let cluster = tokio::task::spawn_blocking(cluster::shared)
-        .await
-        .unwrap()
-        .unwrap();
-    let (namespace, executor) = {
-        let cluster = cluster.clone();
-        tokio::task::spawn_blocking(move || {
-            let namespace = cluster.create_namespace("isolation")?;
-            let executor = cluster.executor_config(&namespace)?;
-            anyhow::Ok((namespace, executor))
-        })
-        .await
-        .unwrap()
-        .unwrap()
-    };
-    // Builder pods reach the registry and git on the pod gateway only.
-    let registry = LocalRegistry::start_for_pods(&[]).unwrap();
-    let image = testkit::BaseImage::busybox(0).unwrap();
-    let base = testkit::push_image(&image, registry.addr(), "base/busybox:1").unwrap();
-    let mut config = common::config(registry.addr(), "isolation-k8s");
-    config["executor"] = executor;
-    let kubeconfig = cluster.kubeconfig.display().to_string();
-    let service =
-        Service::start_with_env(binary(), config, &[("KUBECONFIG", kubeconfig.as_str())]).unwrap();
-
+    let job = JobService::start("isolation-k8s").await;
+    let (cluster, service, base) = (&job.cluster, &job.service, &job.base);
     // The node's own ports: the API server's (from the kubeconfig) and the kubelet's (from
     // its config beside it), on the node's loopback and on the pod gateway.
     let kubeconfig_text = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
@@ -366,14 +387,14 @@ async fn a_run_step_in_a_job_cannot_escape_read_the_builders_credentials_or_reac
     let mut args = secrets.to_vec();
     args.extend([nonce.clone(), "--".into()]);
     args.extend(targets.iter().cloned());
-    let repo = attack_repo(&base, &args);
+    let repo = attack_repo(base, &args);
     let (user, password) = ("builder", "isolation-git-pw-5c1e");
     let git = GitHttpServer::start_for_pods(&repo, Some((user, password))).unwrap();
     let uri = git
         .uri()
         .replace("http://", &format!("http://{user}:{password}@"));
 
-    let (last, log, host_map) = attack_build(&service, head_build(&uri), &nonce).await;
+    let (last, log, host_map) = attack_build(service, head_build(&uri), &nonce).await;
     assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
     root_is_not_the_hosts(&host_map, &log);
     let verdicts = Verdicts { log: &log };
@@ -384,14 +405,11 @@ async fn a_run_step_in_a_job_cannot_escape_read_the_builders_credentials_or_reac
     verdicts.unprivileged();
     let seen: usize = verdicts.report("processes").parse().unwrap();
     assert!(seen < 10, "{seen} processes visible to RUN");
-    drop(service);
-    let _ = namespace;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_local_build_that_needs_root_inside_gets_the_owners_and_modes_it_set() {
-    let shared = shared();
-    let service = service("isolation-root-inside");
+/// A Dockerfile whose RUN step needs root inside the image: users, chown to them, a file made
+/// by one of them, a setuid and a setgid file.
+fn root_inside_dockerfile(base: &str) -> String {
     let run = [
         "echo 'root:x:0:0::/root:/bin/sh' > /etc/passwd",
         "echo 'alice:x:1001:1001::/home/alice:/bin/sh' >> /etc/passwd",
@@ -405,12 +423,13 @@ async fn a_local_build_that_needs_root_inside_gets_the_owners_and_modes_it_set()
         "touch /srv/nobodys && chown 65534:65534 /srv/nobodys && chmod 2600 /srv/nobodys",
     ]
     .join(" && ");
-    let repo =
-        GitRepo::new(&[("Dockerfile", &format!("FROM {}\nRUN {run}\n", shared.base))]).unwrap();
-    let (last, log) = build_and_log(&service, head_build(&repo.uri())).await;
-    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+    format!("FROM {base}\nRUN {run}\n")
+}
 
-    let image = UnpackedImage::fetch(&last.base_ref, None, Ownership::AsInTheImage).unwrap();
+/// Asserts that the pushed image `reference` (of [`root_inside_dockerfile`]) has the owners,
+/// groups and modes its RUN step gave.
+fn assert_owners_and_modes(reference: &str, log: &str) {
+    let image = UnpackedImage::fetch(reference, None, Ownership::AsInTheImage).unwrap();
     let expected = [
         ("/home/alice", 1001, 1001, 0o40750),
         ("/home/alice/made-by-alice", 1001, 1001, 0o100644),
@@ -429,4 +448,24 @@ async fn a_local_build_that_needs_root_inside_gets_the_owners_and_modes_it_set()
             meta.mode()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_build_that_needs_root_inside_gets_the_owners_and_modes_it_set() {
+    let shared = shared();
+    let service = service("isolation-root-inside");
+    let repo = GitRepo::new(&[("Dockerfile", &root_inside_dockerfile(&shared.base))]).unwrap();
+    let (last, log) = build_and_log(&service, head_build(&repo.uri())).await;
+    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+    assert_owners_and_modes(&last.base_ref, &log);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_in_a_job_that_needs_root_inside_gets_the_owners_and_modes_it_set() {
+    let job = JobService::start("isolation-k8s-root-inside").await;
+    let repo = GitRepo::new(&[("Dockerfile", &root_inside_dockerfile(&job.base))]).unwrap();
+    let git = GitHttpServer::start_for_pods(&repo, None).unwrap();
+    let (last, log) = build_and_log(&job.service, head_build(&git.uri())).await;
+    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+    assert_owners_and_modes(&last.base_ref, &log);
 }
