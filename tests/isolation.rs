@@ -469,3 +469,96 @@ async fn a_build_in_a_job_that_needs_root_inside_gets_the_owners_and_modes_it_se
     assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
     assert_owners_and_modes(&last.base_ref, &log);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_builds_namespace_admits_the_builder_pod_and_refuses_a_privileged_one() {
+    use image_builder::config::KubernetesConfig;
+    use image_builder::executor::LayerCacheUse;
+    use image_builder::executor::kubernetes::manifest::{self, Attempt};
+    use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+
+    let cluster = tokio::task::spawn_blocking(cluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let (namespace, executor) = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let namespace = cluster.create_namespace("admission")?;
+            let executor = cluster.executor_config(&namespace)?;
+            anyhow::Ok((namespace, executor))
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    let mut executor = executor;
+    executor.as_object_mut().unwrap().remove("kind");
+    let config: KubernetesConfig = serde_json::from_value(executor).unwrap();
+    let source = DockerfileSource {
+        remote_uri: "http://10.213.0.1:1/repo.git".into(),
+        target_mode: CloneTargetMode::RemoteHead,
+        clone_target: String::new(),
+        dockerfile_path: "Dockerfile".into(),
+        context_path: ".".into(),
+        dockerfile_version: String::new(),
+        git_auth: false,
+    };
+    let attempt = Attempt {
+        id: BuildId::new(),
+        attempt: 1,
+        source: &source,
+        tag: "10.213.0.1:1/base:x",
+        insecure_registries: &[],
+        cache: LayerCacheUse::ReadWrite,
+    };
+    let job = manifest::job(&config, "admission", &attempt);
+    let template = job.spec.unwrap().template;
+    let pod = |spec| Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some("builder".into()),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    };
+    let kube_config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&cluster.kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(kube::Client::try_from(kube_config).unwrap(), &namespace);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    // The test namespaces enforce what deploy/namespace.yaml enforces.
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/namespace.yaml"),
+    )
+    .unwrap();
+    assert!(
+        shipped.contains(&format!(
+            "pod-security.kubernetes.io/enforce: {}\n",
+            cluster::POD_SECURITY
+        )),
+        "{shipped}"
+    );
+    // The builder pod as the executor makes it is admitted under Pod Security `baseline`...
+    let spec = template.spec.unwrap();
+    pods.create(&dry_run, &pod(spec.clone())).await.unwrap();
+    // ...and the privileged builder of before is refused by the API server itself.
+    let mut privileged = spec;
+    let security = privileged.containers[0].security_context.as_mut().unwrap();
+    security.privileged = Some(true);
+    security.allow_privilege_escalation = None;
+    let refused = pods.create(&dry_run, &pod(privileged)).await.unwrap_err();
+    let text = refused.to_string();
+    assert!(
+        text.contains("violates PodSecurity \"baseline") && text.contains("privileged"),
+        "{text}"
+    );
+}
