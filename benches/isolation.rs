@@ -21,9 +21,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use image_builder::proto::builder as pb;
 use image_builder_testkit::bench::{
-    ByHand, DockerfileBench, buildah_by_hand, dockerfile_build, percentile,
+    ByHand, DockerfileBench, build_successfully, buildah_by_hand, dockerfile_build, percentile,
 };
 use image_builder_testkit::cluster::{self, ClusterAccess};
 use image_builder_testkit::{GitHttpServer, GitRepo, LocalRegistry, Service};
@@ -91,11 +90,14 @@ fn main() {
                     _ => {
                         repo.commit(&[("Dockerfile", &fresh("service"))], "a run")
                             .unwrap();
-                        service_runs.push(runtime.block_on(build(
-                            &mut client,
+                        let request = dockerfile_build(
                             &repo.uri(),
                             &format!("{}-{i}", name.len()),
-                        )));
+                            "Dockerfile",
+                            ".",
+                        );
+                        service_runs
+                            .push(runtime.block_on(build_successfully(&mut client, request)));
                     }
                 }
             }
@@ -212,15 +214,14 @@ fn jobs(runtime: &tokio::runtime::Runtime) {
             for turn in 0..3 {
                 match (i + turn) % 3 {
                     0 => {
-                        let start = Instant::now();
                         let request = dockerfile_build(
                             &git.uri(),
                             &format!("{b}-{i}"),
                             &format!("{}/Dockerfile", dir("service")),
                             ".",
                         );
-                        runtime.block_on(finish(&mut client, request));
-                        service_runs.push(start.elapsed());
+                        service_runs
+                            .push(runtime.block_on(build_successfully(&mut client, request)));
                     }
                     1 => {
                         let source = image_builder_state::DockerfileSource {
@@ -273,28 +274,7 @@ fn jobs(runtime: &tokio::runtime::Runtime) {
 
 /// Runs kubectl as the cluster's admin, with `stdin`; panics when it fails.
 fn kubectl(cluster: &ClusterAccess, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(cluster::node_tool("kubectl").unwrap())
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cluster.kubectl(args, stdin.unwrap_or_default()).unwrap()
 }
 
 /// Creates `pod` (JSON) in `namespace`, waits until it has ended, deletes it; the time from
@@ -417,43 +397,4 @@ fn privileged_pod(
         },
     });
     run_pod(cluster, namespace, &pod)
-}
-
-/// Builds `request` through the service to the end.
-async fn finish(
-    client: &mut image_builder::proto::builder::image_builder_client::ImageBuilderClient<
-        tonic::transport::Channel,
-    >,
-    request: pb::BuildRequest,
-) {
-    let mut stream = client.build(request).await.unwrap().into_inner();
-    let mut last = None;
-    while let Some(r) = stream.message().await.unwrap() {
-        last = Some(r);
-    }
-    let last = last.unwrap();
-    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-}
-
-/// Builds `uri` through the service to the end; returns the time it took.
-async fn build(
-    client: &mut image_builder::proto::builder::image_builder_client::ImageBuilderClient<
-        tonic::transport::Channel,
-    >,
-    uri: &str,
-    version: &str,
-) -> Duration {
-    let start = Instant::now();
-    let mut stream = client
-        .build(dockerfile_build(uri, version, "Dockerfile", "."))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    while let Some(r) = stream.message().await.unwrap() {
-        last = Some(r);
-    }
-    let last = last.unwrap();
-    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-    start.elapsed()
 }

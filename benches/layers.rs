@@ -43,17 +43,9 @@ fn dockerfile(base: &str, run: &str, last: &str) -> String {
     )
 }
 
-/// Builds to the end through a Build stream; the build id and the time it took.
+/// Builds to the end through a Build stream; the time it took.
 async fn build(client: &mut ImageBuilderClient<Channel>, req: pb::BuildRequest) -> Duration {
-    let start = Instant::now();
-    let mut stream = client.build(req).await.unwrap().into_inner();
-    let mut last = None;
-    while let Some(r) = stream.message().await.unwrap() {
-        last = Some(r);
-    }
-    let last = last.unwrap();
-    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
-    start.elapsed()
+    image_builder_testkit::bench::build_successfully(client, req).await
 }
 
 /// Follows the build's log until it holds `text`.

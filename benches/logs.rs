@@ -33,18 +33,7 @@ async fn build(
     client: &mut ImageBuilderClient<Channel>,
     request: pb::BuildRequest,
 ) -> (String, pb::BuildResponse) {
-    let mut stream = client.build(request).await.unwrap().into_inner();
-    let mut id = String::new();
-    let mut last = None;
-    while let Some(r) = stream.message().await.unwrap() {
-        if let Some(info) = &r.info
-            && !info.build_id.is_empty()
-        {
-            id = info.build_id.clone();
-        }
-        last = Some(r);
-    }
-    (id, last.unwrap())
+    image_builder_testkit::bench::build_to_end(client, request).await
 }
 
 async fn replay(client: &mut ImageBuilderClient<Channel>, id: &str) -> usize {

@@ -266,24 +266,9 @@ async fn a_local_run_step_cannot_escape_read_secrets_devices_or_reach_the_servic
         .iter()
         .flat_map(|h| ports.iter().map(move |p| format!("{h}:{p}")))
         .collect();
-    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
-    let mut args = secrets.to_vec();
-    args.extend([nonce.clone(), "--".into()]);
-    args.extend(targets.iter().cloned());
-    let repo = attack_repo(&shared.base, &args);
-
-    let (last, log, host_map) = attack_build(&service, head_build(&repo.uri()), &nonce).await;
-    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
-    root_is_not_the_hosts(&host_map, &log);
-    let verdicts = Verdicts { log: &log };
-    let mut attempts: Vec<String> = COMMON_ATTEMPTS.map(str::to_owned).to_vec();
-    attempts.extend(secrets.iter().map(|s| format!("read-secret {s}")));
-    attempts.extend(targets.iter().map(|t| format!("connect {t}")));
-    verdicts.all_blocked(&attempts);
-    verdicts.unprivileged();
-    // The step saw its own few processes, not the host's.
-    let seen: usize = verdicts.report("processes").parse().unwrap();
-    assert!(seen < 10, "{seen} processes visible to RUN");
+    let attack = Attack::new(&secrets, targets);
+    let repo = attack.repo(&shared.base);
+    attack.run(&service, head_build(&repo.uri())).await;
 }
 
 /// The service building as Jobs in a namespace of its own in the test cluster (Pod Security
@@ -327,6 +312,50 @@ impl JobService {
             base,
             _registry: registry,
         }
+    }
+}
+
+/// One attack: the secret files it tries to read (after the chroot escape and directly) and
+/// the addresses it tries to reach, besides [`COMMON_ATTEMPTS`].
+struct Attack {
+    secrets: Vec<String>,
+    targets: Vec<String>,
+    /// An argument of its own, to find its process among the host's.
+    nonce: String,
+}
+
+impl Attack {
+    fn new(secrets: &[String], targets: Vec<String>) -> Self {
+        Self {
+            secrets: secrets.to_vec(),
+            targets,
+            nonce: format!("/nonexistent/{}", testkit::random_hex().unwrap()),
+        }
+    }
+
+    /// A repository whose Dockerfile, on `base`, runs this attack.
+    fn repo(&self, base: &str) -> GitRepo {
+        let mut args = self.secrets.clone();
+        args.extend([self.nonce.clone(), "--".into()]);
+        args.extend(self.targets.iter().cloned());
+        attack_repo(base, &args)
+    }
+
+    /// Builds `request` (of [`Attack::repo`]) and asserts that the build succeeded, that every
+    /// attempt was made and failed, that root in RUN is no root of the host and holds no
+    /// forbidden capability, and that RUN saw only its own few processes.
+    async fn run(&self, service: &Service, request: pb::BuildRequest) {
+        let (last, log, host_map) = attack_build(service, request, &self.nonce).await;
+        assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
+        root_is_not_the_hosts(&host_map, &log);
+        let verdicts = Verdicts { log: &log };
+        let mut attempts: Vec<String> = COMMON_ATTEMPTS.map(str::to_owned).to_vec();
+        attempts.extend(self.secrets.iter().map(|s| format!("read-secret {s}")));
+        attempts.extend(self.targets.iter().map(|t| format!("connect {t}")));
+        verdicts.all_blocked(&attempts);
+        verdicts.unprivileged();
+        let seen: usize = verdicts.report("processes").parse().unwrap();
+        assert!(seen < 10, "{seen} processes visible to RUN");
     }
 }
 
@@ -383,28 +412,14 @@ async fn a_run_step_in_a_job_cannot_escape_read_the_builders_credentials_or_reac
         "/var/run/image-builder/auth.json".to_owned(),
         "/var/run/image-builder/git-basic".to_owned(),
     ];
-    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
-    let mut args = secrets.to_vec();
-    args.extend([nonce.clone(), "--".into()]);
-    args.extend(targets.iter().cloned());
-    let repo = attack_repo(base, &args);
+    let attack = Attack::new(&secrets, targets);
+    let repo = attack.repo(base);
     let (user, password) = ("builder", "isolation-git-pw-5c1e");
     let git = GitHttpServer::start_for_pods(&repo, Some((user, password))).unwrap();
     let uri = git
         .uri()
         .replace("http://", &format!("http://{user}:{password}@"));
-
-    let (last, log, host_map) = attack_build(service, head_build(&uri), &nonce).await;
-    assert_eq!(status(&last), pb::BuildStatus::DoneSuccess, "{log}");
-    root_is_not_the_hosts(&host_map, &log);
-    let verdicts = Verdicts { log: &log };
-    let mut attempts: Vec<String> = COMMON_ATTEMPTS.map(str::to_owned).to_vec();
-    attempts.extend(secrets.iter().map(|s| format!("read-secret {s}")));
-    attempts.extend(targets.iter().map(|t| format!("connect {t}")));
-    verdicts.all_blocked(&attempts);
-    verdicts.unprivileged();
-    let seen: usize = verdicts.report("processes").parse().unwrap();
-    assert!(seen < 10, "{seen} processes visible to RUN");
+    attack.run(service, head_build(&uri)).await;
 }
 
 /// A Dockerfile whose RUN step needs root inside the image: users, chown to them, a file made

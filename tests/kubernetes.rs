@@ -721,35 +721,12 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
 /// The user `deploy/Containerfile` runs the service as.
 const SERVICE_UID: u32 = 65532;
 
-/// Runs kubectl as the admin with `stdin` and returns its output; panics with it when it
-/// fails.
+/// Runs kubectl as the admin with `stdin` and returns its output; panics with it and the
+/// namespace's report when it fails.
 fn kubectl(rig: &Rig, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(cluster::node_tool("kubectl").unwrap())
-        .arg("--kubeconfig")
-        .arg(&rig.cluster.kubeconfig)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {}: {}{}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        rig.cluster.report(&rig.namespace)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    rig.cluster
+        .kubectl(args, stdin)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", rig.cluster.report(&rig.namespace)))
 }
 
 /// Resident memory of process `pid`, in bytes.

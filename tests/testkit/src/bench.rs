@@ -125,6 +125,40 @@ pub fn dockerfile_build(
     }
 }
 
+/// Builds `request` to the end through a Build stream: the build id and the final answer.
+pub async fn build_to_end(
+    client: &mut image_builder::proto::builder::image_builder_client::ImageBuilderClient<
+        tonic::transport::Channel,
+    >,
+    request: pb::BuildRequest,
+) -> (String, pb::BuildResponse) {
+    let mut stream = client.build(request).await.unwrap().into_inner();
+    let mut id = String::new();
+    let mut last = None;
+    while let Some(r) = stream.message().await.unwrap() {
+        if let Some(info) = &r.info
+            && !info.build_id.is_empty()
+        {
+            id = info.build_id.clone();
+        }
+        last = Some(r);
+    }
+    (id, last.unwrap())
+}
+
+/// Builds `request` to the end and asserts that it succeeded: the time it took.
+pub async fn build_successfully(
+    client: &mut image_builder::proto::builder::image_builder_client::ImageBuilderClient<
+        tonic::transport::Channel,
+    >,
+    request: pb::BuildRequest,
+) -> Duration {
+    let start = std::time::Instant::now();
+    let (_, last) = build_to_end(client, request).await;
+    assert_eq!(last.status, pb::BuildStatus::DoneSuccess as i32, "{last:?}");
+    start.elapsed()
+}
+
 /// The `p` quantile (0..=1) of `samples`, nearest rank; sorts them.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();

@@ -694,6 +694,32 @@ pub fn builder_image() -> Result<(PathBuf, String)> {
 }
 
 impl ClusterAccess {
+    /// Runs kubectl as the admin with `stdin`; its output, or what it said when it failed.
+    pub fn kubectl(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new(node_tool("kubectl")?)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Imports the builder image into the node (once per process); returns its name.
     pub fn builder_image(&self) -> Result<String> {
         static IMPORTED: std::sync::OnceLock<std::result::Result<String, String>> =
