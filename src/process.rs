@@ -46,10 +46,7 @@ impl Drop for StopOnDrop {
 /// journals it in chunks, redacted, without making the process wait on the disk).
 pub async fn run_logged(cmd: Command, id: BuildId, log: &dyn StepLog) -> std::io::Result<Finished> {
     // A span per builder process (program name only: arguments may name secret files).
-    let program = std::path::Path::new(cmd.as_std().get_program())
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let program = program_name(cmd.as_std());
     let span = tracing::info_span!(
         "process",
         otel.name = %format!("process {program}"),
@@ -63,6 +60,20 @@ pub async fn run_logged(cmd: Command, id: BuildId, log: &dyn StepLog) -> std::io
         span.record("process.exit_code", code);
     }
     finished
+}
+
+/// The name of the program `cmd` runs: for a wrapper such as `unshare … -- buildah …`, the
+/// program after `--`.
+fn program_name(cmd: &std::process::Command) -> String {
+    let wrapped = cmd
+        .get_args()
+        .skip_while(|a| *a != "--")
+        .nth(1)
+        .filter(|_| cmd.get_program() == "unshare");
+    std::path::Path::new(wrapped.unwrap_or(cmd.get_program()))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 async fn run_in_group(

@@ -68,8 +68,9 @@ pub struct Buildah {
 }
 
 /// The directories under buildah's own that root of its namespace writes: the storage, the
-/// runtime state, temporary files and its home (where it looks for per-user configuration).
-const NAMESPACE_DIRS: [&str; 4] = ["root", "runroot", "tmp", "home"];
+/// storage's runtime state, temporary files, its home (where it looks for per-user
+/// configuration) and its `XDG_RUNTIME_DIR` (else it keeps runtime files in `tmp`).
+const NAMESPACE_DIRS: [&str; 5] = ["root", "runroot", "tmp", "home", "runtime"];
 
 impl Buildah {
     /// A buildah keeping its storage in `dir`, speaking plain HTTP to `insecure_registries`,
@@ -254,6 +255,7 @@ impl Buildah {
             ("CONTAINERS_REGISTRIES_CONF", self.registries_conf().into()),
             ("TMPDIR", self.temp_dir().into()),
             ("HOME", self.dir.join("home").into()),
+            ("XDG_RUNTIME_DIR", self.dir.join("runtime").into()),
             ("BUILDAH_ISOLATION", "rootless".into()),
             ("LC_ALL", "C".into()),
         ]
