@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use image_builder::proto::builder as pb;
-use image_builder_testkit::cluster::{self, POD_GATEWAY};
+use image_builder_testkit::cluster::{self, ClusterAccess, POD_GATEWAY};
 use image_builder_testkit::{
     self as testkit, GitHttpServer, GitRepo, LocalRegistry, Ownership, Service, UnpackedImage,
 };
@@ -271,11 +271,30 @@ async fn a_local_run_step_cannot_escape_read_secrets_devices_or_reach_the_servic
     attack.run(&service, head_build(&repo.uri())).await;
 }
 
+/// A fresh namespace `prefix-…` of the test cluster (Pod Security `baseline` enforced): the
+/// cluster, the namespace and the `executor` config of a service building there.
+async fn test_namespace(prefix: &'static str) -> (ClusterAccess, String, serde_json::Value) {
+    let cluster = tokio::task::spawn_blocking(cluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let access = cluster.clone();
+    let (namespace, executor) = tokio::task::spawn_blocking(move || {
+        let namespace = access.create_namespace(prefix)?;
+        let executor = access.executor_config(&namespace)?;
+        anyhow::Ok((namespace, executor))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    (cluster, namespace, executor)
+}
+
 /// The service building as Jobs in a namespace of its own in the test cluster (Pod Security
 /// `baseline` enforced), with a registry where builder pods reach it (the pod gateway) holding
 /// the busybox base.
 struct JobService {
-    cluster: cluster::ClusterAccess,
+    cluster: ClusterAccess,
     service: Service,
     base: String,
     _registry: LocalRegistry,
@@ -283,20 +302,7 @@ struct JobService {
 
 impl JobService {
     async fn start(name: &str) -> Self {
-        let cluster = tokio::task::spawn_blocking(cluster::shared)
-            .await
-            .unwrap()
-            .unwrap();
-        let executor = {
-            let cluster = cluster.clone();
-            tokio::task::spawn_blocking(move || {
-                let namespace = cluster.create_namespace("isolation")?;
-                cluster.executor_config(&namespace)
-            })
-            .await
-            .unwrap()
-            .unwrap()
-        };
+        let (cluster, _, executor) = test_namespace("isolation").await;
         let registry = LocalRegistry::start_for_pods(&[]).unwrap();
         let image = testkit::BaseImage::busybox(0).unwrap();
         let base = testkit::push_image(&image, registry.addr(), "base/busybox:1").unwrap();
@@ -494,21 +500,7 @@ async fn the_builds_namespace_admits_the_builder_pod_and_refuses_a_privileged_on
     use k8s_openapi::api::core::v1::Pod;
     use kube::api::{Api, PostParams};
 
-    let cluster = tokio::task::spawn_blocking(cluster::shared)
-        .await
-        .unwrap()
-        .unwrap();
-    let (namespace, executor) = {
-        let cluster = cluster.clone();
-        tokio::task::spawn_blocking(move || {
-            let namespace = cluster.create_namespace("admission")?;
-            let executor = cluster.executor_config(&namespace)?;
-            anyhow::Ok((namespace, executor))
-        })
-        .await
-        .unwrap()
-        .unwrap()
-    };
+    let (cluster, namespace, executor) = test_namespace("admission").await;
     let mut executor = executor;
     executor.as_object_mut().unwrap().remove("kind");
     let config: KubernetesConfig = serde_json::from_value(executor).unwrap();

@@ -185,9 +185,9 @@ impl Buildah {
                 "slirp4netns is not on PATH (package slirp4netns; scripts/setup.sh installs it): RUN steps need it for their network",
             ))
         })?;
+        let quoted = real.display().to_string().replace('\'', "'\\''");
         let script = format!(
-            "#!/bin/sh\n# Written by image-builder at start: RUN steps never reach the host's loopback.\nexec {} --disable-host-loopback --enable-sandbox --enable-seccomp \"$@\"\n",
-            real.display()
+            "#!/bin/sh\n# Written by image-builder at start: RUN steps never reach the host's loopback.\nexec '{quoted}' --disable-host-loopback --enable-sandbox --enable-seccomp \"$@\"\n"
         );
         std::fs::create_dir_all(&bin)
             .and_then(|()| std::fs::write(&helper, script))
