@@ -259,12 +259,18 @@ fn index_batch<K: AsRef<[u8]>>(entries: impl IntoIterator<Item = (K, bool)>) -> 
     batch
 }
 
+/// The most sled keeps of the store in memory (its page cache). sled's default, 1 GiB, let
+/// the service's memory grow with every log it journaled until that much: the journal is
+/// read mostly at its tail, and a cold read comes from the page cache of the kernel.
+pub const CACHE_BYTES: u64 = 16 << 20;
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(CACHE_BYTES)
             // sled's own background flush is not our durability: the write-ahead log is, and
             // checkpoints flush sled.
             .flush_every_ms(None)
