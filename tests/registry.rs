@@ -532,7 +532,22 @@ async fn a_shared_blob_copy_that_fails_leaves_the_others_to_try_their_own() {
         })
     };
     let failing = copy("s1/busybox:v0", "a");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The other copy starts once s1's copy asks for the shared layer (a fixed head start was
+    // not enough on a loaded machine: s2's copy could take the layer first).
+    let asked = format!("/v2/s1/busybox/blobs/{layer}");
+    let started = std::time::Instant::now();
+    while !proxy
+        .requests()
+        .iter()
+        .any(|r| r.contains(&asked) || r.contains(&format!("{hex}&from=s1")))
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "s1's copy never asked for the layer: {:?}",
+            proxy.requests()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let other = copy("s2/busybox:v1", "b");
     assert!(
         failing.await.unwrap().is_err(),
