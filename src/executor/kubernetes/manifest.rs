@@ -141,7 +141,7 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
     let builder = step(
         config,
         CONTAINER,
-        BUILD_SCRIPT,
+        &format!("{BUILDAH_STEP_PRELUDE}{BUILD_SCRIPT}"),
         &[
             ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
             ("IB_CONTEXT", source.context_path.as_str()),
@@ -170,7 +170,7 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
     let push = step(
         config,
         PUSH_CONTAINER,
-        PUSH_SCRIPT,
+        &format!("{BUILDAH_STEP_PRELUDE}{PUSH_SCRIPT}"),
         &[("IB_TAG", attempt.tag), ("IB_INSECURE", &insecure)],
         &[
             (PUSH_SECRET, SECRETS_DIR),
@@ -438,10 +438,7 @@ export LC_ALL=C
 cat /handoff/clone.log
 cloned=$(cat /handoff/clone.status 2>/dev/null || echo 1)
 [ "$cloned" = 0 ] || exit "$cloned"
-for host in $IB_INSECURE; do
-  mkdir -p /etc/containers/registries.conf.d
-  printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
-done
+trust_insecure_registries
 root=$(realpath /workspace/src)
 inside() {
   real=$(realpath -e "/workspace/src/$2" 2>/dev/null) || { echo "the $1 $2 does not exist in the repository" >&2; exit 2; }
@@ -459,15 +456,29 @@ elif [ -n "$IB_CACHE" ]; then
 else
   echo "building $IB_TAG with buildah"
 fi
-unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
-  --mount --propagation private -- \
-  buildah bud --isolation oci --network host "$@" --format docker \
+nested buildah bud --isolation oci --network host "$@" --format docker \
   --authfile /var/run/image-builder/auth.json -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
 echo 0 >/handoff/build.status
 until [ -e /handoff/push.status ]; do sleep 0.2; done
 cat /handoff/push.log
 exit "$(cat /handoff/push.status)"
+"#;
+
+/// What the build and push steps share, put before each one's script: `nested` runs a
+/// command as root of a user namespace nested in the pod's, mapped over all of the pod's
+/// 65536 ids before it starts (no privilege is gained across exec); `trust_insecure_registries`
+/// lets buildah speak plain HTTP to the hosts of `IB_INSECURE`.
+const BUILDAH_STEP_PRELUDE: &str = r#"nested() {
+  unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
+    --mount --propagation private -- "$@"
+}
+trust_insecure_registries() {
+  for host in $IB_INSECURE; do
+    mkdir -p /etc/containers/registries.conf.d
+    printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
+  done
+}
 "#;
 
 /// The push step (with the push credentials alone): waits for the build step, then pushes
@@ -478,17 +489,12 @@ until [ -e /handoff/build.status ]; do sleep 0.2; done
 [ "$(cat /handoff/build.status)" = 0 ] || exit 0
 exec >/handoff/push.log 2>&1
 export LC_ALL=C
-for host in $IB_INSECURE; do
-  mkdir -p /etc/containers/registries.conf.d
-  printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
-done
+trust_insecure_registries
 # Pushing the same content again is harmless; a registry answering "blob unknown" to a
 # manifest while another builder pushes the same layer to the same repository is not final.
 code=1
 for attempt in 1 2 3 4; do
-  if unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
-      --mount --propagation private -- \
-      buildah push --authfile /var/run/image-builder/auth.json "$IB_TAG" "docker://$IB_TAG"; then
+  if nested buildah push --authfile /var/run/image-builder/auth.json "$IB_TAG" "docker://$IB_TAG"; then
     code=0
     break
   fi
