@@ -54,18 +54,24 @@ fn attack_binary() -> PathBuf {
     binary.clone()
 }
 
-/// Seconds the attack program waits after its last line, for [`host_uid_map_of_attack`].
+/// Seconds the attack program waits after its last line, for [`AttackWatch`].
 const HOLD_SECONDS: u32 = 5;
 
 /// A repository whose Dockerfile copies the attack program in and runs it with `args`.
 fn attack_repo(base: &str, args: &[String]) -> GitRepo {
+    attack_repo_between(&format!("FROM {base}\n"), args, "")
+}
+
+/// A repository whose Dockerfile is `head`, then a step that copies the attack program in and
+/// one that runs it with `args` (holding [`HOLD_SECONDS`] at its end), then `tail`.
+fn attack_repo_between(head: &str, args: &[String], tail: &str) -> GitRepo {
     let mut all = vec!["--hold".to_owned(), HOLD_SECONDS.to_string()];
     all.extend_from_slice(args);
     let args = all;
     let repo = GitRepo::new(&[(
         "Dockerfile",
         &format!(
-            "FROM {base}\nCOPY attack /attack\nRUN [\"/attack\", {}]\n",
+            "{head}COPY attack /attack\nRUN [\"/attack\", {}]\n{tail}",
             args.iter()
                 .map(|a| format!("{a:?}"))
                 .collect::<Vec<_>>()
@@ -172,27 +178,54 @@ fn uid_map(text: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Watches this machine's processes for the attack program and returns its uid map as the
-/// host sees it (`/proc/<pid>/uid_map` read from the initial user namespace): where root of
-/// RUN really is.
-fn host_uid_map_of_attack(nonce: &str) -> Option<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while std::time::Instant::now() < deadline {
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let dir = entry.path();
-            let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
-                continue;
-            };
-            if cmdline.starts_with(b"/attack\0")
-                && String::from_utf8_lossy(&cmdline).contains(nonce)
-                && let Ok(map) = std::fs::read_to_string(dir.join("uid_map"))
-            {
-                return Some(map);
+/// Reads the uid map of process `pid` as the host sees it (`/proc/<pid>/uid_map` read from
+/// the initial user namespace): for the attack program, where root of RUN really is.
+fn host_uid_map(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default()
+}
+
+/// A watch, on a thread of its own, over this machine's processes for the attack program run
+/// with a nonce: once it runs, a function of its pid (on the host) is called while it holds.
+struct AttackWatch<T> {
+    given_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Option<T>>,
+}
+
+impl<T: Send + 'static> AttackWatch<T> {
+    fn start(nonce: &str, seen: impl FnOnce(u32) -> T + Send + 'static) -> Self {
+        let given_up = std::sync::Arc::<std::sync::atomic::AtomicBool>::default();
+        let (nonce, stop) = (nonce.to_owned(), std::sync::Arc::clone(&given_up));
+        let task = tokio::task::spawn_blocking(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                    let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                        continue;
+                    };
+                    let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                        continue;
+                    };
+                    if cmdline.starts_with(b"/attack\0")
+                        && String::from_utf8_lossy(&cmdline).contains(&nonce)
+                    {
+                        return Some(seen(pid));
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+            None
+        });
+        Self { given_up, task }
     }
-    None
+
+    /// What the watch saw, once the build's log `log` is known: `None` when the attack never
+    /// ran (its log has no `ATTACK holding`).
+    async fn finish(self, log: &str) -> Option<T> {
+        if !log.contains("ATTACK holding") {
+            self.given_up
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.task.await.unwrap()
+    }
 }
 
 /// Builds `request` (a repository from [`attack_repo`] with `nonce` among the attack's
@@ -203,15 +236,9 @@ async fn attack_build(
     request: pb::BuildRequest,
     nonce: &str,
 ) -> (pb::BuildResponse, String, String) {
-    let nonce = nonce.to_owned();
-    let watch = tokio::task::spawn_blocking(move || host_uid_map_of_attack(&nonce));
+    let watch = AttackWatch::start(nonce, host_uid_map);
     let (last, log) = build_and_log(service, request).await;
-    let map = if log.contains("ATTACK holding") {
-        watch.await.unwrap().unwrap_or_default()
-    } else {
-        watch.abort();
-        String::new()
-    };
+    let map = watch.finish(&log).await.unwrap_or_default();
     (last, log, map)
 }
 
@@ -295,28 +322,50 @@ async fn test_namespace(prefix: &'static str) -> (ClusterAccess, String, serde_j
 /// the busybox base.
 struct JobService {
     cluster: ClusterAccess,
+    namespace: String,
     service: Service,
     base: String,
-    _registry: LocalRegistry,
+    registry: LocalRegistry,
+    _secrets: tempfile::TempDir,
 }
 
 impl JobService {
+    /// With an open registry.
     async fn start(name: &str) -> Self {
-        let (cluster, _, executor) = test_namespace("isolation").await;
-        let registry = LocalRegistry::start_for_pods(&[]).unwrap();
+        Self::start_with_registry(name, false).await
+    }
+
+    /// With a registry that, when `private`, serves only `builder` with [`REGISTRY_PASSWORD`],
+    /// the installation's pull secret.
+    async fn start_with_registry(name: &str, private: bool) -> Self {
+        let users = [("builder", REGISTRY_PASSWORD)];
+        let registry = LocalRegistry::start_for_pods(if private { &users } else { &[] }).unwrap();
+        let (cluster, namespace, executor) = test_namespace("isolation").await;
         let image = testkit::BaseImage::busybox(0).unwrap();
-        let base = testkit::push_image(&image, registry.addr(), "base/busybox:1").unwrap();
+        let creds = private.then(|| format!("builder:{REGISTRY_PASSWORD}"));
+        let base =
+            testkit::push_image_as(&image, registry.addr(), "base/busybox:1", creds.as_deref())
+                .unwrap();
         let mut config = common::config(registry.addr(), name);
         config["executor"] = executor;
+        let secrets = tempfile::tempdir().unwrap();
+        if private {
+            config["pullSecretFile"] = pull_secret_file(secrets.path(), registry.addr())
+                .display()
+                .to_string()
+                .into();
+        }
         let kubeconfig = cluster.kubeconfig.display().to_string();
         let service =
             Service::start_with_env(binary(), config, &[("KUBECONFIG", kubeconfig.as_str())])
                 .unwrap();
         Self {
             cluster,
+            namespace,
             service,
             base,
-            _registry: registry,
+            registry,
+            _secrets: secrets,
         }
     }
 }
@@ -568,4 +617,193 @@ async fn the_builds_namespace_admits_the_builder_pod_and_refuses_a_privileged_on
         text.contains("violates PodSecurity \"baseline") && text.contains("privileged"),
         "{text}"
     );
+}
+
+/// The password of the private registry in the credential tests: no file, environment or
+/// command line may hold it, or its basic-auth token, while a RUN step runs.
+const REGISTRY_PASSWORD: &str = "isolation-registry-pw-3e9b";
+
+/// The credential of [`REGISTRY_PASSWORD`] as docker config files and basic auth carry it.
+fn registry_token() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("builder:{REGISTRY_PASSWORD}"))
+}
+
+/// A pull secret file (in `dir`) with the installation's credential for `host`.
+fn pull_secret_file(dir: &Path, host: &str) -> PathBuf {
+    let file = dir.join("config.json");
+    let auths = serde_json::json!({"auths": {host: {"auth": registry_token()}}});
+    std::fs::write(&file, auths.to_string()).unwrap();
+    file
+}
+
+/// Two base images in the private registry at `host`, and a Dockerfile of two stages on
+/// them that needs both: the first stage's base named through a global ARG, its RUN step the
+/// attack program (holding, with `nonce`), the second stage's base named only after that
+/// step, so that the step that runs the Dockerfile would need credentials to pull it.
+fn two_private_stages(host: &str, nonce: &str) -> (GitRepo, String) {
+    let creds = format!("builder:{REGISTRY_PASSWORD}");
+    let push = |size, name| {
+        let image = testkit::BaseImage::busybox(size).unwrap();
+        testkit::push_image_as(&image, host, name, Some(&creds)).unwrap()
+    };
+    let first = push(0, "private/first:1");
+    let second = push(1024, "private/second:1");
+    let head = format!("ARG FIRST={first}\nFROM $FIRST AS first\n");
+    let tail = format!("FROM {second}\nCOPY --from=first /attack /attack\n");
+    (
+        attack_repo_between(&head, &[nonce.to_owned()], &tail),
+        second,
+    )
+}
+
+/// Asserts that the build of [`two_private_stages`] pulled both private bases before its
+/// RUN step ran, and succeeded.
+fn pulled_every_base_with_credentials(last: &pb::BuildResponse, log: &str, second: &str) {
+    assert_eq!(status(last), pb::BuildStatus::DoneSuccess, "{log}");
+    assert!(log.contains("ATTACK holding"), "{log}");
+    assert!(
+        log.contains(&format!("pulling base image {second}")),
+        "the second stage's base was not pulled before the build:\n{log}"
+    );
+}
+
+/// Every process of this machine whose environment or command line holds one of
+/// `needles`, but this test's own.
+fn processes_holding(needles: &[String]) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        for file in ["environ", "cmdline"] {
+            let Ok(bytes) = std::fs::read(entry.path().join(file)) else {
+                continue;
+            };
+            if needles
+                .iter()
+                .any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+            {
+                found.push(format!("/proc/{name}/{file}"));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_a_local_run_step_runs_no_registry_credential_is_on_the_host() {
+    let registry = LocalRegistry::start_with_users(&[("builder", REGISTRY_PASSWORD)]).unwrap();
+    let host = registry.addr().to_owned();
+    let secrets = tempfile::tempdir().unwrap();
+    let mut config = common::config(&host, "isolation-no-credential");
+    config["pullSecretFile"] = pull_secret_file(secrets.path(), &host)
+        .display()
+        .to_string()
+        .into();
+    let service = Service::start(binary(), config).unwrap();
+    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
+    let (repo, second) = two_private_stages(&host, &nonce);
+    let needles = vec![REGISTRY_PASSWORD.to_owned(), registry_token()];
+    // Where a builder's credentials file could be (the shared memory, the service's data
+    // dir: buildah's storage and configuration are there), and every process's environment
+    // and arguments.
+    let roots = [PathBuf::from("/dev/shm"), service.data_dir()];
+    let checkout_nonce = nonce.clone();
+    let watch = AttackWatch::start(&nonce, move |_| {
+        // The same search finds the nonce in the checkout's Dockerfile.
+        let checkout = testkit::files_containing(&roots[1], checkout_nonce.as_bytes());
+        let mut found = processes_holding(&needles);
+        for root in &roots {
+            for needle in &needles {
+                found.extend(
+                    testkit::files_containing(root, needle.as_bytes())
+                        .into_iter()
+                        .map(|f| f.display().to_string()),
+                );
+            }
+        }
+        (found, checkout)
+    });
+    let (last, log) = build_and_log(&service, head_build(&repo.uri())).await;
+    let seen = watch.finish(&log).await;
+    pulled_every_base_with_credentials(&last, &log, &second);
+    let (found, checkout) = seen.expect("the RUN step was never seen running");
+    assert!(
+        checkout.iter().any(|f| f.ends_with("Dockerfile")),
+        "the search of the data dir found not even the Dockerfile: {checkout:?}"
+    );
+    assert!(
+        found.is_empty(),
+        "while RUN ran, these held the registry credential: {found:?}"
+    );
+    drop(secrets);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_a_run_step_runs_in_a_job_its_container_holds_no_registry_credential() {
+    let job = JobService::start_with_registry("isolation-k8s-no-credential", true).await;
+    let host = job.registry.addr().to_owned();
+    let nonce = format!("/nonexistent/{}", testkit::random_hex().unwrap());
+    let (repo, second) = two_private_stages(&host, &nonce);
+    let needles = [REGISTRY_PASSWORD.to_owned(), registry_token()];
+    // What a RUN step that left its container entirely would find in the builder's: every
+    // file (the Secret's mounts included, were there any) and every process's environment
+    // and arguments, read through `kubectl exec` while the step runs.
+    let watch = {
+        let (cluster, namespace) = (job.cluster.clone(), job.namespace.clone());
+        let patterns = format!("{}\n", needles.join("\n"));
+        let checkout_pattern = format!("{nonce}\n");
+        AttackWatch::start(&nonce, move |_| {
+            let pod = cluster
+                .kubectl(&["-n", &namespace, "get", "pods", "-o", "name"], "")
+                .unwrap();
+            let pod = pod.trim();
+            let exec = |script: &str, stdin: &str| {
+                cluster
+                    .kubectl(
+                        &[
+                            "-n", &namespace, "exec", "-i", pod, "-c", "builder", "--", "sh", "-c",
+                            script,
+                        ],
+                        stdin,
+                    )
+                    .unwrap()
+            };
+            let grep = "grep -rlsF -D skip -f - / --exclude-dir=proc --exclude-dir=sys; true";
+            let files = exec(grep, &patterns);
+            // The same search finds the nonce in the checkout's Dockerfile.
+            let checkout = exec(grep, &checkout_pattern);
+            let processes = exec(
+                "for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do echo \"$f\"; tr '\\0' ' ' <\"$f\"; echo; done",
+                "",
+            );
+            (pod.to_owned(), files, processes, checkout)
+        })
+    };
+    let git = GitHttpServer::start_for_pods(&repo, None).unwrap();
+    let (last, log) = build_and_log(&job.service, head_build(&git.uri())).await;
+    let seen = watch.finish(&log).await;
+    pulled_every_base_with_credentials(&last, &log, &second);
+    let (pod, files, processes, checkout) = seen.expect("the RUN step was never seen running");
+    assert!(
+        checkout.contains("/workspace/src/Dockerfile"),
+        "the search of the builder's files found not even the Dockerfile: {checkout}"
+    );
+    assert!(
+        files.trim().is_empty(),
+        "files of the builder container of {pod} hold the registry credential:\n{files}"
+    );
+    assert!(
+        processes.contains("/attack"),
+        "the builder's processes were not read:\n{processes}"
+    );
+    for needle in &needles {
+        assert!(
+            !processes.contains(needle.as_str()),
+            "a process of the builder container of {pod} holds the registry credential:\n{processes}"
+        );
+    }
 }

@@ -100,20 +100,20 @@ impl Credentials {
         }
     }
 
-    /// The credentials a builder needs for a request, by host, in the docker config format
-    /// (`{"auths": {host: {"auth": …}}}`): pulls as the request allows, and the installation's
-    /// credential for each of `push_hosts` (the base image's, a layer cache's), which wins
-    /// where both apply.
-    pub async fn builder_auth_file(
+    /// The credentials of the steps that pull for a request (a build's base images, its layer
+    /// cache), by host, in the docker config format (`{"auths": {host: {"auth": …}}}`): pulls
+    /// as the request allows, and the installation's credential for each of `own_hosts` (a
+    /// layer cache's), which wins where both apply. No step that runs a Dockerfile gets it.
+    pub async fn pull_auth_file(
         &self,
         request: &RequestAuth,
-        push_hosts: &[String],
+        own_hosts: &[String],
     ) -> serde_json::Value {
-        let push_hosts: Vec<String> = push_hosts.iter().map(|h| normalize_host(h)).collect();
+        let own_hosts: Vec<String> = own_hosts.iter().map(|h| normalize_host(h)).collect();
         let mut hosts: Vec<String> = request.additional.keys().cloned().collect();
         hosts.extend(request.allowed.iter().map(|h| normalize_host(h)));
         hosts.extend([self.base_host.clone(), self.workspace_host.clone()]);
-        hosts.extend(push_hosts.iter().cloned());
+        hosts.extend(own_hosts.iter().cloned());
         if let Some(c) = &self.installation {
             hosts.extend(c.hosts());
         }
@@ -121,12 +121,12 @@ impl Credentials {
         hosts.dedup();
         let mut auths = serde_json::Map::new();
         for host in hosts {
-            let pushed = if push_hosts.contains(&host) {
+            let own = if own_hosts.contains(&host) {
                 self.for_push(&host).await
             } else {
                 None
             };
-            let secret = match pushed {
+            let secret = match own {
                 Some(secret) => Some(secret),
                 None => self.for_pull(&host, request).await,
             };
@@ -137,33 +137,14 @@ impl Credentials {
         serde_json::json!({ "auths": auths })
     }
 
-    /// The credentials of a build step that runs a Dockerfile beside them: as
-    /// [`Self::builder_auth_file`] with the installation's credential for `cache_hosts`, and
-    /// none at all for `withheld` (the registry another step pushes the image to) unless it
-    /// is one of them.
-    pub async fn build_step_auth_file(
-        &self,
-        request: &RequestAuth,
-        cache_hosts: &[String],
-        withheld: &str,
-    ) -> serde_json::Value {
-        let mut file = self.builder_auth_file(request, cache_hosts).await;
-        let withheld = normalize_host(withheld);
-        if !cache_hosts.iter().any(|h| normalize_host(h) == withheld)
-            && let Some(auths) = file["auths"].as_object_mut()
-        {
-            auths.remove(&withheld);
-        }
-        file
-    }
-
-    /// The installation's credential for pushing to `host`, alone, in the docker config
-    /// format: what a push step gets.
-    pub async fn push_auth_file(&self, host: &str) -> serde_json::Value {
-        let host = normalize_host(host);
+    /// The installation's credentials for pushing to each of `hosts` (the base image's
+    /// registry, a layer cache's), alone, in the docker config format: what a push step gets.
+    pub async fn push_auth_file(&self, hosts: &[String]) -> serde_json::Value {
         let mut auths = serde_json::Map::new();
-        if let Some(token) = self.for_push(&host).await.and_then(|s| s.basic_token()) {
-            auths.insert(host, serde_json::json!({ "auth": token }));
+        for host in hosts.iter().map(|h| normalize_host(h)) {
+            if let Some(token) = self.for_push(&host).await.and_then(|s| s.basic_token()) {
+                auths.insert(host, serde_json::json!({ "auth": token }));
+            }
         }
         serde_json::json!({ "auths": auths })
     }

@@ -233,7 +233,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_build_step_never_gets_the_push_registrys_credential_unless_it_holds_the_cache() {
+    async fn pull_steps_get_pull_credentials_and_the_push_step_the_installations_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(
@@ -241,6 +241,7 @@ mod tests {
             serde_json::json!({"auths": {
                 "push.example": {"auth": b64("pusher:push-pw")},
                 "pull.example": {"auth": b64("puller:pull-pw")},
+                "cache.example": {"auth": b64("cacher:cache-pw")},
             }})
             .to_string(),
         )
@@ -250,20 +251,22 @@ mod tests {
             allow_all: true,
             ..Default::default()
         };
-        let hosts = |file: serde_json::Value| -> Vec<String> {
+        let hosts = |file: &serde_json::Value| -> Vec<String> {
             file["auths"].as_object().unwrap().keys().cloned().collect()
         };
-        let build = creds
-            .build_step_auth_file(&request, &[], "push.example")
+        let pull = creds
+            .pull_auth_file(&request, &["cache.example".into()])
             .await;
-        assert_eq!(hosts(build), ["pull.example"]);
-        // A layer cache on the push registry needs its credential in the build step.
-        let cached = creds
-            .build_step_auth_file(&request, &["push.example".into()], "push.example")
+        assert_eq!(
+            hosts(&pull),
+            ["cache.example", "pull.example", "push.example"]
+        );
+        let push = creds
+            .push_auth_file(&["push.example".into(), "cache.example".into()])
             .await;
-        assert_eq!(hosts(cached), ["pull.example", "push.example"]);
-        let push = creds.push_auth_file("push.example").await;
-        assert_eq!(hosts(push.clone()), ["push.example"]);
+        assert_eq!(hosts(&push), ["cache.example", "push.example"]);
         assert_eq!(push["auths"]["push.example"]["auth"], b64("pusher:push-pw"));
+        let push_alone = creds.push_auth_file(&["push.example".into()]).await;
+        assert_eq!(hosts(&push_alone), ["push.example"]);
     }
 }

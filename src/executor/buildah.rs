@@ -273,7 +273,36 @@ impl Buildah {
         ]
     }
 
-    /// Builds the context into the local image `tag`, logging buildah's output line by line.
+    /// Pulls the images the Dockerfile names ([`super::BASE_IMAGES_AWK`]) with the credentials
+    /// in `auth_file`, each afresh (`--policy always`: a moved tag is seen, layers already
+    /// held are not fetched again), logging buildah's output. One that cannot be pulled is
+    /// said in the log and left to [`Self::build`], which pulls what it lacks with no
+    /// credential and says why that fails, if it does.
+    pub async fn pull_base_images(
+        &self,
+        id: BuildId,
+        dockerfile: &Path,
+        auth_file: &Path,
+        log: &dyn StepLog,
+    ) -> Result<(), Error> {
+        for image in super::base_images(dockerfile).await {
+            log.line(format!("pulling base image {image}")).await;
+            let mut cmd = self.command();
+            cmd.env("REGISTRY_AUTH_FILE", auth_file);
+            cmd.args(["pull", "--policy", "always", &image]);
+            if let Err(Error::Failed { status, .. }) = self.run(cmd, "pull", id, log).await {
+                log.line(format!(
+                    "could not pull {image} ({status}); the build pulls what it lacks without credentials"
+                ))
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the context into the local image `tag`, logging buildah's output line by line,
+    /// with no credential at all: base images come from the storage ([`Self::pull_base_images`]
+    /// put them there), and only one missing from it is pulled, anonymously.
     /// Every step's result is kept in the storage; with [`LayerCacheUse::WriteOnly`] none is
     /// taken from it (`--no-cache`): every step runs again.
     pub async fn build(
@@ -282,15 +311,14 @@ impl Buildah {
         context: &BuildContext,
         tag: &str,
         cache: LayerCacheUse,
-        auth_file: &Path,
         log: &dyn StepLog,
     ) -> Result<(), Error> {
         let mut cmd = self.command();
-        cmd.env("REGISTRY_AUTH_FILE", auth_file);
         cmd.args([
             "bud",
             "--isolation",
             "rootless",
+            "--pull=false",
             "--layers",
             "--format",
             "docker",

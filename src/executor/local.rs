@@ -151,55 +151,66 @@ impl BuildBase for LocalExecutor {
             .checkouts
             .checkout(build.id, source, secrets.git.as_ref(), log)
             .await?;
-        let auth = self
-            .credentials
-            .builder_auth_file(
-                &secrets.registry,
-                &[crate::credentials::registry_host(&build.base_ref)],
-            )
-            .await;
         let namespace = self.cache.buildah().namespace();
-        let auth = self
-            .auth_files
-            .write(build.id, &auth, namespace)
-            .map_err(|e| {
-                StepError::new(
-                    StepErrorKind::Failed,
-                    format!("cannot write the builder's credentials file: {e}"),
-                )
-            })?;
+        // Each credentials file exists only while the step that needs it runs: the pulls
+        // before the Dockerfile runs, and the push after it. RUN steps run with none on disk.
+        let write_auth = |content: serde_json::Value| {
+            self.auth_files
+                .write(build.id, &content, namespace)
+                .map_err(|e| {
+                    StepError::new(
+                        StepErrorKind::Failed,
+                        format!("cannot write the builder's credentials file: {e}"),
+                    )
+                })
+        };
+        // The installation's own registry holds base images built before: its credential
+        // pulls from it whatever the request allows.
+        let own_hosts = [crate::credentials::registry_host(&build.base_ref)];
+        let pull_auth = write_auth(
+            self.credentials
+                .pull_auth_file(&secrets.registry, &own_hosts)
+                .await,
+        )?;
+        let push_auth = self.credentials.push_auth_file(&own_hosts).await;
         let built = {
             let _shared = self.cache.share().await;
             let buildah = self.cache.buildah();
             let cache = LayerCacheUse::of(build);
-            log.line(match cache {
-                LayerCacheUse::ReadWrite => format!(
-                    "building {} with buildah; steps found in its layer cache are not run again",
-                    build.base_ref
-                ),
-                LayerCacheUse::WriteOnly => format!(
-                    "building {} with buildah; force_rebuild is set: every step runs again (the layer cache is written, not read)",
-                    build.base_ref
-                ),
-            })
-            .await;
             async {
                 buildah
-                    .build(build.id, &context, &build.base_ref, cache, &auth.path, log)
+                    .pull_base_images(build.id, &context.dockerfile, &pull_auth.path, log)
                     .await?;
-                log.line(format!("pushing {}", build.base_ref)).await;
+                drop(pull_auth);
+                log.line(match cache {
+                    LayerCacheUse::ReadWrite => format!(
+                        "building {} with buildah; steps found in its layer cache are not run again",
+                        build.base_ref
+                    ),
+                    LayerCacheUse::WriteOnly => format!(
+                        "building {} with buildah; force_rebuild is set: every step runs again (the layer cache is written, not read)",
+                        build.base_ref
+                    ),
+                })
+                .await;
                 buildah
-                    .push(build.id, &build.base_ref, &auth.path, log)
-                    .await
+                    .build(build.id, &context, &build.base_ref, cache, log)
+                    .await?;
+                let push_auth = write_auth(push_auth)?;
+                log.line(format!("pushing {}", build.base_ref)).await;
+                Ok::<_, StepError>(
+                    buildah
+                        .push(build.id, &build.base_ref, &push_auth.path, log)
+                        .await?,
+                )
             }
             .await
         };
-        drop(auth);
         self.checkouts.remove(build.id).await;
         // In the background: a trim waits for the other builds using the storage to end.
         let cache = Arc::clone(&self.cache);
         tokio::spawn(async move { cache.trim().await });
-        Ok(built?)
+        built
     }
 
     /// Nothing local survives a restart in a usable state: the builder is stopped and the

@@ -4,12 +4,17 @@
 //! data only: never in the pod spec, its environment or its arguments.
 //!
 //! The Dockerfile is hostile. The pod runs in a user namespace of its own, unprivileged, and
-//! splits the attempt into steps that share no credential: an init container `clone` gets
-//! the git credentials; the `builder` container, where RUN steps run, gets the registry
-//! credentials for pulls and the layer cache only; the `push` container gets the credential
-//! for the base image's registry. The steps hand over through emptyDir volumes that RUN
-//! never sees (it runs in the image's root, pivot_root'ed), and the builder's log carries the
-//! clone's and the push's output, so the build's log is one stream.
+//! splits the attempt into four steps; the one that runs the Dockerfile holds no credential:
+//! - init container `clone`: the git credentials; clones the context;
+//! - init container `fetch`: the pull credentials (base images, layer cache); pulls the
+//!   images the Dockerfile names and the steps the layer cache holds, running nothing of it;
+//! - `builder`: no credential at all; builds, RUN steps included;
+//! - `push`: the installation's credentials for the base image's registry and the layer
+//!   cache; writes the cache and pushes the image, running nothing of the Dockerfile.
+//!
+//! The steps hand over through emptyDir volumes that RUN never sees (it runs in the image's
+//! root, pivot_root'ed), and the builder's log carries the other steps' output, so the
+//! build's log is one stream.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +29,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::config::KubernetesConfig;
-use crate::executor::LayerCacheUse;
+use crate::executor::{BASE_IMAGES_AWK, LayerCacheUse};
 
 /// Marks every object this service makes.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "image-builder");
@@ -35,26 +40,30 @@ pub const INSTALLATION_LABEL: &str = "image-builder.gitpod.io/installation";
 pub const BUILD_LABEL: &str = "image-builder.gitpod.io/build-id";
 /// Names the attempt.
 pub const ATTEMPT_LABEL: &str = "image-builder.gitpod.io/attempt";
-/// The builder's container: it runs the Dockerfile, and its log is the build's (the clone's
-/// and the push's output are replayed into it).
+/// The builder's container: it runs the Dockerfile, with no credential, and its log is the
+/// build's (the other steps' output is replayed into it).
 pub const CONTAINER: &str = "builder";
 /// The init container that clones the build context, with the git credentials alone.
 pub const CLONE_CONTAINER: &str = "clone";
-/// The container that pushes the built image, with the push credentials alone.
+/// The init container that pulls base images and cached steps, with the pull credentials
+/// alone.
+pub const FETCH_CONTAINER: &str = "fetch";
+/// The container that writes the layer cache and pushes the built image, with the
+/// installation's credentials for those two registries alone.
 pub const PUSH_CONTAINER: &str = "push";
 /// Where each container finds its own credentials file.
 const SECRETS_DIR: &str = "/var/run/image-builder";
-/// The Secret's keys: the git credentials (clone), the build step's registry credentials
-/// (pulls and the layer cache) and the push step's.
+/// The Secret's keys: the git credentials (clone), the registry credentials of the fetch
+/// step (pulls) and of the push step.
 const GIT_KEY: &str = "git-basic";
-const BUILD_AUTH_KEY: &str = "build-auth.json";
+const FETCH_AUTH_KEY: &str = "fetch-auth.json";
 const PUSH_AUTH_KEY: &str = "push-auth.json";
 /// The name a registry credentials file has in the container that gets it.
 const AUTH_FILE: &str = "auth.json";
 /// The pod's volumes: one per credentials file, the checkout, buildah's storage (shared by
-/// the build and push steps), and the hand-off between steps (their output and status).
+/// the fetch, build and push steps), and the hand-off between steps (output and status).
 const GIT_SECRET: &str = "git-secret";
-const BUILD_SECRET: &str = "build-secret";
+const FETCH_SECRET: &str = "fetch-secret";
 const PUSH_SECRET: &str = "push-secret";
 const WORKSPACE: &str = "workspace";
 const STORAGE: &str = "storage";
@@ -122,6 +131,16 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         CloneTargetMode::RemoteBranch | CloneTargetMode::LocalBranch => "branch",
     };
     let insecure = attempt.insecure_registries.join(" ");
+    let cache = config.layer_cache_repository.as_deref().unwrap_or_default();
+    let force = match attempt.cache {
+        LayerCacheUse::ReadWrite => "",
+        LayerCacheUse::WriteOnly => "1",
+    };
+    let paths = [
+        ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
+        ("IB_CONTEXT", source.context_path.as_str()),
+    ];
+    let registries = [("IB_INSECURE", insecure.as_str()), ("IB_CACHE", cache)];
     let clone = step(
         config,
         CLONE_CONTAINER,
@@ -138,46 +157,65 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         ],
         clone_security(),
     );
-    let builder = step(
-        config,
-        CONTAINER,
-        &format!("{BUILDAH_STEP_PRELUDE}{BUILD_SCRIPT}"),
-        &[
-            ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
-            ("IB_CONTEXT", source.context_path.as_str()),
-            ("IB_TAG", attempt.tag),
-            ("IB_INSECURE", &insecure),
-            (
-                "IB_CACHE",
-                config.layer_cache_repository.as_deref().unwrap_or_default(),
-            ),
-            (
-                "IB_FORCE",
-                match attempt.cache {
-                    LayerCacheUse::ReadWrite => "",
-                    LayerCacheUse::WriteOnly => "1",
-                },
-            ),
-        ],
-        &[
-            (BUILD_SECRET, SECRETS_DIR),
+    let buildah_step = |name: &str, script: &str, env: &[(&str, &str)], secret: Option<&str>| {
+        let mut mounts = vec![
             (WORKSPACE, "/workspace"),
             (STORAGE, STORAGE_DIR),
             (HANDOFF, HANDOFF_DIR),
-        ],
-        builder_security(),
-    );
-    let push = step(
-        config,
-        PUSH_CONTAINER,
-        &format!("{BUILDAH_STEP_PRELUDE}{PUSH_SCRIPT}"),
-        &[("IB_TAG", attempt.tag), ("IB_INSECURE", &insecure)],
+        ];
+        mounts.extend(secret.map(|volume| (volume, SECRETS_DIR)));
+        let mut container = step(
+            config,
+            name,
+            &format!("{}{script}", buildah_step_prelude()),
+            env,
+            &mounts,
+            builder_security(),
+        );
+        // The checkout is the clone's: every later step only reads it.
+        for mount in container.volume_mounts.iter_mut().flatten() {
+            if mount.name == WORKSPACE {
+                mount.read_only = Some(true);
+            }
+        }
+        container
+    };
+    let fetch = buildah_step(
+        FETCH_CONTAINER,
+        FETCH_SCRIPT,
         &[
-            (PUSH_SECRET, SECRETS_DIR),
-            (STORAGE, STORAGE_DIR),
-            (HANDOFF, HANDOFF_DIR),
+            paths[0],
+            paths[1],
+            registries[0],
+            registries[1],
+            ("IB_FORCE", force),
         ],
-        builder_security(),
+        Some(FETCH_SECRET),
+    );
+    let builder = buildah_step(
+        CONTAINER,
+        BUILD_SCRIPT,
+        &[
+            paths[0],
+            paths[1],
+            registries[0],
+            registries[1],
+            ("IB_FORCE", force),
+            ("IB_TAG", attempt.tag),
+        ],
+        None,
+    );
+    let push = buildah_step(
+        PUSH_CONTAINER,
+        PUSH_SCRIPT,
+        &[
+            paths[0],
+            paths[1],
+            registries[0],
+            registries[1],
+            ("IB_TAG", attempt.tag),
+        ],
+        Some(PUSH_SECRET),
     );
     let secret_volume = |volume: &str, key: &str, path: &str| Volume {
         name: volume.into(),
@@ -218,11 +256,11 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         }),
         node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
         tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
-        init_containers: Some(vec![clone]),
+        init_containers: Some(vec![clone, fetch]),
         containers: vec![builder, push],
         volumes: Some(vec![
             secret_volume(GIT_SECRET, GIT_KEY, GIT_KEY),
-            secret_volume(BUILD_SECRET, BUILD_AUTH_KEY, AUTH_FILE),
+            secret_volume(FETCH_SECRET, FETCH_AUTH_KEY, AUTH_FILE),
             secret_volume(PUSH_SECRET, PUSH_AUTH_KEY, AUTH_FILE),
             empty_dir(WORKSPACE),
             empty_dir(STORAGE),
@@ -341,12 +379,13 @@ fn builder_security() -> SecurityContext {
     }
 }
 
-/// The Secret of an attempt, owned by its Job (garbage collection removes both): the build
+/// The Secret of an attempt, owned by its Job (garbage collection removes both): the fetch
 /// step's registry credentials file, the push step's and, when the request had them, the git
-/// credentials as a basic-auth token. Each container mounts its own key only.
+/// credentials as a basic-auth token. Each container mounts its own key only; the builder
+/// none.
 pub fn secret(
     job: &Job,
-    build_auth: &serde_json::Value,
+    fetch_auth: &serde_json::Value,
     push_auth: &serde_json::Value,
     git_basic: Option<String>,
 ) -> Secret {
@@ -361,8 +400,8 @@ pub fn secret(
     };
     let mut data = BTreeMap::from([
         (
-            BUILD_AUTH_KEY.to_owned(),
-            ByteString(build_auth.to_string().into_bytes()),
+            FETCH_AUTH_KEY.to_owned(),
+            ByteString(fetch_auth.to_string().into_bytes()),
         ),
         (
             PUSH_AUTH_KEY.to_owned(),
@@ -420,17 +459,46 @@ echo "$?" >/handoff/clone.status
 exit 0
 "#;
 
-/// The build step (the builder container, with the build credentials alone: pulls and the
-/// layer cache): puts the clone's output in the log, checks that the Dockerfile and context
-/// stay inside the checkout, builds with buildah, hands the image to the push step through
-/// buildah's storage, and puts the push's output and status in the log. buildah runs as root
-/// of a user namespace nested in the pod's (mapped before it starts: no privilege is gained
-/// across exec), holding the capabilities it needs over the pod's ids only; RUN steps are runc
-/// containers there (pivot_root into the image; pid, mount, ipc and uts namespaces of their
-/// own) on the pod's network. With a layer cache repository, every step's result is pushed
-/// there and looked up there first (`--layers --cache-to/--cache-from`), so a pod reuses what
-/// any other pod built; a forced rebuild (`IB_FORCE`) only pushes there (`--cache-to`): its pod
-/// starts with empty storage, so every step runs.
+/// The fetch step (an init container, with the pull credentials alone): pulls the images the
+/// Dockerfile names ([`BASE_IMAGES_AWK`]) and, unless the build is forced, the steps the layer
+/// cache holds, up to the first step that must run: buildah builds with `/bin/false` for its
+/// runtime, so nothing of the Dockerfile runs here, and stops there. Everything it pulls goes
+/// to the shared storage, where the builder finds it. Its output goes to the hand-off for the
+/// builder to put in the log; it always exits 0 (a pull that failed is tried again, without
+/// credentials, by the builder, which then says why it failed).
+const FETCH_SCRIPT: &str = r#"set -u
+exec >/handoff/fetch.log 2>&1
+export LC_ALL=C
+# A failed clone or paths that leave the checkout: nothing to fetch; the builder says why.
+[ "$(cat /handoff/clone.status 2>/dev/null)" = 0 ] || exit 0
+dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}" 2>/dev/null) || exit 0
+context=$(inside context "${IB_CONTEXT:-.}" 2>/dev/null) || exit 0
+trust_insecure_registries
+export REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
+base_images "$dockerfile" | while IFS= read -r image; do
+  echo "pulling base image $image"
+  nested buildah pull --policy always "$image" >/dev/null ||
+    echo "could not pull $image; the build pulls what it lacks without credentials"
+done
+if [ -n "$IB_CACHE" ] && [ -z "$IB_FORCE" ]; then
+  nested buildah bud $RUN_NOTHING --pull=false --layers --cache-from "$IB_CACHE" \
+    --format docker -f "$dockerfile" "$context" >/handoff/prime.log 2>&1
+  echo "took $(grep -c 'Cache pulled from remote' /handoff/prime.log) steps from the layer cache $IB_CACHE"
+fi
+exit 0
+"#;
+
+/// The build step (the builder container, with no credential at all): puts the clone's and
+/// the fetch's output in the log, checks that the Dockerfile and context stay inside the
+/// checkout, builds with buildah, hands the image to the push step through buildah's storage,
+/// and puts the push's output and status in the log. buildah runs as root of a user namespace
+/// nested in the pod's (mapped before it starts: no privilege is gained across exec), holding
+/// the capabilities it needs over the pod's ids only; RUN steps are runc containers there
+/// (pivot_root into the image; pid, mount, ipc and uts namespaces of their own) on the pod's
+/// network. Base images and cached steps are in the storage already (the fetch step put them
+/// there); one missing is pulled without credentials. With a layer cache, every step's result
+/// is kept (`--layers`) for the push step to write to the cache; a forced rebuild (`IB_FORCE`)
+/// found nothing of the cache in the storage (the fetch step took none), so every step runs.
 const BUILD_SCRIPT: &str = r#"set -eu
 # Whatever ends this script, the push step learns how (it waits for this file).
 trap 'code=$?; [ -e /handoff/build.status ] || echo "$code" >/handoff/build.status' EXIT
@@ -438,26 +506,22 @@ export LC_ALL=C
 cat /handoff/clone.log
 cloned=$(cat /handoff/clone.status 2>/dev/null || echo 1)
 [ "$cloned" = 0 ] || exit "$cloned"
+cat /handoff/fetch.log 2>/dev/null || true
 trust_insecure_registries
-root=$(realpath /workspace/src)
-inside() {
-  real=$(realpath -e "/workspace/src/$2" 2>/dev/null) || { echo "the $1 $2 does not exist in the repository" >&2; exit 2; }
-  case "$real/" in "$root"/*) echo "$real" ;; *) echo "the $1 $2 leaves the repository" >&2; exit 2 ;; esac
-}
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
 context=$(inside context "${IB_CONTEXT:-.}")
 set -- --layers=false
 if [ -n "$IB_CACHE" ] && [ -n "$IB_FORCE" ]; then
-  set -- --layers --cache-to "$IB_CACHE"
+  set -- --layers
   echo "building $IB_TAG with buildah; force_rebuild is set: every step runs again (the layer cache $IB_CACHE is written, not read)"
 elif [ -n "$IB_CACHE" ]; then
-  set -- --layers --cache-from "$IB_CACHE" --cache-to "$IB_CACHE"
+  set -- --layers
   echo "building $IB_TAG with buildah; steps found in the layer cache $IB_CACHE are not run again"
 else
   echo "building $IB_TAG with buildah"
 fi
-nested buildah bud --isolation oci --network host "$@" --format docker \
-  --authfile /var/run/image-builder/auth.json -f "$dockerfile" -t "$IB_TAG" "$context"
+nested buildah bud --isolation oci --network host --pull=false "$@" --format docker \
+  -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
 echo 0 >/handoff/build.status
 until [ -e /handoff/push.status ]; do sleep 0.2; done
@@ -465,36 +529,67 @@ cat /handoff/push.log
 exit "$(cat /handoff/push.status)"
 "#;
 
-/// What the build and push steps share, put before each one's script: `nested` runs a
+/// What the fetch, build and push steps share, put before each one's script: `nested` runs a
 /// command as root of a user namespace nested in the pod's, mapped over all of the pod's
 /// 65536 ids before it starts (no privilege is gained across exec); `trust_insecure_registries`
-/// lets buildah speak plain HTTP to the hosts of `IB_INSECURE`.
-const BUILDAH_STEP_PRELUDE: &str = r#"nested() {
+/// lets buildah speak plain HTTP to the hosts of `IB_INSECURE`; `inside WHAT PATH` prints
+/// PATH resolved in the checkout, or fails saying it leaves it; `base_images DOCKERFILE`
+/// lists the images it names; `RUN_NOTHING` makes `buildah bud` stop at the first step it
+/// would have to run (its runtime is `/bin/false`), for the steps that hold credentials.
+fn buildah_step_prelude() -> String {
+    format!(
+        r#"nested() {{
   unshare --map-users=0,0,65536 --map-groups=0,0,65536 --setuid 0 --setgid 0 \
     --mount --propagation private -- "$@"
-}
-trust_insecure_registries() {
+}}
+trust_insecure_registries() {{
   for host in $IB_INSECURE; do
     mkdir -p /etc/containers/registries.conf.d
     printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$host" >> /etc/containers/registries.conf.d/image-builder.conf
   done
+}}
+inside() {{
+  root=$(realpath /workspace/src)
+  real=$(realpath -e "/workspace/src/$2" 2>/dev/null) || {{ echo "the $1 $2 does not exist in the repository" >&2; exit 2; }}
+  case "$real/" in "$root"/*) echo "$real" ;; *) echo "the $1 $2 leaves the repository" >&2; exit 2 ;; esac
+}}
+base_images() {{
+  awk '{BASE_IMAGES_AWK}' "$1"
+}}
+RUN_NOTHING="--isolation oci --runtime /bin/false --network host"
+"#
+    )
 }
-"#;
 
-/// The push step (with the push credentials alone): waits for the build step, then pushes
-/// the image from the shared storage, as root of its own nested user namespace (the layers'
-/// files belong to the pod's ids). Its output and status go to the hand-off.
+/// The push step (with the installation's credentials for the base image's registry and the
+/// layer cache alone): waits for the build step, writes every step of the build to the layer
+/// cache (buildah builds once more with `/bin/false` for its runtime: every step is found in
+/// the shared storage, none runs, each is pushed to the cache), then pushes the image from
+/// the shared storage, as root of its own nested user namespace (the layers' files belong to
+/// the pod's ids). Its output and status go to the hand-off.
 const PUSH_SCRIPT: &str = r#"set -u
 until [ -e /handoff/build.status ]; do sleep 0.2; done
 [ "$(cat /handoff/build.status)" = 0 ] || exit 0
 exec >/handoff/push.log 2>&1
 export LC_ALL=C
 trust_insecure_registries
+export REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
+if [ -n "$IB_CACHE" ]; then
+  if dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}") &&
+     context=$(inside context "${IB_CONTEXT:-.}") &&
+     nested buildah bud $RUN_NOTHING --pull=false --layers --cache-to "$IB_CACHE" \
+       --format docker -f "$dockerfile" "$context" >/handoff/cache.log 2>&1; then
+    echo "wrote $(grep -c 'Pushing cache' /handoff/cache.log) steps to the layer cache $IB_CACHE"
+  else
+    echo "the layer cache $IB_CACHE was not written (later builds run these steps again):"
+    tail -n 3 /handoff/cache.log
+  fi
+fi
 # Pushing the same content again is harmless; a registry answering "blob unknown" to a
 # manifest while another builder pushes the same layer to the same repository is not final.
 code=1
 for attempt in 1 2 3 4; do
-  if nested buildah push --authfile /var/run/image-builder/auth.json "$IB_TAG" "docker://$IB_TAG"; then
+  if nested buildah push "$IB_TAG" "docker://$IB_TAG"; then
     code=0
     break
   fi
@@ -597,10 +692,30 @@ mod tests {
         let init = pod.init_containers.clone().unwrap();
         assert_eq!(init[0].name, CLONE_CONTAINER);
         assert_eq!(keys_of(&init[0]), ["git-basic"]);
+        assert_eq!(init[1].name, FETCH_CONTAINER);
+        assert_eq!(keys_of(&init[1]), ["fetch-auth.json"]);
+        // The step that runs the Dockerfile holds no credential, and no file of the Secret.
         assert_eq!(pod.containers[0].name, CONTAINER);
-        assert_eq!(keys_of(&pod.containers[0]), ["build-auth.json"]);
+        assert!(keys_of(&pod.containers[0]).is_empty());
+        assert!(
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| m.mount_path != SECRETS_DIR)
+        );
         assert_eq!(pod.containers[1].name, PUSH_CONTAINER);
         assert_eq!(keys_of(&pod.containers[1]), ["push-auth.json"]);
+        // Only the clone writes the checkout.
+        for container in [&init[1], &pod.containers[0], &pod.containers[1]] {
+            let workspace = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == WORKSPACE)
+                .unwrap();
+            assert_eq!(workspace.read_only, Some(true), "{}", container.name);
+        }
         // The clone runs git with no capability at all.
         let clone = init[0].security_context.clone().unwrap();
         assert_eq!(clone.capabilities.unwrap().add, None);
@@ -623,14 +738,15 @@ mod tests {
         let data = secret.data.unwrap();
         assert_eq!(
             data.keys().collect::<Vec<_>>(),
-            ["build-auth.json", "git-basic", "push-auth.json"]
+            ["fetch-auth.json", "git-basic", "push-auth.json"]
         );
     }
 
     #[test]
-    fn a_forced_rebuild_asks_the_builder_to_take_nothing_from_the_layer_cache() {
+    fn a_forced_rebuild_takes_nothing_from_the_layer_cache_and_the_credentialed_steps_run_nothing()
+    {
         let source = source();
-        let env_of = |cache| {
+        let pod_of = |cache| {
             let attempt = Attempt {
                 id: BuildId::new(),
                 attempt: 1,
@@ -639,9 +755,15 @@ mod tests {
                 insecure_registries: &[],
                 cache,
             };
-            let job = job(&config(), "inst", &attempt);
-            let pod = job.spec.unwrap().template.spec.unwrap();
-            pod.containers[0]
+            job(&config(), "inst", &attempt)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+        };
+        let force_of = |container: &Container| {
+            container
                 .env
                 .clone()
                 .unwrap()
@@ -649,18 +771,30 @@ mod tests {
                 .find(|v| v.name == "IB_FORCE")
                 .and_then(|v| v.value)
         };
-        assert_eq!(env_of(LayerCacheUse::WriteOnly).as_deref(), Some("1"));
-        assert_eq!(env_of(LayerCacheUse::ReadWrite).as_deref(), Some(""));
-        // The script reads the cache only when the build is not forced.
-        let forced = BUILD_SCRIPT
-            .split("if [ -n \"$IB_CACHE\" ] && [ -n \"$IB_FORCE\" ]; then")
+        let forced = pod_of(LayerCacheUse::WriteOnly);
+        let unforced = pod_of(LayerCacheUse::ReadWrite);
+        let fetch = |pod: &PodSpec| pod.init_containers.clone().unwrap()[1].clone();
+        assert_eq!(force_of(&fetch(&forced)).as_deref(), Some("1"));
+        assert_eq!(force_of(&fetch(&unforced)).as_deref(), Some(""));
+        // The cache is read by the fetch step alone, and not when the build is forced; the
+        // builder never names it to buildah; the push step writes it.
+        let reads = FETCH_SCRIPT
+            .split("if [ -n \"$IB_CACHE\" ] && [ -z \"$IB_FORCE\" ]; then")
             .nth(1)
-            .and_then(|rest| rest.split("elif").next())
             .unwrap();
+        assert!(reads.contains("--cache-from"), "{FETCH_SCRIPT}");
+        assert!(!BUILD_SCRIPT.contains("--cache-"), "{BUILD_SCRIPT}");
+        assert!(PUSH_SCRIPT.contains("--cache-to"), "{PUSH_SCRIPT}");
+        // Every buildah bud in a step with credentials runs nothing of the Dockerfile.
+        for script in [FETCH_SCRIPT, PUSH_SCRIPT] {
+            for bud in script.split("buildah bud").skip(1) {
+                assert!(bud.starts_with(" $RUN_NOTHING "), "{bud}");
+            }
+        }
         assert!(
-            forced.contains("--cache-to") && !forced.contains("--cache-from"),
-            "{forced}"
+            buildah_step_prelude().contains("RUN_NOTHING=\"--isolation oci --runtime /bin/false")
         );
+        assert!(!BUILD_SCRIPT.contains("auth"), "{BUILD_SCRIPT}");
     }
 
     #[test]
