@@ -729,7 +729,6 @@ async fn while_a_local_run_step_runs_no_registry_credential_is_on_the_host() {
     });
     let (last, log) = build_and_log(&service, head_build(&repo.uri())).await;
     let seen = watch.finish(&log).await;
-    pulled_every_base_with_credentials(&last, &log, &second);
     let (found, checkout) = seen.expect("the RUN step was never seen running");
     assert!(
         checkout.iter().any(|f| f.ends_with("Dockerfile")),
@@ -739,6 +738,7 @@ async fn while_a_local_run_step_runs_no_registry_credential_is_on_the_host() {
         found.is_empty(),
         "while RUN ran, these held the registry credential: {found:?}"
     );
+    pulled_every_base_with_credentials(&last, &log, &second);
     drop(secrets);
 }
 
@@ -786,7 +786,6 @@ async fn while_a_run_step_runs_in_a_job_its_container_holds_no_registry_credenti
     let git = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let (last, log) = build_and_log(&job.service, head_build(&git.uri())).await;
     let seen = watch.finish(&log).await;
-    pulled_every_base_with_credentials(&last, &log, &second);
     let (pod, files, processes, checkout) = seen.expect("the RUN step was never seen running");
     assert!(
         checkout.contains("/workspace/src/Dockerfile"),
@@ -806,4 +805,5 @@ async fn while_a_run_step_runs_in_a_job_its_container_holds_no_registry_credenti
             "a process of the builder container of {pod} holds the registry credential:\n{processes}"
         );
     }
+    pulled_every_base_with_credentials(&last, &log, &second);
 }

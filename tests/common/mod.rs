@@ -226,9 +226,10 @@ pub fn processes_with(needle: &str) -> Vec<u32> {
     pids
 }
 
-/// Waits until the service's own log has a line with `needle` (a failpoint reached, say).
+/// Waits (up to two minutes: a builder Job on a busy machine) until the service's own log has a
+/// line with `needle` (a failpoint reached, say).
 pub async fn wait_for_service_log(service: &Service, needle: &str) {
-    for _ in 0..600 {
+    for _ in 0..2400 {
         if service.log().contains(needle) {
             return;
         }
