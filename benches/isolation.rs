@@ -8,7 +8,8 @@
 //!
 //!
 //! Then the same two builds as Jobs on the test cluster, three ways again:
-//! - through the service (a pod in a user namespace of its own: clone, build, push steps);
+//! - through the service (a pod in a user namespace of its own: clone, builder and registry
+//!   steps);
 //! - that pod by hand: the same pod spec and Secret, made directly, timed from its creation to
 //!   its end (no service: no Job, no log following, no journal);
 //! - a privileged pod without a user namespace running `git clone`, `buildah bud --isolation

@@ -15,7 +15,7 @@ use kube::Api;
 use kube::api::LogParams;
 use kube::runtime::{WatchStreamExt, watcher};
 
-use super::manifest::{CONTAINER, PUSH_CONTAINER};
+use super::manifest::{CONTAINER, REGISTRY_CONTAINER};
 use crate::steps::{StepError, StepErrorKind, StepLog, Tail};
 
 /// How long one read of the builder's output may take.
@@ -279,17 +279,20 @@ fn state_of<'a>(
         .as_ref()
 }
 
-/// The first step of the pod (the builder, then the push) that exited with an error, and how.
+/// The first step of the pod (the builder, then the registry step) that exited with an error,
+/// and how.
 /// Either failing fails the attempt at once: the other may wait for it until the Job's
 /// deadline (a step killed by the kernel cannot say it ended).
 fn failed_step(pod: &Pod) -> Option<(&'static str, &ContainerStateTerminated)> {
-    [CONTAINER, PUSH_CONTAINER].into_iter().find_map(|name| {
-        state_of(pod, name)?
-            .terminated
-            .as_ref()
-            .filter(|t| t.exit_code != 0)
-            .map(|t| (name, t))
-    })
+    [CONTAINER, REGISTRY_CONTAINER]
+        .into_iter()
+        .find_map(|name| {
+            state_of(pod, name)?
+                .terminated
+                .as_ref()
+                .filter(|t| t.exit_code != 0)
+                .map(|t| (name, t))
+        })
 }
 
 fn container_started(pod: &Pod) -> bool {

@@ -4,13 +4,13 @@
 //! data only: never in the pod spec, its environment or its arguments.
 //!
 //! The Dockerfile is hostile. The pod runs in a user namespace of its own, unprivileged, and
-//! splits the attempt into four steps; the one that runs the Dockerfile holds no credential:
+//! splits the attempt into three steps; the one that runs the Dockerfile holds no credential:
 //! - init container `clone`: the git credentials; clones the context;
-//! - init container `fetch`: the pull credentials (base images, layer cache); pulls the
-//!   images the Dockerfile names and the steps the layer cache holds, running nothing of it;
 //! - `builder`: no credential at all; builds, RUN steps included;
-//! - `push`: the installation's credentials for the base image's registry and the layer
-//!   cache; writes the cache and pushes the image, running nothing of the Dockerfile.
+//! - `registry`, beside it: the registry credentials (pulls, the layer cache, the push);
+//!   first pulls the images the Dockerfile names and the steps the layer cache holds, then
+//!   waits for the build, writes the cache and pushes the image; it runs nothing of the
+//!   Dockerfile (its `buildah bud` has `/bin/false` for a runtime).
 //!
 //! The steps hand over through emptyDir volumes that RUN never sees (it runs in the image's
 //! root, pivot_root'ed), and the builder's log carries the other steps' output, so the
@@ -45,26 +45,20 @@ pub const ATTEMPT_LABEL: &str = "image-builder.gitpod.io/attempt";
 pub const CONTAINER: &str = "builder";
 /// The init container that clones the build context, with the git credentials alone.
 pub const CLONE_CONTAINER: &str = "clone";
-/// The init container that pulls base images and cached steps, with the pull credentials
-/// alone.
-pub const FETCH_CONTAINER: &str = "fetch";
-/// The container that writes the layer cache and pushes the built image, with the
-/// installation's credentials for those two registries alone.
-pub const PUSH_CONTAINER: &str = "push";
+/// The container that speaks to registries, with their credentials alone: pulls what the
+/// build needs before it, writes the layer cache and pushes the image after it.
+pub const REGISTRY_CONTAINER: &str = "registry";
 /// Where each container finds its own credentials file.
 const SECRETS_DIR: &str = "/var/run/image-builder";
-/// The Secret's keys: the git credentials (clone), the registry credentials of the fetch
-/// step (pulls) and of the push step.
+/// The Secret's keys: the git credentials (clone) and the registry credentials (registry).
 const GIT_KEY: &str = "git-basic";
-const FETCH_AUTH_KEY: &str = "fetch-auth.json";
-const PUSH_AUTH_KEY: &str = "push-auth.json";
+const REGISTRY_AUTH_KEY: &str = "registry-auth.json";
 /// The name a registry credentials file has in the container that gets it.
 const AUTH_FILE: &str = "auth.json";
 /// The pod's volumes: one per credentials file, the checkout, buildah's storage (shared by
-/// the fetch, build and push steps), and the hand-off between steps (output and status).
+/// the builder and registry steps), and the hand-off between steps (output and status).
 const GIT_SECRET: &str = "git-secret";
-const FETCH_SECRET: &str = "fetch-secret";
-const PUSH_SECRET: &str = "push-secret";
+const REGISTRY_SECRET: &str = "registry-secret";
 const WORKSPACE: &str = "workspace";
 const STORAGE: &str = "storage";
 const HANDOFF: &str = "handoff";
@@ -180,18 +174,6 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         }
         container
     };
-    let fetch = buildah_step(
-        FETCH_CONTAINER,
-        FETCH_SCRIPT,
-        &[
-            paths[0],
-            paths[1],
-            registries[0],
-            registries[1],
-            ("IB_FORCE", force),
-        ],
-        Some(FETCH_SECRET),
-    );
     let builder = buildah_step(
         CONTAINER,
         BUILD_SCRIPT,
@@ -205,17 +187,18 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         ],
         None,
     );
-    let push = buildah_step(
-        PUSH_CONTAINER,
-        PUSH_SCRIPT,
+    let registry = buildah_step(
+        REGISTRY_CONTAINER,
+        REGISTRY_SCRIPT,
         &[
             paths[0],
             paths[1],
             registries[0],
             registries[1],
+            ("IB_FORCE", force),
             ("IB_TAG", attempt.tag),
         ],
-        Some(PUSH_SECRET),
+        Some(REGISTRY_SECRET),
     );
     let secret_volume = |volume: &str, key: &str, path: &str| Volume {
         name: volume.into(),
@@ -256,12 +239,11 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         }),
         node_selector: (!config.node_selector.is_empty()).then(|| config.node_selector.clone()),
         tolerations: (!config.tolerations.is_empty()).then(|| config.tolerations.clone()),
-        init_containers: Some(vec![clone, fetch]),
-        containers: vec![builder, push],
+        init_containers: Some(vec![clone]),
+        containers: vec![builder, registry],
         volumes: Some(vec![
             secret_volume(GIT_SECRET, GIT_KEY, GIT_KEY),
-            secret_volume(FETCH_SECRET, FETCH_AUTH_KEY, AUTH_FILE),
-            secret_volume(PUSH_SECRET, PUSH_AUTH_KEY, AUTH_FILE),
+            secret_volume(REGISTRY_SECRET, REGISTRY_AUTH_KEY, AUTH_FILE),
             empty_dir(WORKSPACE),
             empty_dir(STORAGE),
             empty_dir(HANDOFF),
@@ -379,16 +361,10 @@ fn builder_security() -> SecurityContext {
     }
 }
 
-/// The Secret of an attempt, owned by its Job (garbage collection removes both): the fetch
-/// step's registry credentials file, the push step's and, when the request had them, the git
-/// credentials as a basic-auth token. Each container mounts its own key only; the builder
-/// none.
-pub fn secret(
-    job: &Job,
-    fetch_auth: &serde_json::Value,
-    push_auth: &serde_json::Value,
-    git_basic: Option<String>,
-) -> Secret {
+/// The Secret of an attempt, owned by its Job (garbage collection removes both): the registry
+/// step's credentials file and, when the request had them, the git credentials as a
+/// basic-auth token. Each container mounts its own key only; the builder none.
+pub fn secret(job: &Job, registry_auth: &serde_json::Value, git_basic: Option<String>) -> Secret {
     let name = job.metadata.name.clone().unwrap_or_default();
     let owner = OwnerReference {
         api_version: "batch/v1".into(),
@@ -398,16 +374,10 @@ pub fn secret(
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
-    let mut data = BTreeMap::from([
-        (
-            FETCH_AUTH_KEY.to_owned(),
-            ByteString(fetch_auth.to_string().into_bytes()),
-        ),
-        (
-            PUSH_AUTH_KEY.to_owned(),
-            ByteString(push_auth.to_string().into_bytes()),
-        ),
-    ]);
+    let mut data = BTreeMap::from([(
+        REGISTRY_AUTH_KEY.to_owned(),
+        ByteString(registry_auth.to_string().into_bytes()),
+    )]);
     if let Some(token) = git_basic {
         data.insert(GIT_KEY.into(), ByteString(token.into_bytes()));
     }
@@ -459,54 +429,27 @@ echo "$?" >/handoff/clone.status
 exit 0
 "#;
 
-/// The fetch step (an init container, with the pull credentials alone): pulls the images the
-/// Dockerfile names ([`BASE_IMAGES_AWK`]) and, unless the build is forced, the steps the layer
-/// cache holds, up to the first step that must run: buildah builds with `/bin/false` for its
-/// runtime, so nothing of the Dockerfile runs here, and stops there. Everything it pulls goes
-/// to the shared storage, where the builder finds it. Its output goes to the hand-off for the
-/// builder to put in the log; it always exits 0 (a pull that failed is tried again, without
-/// credentials, by the builder, which then says why it failed).
-const FETCH_SCRIPT: &str = r#"set -u
-exec >/handoff/fetch.log 2>&1
-export LC_ALL=C
-# A failed clone or paths that leave the checkout: nothing to fetch; the builder says why.
-[ "$(cat /handoff/clone.status 2>/dev/null)" = 0 ] || exit 0
-dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}" 2>/dev/null) || exit 0
-context=$(inside context "${IB_CONTEXT:-.}" 2>/dev/null) || exit 0
-trust_insecure_registries
-export REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
-base_images "$dockerfile" | while IFS= read -r image; do
-  echo "pulling base image $image"
-  nested buildah pull --policy always "$image" >/dev/null ||
-    echo "could not pull $image; the build pulls what it lacks without credentials"
-done
-if [ -n "$IB_CACHE" ] && [ -z "$IB_FORCE" ]; then
-  nested buildah bud $RUN_NOTHING --pull=false --layers --cache-from "$IB_CACHE" \
-    --format docker -f "$dockerfile" "$context" >/handoff/prime.log 2>&1
-  echo "took $(grep -c 'Cache pulled from remote' /handoff/prime.log) steps from the layer cache $IB_CACHE"
-fi
-exit 0
-"#;
-
-/// The build step (the builder container, with no credential at all): puts the clone's and
-/// the fetch's output in the log, checks that the Dockerfile and context stay inside the
+/// The build step (the builder container, with no credential at all): waits for the registry
+/// step's pulls, puts the clone's and their output in the log, checks that the Dockerfile and context stay inside the
 /// checkout, builds with buildah, hands the image to the push step through buildah's storage,
 /// and puts the push's output and status in the log. buildah runs as root of a user namespace
 /// nested in the pod's (mapped before it starts: no privilege is gained across exec), holding
 /// the capabilities it needs over the pod's ids only; RUN steps are runc containers there
 /// (pivot_root into the image; pid, mount, ipc and uts namespaces of their own) on the pod's
-/// network. Base images and cached steps are in the storage already (the fetch step put them
-/// there); one missing is pulled without credentials. With a layer cache, every step's result
-/// is kept (`--layers`) for the push step to write to the cache; a forced rebuild (`IB_FORCE`)
-/// found nothing of the cache in the storage (the fetch step took none), so every step runs.
+/// network. Base images and cached steps are in the storage already (the registry step put
+/// them there); one missing is pulled without credentials. With a layer cache, every step's
+/// result is kept (`--layers`) for the registry step to write to the cache; a forced rebuild
+/// (`IB_FORCE`) finds nothing of the cache in the storage (none was pulled), so every step
+/// runs.
 const BUILD_SCRIPT: &str = r#"set -eu
-# Whatever ends this script, the push step learns how (it waits for this file).
+# Whatever ends this script, the registry step learns how (it waits for this file).
 trap 'code=$?; [ -e /handoff/build.status ] || echo "$code" >/handoff/build.status' EXIT
 export LC_ALL=C
 cat /handoff/clone.log
 cloned=$(cat /handoff/clone.status 2>/dev/null || echo 1)
 [ "$cloned" = 0 ] || exit "$cloned"
-cat /handoff/fetch.log 2>/dev/null || true
+until [ -e /handoff/fetch.status ]; do sleep 0.2; done
+cat /handoff/fetch.log
 trust_insecure_registries
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
 context=$(inside context "${IB_CONTEXT:-.}")
@@ -529,13 +472,13 @@ cat /handoff/push.log
 exit "$(cat /handoff/push.status)"
 "#;
 
-/// What the fetch, build and push steps share, put before each one's script: `nested` runs a
+/// What the builder and registry steps share, put before each one's script: `nested` runs a
 /// command as root of a user namespace nested in the pod's, mapped over all of the pod's
 /// 65536 ids before it starts (no privilege is gained across exec); `trust_insecure_registries`
 /// lets buildah speak plain HTTP to the hosts of `IB_INSECURE`; `inside WHAT PATH` prints
 /// PATH resolved in the checkout, or fails saying it leaves it; `base_images DOCKERFILE`
 /// lists the images it names; `RUN_NOTHING` makes `buildah bud` stop at the first step it
-/// would have to run (its runtime is `/bin/false`), for the steps that hold credentials.
+/// would have to run (its runtime is `/bin/false`), for the step that holds credentials.
 fn buildah_step_prelude() -> String {
     format!(
         r#"nested() {{
@@ -561,19 +504,40 @@ RUN_NOTHING="--isolation oci --runtime /bin/false --network host"
     )
 }
 
-/// The push step (with the installation's credentials for the base image's registry and the
-/// layer cache alone): waits for the build step, writes every step of the build to the layer
-/// cache (buildah builds once more with `/bin/false` for its runtime: every step is found in
-/// the shared storage, none runs, each is pushed to the cache), then pushes the image from
-/// the shared storage, as root of its own nested user namespace (the layers' files belong to
-/// the pod's ids). Its output and status go to the hand-off.
-const PUSH_SCRIPT: &str = r#"set -u
+/// The registry step (beside the builder, with the registry credentials alone; nothing of
+/// the Dockerfile runs here: every `buildah bud` of it has `/bin/false` for its runtime, so it
+/// stops at the first step that would have to run). Before the build: pulls the images the
+/// Dockerfile names ([`BASE_IMAGES_AWK`]) and, unless the build is forced, the steps the layer
+/// cache holds, up to the first that must run, into the shared storage where the builder finds
+/// them; its output and end go to the hand-off (`fetch.log`, `fetch.status`), for the builder
+/// to start and put them in the log. A pull that failed is left to the builder, which tries it
+/// without credentials and says why it failed. After the build: writes every step to the layer
+/// cache (each is found in the storage, none runs) and pushes the image, as root of its own
+/// nested user namespace (the layers' files belong to the pod's ids); that output and status
+/// go to the hand-off too.
+const REGISTRY_SCRIPT: &str = r#"set -u
+export LC_ALL=C REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
+trust_insecure_registries
+(
+# A failed clone or paths that leave the checkout: nothing to fetch; the builder says why.
+[ "$(cat /handoff/clone.status 2>/dev/null)" = 0 ] || exit 0
+dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}" 2>/dev/null) || exit 0
+context=$(inside context "${IB_CONTEXT:-.}" 2>/dev/null) || exit 0
+base_images "$dockerfile" | while IFS= read -r image; do
+  echo "pulling base image $image"
+  nested buildah pull --policy always "$image" >/dev/null ||
+    echo "could not pull $image; the build pulls what it lacks without credentials"
+done
+if [ -n "$IB_CACHE" ] && [ -z "$IB_FORCE" ]; then
+  nested buildah bud $RUN_NOTHING --pull=false --layers --cache-from "$IB_CACHE" \
+    --format docker -f "$dockerfile" "$context" >/handoff/prime.log 2>&1
+  echo "took $(grep -c 'Cache pulled from remote' /handoff/prime.log) steps from the layer cache $IB_CACHE"
+fi
+) >/handoff/fetch.log 2>&1
+echo 0 >/handoff/fetch.status
 until [ -e /handoff/build.status ]; do sleep 0.2; done
 [ "$(cat /handoff/build.status)" = 0 ] || exit 0
 exec >/handoff/push.log 2>&1
-export LC_ALL=C
-trust_insecure_registries
-export REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
 if [ -n "$IB_CACHE" ]; then
   if dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}") &&
      context=$(inside context "${IB_CONTEXT:-.}") &&
@@ -690,10 +654,9 @@ mod tests {
                 .collect()
         };
         let init = pod.init_containers.clone().unwrap();
+        assert_eq!(init.len(), 1);
         assert_eq!(init[0].name, CLONE_CONTAINER);
         assert_eq!(keys_of(&init[0]), ["git-basic"]);
-        assert_eq!(init[1].name, FETCH_CONTAINER);
-        assert_eq!(keys_of(&init[1]), ["fetch-auth.json"]);
         // The step that runs the Dockerfile holds no credential, and no file of the Secret.
         assert_eq!(pod.containers[0].name, CONTAINER);
         assert!(keys_of(&pod.containers[0]).is_empty());
@@ -704,10 +667,10 @@ mod tests {
                 .flatten()
                 .all(|m| m.mount_path != SECRETS_DIR)
         );
-        assert_eq!(pod.containers[1].name, PUSH_CONTAINER);
-        assert_eq!(keys_of(&pod.containers[1]), ["push-auth.json"]);
+        assert_eq!(pod.containers[1].name, REGISTRY_CONTAINER);
+        assert_eq!(keys_of(&pod.containers[1]), ["registry-auth.json"]);
         // Only the clone writes the checkout.
-        for container in [&init[1], &pod.containers[0], &pod.containers[1]] {
+        for container in &pod.containers {
             let workspace = container
                 .volume_mounts
                 .iter()
@@ -722,7 +685,6 @@ mod tests {
 
         let secret = secret(
             &job,
-            &serde_json::json!({"auths": {"pull.example": {"auth": "cHVsbA=="}}}),
             &serde_json::json!({"auths": {"reg.example": {"auth": "c2VjcmV0"}}}),
             Some("Ym9iOnB3".into()),
         );
@@ -738,12 +700,12 @@ mod tests {
         let data = secret.data.unwrap();
         assert_eq!(
             data.keys().collect::<Vec<_>>(),
-            ["fetch-auth.json", "git-basic", "push-auth.json"]
+            ["git-basic", "registry-auth.json"]
         );
     }
 
     #[test]
-    fn a_forced_rebuild_takes_nothing_from_the_layer_cache_and_the_credentialed_steps_run_nothing()
+    fn a_forced_rebuild_takes_nothing_from_the_layer_cache_and_the_credentialed_step_runs_nothing()
     {
         let source = source();
         let pod_of = |cache| {
@@ -773,23 +735,27 @@ mod tests {
         };
         let forced = pod_of(LayerCacheUse::WriteOnly);
         let unforced = pod_of(LayerCacheUse::ReadWrite);
-        let fetch = |pod: &PodSpec| pod.init_containers.clone().unwrap()[1].clone();
-        assert_eq!(force_of(&fetch(&forced)).as_deref(), Some("1"));
-        assert_eq!(force_of(&fetch(&unforced)).as_deref(), Some(""));
-        // The cache is read by the fetch step alone, and not when the build is forced; the
-        // builder never names it to buildah; the push step writes it.
-        let reads = FETCH_SCRIPT
+        let registry = |pod: &PodSpec| pod.containers[1].clone();
+        assert_eq!(force_of(&registry(&forced)).as_deref(), Some("1"));
+        assert_eq!(force_of(&registry(&unforced)).as_deref(), Some(""));
+        // The cache is read before the build, and not when it is forced, and written after
+        // it, by the registry step alone; the builder never names it to buildah.
+        let (before, after) = REGISTRY_SCRIPT.split_once("/handoff/fetch.status").unwrap();
+        let reads = before
             .split("if [ -n \"$IB_CACHE\" ] && [ -z \"$IB_FORCE\" ]; then")
             .nth(1)
             .unwrap();
-        assert!(reads.contains("--cache-from"), "{FETCH_SCRIPT}");
+        assert!(reads.contains("--cache-from"), "{REGISTRY_SCRIPT}");
+        assert!(after.contains("--cache-to"), "{REGISTRY_SCRIPT}");
         assert!(!BUILD_SCRIPT.contains("--cache-"), "{BUILD_SCRIPT}");
-        assert!(PUSH_SCRIPT.contains("--cache-to"), "{PUSH_SCRIPT}");
-        // Every buildah bud in a step with credentials runs nothing of the Dockerfile.
-        for script in [FETCH_SCRIPT, PUSH_SCRIPT] {
-            for bud in script.split("buildah bud").skip(1) {
-                assert!(bud.starts_with(" $RUN_NOTHING "), "{bud}");
-            }
+        // Every buildah bud of the step with credentials runs nothing of the Dockerfile.
+        let buds = REGISTRY_SCRIPT
+            .split("buildah bud")
+            .skip(1)
+            .collect::<Vec<_>>();
+        assert_eq!(buds.len(), 2);
+        for bud in buds {
+            assert!(bud.starts_with(" $RUN_NOTHING "), "{bud}");
         }
         assert!(
             buildah_step_prelude().contains("RUN_NOTHING=\"--isolation oci --runtime /bin/false")

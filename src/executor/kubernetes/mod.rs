@@ -208,16 +208,15 @@ impl KubernetesExecutor {
             .map(crate::credentials::registry_host)
             .into_iter()
             .collect();
-        // The installation's own registries (base images built before, the layer cache)
-        // are read with its credentials, whatever the request allows, and written by the
-        // push step.
+        // The installation's own registries (base images built before, the layer cache, the
+        // push) with its credentials, whatever the request allows; other registries as the
+        // request allows.
         let mut own_hosts = cache_hosts;
         own_hosts.push(push_host);
-        let fetch_auth = self
+        let registry_auth = self
             .credentials
             .pull_auth_file(&secrets.registry, &own_hosts)
             .await;
-        let push_auth = self.credentials.push_auth_file(&own_hosts).await;
         let git = secrets.git.as_ref().and_then(|g| {
             Credential::Basic {
                 user: g.user.clone(),
@@ -225,7 +224,7 @@ impl KubernetesExecutor {
             }
             .basic_token()
         });
-        let secret = manifest::secret(job, &fetch_auth, &push_auth, git);
+        let secret = manifest::secret(job, &registry_auth, git);
         match self.secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => Ok(()),
             Err(e) if is_status(&e, 409) => Ok(()),
