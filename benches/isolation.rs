@@ -332,7 +332,7 @@ fn pod_by_hand(
     use image_builder::executor::kubernetes::manifest;
     let job = manifest::job(config, "bench", attempt);
     let none = serde_json::json!({"auths": {}});
-    let mut secret = serde_json::to_value(manifest::secret(&job, &none, &none, None)).unwrap();
+    let mut secret = serde_json::to_value(manifest::secret(&job, &none, None)).unwrap();
     secret["metadata"]
         .as_object_mut()
         .unwrap()
