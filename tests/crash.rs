@@ -201,7 +201,8 @@ async fn a_builder_credentials_file_left_by_a_kill_is_removed_at_the_next_start(
     let mut service = service("crash-auth-file");
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, head_build(&repo.uri())).await;
-    wait_for_log(&mut client, &id, "sleeping-now\n").await;
+    // The file exists while the base image is pulled (never while RUN runs).
+    wait_for_log(&mut client, &id, "pulling base image").await;
     service.kill();
     let stale = credentials_files_of(&id);
     assert_eq!(stale.len(), 1, "the killed run's file is left: {stale:?}");
