@@ -197,18 +197,12 @@ impl<T: Send + 'static> AttackWatch<T> {
         let (nonce, stop) = (nonce.to_owned(), std::sync::Arc::clone(&given_up));
         let task = tokio::task::spawn_blocking(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-                    let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                        continue;
-                    };
-                    let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                        continue;
-                    };
-                    if cmdline.starts_with(b"/attack\0")
-                        && String::from_utf8_lossy(&cmdline).contains(&nonce)
-                    {
-                        return Some(seen(pid));
-                    }
+                let attack = processes_where("cmdline", |cmdline| {
+                    cmdline.starts_with(b"/attack\0")
+                        && String::from_utf8_lossy(cmdline).contains(&nonce)
+                });
+                if let Some(&pid) = attack.first() {
+                    return Some(seen(pid));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
@@ -671,26 +665,20 @@ fn pulled_every_base_with_credentials(last: &pb::BuildResponse, log: &str, secon
 /// Every process of this machine whose environment or command line holds one of
 /// `needles`, but this test's own.
 fn processes_holding(needles: &[String]) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        for file in ["environ", "cmdline"] {
-            let Ok(bytes) = std::fs::read(entry.path().join(file)) else {
-                continue;
-            };
-            if needles
-                .iter()
-                .any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
-            {
-                found.push(format!("/proc/{name}/{file}"));
-            }
-        }
-    }
-    found
+    let me = std::process::id();
+    ["environ", "cmdline"]
+        .into_iter()
+        .flat_map(|file| {
+            processes_where(file, |bytes| {
+                needles
+                    .iter()
+                    .any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+            })
+            .into_iter()
+            .filter(move |pid| *pid != me)
+            .map(move |pid| format!("/proc/{pid}/{file}"))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -965,3 +965,33 @@ async fn under_content_keys_a_builder_pod_checks_out_the_commit_its_key_names() 
     let greeting = testkit::read_file_from_image(&built.r#ref, "/greeting.txt").unwrap();
     assert_eq!(greeting, b"hello from a job\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dockerfile_that_leaves_the_checkout_fails_the_job_saying_so() {
+    let rig = Rig::new("escape").await;
+    let repo = GitRepo::new(&[("Dockerfile", "FROM scratch\n")]).unwrap();
+    // A symlink out of the checkout, to a file every container has.
+    repo.commit_symlink("Escape", "/etc/hostname").unwrap();
+    let server = GitHttpServer::start_for_pods(&repo, Some((GIT_USER, GIT_PASSWORD))).unwrap();
+    let uri = server
+        .uri()
+        .replace("http://", &format!("http://{GIT_USER}:{GIT_PASSWORD}@"));
+    let service = rig.service("k8s-escape");
+    let mut client = service.client().await.unwrap();
+    let request = dockerfile_build(
+        &uri,
+        image_builder::proto::contentservice::CloneTargetMode::RemoteHead,
+        "",
+        "Escape",
+        ".",
+    );
+    let (_stream, id) = start_build(&mut client, request).await;
+    let (status, log, failure) = ended(&service, &id).await;
+    assert_eq!(status, pb::BuildStatus::DoneFailure, "{failure}\n{log}");
+    assert!(
+        log.contains("the Dockerfile Escape leaves the repository"),
+        "{failure}\n{log}"
+    );
+    assert!(!log.contains("pulling base image"), "{log}");
+    rig.wait_until_no_jobs(&id).await;
+}

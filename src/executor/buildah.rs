@@ -290,11 +290,14 @@ impl Buildah {
             let mut cmd = self.command();
             cmd.env("REGISTRY_AUTH_FILE", auth_file);
             cmd.args(["pull", "--policy", "always", &image]);
-            if let Err(Error::Failed { status, .. }) = self.run(cmd, "pull", id, log).await {
-                log.line(format!(
-                    "could not pull {image} ({status}); the build pulls what it lacks without credentials"
-                ))
-                .await;
+            match self.run(cmd, "pull", id, log).await {
+                Err(Error::Failed { status, .. }) => {
+                    log.line(format!(
+                        "could not pull {image} ({status}); the build pulls what it lacks without credentials"
+                    ))
+                    .await;
+                }
+                other => other?,
             }
         }
         Ok(())

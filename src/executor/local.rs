@@ -172,7 +172,6 @@ impl BuildBase for LocalExecutor {
                 .pull_auth_file(&secrets.registry, &own_hosts)
                 .await,
         )?;
-        let push_auth = self.credentials.push_auth_file(&own_hosts).await;
         let built = {
             let _shared = self.cache.share().await;
             let buildah = self.cache.buildah();
@@ -196,7 +195,8 @@ impl BuildBase for LocalExecutor {
                 buildah
                     .build(build.id, &context, &build.base_ref, cache, log)
                     .await?;
-                let push_auth = write_auth(push_auth)?;
+                // Asked for now, not before the build: an ECR token is fresh for the push.
+                let push_auth = write_auth(self.credentials.push_auth_file(&own_hosts).await)?;
                 log.line(format!("pushing {}", build.base_ref)).await;
                 Ok::<_, StepError>(
                     buildah

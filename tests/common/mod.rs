@@ -208,6 +208,15 @@ pub async fn wait_for_log(
 
 /// Pids of live processes whose command line contains `needle`.
 pub fn processes_with(needle: &str) -> Vec<u32> {
+    processes_where("cmdline", |cmdline| {
+        String::from_utf8_lossy(cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+    })
+}
+
+/// Pids of live processes whose `/proc/<pid>/<file>` (`cmdline`, `environ`, ...) `matches`.
+pub fn processes_where(file: &str, matches: impl Fn(&[u8]) -> bool) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -217,9 +226,7 @@ pub fn processes_with(needle: &str) -> Vec<u32> {
         else {
             continue;
         };
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) {
+        if std::fs::read(entry.path().join(file)).is_ok_and(|bytes| matches(&bytes)) {
             pids.push(pid);
         }
     }

@@ -130,11 +130,15 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         LayerCacheUse::ReadWrite => "",
         LayerCacheUse::WriteOnly => "1",
     };
-    let paths = [
+    // The builder and the registry step read the same variables.
+    let env = [
         ("IB_DOCKERFILE", source.dockerfile_path.as_str()),
         ("IB_CONTEXT", source.context_path.as_str()),
+        ("IB_INSECURE", insecure.as_str()),
+        ("IB_CACHE", cache),
+        ("IB_FORCE", force),
+        ("IB_TAG", attempt.tag),
     ];
-    let registries = [("IB_INSECURE", insecure.as_str()), ("IB_CACHE", cache)];
     let clone = step(
         config,
         CLONE_CONTAINER,
@@ -151,7 +155,7 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         ],
         clone_security(),
     );
-    let buildah_step = |name: &str, script: &str, env: &[(&str, &str)], secret: Option<&str>| {
+    let buildah_step = |name: &str, script: &str, secret: Option<&str>| {
         let mut mounts = vec![
             (WORKSPACE, "/workspace"),
             (STORAGE, STORAGE_DIR),
@@ -162,7 +166,7 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
             config,
             name,
             &format!("{}{script}", buildah_step_prelude()),
-            env,
+            &env,
             &mounts,
             builder_security(),
         );
@@ -174,32 +178,8 @@ pub fn job(config: &KubernetesConfig, installation: &str, attempt: &Attempt<'_>)
         }
         container
     };
-    let builder = buildah_step(
-        CONTAINER,
-        BUILD_SCRIPT,
-        &[
-            paths[0],
-            paths[1],
-            registries[0],
-            registries[1],
-            ("IB_FORCE", force),
-            ("IB_TAG", attempt.tag),
-        ],
-        None,
-    );
-    let registry = buildah_step(
-        REGISTRY_CONTAINER,
-        REGISTRY_SCRIPT,
-        &[
-            paths[0],
-            paths[1],
-            registries[0],
-            registries[1],
-            ("IB_FORCE", force),
-            ("IB_TAG", attempt.tag),
-        ],
-        Some(REGISTRY_SECRET),
-    );
+    let builder = buildah_step(CONTAINER, BUILD_SCRIPT, None);
+    let registry = buildah_step(REGISTRY_CONTAINER, REGISTRY_SCRIPT, Some(REGISTRY_SECRET));
     let secret_volume = |volume: &str, key: &str, path: &str| Volume {
         name: volume.into(),
         secret: Some(SecretVolumeSource {
@@ -430,9 +410,9 @@ exit 0
 "#;
 
 /// The build step (the builder container, with no credential at all): waits for the registry
-/// step's pulls, puts the clone's and their output in the log, checks that the Dockerfile and context stay inside the
-/// checkout, builds with buildah, hands the image to the push step through buildah's storage,
-/// and puts the push's output and status in the log. buildah runs as root of a user namespace
+/// step's pulls, puts the clone's and their output in the log, checks that the Dockerfile and
+/// context stay inside the checkout, builds with buildah, hands the image to the registry step
+/// through buildah's storage, and puts the push's output and status in the log. buildah runs as root of a user namespace
 /// nested in the pod's (mapped before it starts: no privilege is gained across exec), holding
 /// the capabilities it needs over the pod's ids only; RUN steps are runc containers there
 /// (pivot_root into the image; pid, mount, ipc and uts namespaces of their own) on the pod's
@@ -453,17 +433,16 @@ cat /handoff/fetch.log
 trust_insecure_registries
 dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}")
 context=$(inside context "${IB_CONTEXT:-.}")
-set -- --layers=false
-if [ -n "$IB_CACHE" ] && [ -n "$IB_FORCE" ]; then
-  set -- --layers
-  echo "building $IB_TAG with buildah; force_rebuild is set: every step runs again (the layer cache $IB_CACHE is written, not read)"
-elif [ -n "$IB_CACHE" ]; then
-  set -- --layers
-  echo "building $IB_TAG with buildah; steps found in the layer cache $IB_CACHE are not run again"
-else
+layers=--layers
+if [ -z "$IB_CACHE" ]; then
+  layers=--layers=false
   echo "building $IB_TAG with buildah"
+elif [ -n "$IB_FORCE" ]; then
+  echo "building $IB_TAG with buildah; force_rebuild is set: every step runs again (the layer cache $IB_CACHE is written, not read)"
+else
+  echo "building $IB_TAG with buildah; steps found in the layer cache $IB_CACHE are not run again"
 fi
-nested buildah bud --isolation oci --network host --pull=false "$@" --format docker \
+nested buildah bud --isolation oci --network host --pull=false "$layers" --format docker \
   -f "$dockerfile" -t "$IB_TAG" "$context"
 echo "pushing $IB_TAG"
 echo 0 >/handoff/build.status
@@ -518,30 +497,35 @@ RUN_NOTHING="--isolation oci --runtime /bin/false --network host"
 const REGISTRY_SCRIPT: &str = r#"set -u
 export LC_ALL=C REGISTRY_AUTH_FILE=/var/run/image-builder/auth.json
 trust_insecure_registries
-(
-# A failed clone or paths that leave the checkout: nothing to fetch; the builder says why.
-[ "$(cat /handoff/clone.status 2>/dev/null)" = 0 ] || exit 0
-dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}" 2>/dev/null) || exit 0
-context=$(inside context "${IB_CONTEXT:-.}" 2>/dev/null) || exit 0
-base_images "$dockerfile" | while IFS= read -r image; do
-  echo "pulling base image $image"
-  nested buildah pull --policy always "$image" >/dev/null ||
-    echo "could not pull $image; the build pulls what it lacks without credentials"
-done
-if [ -n "$IB_CACHE" ] && [ -z "$IB_FORCE" ]; then
-  nested buildah bud $RUN_NOTHING --pull=false --layers --cache-from "$IB_CACHE" \
-    --format docker -f "$dockerfile" "$context" >/handoff/prime.log 2>&1
-  echo "took $(grep -c 'Cache pulled from remote' /handoff/prime.log) steps from the layer cache $IB_CACHE"
+fetch() {
+  base_images "$dockerfile" | while IFS= read -r image; do
+    echo "pulling base image $image"
+    nested buildah pull --policy always "$image" >/dev/null ||
+      echo "could not pull $image; the build pulls what it lacks without credentials"
+  done
+  if [ -n "$IB_CACHE" ] && [ -z "$IB_FORCE" ]; then
+    nested buildah bud $RUN_NOTHING --pull=false --layers --cache-from "$IB_CACHE" \
+      --format docker -f "$dockerfile" "$context" >/handoff/prime.log 2>&1
+    echo "took $(grep -c 'Cache pulled from remote' /handoff/prime.log) steps from the layer cache $IB_CACHE"
+  fi
+}
+# A failed clone or paths that leave the checkout: nothing to fetch, build or push; the
+# builder says why.
+if [ "$(cat /handoff/clone.status 2>/dev/null)" = 0 ] &&
+   dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}" 2>/dev/null) &&
+   context=$(inside context "${IB_CONTEXT:-.}" 2>/dev/null); then
+  fetch >/handoff/fetch.log 2>&1
+else
+  : >/handoff/fetch.log
+  echo 0 >/handoff/fetch.status
+  exit 0
 fi
-) >/handoff/fetch.log 2>&1
 echo 0 >/handoff/fetch.status
 until [ -e /handoff/build.status ]; do sleep 0.2; done
 [ "$(cat /handoff/build.status)" = 0 ] || exit 0
 exec >/handoff/push.log 2>&1
 if [ -n "$IB_CACHE" ]; then
-  if dockerfile=$(inside Dockerfile "${IB_DOCKERFILE:-Dockerfile}") &&
-     context=$(inside context "${IB_CONTEXT:-.}") &&
-     nested buildah bud $RUN_NOTHING --pull=false --layers --cache-to "$IB_CACHE" \
+  if nested buildah bud $RUN_NOTHING --pull=false --layers --cache-to "$IB_CACHE" \
        --format docker -f "$dockerfile" "$context" >/handoff/cache.log 2>&1; then
     echo "wrote $(grep -c 'Pushing cache' /handoff/cache.log) steps to the layer cache $IB_CACHE"
   else
