@@ -18,11 +18,11 @@ fi
 ./scripts/setup.sh
 # House rules first, so CI enforces them: formatting, and every lint of [workspace.lints].
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --features image-builder/failpoints -- -D warnings
+cargo clippy --workspace --all-targets --features image-builder/failpoints,image-builder/scenario -- -D warnings
 # The product carries no test rig: the test kit's dependencies stay out of its tree.
 if cargo tree -e normal -p image-builder --prefix none \
-    | grep -E '^(bcrypt|jsonwebtoken|rcgen|image-builder-testkit) '; then
-  echo "the image-builder crate depends on the test kit (above); it must not" >&2
+    | grep -E '^(bcrypt|jsonwebtoken|rcgen|image-builder-testkit|image-builder-scenario) '; then
+  echo "the image-builder crate depends on the test kit or the scenario runner (above); it must not" >&2
   exit 1
 fi
 
@@ -55,6 +55,6 @@ source "$cluster_env"
 export IMAGE_BUILDER_TEST_KUBECONFIG IMAGE_BUILDER_TEST_CONTAINERD_SOCKET
 
 status=0
-cargo test --workspace --features image-builder/failpoints --no-fail-fast "$@" || status=$?
+cargo test --workspace --features image-builder/failpoints,image-builder/scenario --no-fail-fast "$@" || status=$?
 echo "free space after the tests: $(free_gib .) GiB here, $(free_gib /var/tmp) GiB in /var/tmp" >&2
 exit $status

@@ -1,5 +1,6 @@
 //! The `image-builder` command: `run` serves the API; `builds` and `store` are the SRE's
-//! commands; `scenario run --target` tests a running installation.
+//! commands; `scenario run --target` (with the `scenario` feature) tests a running
+//! installation.
 
 mod cli;
 mod store_cli;
@@ -38,7 +39,9 @@ enum Commands {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// Scenario-driven tests of a running installation (see scenarios/README.md).
+    /// Scenario-driven tests of a running installation (see scenarios/README.md). Only in
+    /// builds with the `scenario` feature: the release build carries no test runner.
+    #[cfg(feature = "scenario")]
     Scenario {
         #[command(subcommand)]
         command: ScenarioCommand,
@@ -75,6 +78,7 @@ enum StoreCommand {
     },
 }
 
+#[cfg(feature = "scenario")]
 #[derive(Subcommand)]
 enum ScenarioCommand {
     /// Play scenario files against a running service; steps that need to control the
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
             connection,
             command,
         } => runtime.block_on(cli::run(connection, command)),
+        #[cfg(feature = "scenario")]
         Commands::Scenario {
             command:
                 ScenarioCommand::Run {
@@ -170,14 +175,14 @@ fn main() -> ExitCode {
                     client,
                 },
         } => {
-            let setup = image_builder::scenario::Target {
+            let setup = image_builder_scenario::Target {
                 address: target,
                 registry,
                 client,
                 cli_binary: std::env::current_exe()
                     .unwrap_or_else(|_| PathBuf::from("image-builder")),
             };
-            match runtime.block_on(image_builder::scenario::run_files(&files, &setup)) {
+            match runtime.block_on(image_builder_scenario::run_files(&files, &setup)) {
                 0 => Ok(()),
                 failed => Err(anyhow::anyhow!("{failed} scenario(s) failed")),
             }

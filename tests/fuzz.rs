@@ -49,7 +49,7 @@ proptest! {
 
     #[test]
     fn scenario_text_never_panics(input in text()) {
-        let _ = image_builder::scenario::model::parse(&input);
+        let _ = image_builder_scenario::model::parse(&input);
     }
 
     #[test]
@@ -59,7 +59,7 @@ proptest! {
         body in "[a-z{}:, 0-9\\[\\]]{0,40}",
     ) {
         let yaml = format!("name: {name}\nsteps:\n  - {step}: {body}\n");
-        let _ = image_builder::scenario::model::parse(&yaml);
+        let _ = image_builder_scenario::model::parse(&yaml);
     }
 
     #[test]

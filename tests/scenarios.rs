@@ -63,8 +63,8 @@ steps:
         binary: PathBuf::from(env!("CARGO_BIN_EXE_image-builder")),
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
-    let report = runtime.block_on(image_builder::scenario::runner::run_file(&file, &setup));
-    let text = image_builder::scenario::format_report(&file, &report);
+    let report = runtime.block_on(image_builder_scenario::runner::run_file(&file, &setup));
+    let text = image_builder_scenario::format_report(&file, &report);
     if report.passed() {
         return Err(format!("the scenario passed: {text}").into());
     }
@@ -83,9 +83,9 @@ fn play(file: &std::path::Path) -> Result<(), Failed> {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_image-builder")),
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("runtime: {e}"))?;
-    let report = runtime.block_on(image_builder::scenario::runner::run_file(file, &setup));
+    let report = runtime.block_on(image_builder_scenario::runner::run_file(file, &setup));
     if report.passed() {
         return Ok(());
     }
-    Err(image_builder::scenario::format_report(file, &report).into())
+    Err(image_builder_scenario::format_report(file, &report).into())
 }

@@ -114,9 +114,7 @@ impl Drop for Listening {
     }
 }
 
-/// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
-/// so a listener that lost its stream continues where it was without a duplicate.
-pub const LOG_OFFSET_METADATA: &str = "x-image-builder-log-offset";
+pub use image_builder_proto::LOG_OFFSET_METADATA;
 
 fn log_offset(metadata: &tonic::metadata::MetadataMap) -> Result<u64, Status> {
     match metadata.get(LOG_OFFSET_METADATA) {

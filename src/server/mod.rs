@@ -31,8 +31,7 @@ use crate::tls::ServerTls;
 /// How long running steps get to stop after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// The subdirectory of `dataDir` that holds the journal.
-pub const STORE_DIR: &str = "store";
+pub use image_builder_state::STORE_DIR;
 
 /// The subdirectory of `dataDir` that holds per-build work directories (git checkouts).
 pub const WORK_DIR: &str = "work";

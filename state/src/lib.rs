@@ -23,6 +23,9 @@ pub use record::{BuilderProgress, OperatorAction, OperatorRequest, Record};
 pub use store::{SledStore, Store};
 pub use view::BuildView;
 
+/// The subdirectory of the service's `dataDir` that holds the store (the journal).
+pub const STORE_DIR: &str = "store";
+
 /// Milliseconds since the Unix epoch, the time unit of every journal record.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Result;
-pub use image_builder::scenario::{Fault, FaultKind};
+pub use image_builder_scenario::{Fault, FaultKind};
 
 struct Rule {
     fault: Fault,

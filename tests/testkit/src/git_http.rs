@@ -5,8 +5,8 @@ use std::process::{Child, Command, Stdio};
 
 use super::Result;
 use super::process::{free_port, spawn, wait_for_port};
-use image_builder::scenario::fixtures::GitRepo;
-use image_builder::scenario::fixtures::run;
+use image_builder_scenario::fixtures::GitRepo;
+use image_builder_scenario::fixtures::run;
 
 const SERVER: &str = include_str!("git_http_server.py");
 

@@ -26,7 +26,7 @@ mod token_server;
 
 pub use fault_proxy::{Event, Fault, FaultKind, FaultProxy};
 pub use git_http::GitHttpServer;
-pub use image_builder::scenario::fixtures::{
+pub use image_builder_scenario::fixtures::{
     BaseImage, Error, GitRepo, Ownership, Result, UnpackedImage, files_containing, push_image,
     push_image_as, read_file_from_image, read_file_from_image_as, skopeo_inspect,
     skopeo_inspect_as,

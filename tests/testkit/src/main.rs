@@ -74,7 +74,7 @@ fn main() -> ExitCode {
             command: ScenarioCommand::Run { files },
         } => {
             let setup = SelfHosted { binary };
-            match runtime.block_on(image_builder::scenario::run_files(&files, &setup)) {
+            match runtime.block_on(image_builder_scenario::run_files(&files, &setup)) {
                 0 => Ok(()),
                 failed => Err(anyhow::anyhow!("{failed} scenario(s) failed")),
             }

@@ -6,7 +6,7 @@ use std::process::{Child, Command};
 use std::sync::{OnceLock, mpsc};
 
 use super::{Error, Result};
-use image_builder::scenario::fixtures::describe;
+use image_builder_scenario::fixtures::describe;
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 

@@ -3,12 +3,12 @@
 //! moto, base images, git repositories, and the service binary itself, which the runner may
 //! stop, kill and start again.
 
-use image_builder::scenario::Fault;
-use image_builder::scenario::environment::{
+use image_builder_scenario::Fault;
+use image_builder_scenario::environment::{
     Environment, FaultInjector, PullSecret, ServiceProcess, Setup, first_user, make_fixtures,
     write_pull_secret,
 };
-use image_builder::scenario::model::{self, ProxyMode};
+use image_builder_scenario::model::{self, ProxyMode};
 
 use crate::{FaultProxy, GitHttpServer, LocalRegistry, MotoServer, Service};
 

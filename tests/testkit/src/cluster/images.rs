@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use image_builder::scenario::fixtures::run;
+use image_builder_scenario::fixtures::run;
 
 use super::{BUSYBOX_IMAGE, Cluster, PAUSE_IMAGE};
 

@@ -28,7 +28,7 @@ pub use pki::NODE_NAME;
 use pki::Pki;
 
 use crate::process::spawn;
-use image_builder::scenario::fixtures::run;
+use image_builder_scenario::fixtures::run;
 
 /// The pod network's bridge and subnet (no masquerade: nothing it sends leaves the machine).
 const BRIDGE: &str = "ibtest0";

@@ -56,7 +56,7 @@ pub struct Environment {
     /// The service's gRPC URL (`http://host:port` or `https://host:port`).
     pub grpc_url: String,
     /// How the runner's clients reach it: TLS material and the operator token.
-    pub client: crate::client::ClientOptions,
+    pub client: image_builder_proto::client::ClientOptions,
     /// The `image-builder` binary, for steps that run its CLI.
     pub cli_binary: PathBuf,
     /// `${…}` variables: `${registry}`, `${proxy}`, `${base.NAME}`, `${git.NAME}`.
@@ -98,7 +98,7 @@ pub struct Target {
     /// The `image-builder` binary, for CLI steps.
     pub cli_binary: PathBuf,
     /// TLS material and the operator token for the runner's clients.
-    pub client: crate::client::ClientOptions,
+    pub client: image_builder_proto::client::ClientOptions,
 }
 
 #[async_trait::async_trait]

@@ -81,7 +81,7 @@ impl World {
                 let id = self.build_id(build).await?;
                 self.ops()
                     .await?
-                    .cancel_build(crate::proto::ops::CancelBuildRequest {
+                    .cancel_build(image_builder_proto::ops::CancelBuildRequest {
                         build_id: id,
                         reason: reason.clone(),
                     })
@@ -93,7 +93,7 @@ impl World {
                 let id = self.build_id(build).await?;
                 self.ops()
                     .await?
-                    .retry_build(crate::proto::ops::RetryBuildRequest { build_id: id })
+                    .retry_build(image_builder_proto::ops::RetryBuildRequest { build_id: id })
                     .await
                     .map_err(|e| format!("RetryBuild: {}", e.message()))?;
                 // The first attempt's stream has ended; follow the build by its journal now.

@@ -8,8 +8,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::proto::builder::image_builder_client::ImageBuilderClient;
-use crate::proto::ops::build_ops_client::BuildOpsClient;
+use crate::builder::image_builder_client::ImageBuilderClient;
+use crate::ops::build_ops_client::BuildOpsClient;
 
 /// TLS material and the operator token, as files (flags or environment variables).
 #[derive(Clone, Debug, Default, clap::Args)]

@@ -1,4 +1,9 @@
-//! Code generated from `proto/` at build time. Only `api/` (and clients such as tests) use it.
+//! image-builder's wire contract: the code generated from the `.proto` files beside this crate
+//! (mk3's `builder` service, gitpod's content-service initializers, the ops service), the codec
+//! every generated service and client encodes with, and the clients the service's own tools
+//! (the `builds` CLI, the scenario runner) reach it through. The service's `api/` serves it.
+
+pub mod client;
 
 /// gitpod's content-service initializers (`initializer.proto`).
 #[allow(missing_docs, clippy::all)]
@@ -22,13 +27,17 @@ pub mod ops {
 /// reflection (`grpcurl list` without the proto files).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
+/// Metadata key of the Logs extension: start the replay at this byte of the log instead of 0,
+/// so a listener that lost its stream continues where it was without a duplicate.
+pub const LOG_OFFSET_METADATA: &str = "x-image-builder-log-offset";
+
 /// The codec of every generated service and client: prost's, with a smaller yield threshold.
 ///
 /// tonic hands an answer stream to HTTP/2 in chunks of at least its yield threshold (32 KiB by
 /// default), and a Logs listener that stops reading holds about three such chunks in the
 /// stack below the service (one in the encoder's hands, one waiting for flow-control window,
 /// the rest of one partly sent). At 16 KiB, one log piece
-/// ([`LOG_PIECE_BYTES`](image_builder_state::journal::LOG_PIECE_BYTES)) is one chunk: `cargo
+/// (the journal's `LOG_PIECE_BYTES`) is one chunk: `cargo
 /// bench --bench listeners` measures what a listener costs beside a bare tonic server.
 pub mod codec {
     use std::marker::PhantomData;

@@ -337,12 +337,15 @@ impl World {
     }
 
     /// What the ops API says of build `name` (`GetBuild`).
-    pub(super) async fn ops_view(&self, name: &str) -> Result<crate::proto::ops::Build, String> {
+    pub(super) async fn ops_view(
+        &self,
+        name: &str,
+    ) -> Result<image_builder_proto::ops::Build, String> {
         let id = self.build_id(name).await?;
         Ok(self
             .ops()
             .await?
-            .get_build(crate::proto::ops::GetBuildRequest { build_id: id })
+            .get_build(image_builder_proto::ops::GetBuildRequest { build_id: id })
             .await
             .map_err(|e| format!("GetBuild: {}", e.message()))?
             .into_inner())

@@ -19,9 +19,9 @@ use super::environment::{
 };
 use super::fixtures;
 use super::model::{self, DockerfileSpec, Scenario, Step};
-use crate::api::image_builder::LOG_OFFSET_METADATA;
-use crate::proto::builder as pb;
-use crate::proto::contentservice as cs;
+use image_builder_proto::LOG_OFFSET_METADATA;
+use image_builder_proto::builder as pb;
+use image_builder_proto::contentservice as cs;
 
 /// The outcome of one step.
 #[derive(Debug)]
@@ -188,7 +188,7 @@ fn last_lines(text: &str, n: usize) -> String {
 }
 
 impl World {
-    async fn ops(&self) -> Result<crate::client::OpsClient, String> {
+    async fn ops(&self) -> Result<image_builder_proto::client::OpsClient, String> {
         let connector = self.env.client.connector().map_err(|e| e.to_string())?;
         connector
             .ops(&self.env.grpc_url)
@@ -196,7 +196,7 @@ impl World {
             .map_err(|e| e.to_string())
     }
 
-    async fn client(&self) -> Result<crate::client::BuilderClient, String> {
+    async fn client(&self) -> Result<image_builder_proto::client::BuilderClient, String> {
         let connector = self.env.client.connector().map_err(|e| e.to_string())?;
         connector
             .builder(&self.env.grpc_url)

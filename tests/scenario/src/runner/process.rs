@@ -112,7 +112,7 @@ impl World {
     pub(super) async fn expect_concurrency(&mut self, at_most: usize) -> Check {
         let service = self.service()?;
         service.stop();
-        let store = service.data_dir().join(crate::server::STORE_DIR);
+        let store = service.data_dir().join(image_builder_state::STORE_DIR);
         let spans = {
             let journal = Journal::open(&store).map_err(|e| format!("journal: {e}"))?;
             let mut spans = Vec::new();

@@ -6,7 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment yet.
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
-    println!("cargo:rerun-if-changed=proto");
+    for file in ["imgbuilder.proto", "ops.proto", "initializer.proto"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
     // The descriptors of every message and service, for server reflection.
     let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
     tonic_prost_build::configure()
@@ -14,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         // Prost's codec with a smaller yield threshold (see `proto::codec`).
-        .codec_path("crate::proto::codec::StreamCodec")
-        .compile_protos(&["proto/imgbuilder.proto", "proto/ops.proto"], &["proto"])?;
+        .codec_path("crate::codec::StreamCodec")
+        .compile_protos(&["imgbuilder.proto", "ops.proto"], &["."])?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::{BuildStepSpec, CallName, CodeName, DockerfileSpec, StateName, StatusName};
-use crate::scenario::Fault;
+use crate::Fault;
 
 /// A step: an action or an assertion.
 #[derive(Debug, Deserialize)]
