@@ -5,7 +5,7 @@
 use crate::build::BuildId;
 use crate::journal::damage_reports;
 use crate::record::{self, Record};
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreRead};
 use crate::view::{BuildView, Damage, FoldError, Summary};
 
 /// Something wrong in a store.
@@ -97,7 +97,7 @@ pub struct Inspected {
 }
 
 /// Reads one build.
-pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> {
+pub fn build(store: &dyn StoreRead, id: BuildId) -> Result<Inspected, store::Error> {
     let mut records: Vec<(u64, Result<Record, record::Error>)> = Vec::new();
     let mut unreadable = None;
     let mut next = 0;
@@ -111,7 +111,7 @@ pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> 
                 records.push((seq, Record::decode(&bytes)));
                 next = seq + 1;
             }
-            Err(e @ store::Error::Sled(sled::Error::Corruption { .. })) => {
+            Err(e) if e.is_corruption() => {
                 unreadable = Some((next, e.to_string()));
                 break;
             }
@@ -137,7 +137,7 @@ pub fn build(store: &dyn Store, id: BuildId) -> Result<Inspected, store::Error> 
 /// The log bytes `record` names in its build's segment, checked against the record's length
 /// (and checksum, format 3); `None` for a record that names none.
 pub fn named_log(
-    store: &dyn Store,
+    store: &dyn StoreRead,
     id: BuildId,
     record: &Record,
 ) -> Option<Result<Vec<u8>, String>> {
@@ -166,7 +166,7 @@ pub fn named_log(
 }
 
 /// Reads every build, oldest first.
-pub fn builds(store: &dyn Store) -> Result<Vec<Inspected>, store::Error> {
+pub fn builds(store: &dyn StoreRead) -> Result<Vec<Inspected>, store::Error> {
     store
         .journal_ids()?
         .into_iter()
@@ -239,7 +239,7 @@ mod tests {
     use super::*;
     use crate::build::{BuildSource, BuildSpec};
     use crate::machine::Event;
-    use crate::store::{SledStore, WriteBatch};
+    use crate::store::{SledStore, StoreWrite, WriteBatch};
 
     #[test]
     fn every_bad_record_is_named() {

@@ -90,7 +90,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// True for Done, Failed and Cancelled: no event is accepted any more.
+    /// True for Done, Failed and Cancelled: the build has ended. Done accepts no event any
+    /// more; Failed and Cancelled accept only `Retried`, which starts a new attempt.
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Done | Phase::Failed | Phase::Cancelled)
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use image_builder_state::journal::{Error, Journal};
 use image_builder_state::machine::{Event, Phase};
-use image_builder_state::store::{SledStore, Store, WriteBatch};
+use image_builder_state::store::{SledStore, StoreRead, StoreWrite, WriteBatch};
 use image_builder_state::testing::{new_build, when_unlocked};
 use image_builder_state::{BuildId, Record, inspect};
 

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
-use image_builder_state::store::{LogBytes, SledStore, Store, WriteBatch};
+use image_builder_state::store::{
+    LogBytes, SledStore, StoreRead, StoreRecovery, StoreWrite, WriteBatch,
+};
 use image_builder_state::testing::spec;
 use image_builder_state::{BuildId, Event, Journal};
 use proptest::prelude::*;
@@ -29,7 +31,7 @@ impl GatedStore {
     }
 }
 
-impl Store for GatedStore {
+impl StoreWrite for GatedStore {
     fn append_logs(&self, logs: &[LogBytes]) -> Result<(), image_builder_state::store::Error> {
         self.inner.append_logs(logs)
     }
@@ -49,6 +51,39 @@ impl Store for GatedStore {
         drop(open);
         self.inner.sync()
     }
+    fn ensure_room_for_build(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.ensure_room_for_build()
+    }
+    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, image_builder_state::store::Error> {
+        self.inner.prune_logs(keep)
+    }
+    fn remove_log(&self, id: BuildId) -> Result<(), image_builder_state::store::Error> {
+        self.inner.remove_log(id)
+    }
+    fn seal_if_due(&self) -> Result<bool, image_builder_state::store::Error> {
+        self.inner.seal_if_due()
+    }
+    fn write_sealed(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.write_sealed()
+    }
+    fn checkpoint(&self) -> Result<(), image_builder_state::store::Error> {
+        StoreWrite::checkpoint(&self.inner)
+    }
+    fn complete_finished_index(
+        &self,
+        entries: &[image_builder_state::store::Ended],
+    ) -> Result<(), image_builder_state::store::Error> {
+        self.inner.complete_finished_index(entries)
+    }
+    fn complete_unfinished_index(
+        &self,
+        ids: &[BuildId],
+    ) -> Result<(), image_builder_state::store::Error> {
+        self.inner.complete_unfinished_index(ids)
+    }
+}
+
+impl StoreRead for GatedStore {
     fn records(
         &self,
         id: BuildId,
@@ -65,38 +100,11 @@ impl Store for GatedStore {
     ) -> Result<Vec<u8>, image_builder_state::store::Error> {
         self.inner.read_log(id, offset, len)
     }
-    fn ensure_room_for_build(&self) -> Result<(), image_builder_state::store::Error> {
-        self.inner.ensure_room_for_build()
-    }
-    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, image_builder_state::store::Error> {
-        self.inner.prune_logs(keep)
-    }
     fn last_seq(&self, id: BuildId) -> Result<Option<u64>, image_builder_state::store::Error> {
         self.inner.last_seq(id)
     }
     fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, image_builder_state::store::Error> {
         self.inner.damage()
-    }
-    fn witnessed(&self) -> Vec<(BuildId, image_builder_state::store::Witnessed)> {
-        self.inner.witnessed()
-    }
-    fn start_witness(&self) -> Result<(), image_builder_state::store::Error> {
-        self.inner.start_witness()
-    }
-    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
-        self.inner.written_since_last_open()
-    }
-    fn remove_log(&self, id: BuildId) -> Result<(), image_builder_state::store::Error> {
-        self.inner.remove_log(id)
-    }
-    fn seal_if_due(&self) -> Result<bool, image_builder_state::store::Error> {
-        self.inner.seal_if_due()
-    }
-    fn write_sealed(&self) -> Result<(), image_builder_state::store::Error> {
-        Store::write_sealed(&self.inner)
-    }
-    fn checkpoint(&self) -> Result<(), image_builder_state::store::Error> {
-        Store::checkpoint(&self.inner)
     }
     fn journal_ids(&self) -> Result<Vec<BuildId>, image_builder_state::store::Error> {
         self.inner.journal_ids()
@@ -106,6 +114,9 @@ impl Store for GatedStore {
     }
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, image_builder_state::store::Error> {
         self.inner.summaries()
+    }
+    fn size_on_disk(&self) -> Result<u64, image_builder_state::store::Error> {
+        self.inner.size_on_disk()
     }
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, image_builder_state::store::Error> {
         self.inner.unfinished()
@@ -117,20 +128,17 @@ impl Store for GatedStore {
     {
         self.inner.finished_before(cutoff_ms)
     }
-    fn complete_finished_index(
-        &self,
-        entries: &[image_builder_state::store::Ended],
-    ) -> Result<(), image_builder_state::store::Error> {
-        self.inner.complete_finished_index(entries)
+}
+
+impl StoreRecovery for GatedStore {
+    fn witnessed(&self) -> Vec<(BuildId, image_builder_state::store::Witnessed)> {
+        self.inner.witnessed()
     }
-    fn complete_unfinished_index(
-        &self,
-        ids: &[BuildId],
-    ) -> Result<(), image_builder_state::store::Error> {
-        self.inner.complete_unfinished_index(ids)
+    fn start_witness(&self) -> Result<(), image_builder_state::store::Error> {
+        self.inner.start_witness()
     }
-    fn size_on_disk(&self) -> Result<u64, image_builder_state::store::Error> {
-        self.inner.size_on_disk()
+    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
+        self.inner.written_since_last_open()
     }
 }
 

@@ -12,7 +12,7 @@ use super::{Error, Journal};
 use crate::build::BuildId;
 use crate::now_ms;
 use crate::record::{self, Record};
-use crate::store::{self, Store, Witnessed, WriteBatch};
+use crate::store::{self, Store, StoreRead, Witnessed, WriteBatch};
 use crate::view::{BuildView, Damage};
 
 impl Damage {
@@ -37,7 +37,7 @@ impl Damage {
 /// Whether a store error means the data is corrupt (as opposed to the disk being busy, full
 /// or gone for a moment): only then is a build marked damaged.
 fn is_corruption(e: &store::Error) -> bool {
-    matches!(e, store::Error::Sled(sled::Error::Corruption { .. }))
+    e.is_corruption()
 }
 
 /// Folds decoded records one by one and says where the first one that does not fit is.
@@ -57,7 +57,7 @@ fn first_unfoldable(id: BuildId, records: &[(u64, Record)]) -> Option<(u64, Stri
 
 /// Reads one build whole, record by record, and says where it first fails to read, decode
 /// or fold, if it does. `Err` only for a store error that is not corruption.
-pub(super) fn locate(store: &dyn Store, id: BuildId) -> Result<Option<Damage>, Error> {
+pub(super) fn locate(store: &dyn StoreRead, id: BuildId) -> Result<Option<Damage>, Error> {
     let mut decoded = Vec::new();
     let mut next = 0;
     loop {
@@ -122,7 +122,7 @@ pub(super) fn lost_records(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>, 
 
 /// Decodes the damage reports kept in the store; one that does not decode is reported as
 /// damage of its own.
-pub(super) fn stored(store: &dyn Store) -> Result<Vec<(BuildId, Damage)>, store::Error> {
+pub(super) fn stored(store: &dyn StoreRead) -> Result<Vec<(BuildId, Damage)>, store::Error> {
     Ok(store
         .damage()?
         .into_iter()

@@ -20,11 +20,11 @@ const RECORD_BATCH_BYTES: usize = 8 * 1024;
 
 /// The largest piece of log a [`Reader`] returns at once, and of a checksummed log record.
 ///
-/// A listener that stops reading holds about three pieces in the gRPC stack below the service
-/// (one in the encoder's hands, one waiting for flow-control window, the rest of one partly
-/// sent): at 64 KiB a listener cost about 240 KiB, at 16 KiB (one piece, one gRPC message,
-/// one chunk: `proto::codec`) about 100 KiB. `cargo bench --bench listeners` measures it
-/// beside a bare tonic server (BENCHMARKS.md).
+/// A listener that stops reading holds a few pieces in the gRPC stack below the service (one
+/// in the encoder's hands, one waiting for flow-control window, the rest of one partly sent),
+/// so what it costs grows with this size: at 16 KiB a piece is one gRPC message and one chunk
+/// of `proto::codec`. `cargo bench --bench listeners` measures it beside a bare tonic server
+/// (BENCHMARKS.md, "Listeners that stop reading").
 pub const LOG_PIECE_BYTES: usize = 16 * 1024;
 
 impl Journal {

@@ -12,19 +12,24 @@
 //! number not yet durable), and readers see only the records below it. Summaries are written
 //! after the sync of the records they reflect (they are derived, and repaired at open).
 //!
-//! Build output is not in the records: [`Journal::log`] puts the bytes in the build's log
-//! segment, durable before the records that name them (`LogChecked`) are written.
+//! Build output is kept beside the records: [`Journal::log`] puts a chunk of
+//! [`INLINE_LOG_BYTES`] or more in the build's log segment, durable before the records that
+//! name it (`LogChecked`) are written; a smaller chunk is kept in its `Log` record, so that
+//! many builds printing a little each share one sync.
 //!
-//! Files: this one (opening, appends), `read.rs` (durable reads, views, summaries),
-//! `commit.rs` (the committer), `follow.rs` (readers that tail a build), `repair.rs`
-//! (the pass run at open), `damage.rs` (builds the store cannot give back whole), `error.rs`.
+//! Files: this one (opening, appends), `output.rs` (build output), `retention.rs` (what
+//! ended before a cutoff, removal), `read.rs` (durable reads, views, summaries), `commit.rs`
+//! (the committer), `follow.rs` (readers that tail a build), `repair.rs` (the pass run at
+//! open), `damage.rs` (builds the store cannot give back whole), `error.rs`.
 
 mod commit;
 mod damage;
 mod error;
 mod follow;
+mod output;
 mod read;
 mod repair;
+mod retention;
 
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
@@ -39,10 +44,10 @@ pub use follow::{Entry, Follower, LOG_PIECE_BYTES, Reader};
 use crate::build::{BuildId, BuildSpec};
 use crate::machine::Event;
 use crate::now_ms;
-use crate::record::{self, BuilderProgress, OperatorAction, OperatorRequest, Record};
+use crate::record::{OperatorAction, OperatorRequest, Record};
 use crate::store::{self, LogBytes, SledStore, Store, WriteBatch};
+use crate::view::BuildView;
 pub use crate::view::Damage;
-use crate::view::{BuildView, Summary};
 pub use damage::damage_reports;
 pub use error::Error;
 use read::decode_records;
@@ -126,8 +131,8 @@ impl Journal {
             );
         }
         *shared.damaged.lock() = damaged.into_iter().collect();
-        let committer = Committer::start(&shared)
-            .map_err(|e| Error::Store(Arc::new(store::Error::Sled(sled::Error::Io(e)))))?;
+        let committer =
+            Committer::start(&shared).map_err(|e| Error::Store(Arc::new(store::Error::Io(e))))?;
         let committer = Arc::new(committer);
         Ok(Self { committer, shared })
     }
@@ -238,183 +243,6 @@ impl Journal {
             |_| (),
         )
         .await
-    }
-
-    /// Removes a finished build and its log for good (retention). Refused for a build that has
-    /// not ended.
-    pub async fn remove(&self, id: BuildId) -> Result<()> {
-        let pending = {
-            // A damaged build goes whatever its phase: it never moves again.
-            let (mut heads, view) = if self.damage(id).is_some() {
-                (self.lock_heads(), None)
-            } else {
-                let (heads, view) = self.lock_head(id)?;
-                (heads, Some(view))
-            };
-            if let Some(view) = view.as_ref().filter(|v| !v.phase().is_final()) {
-                return Err(Error::Illegal {
-                    id,
-                    source: crate::machine::IllegalTransition {
-                        phase: view.phase(),
-                        event: "removed",
-                    },
-                });
-            }
-            heads.remove(&id);
-            self.shared.removed.lock().insert(id);
-            // A damaged build's index entry, if any, goes at the next sweep (found stale).
-            let ended = view
-                .and_then(|v| v.finished_at_ms())
-                .map(|at| ((at, id), false));
-            let batch = WriteBatch {
-                removed_builds: vec![id],
-                finished: ended.into_iter().collect(),
-                ..WriteBatch::default()
-            };
-            self.committer
-                .queue(&self.shared, Vec::new(), batch, false)?
-        };
-        self.wait(pending).await?;
-        self.lock_damaged().remove(&id);
-        Ok(())
-    }
-
-    /// What retention removes at `cutoff_ms`: builds that ended before it, and damaged
-    /// builds known damaged since before it, oldest first. Read from the store's index of
-    /// finished builds by end time, so a sweep reads the summaries of the builds it finds
-    /// and no other (a store without a complete index is read summary by summary once, and
-    /// its index completed). Entries found stale (their build removed, or retried since) are
-    /// dropped from the index.
-    pub async fn ended_before(&self, cutoff_ms: i64) -> Result<Vec<BuildId>> {
-        let store = &self.shared.store;
-        let entries = match store.finished_before(cutoff_ms)? {
-            Some(entries) => entries,
-            None => {
-                let all: Vec<store::Ended> = self
-                    .summaries()?
-                    .into_iter()
-                    .filter(|s| s.damage.is_none() && s.phase.is_final())
-                    .filter_map(|s| Some((s.finished_at_ms?, s.id)))
-                    .collect();
-                store.complete_finished_index(&all)?;
-                tracing::info!(
-                    finished = all.len(),
-                    "indexed the finished builds of a store written before the index existed"
-                );
-                let mut before: Vec<_> =
-                    all.into_iter().filter(|(at, _)| *at < cutoff_ms).collect();
-                before.sort();
-                before
-            }
-        };
-        let damaged: HashMap<BuildId, i64> = self
-            .lock_damaged()
-            .iter()
-            .map(|(id, damage)| (*id, damage.found_at_ms))
-            .collect();
-        let mut ended = Vec::new();
-        let mut stale = WriteBatch::default();
-        for (at, id) in entries {
-            if damaged.contains_key(&id) {
-                // A damaged build goes by when it was found damaged (below).
-                continue;
-            }
-            let current: Option<Summary> = store
-                .summary(id)?
-                .and_then(|bytes| record::decode(&bytes).ok());
-            match current {
-                Some(s) if s.phase.is_final() && s.finished_at_ms == Some(at) => ended.push(id),
-                _ => stale.finished.push(((at, id), false)),
-            }
-        }
-        ended.extend(
-            damaged
-                .iter()
-                .filter(|(_, found_at)| **found_at < cutoff_ms)
-                .map(|(id, _)| *id),
-        );
-        if !stale.is_empty() {
-            tracing::debug!(
-                stale = stale.finished.len(),
-                "dropping stale entries of the index of finished builds"
-            );
-            self.committer
-                .queue(&self.shared, Vec::new(), stale, false)?
-                .wait()
-                .await?;
-        }
-        Ok(ended)
-    }
-
-    /// Appends bytes to a build's log; returns the offset they start at. Resolves once the
-    /// bytes and their records are durable. A chunk of [`INLINE_LOG_BYTES`] or more goes into
-    /// the build's segment, named by one checksummed record per [`LOG_PIECE_BYTES`] (so a
-    /// reader checks a piece before serving it); a smaller one is kept in the record itself,
-    /// so that many builds printing a little each share one sync instead of one each.
-    pub async fn log(&self, id: BuildId, data: Vec<u8>) -> Result<u64> {
-        self.log_with_progress(id, data, None).await
-    }
-
-    /// Journals how far the current attempt's builder has got: before the builder is made
-    /// (`consumed` 0), so that a restart finds it by the journaled name.
-    pub async fn builder_progress(&self, id: BuildId, progress: BuilderProgress) -> Result<()> {
-        self.append_with(id, |_, _| Ok(vec![Record::BuilderOutput(progress)]), |_| ())
-            .await
-    }
-
-    /// [`Journal::log`], and in the same commit how far those bytes took the output of the
-    /// attempt's builder (`progress`): a restart then reads that output on from exactly
-    /// there. Empty `data` journals the progress alone.
-    pub async fn log_with_progress(
-        &self,
-        id: BuildId,
-        data: Vec<u8>,
-        progress: Option<BuilderProgress>,
-    ) -> Result<u64> {
-        let mut offset = 0;
-        let len = data.len() as u64;
-        let mut bytes = Some(data);
-        self.append_with(
-            id,
-            |view, logs| {
-                offset = view.log_len;
-                let data = bytes.take().unwrap_or_default();
-                let progress = progress.map(Record::BuilderOutput);
-                if data.is_empty() {
-                    return Ok(progress.into_iter().collect());
-                }
-                if data.len() < INLINE_LOG_BYTES {
-                    return Ok(std::iter::once(Record::Log { offset, data })
-                        .chain(progress)
-                        .collect());
-                }
-                let mut records: Vec<Record> = data
-                    .chunks(LOG_PIECE_BYTES)
-                    .scan(offset, |at, piece| {
-                        let record = Record::LogChecked {
-                            offset: *at,
-                            len: piece.len() as u64,
-                            crc32: crc32fast::hash(piece),
-                        };
-                        *at += piece.len() as u64;
-                        Some(record)
-                    })
-                    .collect();
-                records.extend(progress);
-                logs.push(LogBytes {
-                    id,
-                    offset,
-                    bytes: data,
-                });
-                Ok(records)
-            },
-            |_| (),
-        )
-        .await?;
-        if let Some(observer) = self.shared.observer.get() {
-            observer.log_written(len);
-        }
-        Ok(offset)
     }
 
     async fn append(
@@ -555,6 +383,8 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::machine::Phase;
+    use crate::record::{self, BuilderProgress};
+    use crate::store::StoreWrite;
     use crate::testing::{new_build, spec};
 
     #[tokio::test]
@@ -651,11 +481,8 @@ mod tests {
             assert_eq!(ids, [queued, running]);
         }
         // A store as a release before the index left it: no index at all.
-        {
-            let db = sled::open(dir.path()).unwrap();
-            assert!(db.drop_tree("unfinished.v1").unwrap());
-            db.flush().unwrap();
-        }
+        let dropped = crate::testing::when_unlocked(|| store::drop_index_tree(dir.path(), true));
+        assert!(dropped);
         let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
         assert_eq!(journal.shared.store.unfinished().unwrap(), None);
         let ids: Vec<BuildId> = journal.unfinished().unwrap().iter().map(|v| v.id).collect();
@@ -713,11 +540,8 @@ mod tests {
             assert_eq!(indexed(&journal), [failed], "ended again: indexed again");
         }
         // A store as a release before the index left it: no index at all.
-        {
-            let db = crate::testing::when_unlocked(|| sled::open(dir.path()));
-            assert!(db.drop_tree("finished.v1").unwrap());
-            db.flush().unwrap();
-        }
+        let dropped = crate::testing::when_unlocked(|| store::drop_index_tree(dir.path(), false));
+        assert!(dropped);
         let journal = crate::testing::when_unlocked(|| Journal::open(dir.path()));
         assert_eq!(
             journal.shared.store.finished_before(i64::MAX).unwrap(),

@@ -19,6 +19,8 @@ mod witness;
 use std::path::{Path, PathBuf};
 
 pub use sled_store::SledStore;
+#[cfg(test)]
+pub(crate) use sled_store::drop_index_tree;
 pub use witness::Witnessed;
 
 use crate::build::BuildId;
@@ -26,9 +28,16 @@ use crate::build::BuildId;
 /// The disk failed us.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The embedded database reported an error.
+    /// The database's files are not as it wrote them (a checksum or a structure did not
+    /// hold): the data is corrupt, not merely out of reach.
+    #[error("store: corrupt: {0}")]
+    Corrupt(String),
+    /// The database could not read or write its files.
+    #[error("store: I/O error: {0}")]
+    Io(#[source] std::io::Error),
+    /// The database failed otherwise (an operation it does not support, a bug it reports).
     #[error("store: {0}")]
-    Sled(#[from] sled::Error),
+    Database(String),
     /// A key that this store did not write.
     #[error("store: malformed key of {len} bytes in {keyspace}")]
     BadKey {
@@ -108,8 +117,8 @@ impl Error {
         match self {
             Error::Segment { source, .. }
             | Error::Witness { source, .. }
-            | Error::Wal { source, .. } => Some(source),
-            Error::Sled(sled::Error::Io(e)) => Some(e),
+            | Error::Wal { source, .. }
+            | Error::Io(source) => Some(source),
             _ => None,
         }
     }
@@ -123,6 +132,12 @@ impl Error {
             | Error::DiskFull { path, .. } => Some(path),
             _ => None,
         }
+    }
+
+    /// Whether the data is corrupt (as opposed to the disk being busy, full or gone for a
+    /// moment).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corrupt(_))
     }
 
     /// Whether the file system ran out of space (or quota).
@@ -244,33 +259,17 @@ impl WriteBatch {
     }
 }
 
-/// Durable storage for journals. Records become visible at once and durable at
-/// [`Store::sync`]; log bytes are durable when [`Store::append_logs`] returns, so the journal
-/// writes a record naming log bytes only after they are on disk.
-pub trait Store: Send + Sync + 'static {
-    /// Writes log bytes into their builds' segments and makes them durable.
-    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error>;
-    /// Applies a batch of records (not yet durable).
-    fn write(&self, batch: WriteBatch) -> Result<(), Error>;
-    /// Makes every record written so far durable.
-    fn sync(&self) -> Result<(), Error>;
-    /// Seals what is durable so far for a checkpoint into the store's long-term form (a
-    /// write-ahead log into sled) when one is due, so that an open has little to replay.
-    /// Quick; returns whether sealed data waits for [`Store::write_sealed`]. Call it between
-    /// commits, never in the middle of one.
-    fn seal_if_due(&self) -> Result<bool, Error> {
-        Ok(false)
-    }
-    /// Writes what [`Store::seal_if_due`] sealed into the long-term form: slow, so call it
-    /// off the commit path. Nothing to do when nothing is sealed.
-    fn write_sealed(&self) -> Result<(), Error> {
-        Ok(())
-    }
-    /// Everything durable so far into the long-term form, now, whether due or not (a clean
-    /// stop).
-    fn checkpoint(&self) -> Result<(), Error> {
-        Ok(())
-    }
+/// Durable storage for journals, in the roles its callers use: reading what is durable
+/// ([`StoreRead`]: the store inspector needs no more), writing it ([`StoreWrite`]) and what
+/// an open checks ([`StoreRecovery`]). The journal holds all three. Records become visible at once and
+/// durable at [`StoreWrite::sync`]; log bytes are durable when [`StoreWrite::append_logs`]
+/// returns, so the journal writes a record naming log bytes only after they are on disk.
+pub trait Store: StoreRead + StoreWrite + StoreRecovery + 'static {}
+
+impl<T: StoreRead + StoreWrite + StoreRecovery + 'static> Store for T {}
+
+/// Reading what the store holds, its indexes included.
+pub trait StoreRead: Send + Sync {
     /// A build's records with sequence numbers in `seqs`, in order, stopping after the
     /// record that brings the total size to `max_bytes` or more (at least one record; each
     /// counts as [`RECORD_FLOOR_BYTES`] at least). Nothing past `seqs.end` is read.
@@ -283,12 +282,6 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `len` bytes of a build's log segment from `offset`; fewer only where the
     /// segment ends.
     fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error>;
-    /// Refuses a new build when the store's file system has less than
-    /// [`NEW_BUILD_RESERVED_BYTES`] free.
-    fn ensure_room_for_build(&self) -> Result<(), Error>;
-    /// Removes the log segments of builds not in `keep` (left by a removal that crashed
-    /// between its records and its segment). Returns how many went.
-    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, Error>;
     /// The sequence number of a build's last record.
     fn last_seq(&self, id: BuildId) -> Result<Option<u64>, Error>;
     /// Every build that has records, oldest first.
@@ -297,42 +290,68 @@ pub trait Store: Send + Sync + 'static {
     fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error>;
     /// Every summary, newest build first.
     fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+    /// Every damage report, by build.
+    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+    /// Bytes the store takes on disk.
+    fn size_on_disk(&self) -> Result<u64, Error>;
     /// The builds the index of unfinished builds names, oldest first; `None` while the store
     /// has no complete index (one written before the index existed): the journal then finds
     /// them from every summary and completes the index with
-    /// [`Store::complete_unfinished_index`].
+    /// [`StoreWrite::complete_unfinished_index`].
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error>;
-    /// Completes the index of unfinished builds with `ids`, found from every summary.
-    fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error>;
     /// The entries of the index of finished builds that ended before `cutoff_ms`, oldest
     /// first; `None` while the store has no complete index (one written before it existed):
     /// the journal then finds them from every summary and completes the index with
-    /// [`Store::complete_finished_index`]. An entry may be stale (its build removed, or
-    /// retried since): the reader checks each against the build's summary.
+    /// [`StoreWrite::complete_finished_index`]. An entry may be stale (its build removed,
+    /// or retried since): the reader checks each against the build's summary.
     fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error>;
+}
+
+/// Writing: records, log bytes, the indexes completed, and the checkpoints that move them
+/// into long-term form.
+pub trait StoreWrite: Send + Sync {
+    /// Writes log bytes into their builds' segments and makes them durable.
+    fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error>;
+    /// Applies a batch of records (not yet durable).
+    fn write(&self, batch: WriteBatch) -> Result<(), Error>;
+    /// Makes every record written so far durable.
+    fn sync(&self) -> Result<(), Error>;
+    /// Seals what is durable so far for a checkpoint into the store's long-term form (a
+    /// write-ahead log into sled) when one is due, so that an open has little to replay.
+    /// Quick; returns whether sealed data waits for [`StoreWrite::write_sealed`]. Call it
+    /// between commits, never in the middle of one.
+    fn seal_if_due(&self) -> Result<bool, Error>;
+    /// Writes what [`StoreWrite::seal_if_due`] sealed into the long-term form: slow, so call
+    /// it off the commit path. Nothing to do when nothing is sealed.
+    fn write_sealed(&self) -> Result<(), Error>;
+    /// Everything durable so far into the long-term form, now, whether due or not (a clean
+    /// stop).
+    fn checkpoint(&self) -> Result<(), Error>;
+    /// Refuses a new build when the store's file system has less than
+    /// [`NEW_BUILD_RESERVED_BYTES`] free.
+    fn ensure_room_for_build(&self) -> Result<(), Error>;
+    /// Removes the log segment of `id` if there is one (a removal cut short by a crash).
+    fn remove_log(&self, id: BuildId) -> Result<(), Error>;
+    /// Removes the log segments of builds not in `keep` (left by a removal that crashed
+    /// between its records and its segment). Returns how many went.
+    fn prune_logs(&self, keep: &[BuildId]) -> Result<usize, Error>;
+    /// Completes the index of unfinished builds with `ids`, found from every summary.
+    fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error>;
     /// Completes the index of finished builds with `entries`, found from every summary.
     fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error>;
-    /// Bytes the store takes on disk.
-    fn size_on_disk(&self) -> Result<u64, Error>;
-    /// Every damage report, by build.
-    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error>;
+}
+
+/// What an open checks: the witness of what was made durable before it.
+pub trait StoreRecovery: Send + Sync {
     /// What the store's witness saw made durable before this open (see `witness.rs`): the
-    /// journal compares it with what the store holds now. Empty for a store without one.
-    fn witnessed(&self) -> Vec<(BuildId, Witnessed)> {
-        Vec::new()
-    }
-    /// Starts witnessing afresh, once what [`Store::witnessed`] returned was checked and any
-    /// damage it showed is durable. Until then nothing is witnessed.
-    fn start_witness(&self) -> Result<(), Error> {
-        Ok(())
-    }
+    /// journal compares it with what the store holds now.
+    fn witnessed(&self) -> Vec<(BuildId, Witnessed)>;
+    /// Starts witnessing afresh, once what [`StoreRecovery::witnessed`] returned was checked
+    /// and any damage it showed is durable. Until then nothing is witnessed.
+    fn start_witness(&self) -> Result<(), Error>;
     /// The builds written since the last open's checks (named by the witness, or by the
     /// write-ahead log replayed at this open): the only ones whose summaries may lag their
     /// records, or whose removal may have left a log segment behind. `None` when the store
-    /// cannot tell (a store without a witness), and every build must be checked.
-    fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
-        None
-    }
-    /// Removes the log segment of `id` if there is one (a removal cut short by a crash).
-    fn remove_log(&self, id: BuildId) -> Result<(), Error>;
+    /// cannot tell, and every build must be checked.
+    fn written_since_last_open(&self) -> Option<Vec<BuildId>>;
 }

@@ -3,20 +3,42 @@
 //! live write path through the log and the pending overlay).
 
 mod checkpoint;
+mod index;
+#[cfg(test)]
+pub(crate) use index::drop_index_tree;
+mod keys;
+mod read;
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::pending::{self, Pending};
+use super::pending::Pending;
 use super::segments::Segments;
 use super::wal::{self, Wal};
 use super::witness::{self, Witness, Witnessed};
 use super::{
-    Ended, Error, LogBytes, NEW_BUILD_RESERVED_BYTES, RECORD_FLOOR_BYTES, Store, WriteBatch,
-    ensure_room,
+    Ended, Error, LogBytes, NEW_BUILD_RESERVED_BYTES, StoreRead, StoreRecovery, StoreWrite,
+    WriteBatch, ensure_room,
 };
 use crate::build::BuildId;
+use index::{index_batch, set_index_key};
+use keys::{
+    DAMAGE_TREE, FINISHED_TREE, JOURNAL_TREE, LOGS_DIR, RUN_BYTES, RUN_RECORDS, SUMMARY_TREE,
+    UNFINISHED_TREE, encode_run, finished_key, record_key, run_key, split_record_key,
+    stored_records,
+};
+
+/// sled's errors as the store's own: only this folder knows sled.
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(e) => Error::Io(e),
+            e @ sled::Error::Corruption { .. } => Error::Corrupt(e.to_string()),
+            e => Error::Database(e.to_string()),
+        }
+    }
+}
 
 /// [`Store`] on sled: tree `journal.v1` keyed by build id and big-endian sequence number, tree
 /// `summary.v1` keyed by build id. Build ids are UUIDv7, so key order is creation order. Log
@@ -57,206 +79,6 @@ pub struct SledStore {
     removal_gate: Mutex<()>,
     /// The builds written since the last open's checks, if the store can tell.
     written_since_last_open: Option<Vec<BuildId>>,
-}
-
-const JOURNAL_TREE: &str = "journal.v1";
-/// The folder of log segments inside the store's folder.
-const LOGS_DIR: &str = "logs";
-const SUMMARY_TREE: &str = "summary.v1";
-const UNFINISHED_TREE: &str = "unfinished.v1";
-/// The key that says the index of unfinished builds is complete (not a build id's length).
-const INDEX_COMPLETE: &[u8] = b"complete";
-const DAMAGE_TREE: &str = "damage.v1";
-const FINISHED_TREE: &str = "finished.v1";
-
-/// The key of an entry of the index of finished builds: the time, big-endian with its sign
-/// bit flipped (so keys sort by it, times before the epoch included), and the build.
-fn finished_key((at_ms, id): Ended) -> [u8; 24] {
-    let mut key = [0u8; 24];
-    key[..8].copy_from_slice(&((at_ms as u64) ^ SIGN_BIT).to_be_bytes());
-    key[8..].copy_from_slice(id.as_bytes());
-    key
-}
-
-const SIGN_BIT: u64 = 1 << 63;
-
-fn split_finished_key(key: &[u8]) -> Result<Ended, Error> {
-    let (at, id) = split_key::<8, 16>(FINISHED_TREE, key)?;
-    Ok((
-        (u64::from_be_bytes(at) ^ SIGN_BIT) as i64,
-        BuildId::from_bytes(id),
-    ))
-}
-
-fn record_key(id: BuildId, seq: u64) -> [u8; 24] {
-    let mut key = [0u8; 24];
-    key[..16].copy_from_slice(id.as_bytes());
-    key[16..].copy_from_slice(&seq.to_be_bytes());
-    key
-}
-
-/// The last byte of a run's key: the key of the run's last record, then this (a single
-/// record's key has no 25th byte), so a run sorts right after where its last record would.
-const RUN_MARK: u8 = 1;
-
-/// A checkpoint writes each build's records as runs of this many records at most (one sled
-/// value each instead of one per record: sled copies a node per insert and writes every value
-/// into its own log, and keeps a page entry per node in memory) ...
-const RUN_RECORDS: usize = 8;
-
-/// ... and of about this many bytes at most. Both bound what a damaged value costs its build:
-/// sled drops a value whose checksum fails, with all it wrote after it.
-const RUN_BYTES: usize = 64 << 10;
-
-/// The key of a run of a build's records whose last record is `last`.
-fn run_key(id: BuildId, last: u64) -> [u8; 25] {
-    let mut key = [RUN_MARK; 25];
-    key[..24].copy_from_slice(&record_key(id, last));
-    key
-}
-
-/// The build and sequence number of a key of the journal tree: a record's, or the last
-/// record's of a run.
-fn split_record_key(key: &[u8]) -> Result<(BuildId, u64), Error> {
-    let key = match key {
-        [record @ .., RUN_MARK] if record.len() == 24 => record,
-        _ => key,
-    };
-    let (id, seq) = split_key::<16, 8>(JOURNAL_TREE, key)?;
-    Ok((BuildId::from_bytes(id), u64::from_be_bytes(seq)))
-}
-
-/// A run's value: for each record, its sequence number (8 bytes, little endian), its length
-/// (4) and its bytes.
-fn encode_run(records: &[(u64, &[u8])]) -> Vec<u8> {
-    let size = records.iter().map(|(_, r)| 12 + r.len()).sum();
-    let mut value = Vec::with_capacity(size);
-    for (seq, record) in records {
-        value.extend_from_slice(&seq.to_le_bytes());
-        value.extend_from_slice(&(record.len() as u32).to_le_bytes());
-        value.extend_from_slice(record);
-    }
-    value
-}
-
-/// The records an entry of the journal tree holds, in order: one for a record's key, the
-/// run's for a run's. A run that does not parse is corruption (sled's checksums passed, so
-/// the bytes are as written, but not as this store writes them).
-fn stored_records<'a>(key: &[u8], value: &'a [u8]) -> Result<Vec<(u64, &'a [u8])>, Error> {
-    let (_, last) = split_record_key(key)?;
-    if key.len() == 24 {
-        return Ok(vec![(last, value)]);
-    }
-    let corrupt = || Error::Sled(sled::Error::Corruption { at: None, bt: () });
-    let mut records = Vec::new();
-    let mut rest = value;
-    while !rest.is_empty() {
-        let (seq, tail) = rest.split_at_checked(8).ok_or_else(corrupt)?;
-        let (len, tail) = tail.split_at_checked(4).ok_or_else(corrupt)?;
-        let seq = u64::from_le_bytes(seq.try_into().map_err(|_| corrupt())?);
-        let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt())?) as usize;
-        let (record, tail) = tail.split_at_checked(len).ok_or_else(corrupt)?;
-        records.push((seq, record));
-        rest = tail;
-    }
-    if records.last().map(|(seq, _)| *seq) != Some(last) {
-        return Err(corrupt());
-    }
-    Ok(records)
-}
-
-/// A key of exactly `A` + `B` bytes, in its two parts.
-fn split_key<const A: usize, const B: usize>(
-    keyspace: &'static str,
-    key: &[u8],
-) -> Result<([u8; A], [u8; B]), Error> {
-    let bad = || Error::BadKey {
-        keyspace,
-        len: key.len(),
-    };
-    if key.len() != A + B {
-        return Err(bad());
-    }
-    let (a, b) = key.split_at(A);
-    Ok((
-        a.try_into().map_err(|_| bad())?,
-        b.try_into().map_err(|_| bad())?,
-    ))
-}
-
-fn id_key(keyspace: &'static str, key: &[u8]) -> Result<BuildId, Error> {
-    let id: [u8; 16] = key.try_into().map_err(|_| Error::BadKey {
-        keyspace,
-        len: key.len(),
-    })?;
-    Ok(BuildId::from_bytes(id))
-}
-
-/// Reads an index (a tree of keys alone, holding [`INDEX_COMPLETE`] once it names every
-/// build it should) below `end`, with the `pending` puts (`true`) and removals over it, in
-/// key order; `None` while it is incomplete. Read `pending` before calling: a checkpoint
-/// between the two reads then shows an entry twice, never not at all.
-fn read_index<K: Ord>(
-    tree: &sled::Tree,
-    end: Option<&[u8]>,
-    decode: impl Fn(&[u8]) -> Result<K, Error>,
-    pending: impl IntoIterator<Item = (K, bool)>,
-) -> Result<Option<Vec<K>>, Error> {
-    if !tree.contains_key(INDEX_COMPLETE)? {
-        return Ok(None);
-    }
-    let keys = match end {
-        Some(end) => tree.range(..end),
-        None => tree.iter(),
-    };
-    let mut entries = std::collections::BTreeSet::new();
-    for key in keys.keys() {
-        let key = key?;
-        if key.as_ref() != INDEX_COMPLETE {
-            entries.insert(decode(&key)?);
-        }
-    }
-    for (entry, put) in pending {
-        if put {
-            entries.insert(entry);
-        } else {
-            entries.remove(&entry);
-        }
-    }
-    Ok(Some(entries.into_iter().collect()))
-}
-
-/// Puts `keys` into an index and marks it complete.
-fn complete_index<K: AsRef<[u8]>>(
-    tree: &sled::Tree,
-    keys: impl IntoIterator<Item = K>,
-) -> Result<(), Error> {
-    let mut batch = index_batch(keys.into_iter().map(|key| (key, true)));
-    batch.insert(INDEX_COMPLETE, &[][..]);
-    Ok(tree.apply_batch(batch)?)
-}
-
-/// Puts (`true`) or removes one key of an index.
-fn set_index_key(tree: &sled::Tree, key: &[u8], put: bool) -> Result<(), Error> {
-    if put {
-        tree.insert(key, &[][..])?;
-    } else {
-        tree.remove(key)?;
-    }
-    Ok(())
-}
-
-/// A batch that puts (`true`) or removes keys of an index.
-fn index_batch<K: AsRef<[u8]>>(entries: impl IntoIterator<Item = (K, bool)>) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (key, put) in entries {
-        if put {
-            batch.insert(key.as_ref(), &[][..]);
-        } else {
-            batch.remove(key.as_ref());
-        }
-    }
-    batch
 }
 
 /// The most sled keeps of the store in memory (its page cache). sled's default, 1 GiB, let
@@ -367,7 +189,7 @@ impl Drop for SledStore {
     }
 }
 
-impl Store for SledStore {
+impl StoreWrite for SledStore {
     fn append_logs(&self, logs: &[LogBytes]) -> Result<(), Error> {
         self.segments.append(logs)
     }
@@ -444,52 +266,6 @@ impl Store for SledStore {
         self.checkpoint_now()
     }
 
-    fn records(
-        &self,
-        id: BuildId,
-        seqs: std::ops::Range<u64>,
-        max_bytes: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
-        // Pending first, then sled: see `pending.rs`.
-        let pending = self
-            .pending
-            .lock()
-            .records(id, seqs.clone(), max_bytes, RECORD_FLOOR_BYTES);
-        // From the first key whose last record is at or past the start (a run that holds
-        // the start has its key there), in order: each record lives in one key.
-        let mut out = Vec::new();
-        let mut size = 0usize;
-        'keys: for entry in self
-            .journal
-            .range(record_key(id, seqs.start).as_slice()..=run_key(id, u64::MAX).as_slice())
-        {
-            let (key, value) = entry?;
-            for (seq, record) in stored_records(&key, &value)? {
-                if seq < seqs.start {
-                    continue;
-                }
-                if seq >= seqs.end {
-                    break 'keys;
-                }
-                size += record.len().max(RECORD_FLOOR_BYTES);
-                out.push((seq, record.to_vec()));
-                if size >= max_bytes {
-                    break 'keys;
-                }
-            }
-        }
-        Ok(pending::merge_records(
-            pending,
-            out,
-            max_bytes,
-            RECORD_FLOOR_BYTES,
-        ))
-    }
-
-    fn read_log(&self, id: BuildId, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        self.segments.read(id, offset, len)
-    }
-
     fn ensure_room_for_build(&self) -> Result<(), Error> {
         let dir = self.segments.dir.parent().unwrap_or(&self.segments.dir);
         ensure_room(dir, "a new build", 0, NEW_BUILD_RESERVED_BYTES)
@@ -506,102 +282,20 @@ impl Store for SledStore {
         Ok(pruned)
     }
 
-    fn last_seq(&self, id: BuildId) -> Result<Option<u64>, Error> {
-        let pending = self.pending.lock().last_seq(id);
-        let stored = match self.journal.scan_prefix(id.as_bytes()).next_back() {
-            Some(entry) => Some(split_record_key(&entry?.0)?.1),
-            None => None,
-        };
-        Ok(pending.max(stored))
-    }
-
-    fn journal_ids(&self) -> Result<Vec<BuildId>, Error> {
-        // Pending first, then sled: see `pending.rs`.
-        let pending = self.pending.lock().ids();
-        let mut ids = Vec::new();
-        let mut next = self.journal.first()?;
-        while let Some((key, _)) = next {
-            let (id, _) = split_record_key(&key)?;
-            ids.push(id);
-            // Skip the rest of this build's records in one seek.
-            next = self.journal.get_gt(run_key(id, u64::MAX))?;
-        }
-        if pending.iter().any(|id| ids.binary_search(id).is_err()) {
-            ids.extend(pending);
-            ids.sort();
-            ids.dedup();
-        }
-        Ok(ids)
-    }
-
-    fn summary(&self, id: BuildId) -> Result<Option<Vec<u8>>, Error> {
-        if let Some(summary) = self.pending.lock().summary(id) {
-            return Ok(Some(summary));
-        }
-        Ok(self.summary.get(id.as_bytes())?.map(|v| v.to_vec()))
-    }
-
-    fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error> {
-        // Pending first: a checkpoint between the two reads writes the same flags to sled.
-        let pending = self.pending.lock().unfinished();
-        read_index(
-            &self.unfinished,
-            None,
-            |key| id_key(UNFINISHED_TREE, key),
-            pending,
-        )
+    fn remove_log(&self, id: BuildId) -> Result<(), Error> {
+        self.segments.remove(id)
     }
 
     fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error> {
-        complete_index(&self.unfinished, ids.iter().map(|id| *id.as_bytes()))
-    }
-
-    fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error> {
-        // Pending first: a checkpoint between the two reads writes the same entries to sled.
-        let pending = self.pending.lock().finished_before(cutoff_ms);
-        let end = finished_key((cutoff_ms, BuildId::from_bytes([0; 16])));
-        read_index(&self.finished, Some(&end), split_finished_key, pending)
+        self.complete_unfinished(ids)
     }
 
     fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error> {
-        complete_index(&self.finished, entries.iter().map(|&e| finished_key(e)))
+        self.complete_finished(entries)
     }
+}
 
-    fn size_on_disk(&self) -> Result<u64, Error> {
-        Ok(self.db.size_on_disk()? + self.segments.size())
-    }
-
-    fn summaries(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
-        let mut pending = self.pending.lock().summaries();
-        let stored = self
-            .summary
-            .iter()
-            .rev()
-            .map(|entry| {
-                let (key, value) = entry?;
-                let id = id_key(SUMMARY_TREE, &key)?;
-                Ok((id, pending.remove(&id).unwrap_or_else(|| value.to_vec())))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        if pending.is_empty() {
-            return Ok(stored);
-        }
-        let mut all = stored;
-        all.extend(pending);
-        all.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
-        Ok(all)
-    }
-
-    fn damage(&self) -> Result<Vec<(BuildId, Vec<u8>)>, Error> {
-        self.damage
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok((id_key(DAMAGE_TREE, &key)?, value.to_vec()))
-            })
-            .collect()
-    }
-
+impl StoreRecovery for SledStore {
     fn witnessed(&self) -> Vec<(BuildId, Witnessed)> {
         self.witnessed.clone()
     }
@@ -615,15 +309,12 @@ impl Store for SledStore {
     fn written_since_last_open(&self) -> Option<Vec<BuildId>> {
         self.written_since_last_open.clone()
     }
-
-    fn remove_log(&self, id: BuildId) -> Result<(), Error> {
-        self.segments.remove(id)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::RECORD_FLOOR_BYTES;
 
     /// The write-ahead log files of a store as they were at one moment, to put back into a
     /// crash copy: a crash after a checkpoint's flush, before its log file was removed.
@@ -810,7 +501,7 @@ mod tests {
         let reopened = SledStore::open(&crashed).unwrap();
         assert!(matches!(
             reopened.records(id, 0..u64::MAX, usize::MAX),
-            Err(Error::Sled(sled::Error::Corruption { .. }))
+            Err(Error::Corrupt(_))
         ));
         assert_eq!(
             reopened
@@ -832,12 +523,8 @@ mod tests {
             stored_records(&run_key(id, 5), &run).unwrap(),
             [(4, &b"four"[..]), (5, &b"five"[..])]
         );
-        let corrupt = |key: &[u8], value: &[u8]| {
-            matches!(
-                stored_records(key, value),
-                Err(Error::Sled(sled::Error::Corruption { .. }))
-            )
-        };
+        let corrupt =
+            |key: &[u8], value: &[u8]| matches!(stored_records(key, value), Err(Error::Corrupt(_)));
         assert!(corrupt(&run_key(id, 5), &run[..run.len() - 1]), "cut short");
         assert!(corrupt(&run_key(id, 5), &run[..10]), "cut in a header");
         assert!(
