@@ -2,8 +2,7 @@
 //! commands; `scenario run --target` (with the `scenario` feature) tests a running
 //! installation.
 
-mod cli;
-mod store_cli;
+mod cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,9 +29,9 @@ enum Commands {
     /// Inspect, follow, cancel and retry the builds of a running service (ops API).
     Builds {
         #[command(flatten)]
-        connection: cli::Connection,
+        connection: cmd::builds::Connection,
         #[command(subcommand)]
-        command: cli::BuildsCommand,
+        command: cmd::builds::BuildsCommand,
     },
     /// Read the store of a stopped service (read-only).
     Store {
@@ -157,14 +156,14 @@ fn main() -> ExitCode {
         },
         Commands::Store {
             command: StoreCommand::Inspect { data_dir, build_id },
-        } => store_cli::inspect(&data_dir, build_id.as_deref()),
+        } => cmd::store::inspect(&data_dir, build_id.as_deref()),
         Commands::Store {
             command: StoreCommand::Check { data_dir },
-        } => store_cli::check(&data_dir),
+        } => cmd::store::check(&data_dir),
         Commands::Builds {
             connection,
             command,
-        } => runtime.block_on(cli::run(connection, command)),
+        } => runtime.block_on(cmd::builds::run(connection, command)),
         #[cfg(feature = "scenario")]
         Commands::Scenario {
             command:

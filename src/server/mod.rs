@@ -1,30 +1,23 @@
 //! `image-builder run`: wires config, journal, adapters, orchestrator and the gRPC and metrics
 //! endpoints together, resumes unfinished builds, serves until SIGINT or SIGTERM, then drains.
-//! `grpc.rs` owns the gRPC port.
+//! [`run`] reads top to bottom; `wiring.rs` makes the journal, the adapters and the
+//! orchestrator, `background.rs` the tasks beside the API, `grpc.rs` owns the gRPC port.
 
+mod background;
 mod grpc;
 mod grpc_metrics;
+mod wiring;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use image_builder_state::{BuildId, Journal};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::access::Access;
 use crate::api::{ImageBuilderService, OpsService};
-use crate::config::{BaseImageKey, Config, ExecutorConfig};
-use crate::context::{ContentKeys, GitCheckouts};
-use crate::credentials::Credentials;
-use crate::executor::LocalExecutor;
-use crate::executor::buildah::Buildah;
-use crate::executor::kubernetes::{KnownBuilds, KubernetesExecutor, sweep_orphans};
-use crate::executor::layer_cache::LayerCache;
-use crate::executor::user_namespace::UserNamespace;
-use crate::orchestrator::{Limits, Orchestrator, Repositories};
-use crate::registry::{Registry, RetryPolicy};
-use crate::steps::{BuildBase, ReadSource, Steps};
+use crate::config::Config;
+use crate::orchestrator::Orchestrator;
 use crate::telemetry::{self, Metrics};
 use crate::tls::ServerTls;
 
@@ -42,132 +35,23 @@ pub const BUILDAH_DIR: &str = "buildah";
 /// Where content keys' bare repositories live, under the data dir (`baseImageKey: content`).
 pub const KEYS_DIR: &str = "keys";
 
-/// Runs the service until a shutdown signal.
+/// Runs the service until a shutdown signal: checks the files it needs, opens the store,
+/// makes the adapters and the orchestrator, opens the API once unfinished builds are resumed,
+/// and drains on the way out.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Files that must be usable are checked before anything else starts.
-    let tls = match &config.tls {
-        Some(tls) => Some(Arc::new(
-            ServerTls::load(tls).context("cannot use the `tls` files")?,
-        )),
-        None => None,
-    };
+    let tls = load_tls(&config)?;
     let access = Arc::new(Access::from_config(&config)?);
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create dataDir {}", config.data_dir.display()))?;
-    let store = config.data_dir.join(STORE_DIR);
-    private_dir(&store)?;
-    let opening = std::time::Instant::now();
-    let journal = Journal::open(&store)
-        .with_context(|| format!("cannot open the build store in {}", store.display()))?;
-    let store_open_ms = opening.elapsed().as_millis() as u64;
-    let retry = RetryPolicy {
-        budget: config.registry_retry_budget,
-        ..RetryPolicy::default()
-    };
-    let mut credentials = Credentials::new(
-        config.pull_secret_file.as_deref(),
-        &config.base_image_repository,
-        &config.workspace_image_repository,
-    )
-    .context("cannot use pullSecretFile")?;
-    if config.enable_additional_ecr_auth {
-        credentials = credentials.with_ecr(config.ecr_endpoint.clone());
-    }
-    let credentials = Arc::new(credentials);
     let metrics = Arc::new(Metrics::new());
+    let (journal, store_open_ms) = wiring::open_journal(&config)?;
     journal.observe_commits(Arc::clone(&metrics) as _);
-    let registry = Arc::new(
-        Registry::with_policy(&config.insecure_registries, retry, config.registry_timeout)
-            .with_requests_per_host(config.registry_requests_per_host)
-            .with_metrics(Arc::clone(&metrics)),
-    );
-    let (builder, kubernetes): (Arc<dyn BuildBase>, _) = match &config.executor {
-        ExecutorConfig::Local => {
-            let namespace = UserNamespace::of_current_user()
-                .context("the local executor cannot run builds in a user namespace")?;
-            let buildah = Buildah::new(
-                config.data_dir.join(BUILDAH_DIR),
-                &config.insecure_registries,
-                namespace,
-            )?;
-            let cache = Arc::new(LayerCache::new(
-                buildah,
-                config.layer_cache_size.as_u64(),
-                Some(Arc::clone(&metrics)),
-            ));
-            let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
-            let local = LocalExecutor::new(checkouts, cache, Arc::clone(&credentials));
-            (Arc::new(local), None)
-        }
-        ExecutorConfig::Kubernetes(k8s) => {
-            let executor = Arc::new(
-                KubernetesExecutor::connect(
-                    (**k8s).clone(),
-                    installation_key(&config),
-                    Arc::clone(&credentials),
-                    config.insecure_registries.clone(),
-                )
-                .await
-                .context("cannot use the Kubernetes executor")?,
-            );
-            tracing::info!(
-                namespace = %k8s.namespace,
-                image = %k8s.builder_image,
-                installation = %executor.installation(),
-                "builds run as Kubernetes jobs"
-            );
-            (Arc::clone(&executor) as Arc<dyn BuildBase>, Some(executor))
-        }
-    };
-    let content = match config.base_image_key {
-        BaseImageKey::Mk3 => None,
-        BaseImageKey::Content => {
-            let keys = config.data_dir.join(KEYS_DIR);
-            private_dir(&keys)?;
-            Some(Arc::new(ContentKeys::new(keys)) as Arc<dyn ReadSource>)
-        }
-    };
-    let steps = Steps {
-        resolver: registry.clone(),
-        cache: registry.clone(),
-        builder,
-        pusher: registry,
-        content,
-    };
-    let limits = Limits {
-        build_timeout: config.build_timeout,
-        max_concurrent_builds: config.max_concurrent_builds,
-        max_log_bytes: config.max_log_bytes,
-        allow_local_repositories: config.allow_local_repositories,
-    };
-    let repos = Repositories {
-        base: config.base_image_repository.clone(),
-        workspace: config.workspace_image_repository.clone(),
-    };
-    let orchestrator = Orchestrator::new(
-        journal,
-        steps,
-        credentials,
-        repos,
-        limits,
-        Arc::clone(&metrics),
-    );
-
+    let adapters = wiring::Adapters::make(&config, &metrics).await?;
+    let kubernetes = adapters.kubernetes.clone();
+    let orchestrator = wiring::orchestrator(&config, journal, adapters, &metrics);
     let grpc_listener = telemetry::bind("gRPC", config.grpc_address).await?;
     let grpc_address = grpc_listener.local_addr()?;
     let metrics_listener = telemetry::bind("metrics", config.metrics_address).await?;
-    match &tls {
-        Some(tls) if tls.is_mutual() => {
-            tracing::info!("gRPC speaks TLS and asks every client for a certificate (mTLS)");
-        }
-        Some(_) => tracing::info!("gRPC speaks TLS"),
-        None if !grpc_address.ip().is_loopback() => tracing::warn!(
-            %grpc_address,
-            "gRPC serves plain text on an address other machines reach (allowInsecure): \
-             anyone on the network can read builds and their logs; set `tls`"
-        ),
-        None => {}
-    }
+    say_how_grpc_is_protected(tls.as_deref(), grpc_address);
 
     let shutdown = CancellationToken::new();
     let stop_serving = CancellationToken::new();
@@ -182,11 +66,73 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await?;
     // The API opens once unfinished builds are resumed, so a Build call for a resumed build's
     // image joins it.
+    let resumed = resume(&orchestrator)?;
+    readiness.ready().await;
+    tracing::info!(
+        %grpc_address,
+        metrics_address = %metrics_listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        resumed = resumed.builds,
+        damaged = resumed.damaged,
+        store_open_ms,
+        resume_ms = resumed.took_ms,
+        "image-builder serving"
+    );
+
+    background::start(&orchestrator, &config, kubernetes, &metrics, &shutdown);
+    let metrics_task = tokio::spawn(telemetry::serve_metrics(
+        metrics_listener,
+        metrics,
+        shutdown.clone(),
+    ));
+    let served = drain(&orchestrator, readiness, server, shutdown, stop_serving).await;
+    served.context("the gRPC server task failed")??;
+    let _ = metrics_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The `tls` files, loaded (a bad file stops the start, naming it).
+fn load_tls(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    config
+        .tls
+        .as_ref()
+        .map(|tls| ServerTls::load(tls).map(Arc::new))
+        .transpose()
+        .context("cannot use the `tls` files")
+}
+
+/// Says in the log how the gRPC port is protected, and warns when plain text is served
+/// beyond loopback.
+fn say_how_grpc_is_protected(tls: Option<&ServerTls>, grpc_address: std::net::SocketAddr) {
+    match tls {
+        Some(tls) if tls.is_mutual() => {
+            tracing::info!("gRPC speaks TLS and asks every client for a certificate (mTLS)");
+        }
+        Some(_) => tracing::info!("gRPC speaks TLS"),
+        None if !grpc_address.ip().is_loopback() => tracing::warn!(
+            %grpc_address,
+            "gRPC serves plain text on an address other machines reach (allowInsecure): \
+             anyone on the network can read builds and their logs; set `tls`"
+        ),
+        None => {}
+    }
+}
+
+/// What resuming the unfinished builds found.
+struct Resumed {
+    builds: usize,
+    damaged: usize,
+    took_ms: u64,
+}
+
+/// Resumes every unfinished build (before the API opens) and warns of damaged ones.
+fn resume(orchestrator: &Orchestrator) -> anyhow::Result<Resumed> {
     #[cfg(feature = "failpoints")]
     fail::fail_point!("server.resume");
     let resuming = std::time::Instant::now();
-    let resumed = orchestrator.resume_unfinished()?;
-    let resume_ms = resuming.elapsed().as_millis() as u64;
+    let builds = orchestrator.resume_unfinished()?;
+    let took_ms = resuming.elapsed().as_millis() as u64;
     let damaged = orchestrator.damaged_count();
     if damaged > 0 {
         tracing::warn!(
@@ -196,37 +142,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
              `image-builder store check`, with the service stopped, names every bad record"
         );
     }
-    readiness.ready().await;
-    tracing::info!(
-        %grpc_address,
-        metrics_address = %metrics_listener.local_addr()?,
-        data_dir = %config.data_dir.display(),
-        resumed,
+    Ok(Resumed {
+        builds,
         damaged,
-        store_open_ms,
-        resume_ms,
-        "image-builder serving"
-    );
+        took_ms,
+    })
+}
 
-    tokio::spawn(signal_shutdown(shutdown.clone()));
-    tokio::spawn(retention(
-        orchestrator.clone(),
-        config.retention,
-        shutdown.clone(),
-    ));
-    if let Some(executor) = kubernetes {
-        tokio::spawn(sweep_orphan_jobs(
-            executor,
-            orchestrator.clone(),
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        ));
-    }
-    let metrics_task = tokio::spawn(telemetry::serve_metrics(
-        metrics_listener,
-        metrics,
-        shutdown.clone(),
-    ));
+/// Serves until `shutdown` (or until the server gives up on its own), then drains: health
+/// says `NOT_SERVING`, the port stops taking calls, build steps stop, and what the
+/// write-ahead log holds goes into the store. Returns how the server task ended.
+async fn drain(
+    orchestrator: &Orchestrator,
+    readiness: grpc::Readiness,
+    mut server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+    stop_serving: CancellationToken,
+) -> Result<anyhow::Result<()>, tokio::task::JoinError> {
     let stop_builds = {
         let orchestrator = orchestrator.clone();
         let shutdown = shutdown.clone();
@@ -236,7 +168,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             orchestrator.shutdown(SHUTDOWN_GRACE).await;
         })
     };
-    let mut server = server;
     let served = tokio::select! {
         () = shutdown.cancelled() => {
             // Health says NOT_SERVING before the port stops taking calls, so load balancers
@@ -257,14 +188,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = orchestrator.journal().checkpoint().await {
         tracing::warn!(error = %e, "could not checkpoint the store; the next start replays its log");
     }
-    served.context("the gRPC server task failed")??;
-    let _ = metrics_task.await;
-    tracing::info!("stopped");
-    Ok(())
+    served
 }
 
-/// Removes builds past `retention` in the background, every tenth of it (between 1 s and an
-/// hour).
 /// Makes `dir` (and its parents) and keeps it to the service's user (mode 0700): the data
 /// dir is reachable by the local builder's user namespace, the journal and the content keys'
 /// clones of users' repositories are not.
@@ -273,91 +199,4 @@ fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
         .with_context(|| format!("cannot make {} private to the service", dir.display()))
-}
-
-async fn retention(orchestrator: Orchestrator, retention: Duration, shutdown: CancellationToken) {
-    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = orchestrator.sweep(retention).await {
-            tracing::warn!(error = %e, "retention sweep failed; trying again later");
-        }
-    }
-}
-
-async fn signal_shutdown(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the service");
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown signal received");
-    shutdown.cancel();
-}
-
-/// How often the orphan sweep looks for builder Jobs nobody knows, at most.
-const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(60);
-
-/// Names this installation in the labels of the Kubernetes objects it makes: its
-/// repositories and store, so two installations sharing a namespace leave each other alone.
-fn installation_key(config: &Config) -> String {
-    use sha2::Digest;
-    let store = config
-        .data_dir
-        .canonicalize()
-        .unwrap_or_else(|_| config.data_dir.clone());
-    let mut hash = sha2::Sha256::new();
-    for part in [
-        config.base_image_repository.as_bytes(),
-        config.workspace_image_repository.as_bytes(),
-        store.as_os_str().as_encoded_bytes(),
-    ] {
-        hash.update(part);
-        hash.update([0]);
-    }
-    hex::encode(&hash.finalize()[..8])
-}
-
-impl KnownBuilds for Orchestrator {
-    fn is_unfinished(&self, id: BuildId) -> bool {
-        self.journal()
-            .view(id)
-            .ok()
-            .flatten()
-            .is_some_and(|view| !view.phase().is_final())
-    }
-}
-
-/// Deletes builder Jobs no unfinished build knows, every [`ORPHAN_SWEEP_EVERY`] (or every
-/// `orphanGrace`, when that is shorter).
-async fn sweep_orphan_jobs(
-    executor: Arc<KubernetesExecutor>,
-    orchestrator: Orchestrator,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let every = ORPHAN_SWEEP_EVERY.min(executor.orphan_grace());
-    loop {
-        let deleted = sweep_orphans(&executor, &orchestrator).await;
-        if deleted > 0 {
-            metrics.orphan_jobs_deleted(deleted);
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-    }
 }

@@ -157,7 +157,7 @@ pub fn inspect(data_dir: &Path, build_id: Option<&str>) -> anyhow::Result<()> {
 pub fn check(data_dir: &Path) -> anyhow::Result<()> {
     let store = open(data_dir)?;
     // Counted from the keys alone: `check` is what reads every record.
-    let builds = image_builder_state::Store::journal_ids(&store)?.len();
+    let builds = image_builder_state::store::StoreRead::journal_ids(&store)?.len();
     let problems = inspect::check(&store)?;
     for p in &problems {
         println!("{p}");
