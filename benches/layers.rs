@@ -134,7 +134,7 @@ fn main() {
     });
     service.kill();
     let restarted = Instant::now();
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let resumed = runtime.block_on(async {
         let mut client = service.client().await.unwrap();
         // The same request joins the resumed build and ends with it.

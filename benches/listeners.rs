@@ -82,7 +82,7 @@ fn main() {
     // stays with the allocator and would hide the next turn's cost.
     let mut sides = [Side::default(), Side::default()];
     for _ in 0..rounds {
-        service.restart().unwrap();
+        service.kill_and_restart().unwrap();
         let peer = peer::Process::start(&file);
         for (side, (url, pid)) in sides.iter_mut().zip([
             (service.grpc_url(), service.pid().unwrap()),

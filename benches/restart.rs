@@ -109,7 +109,7 @@ fn main() {
         let first = started.elapsed();
         service.stop();
         let started = Instant::now();
-        service.restart().unwrap();
+        service.kill_and_restart().unwrap();
         let after_term = started.elapsed();
         let term_split = open_and_resume(&service, 2);
         let rss = mib(status_kib(service.pid().unwrap(), "VmRSS:"));
@@ -119,7 +119,7 @@ fn main() {
         let idle_heap = mib(status_kib(service.pid().unwrap(), "RssAnon:"));
         service.kill();
         let started = Instant::now();
-        service.restart().unwrap();
+        service.kill_and_restart().unwrap();
         let after_kill = started.elapsed();
         let kill_split = open_and_resume(&service, 3);
         service.stop();

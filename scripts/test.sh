@@ -19,6 +19,8 @@ fi
 # House rules first, so CI enforces them: formatting, and every lint of [workspace.lints].
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --features image-builder/failpoints,image-builder/scenario -- -D warnings
+# Every doc comment's links resolve: `cargo doc` builds without a warning.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The product carries no test rig: the test kit's dependencies stay out of its tree.
 if cargo tree -e normal -p image-builder --prefix none \
     | grep -E '^(bcrypt|jsonwebtoken|rcgen|image-builder-testkit|image-builder-scenario) '; then

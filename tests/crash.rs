@@ -31,7 +31,7 @@ async fn assert_resumed_to_success(
     rejoin: Option<pb::BuildRequest>,
 ) -> String {
     service.set_env(&[]);
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     if let Some(request) = rejoin {
         // A client coming back while the resumed build runs joins it.

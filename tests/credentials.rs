@@ -155,7 +155,7 @@ async fn credentials_follow_mk3_rules_rotate_without_restart_and_never_leak() {
     // A build that needs its request's credentials, interrupted by a crash, cannot get them
     // back: it fails saying they must be supplied again.
     service.set_env(&[("FAILPOINTS", "transition.resolved.after=pause")]);
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let (_stream, lost_id) = start_build(
         &mut client,
@@ -169,7 +169,7 @@ async fn credentials_follow_mk3_rules_rotate_without_restart_and_never_leak() {
     .await;
     service.kill();
     service.set_env(&[]);
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let lost_log = log_of(&mut client, &lost_id, false).await;
     assert!(

@@ -439,7 +439,7 @@ async fn git_credentials_are_used_for_the_clone_and_never_written() {
     assert!(log.contains("private\n"), "{log}");
 
     // After a restart, nothing has come to rest or shows in a replayed log either.
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let replayed = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
     let metrics = reqwest::get(service.metrics_url())
@@ -589,7 +589,7 @@ async fn a_build_resumed_after_a_restart_asks_again_for_the_password_its_url_car
     let (_stream, id) = start_build(&mut client, head_build(&sent)).await;
     wait_for_log(&mut client, &id, "sleeping-now\n").await;
     service.kill();
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
     assert!(

@@ -115,7 +115,7 @@ impl Rig {
     /// Restarts `service` (after a SIGKILL).
     fn restart(&self, service: &mut Service) {
         service.set_env(&self.env(&[]));
-        service.restart().unwrap();
+        service.kill_and_restart().unwrap();
     }
 
     fn jobs(&self) -> Api<Job> {

@@ -76,7 +76,7 @@ async fn every_listener_gets_the_same_bytes() {
 
     let after = collect(logs(&mut client, None).await).await;
     let slow = collect(slow).await;
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let after_restart = collect(logs(&mut client, None).await).await;
 

@@ -55,7 +55,7 @@ async fn killed_during_heavy_output_every_byte_seen_is_kept_once_and_listeners_r
     assert!(before.len() >= 20_000, "{} lines seen", before.len());
 
     service.set_env(&[]);
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let responses = build_all(&mut client, head_build(&repo.uri()))
         .await

@@ -384,7 +384,7 @@ async fn jaeger_shows_one_trace_per_attempt_with_a_span_per_state_resumed_runs_i
     tokio::time::sleep(Duration::from_millis(2500)).await;
     drop(stream);
     service.kill();
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut ops = service.ops().await.unwrap();
     let done = eventually("the resumed build ends", async || {
         let build = ops

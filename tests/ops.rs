@@ -136,7 +136,7 @@ async fn a_cancel_interrupted_by_a_crash_still_ends_cancelled() {
     .unwrap();
     service.kill();
     service.set_env(&[]);
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut ops = ops_client(&service).await;
     let mut journal = ops
         .journal(ops::JournalRequest {
@@ -264,7 +264,7 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
         .unwrap();
     wait_for_log(&mut client, &id, "tick-10\n").await;
     service.kill();
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let out = tokio::task::spawn_blocking(move || follower.wait_with_output().unwrap())
         .await
         .unwrap();
@@ -386,7 +386,7 @@ async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
     let whole = build_id(&whole[0]);
     // A clean stop checkpoints: `whole` is in sled's file before what follows.
     service.stop();
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let client = service.client().await.unwrap();
     let mut ops = ops_client(&service).await;
     let dockerfile_build = |word: &'static str| {
@@ -427,7 +427,7 @@ async fn a_flipped_byte_in_the_store_loses_no_build_silently() {
     key.extend_from_slice(&(cut_before.records - 1).to_be_bytes());
     flip_at(&service.data_dir().join("store").join("db"), &key);
 
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     wait_for_service_log(&service, "image-builder serving").await;
     assert!(
         service.log().contains("2 builds in the store are damaged"),

@@ -202,7 +202,7 @@ async fn finished_builds_and_their_logs_survive_a_restart() {
         "clean shutdown on SIGTERM: {exit}\n{}",
         service.log()
     );
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let list = client
         .list_builds(pb::ListBuildsRequest {})
@@ -275,7 +275,7 @@ async fn sigkill_in_the_middle_of_a_copy_resumes_under_the_same_build_id() {
         "the stream breaks with the process"
     );
 
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let log = String::from_utf8(logs_all(&mut client, &id).await.unwrap()).unwrap();
     assert!(
@@ -320,7 +320,7 @@ async fn a_client_reconnecting_after_a_restart_joins_the_resumed_build() {
     let (_stream, id) = start_build(&mut client, ref_build(&base)).await;
     service.kill();
 
-    service.restart().unwrap();
+    service.kill_and_restart().unwrap();
     let mut client = service.client().await.unwrap();
     let responses = build_all(&mut client, ref_build(&base)).await.unwrap();
     let last = responses.last().unwrap();

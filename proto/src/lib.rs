@@ -50,7 +50,7 @@ pub mod codec {
         BufferSettings::new(8 * 1024, 16 * 1024)
     }
 
-    /// Prost's codec, encoding with [`settings`].
+    /// Prost's codec, encoding in buffers of 8 KiB handed on at 16 KiB.
     #[derive(Debug, Clone, Copy)]
     pub struct StreamCodec<T, U>(PhantomData<(T, U)>);
 

@@ -4,7 +4,6 @@
 use image_builder_state::view::Summary;
 use image_builder_state::{BuildSource, BuildSpec, CloneTargetMode, DockerfileSource, Phase};
 
-use crate::context;
 use crate::credentials::{BuildSecrets, GitCredentials, UrlUserinfo};
 use crate::credentials::{RequestAuth, Secret, normalize_host};
 use crate::orchestrator::Error;
@@ -162,8 +161,9 @@ fn dockerfile(
         dockerfile_version: f.dockerfile_version.clone(),
         git_auth: git_credentials(git)?.is_some() || userinfo.is_some(),
     };
-    context::validate_paths(&source)
-        .map_err(|e| Error::InvalidRequest(format!("source.file.{e}")))?;
+    if let Some(escape) = source.path_escape() {
+        return Err(Error::InvalidRequest(format!("source.file.{escape}")));
+    }
     Ok((source, userinfo))
 }
 

@@ -156,7 +156,7 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::ResolveBaseImageRequest>,
     ) -> Result<Response<pb::ResolveBaseImageResponse>, Status> {
-        crate::steps::Client::of_peer(request.remote_addr())
+        crate::steps::CallerId::of_peer(request.remote_addr())
             .serve(async move {
                 let req = request.into_inner();
                 let request = convert::registry_auth(req.auth.as_ref())?;
@@ -176,7 +176,7 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::ResolveWorkspaceImageRequest>,
     ) -> Result<Response<pb::ResolveWorkspaceImageResponse>, Status> {
-        crate::steps::Client::of_peer(request.remote_addr())
+        crate::steps::CallerId::of_peer(request.remote_addr())
             .serve(async move {
                 let req = request.into_inner();
                 let (source, remote_userinfo) = convert::source(req.source.as_ref())?;
@@ -208,7 +208,7 @@ impl ImageBuilder for ImageBuilderService {
         &self,
         request: Request<pb::BuildRequest>,
     ) -> Result<Response<Self::BuildStream>, Status> {
-        crate::steps::Client::of_peer(request.remote_addr())
+        crate::steps::CallerId::of_peer(request.remote_addr())
             .serve(async move {
                 // W3C Trace Context: the new build's trace continues the client's.
                 let parent = request

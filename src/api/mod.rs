@@ -1,6 +1,6 @@
 //! The gRPC edge. Protobuf types stop here: requests are turned into domain types on the way
 //! in, results into protobuf on the way out, and errors into `tonic::Status` in one place
-//! ([`status`]).
+//! (`status.rs`).
 
 pub mod access;
 mod convert;

@@ -7,8 +7,9 @@ mod content;
 
 pub use content::ContentKeys;
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
+use image_builder_state::build::PathEscape;
 use image_builder_state::{BuildId, CloneTargetMode, DockerfileSource};
 use tokio::process::Command;
 
@@ -22,15 +23,8 @@ use crate::steps::{StepError, StepErrorKind, StepLog};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A path of the request leaves the repository.
-    #[error("{field} {path:?} leaves the repository ({why}); give a path inside it")]
-    Escape {
-        /// The request field.
-        field: &'static str,
-        /// The path given.
-        path: String,
-        /// How it leaves.
-        why: &'static str,
-    },
+    #[error(transparent)]
+    Escape(PathEscape),
     /// git failed; its own last lines say why (they are in the build log too).
     #[error("git {action} failed ({status}): {tail}")]
     Git {
@@ -60,18 +54,12 @@ pub enum Error {
 impl From<Error> for StepError {
     fn from(err: Error) -> Self {
         let kind = match &err {
-            Error::Escape { .. } => StepErrorKind::Invalid,
+            Error::Escape(_) => StepErrorKind::Invalid,
             Error::NoDockerfile(_) | Error::NoContext(_) => StepErrorKind::Missing,
             Error::Git { .. } | Error::Io { .. } => StepErrorKind::Failed,
         };
         StepError::from_source(kind, err)
     }
-}
-
-/// Whether a git remote names a repository on the service's own machine (a path or a
-/// `file://` URL), which only `allowLocalRepositories` permits.
-pub fn is_local_remote(uri: &str) -> bool {
-    uri.starts_with("file://") || uri.starts_with('/')
 }
 
 /// A checked-out build context.
@@ -83,30 +71,13 @@ pub struct BuildContext {
     pub context: PathBuf,
 }
 
-/// Refuses request paths that leave the checkout on their face (absolute, or with `..`).
+/// Refuses request paths that leave the checkout on their face (the request's own check,
+/// [`DockerfileSource::path_escape`], made again here for a journaled request resumed).
 /// Symlinks that leave it are caught after the checkout.
-pub fn validate_paths(source: &DockerfileSource) -> Result<(), Error> {
-    for (field, path) in [
-        ("dockerfile_path", &source.dockerfile_path),
-        ("context_path", &source.context_path),
-    ] {
-        let p = Path::new(path);
-        if p.is_absolute() {
-            return Err(Error::Escape {
-                field,
-                path: path.clone(),
-                why: "it is absolute",
-            });
-        }
-        if p.components().any(|c| c == Component::ParentDir) {
-            return Err(Error::Escape {
-                field,
-                path: path.clone(),
-                why: "it climbs out with ..",
-            });
-        }
-    }
-    Ok(())
+fn validate_paths(source: &DockerfileSource) -> Result<(), Error> {
+    source
+        .path_escape()
+        .map_or(Ok(()), |e| Err(Error::Escape(e)))
 }
 
 /// Makes per-build git checkouts under one directory.
@@ -315,11 +286,11 @@ fn resolve(root: &Path, source: &DockerfileSource) -> Result<BuildContext, Error
         let joined = root.join(if path.is_empty() { "." } else { path });
         match joined.canonicalize() {
             Ok(real) if real.starts_with(&root) => Ok(Some(real)),
-            Ok(_) => Err(Error::Escape {
+            Ok(_) => Err(Error::Escape(PathEscape {
                 field,
                 path: path.to_owned(),
                 why: "a symlink points outside it",
-            }),
+            })),
             Err(_) => Ok(None),
         }
     };
@@ -366,7 +337,7 @@ mod tests {
             ("Dockerfile", "a/../../b"),
         ] {
             let err = validate_paths(&source(d, c)).unwrap_err();
-            assert!(matches!(err, Error::Escape { .. }), "{d} {c}: {err}");
+            assert!(matches!(err, Error::Escape(_)), "{d} {c}: {err}");
         }
     }
 
@@ -383,11 +354,11 @@ mod tests {
         assert!(ok.dockerfile.ends_with("repo/Dockerfile"));
         assert!(matches!(
             resolve(&root, &source("Evil", ".")),
-            Err(Error::Escape { .. })
+            Err(Error::Escape(_))
         ));
         assert!(matches!(
             resolve(&root, &source("Dockerfile", "rootctx")),
-            Err(Error::Escape { .. })
+            Err(Error::Escape(_))
         ));
         assert!(matches!(
             resolve(&root, &source("Missing", ".")),

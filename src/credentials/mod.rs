@@ -30,7 +30,7 @@ pub use docker_config::DockerConfig;
 pub use git::{GitCredentials, UrlUserinfo};
 pub use keychain::{Credentials, Keychain, NoCredentials, RequestAuth, RequestKeychain};
 pub use policy::{BuildSecrets, CredentialPolicy};
-pub use redact::{Needles, StreamRedactor};
+pub use redact::{Redactions, StreamRedactor};
 pub use secret::{Secret, normalize_host, registry_host};
 
 /// The docker config file could not be used.

@@ -7,7 +7,7 @@ use image_builder_state::BuildSource;
 
 use super::git::{GitCredentials, UrlUserinfo};
 use super::keychain::{Credentials, RequestAuth, RequestKeychain};
-use super::redact::Needles;
+use super::redact::Redactions;
 use super::secret::{Secret, registry_host};
 
 /// Values shorter than this are not redacted: they would blank out ordinary words.
@@ -94,12 +94,12 @@ impl CredentialPolicy {
 
     /// What `LogsRequest.censored` hides: every known credential value, and the hosts of
     /// `repositories` (the installation's registries).
-    pub fn censored<'a>(&self, repositories: impl IntoIterator<Item = &'a str>) -> Needles {
+    pub fn censored<'a>(&self, repositories: impl IntoIterator<Item = &'a str>) -> Redactions {
         let hosts = repositories
             .into_iter()
             .map(registry_host)
             .collect::<Vec<_>>();
-        Needles::new(self.sensitive_values(None)).replacing(hosts, b"[registry]")
+        Redactions::new(self.sensitive_values(None)).replacing(hosts, b"[registry]")
     }
 }
 

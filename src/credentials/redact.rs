@@ -25,11 +25,11 @@ const AUTHORITY_END: &[u8] = b"/ '\"\n";
 /// The values to remove, each with what replaces it, in the order they are applied. Cheap to
 /// clone.
 #[derive(Clone, Debug, Default)]
-pub struct Needles {
+pub struct Redactions {
     values: Arc<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-impl Needles {
+impl Redactions {
     /// Replaces each of `values` (empty ones are ignored) with `[redacted]`.
     pub fn new(values: impl IntoIterator<Item = String>) -> Self {
         Self::default().replacing(values, REDACTED)
@@ -149,13 +149,13 @@ fn strip_userinfo(text: &[u8], out: &mut Vec<u8>) {
 /// Redacts a stream of bytes that may cut anywhere; see the module's doc.
 #[derive(Debug, Default)]
 pub struct StreamRedactor {
-    needles: Needles,
+    needles: Redactions,
     pending: Vec<u8>,
 }
 
 impl StreamRedactor {
     /// A redactor removing `needles`.
-    pub fn new(needles: Needles) -> Self {
+    pub fn new(needles: Redactions) -> Self {
         Self {
             needles,
             pending: Vec::new(),
@@ -203,7 +203,7 @@ mod tests {
     use super::*;
 
     fn redact(text: &str, values: &[&str]) -> String {
-        let needles = Needles::new(values.iter().map(std::string::ToString::to_string));
+        let needles = Redactions::new(values.iter().map(std::string::ToString::to_string));
         String::from_utf8(needles.redact(text.as_bytes())).unwrap()
     }
 
@@ -229,7 +229,7 @@ mod tests {
     }
 
     fn stream(input: &[&[u8]], values: &[&str]) -> Vec<u8> {
-        let mut redactor = StreamRedactor::new(Needles::new(
+        let mut redactor = StreamRedactor::new(Redactions::new(
             values.iter().map(std::string::ToString::to_string),
         ));
         let mut out = Vec::new();
@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_line_without_a_newline_is_passed_on_in_bounded_pieces() {
-        let mut redactor = StreamRedactor::new(Needles::default());
+        let mut redactor = StreamRedactor::new(Redactions::default());
         let mut out = Vec::new();
         for _ in 0..100 {
             redactor.push(&[b'z'; 10_000], &mut out);

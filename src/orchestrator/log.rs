@@ -22,7 +22,7 @@ use image_builder_state::{BuildId, BuilderProgress, Journal, journal};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::credentials::{Needles, StreamRedactor};
+use crate::credentials::{Redactions, StreamRedactor};
 use crate::steps::{Progress, StepError, StepErrorKind, StepLog, StepOutput, Tail};
 
 /// The line written once when a build's log reaches its size limit.
@@ -78,7 +78,7 @@ struct Budget {
 struct Shared {
     limit: u64,
     budget: Mutex<Budget>,
-    needles: Needles,
+    needles: Redactions,
 }
 
 /// Writes one build's log. Cheap to clone; the writer task ends (after journaling what it
@@ -105,7 +105,7 @@ impl BuildLog {
                     len,
                     truncated: len > room,
                 }),
-                needles: Needles::new(redacted),
+                needles: Redactions::new(redacted),
             }),
         }
     }

@@ -241,7 +241,7 @@ impl Orchestrator {
 
     /// What `LogsRequest.censored` hides: every known credential value and the
     /// installation's registry hosts.
-    pub fn censored(&self) -> crate::credentials::Needles {
+    pub fn censored(&self) -> crate::credentials::Redactions {
         let repos = &self.inner.repos;
         self.inner
             .credentials

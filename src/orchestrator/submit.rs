@@ -136,7 +136,7 @@ impl Orchestrator {
 
     /// Refuses a remote on the service's own machine unless the configuration allows them.
     fn check_local_remote(&self, remote_uri: &str) -> Result<(), Error> {
-        if crate::context::is_local_remote(remote_uri)
+        if image_builder_state::build::is_local_remote(remote_uri)
             && !self.inner.limits.allow_local_repositories
         {
             return Err(Error::InvalidRequest(

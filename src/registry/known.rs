@@ -41,13 +41,13 @@ impl Weighter<ManifestKey, Bytes> for ByLength {
 }
 
 /// Manifests by digest and blobs by repository, each bounded.
-pub(super) struct Known {
+pub(super) struct KnownContent {
     manifests: Cache<ManifestKey, Bytes, ByLength>,
     /// `registry/repository@digest` of blobs a repository holds.
     blobs: Cache<String, ()>,
 }
 
-impl Default for Known {
+impl Default for KnownContent {
     fn default() -> Self {
         Self {
             manifests: Cache::with_weighter(256, MANIFEST_BYTES, ByLength),
@@ -56,7 +56,7 @@ impl Default for Known {
     }
 }
 
-impl Known {
+impl KnownContent {
     /// Keeps a copy of the bytes of `image`'s manifest whose (verified) digest is `digest`, as
     /// read with `credential`.
     pub(super) fn keep_manifest(
@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn a_manifest_is_found_by_its_digest_and_credential_only() {
-        let known = Known::default();
+        let known = KnownContent::default();
         let digest = format!("sha256:{}", "a".repeat(64));
         let tagged = image("r.example/a/b:1");
         known.keep_manifest([1; 32], &tagged, &digest, b"{}");
@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn a_kept_manifest_does_not_hold_the_buffer_it_was_read_into() {
-        let known = Known::default();
+        let known = KnownContent::default();
         let digest = format!("sha256:{}", "c".repeat(64));
         let buffer = Bytes::from(vec![b'x'; 1 << 20]);
         let body = buffer.slice(100..1100);
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_blob_is_held_per_repository_until_forgotten() {
-        let known = Known::default();
+        let known = KnownContent::default();
         let (a, b) = (image("r.example/a:1"), image("r.example/b:1"));
         known.hold_blob(&a, "sha256:1");
         assert!(known.holds_blob(&a, "sha256:1"));

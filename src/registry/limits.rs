@@ -2,7 +2,7 @@
 //! to the callers' queue first (an API call waiting on its answer: a Build's cache check,
 //! ResolveBaseImage), except that every [`BUILD_SHARE`]th slot freed while both queues wait
 //! goes to the builds', so neither starves. Builds are served first come, first served;
-//! callers queue per [`Client`] and the clients take turns, so one client's burst of calls
+//! callers queue per [`CallerId`] and the clients take turns, so one client's burst of calls
 //! does not hold up another's answer. So 500 queued builds copying from one registry neither
 //! overwhelm it nor hold up a Build call's cache check for long, 500 Build calls at once from
 //! one client hold up another client's cache hit by one request each at most, and a slow
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::steps::{Client, Lane};
+use crate::steps::{CallerId, Lane};
 
 pub(super) use crate::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST as DEFAULT_PER_HOST;
 
@@ -111,7 +111,7 @@ impl HostLimits {
             } else {
                 let (tx, rx) = oneshot::channel();
                 match lane {
-                    Lane::Caller => state.callers.push(Client::current(), tx),
+                    Lane::Caller => state.callers.push(CallerId::current(), tx),
                     Lane::Build => state.builds.push_back(tx),
                 }
                 // The limit may have grown since the last request ended.
@@ -313,12 +313,12 @@ impl Limit {
 /// take their turns (each client with a waiter appears once).
 #[derive(Default)]
 struct Callers {
-    queues: HashMap<Client, VecDeque<oneshot::Sender<()>>>,
-    turns: VecDeque<Client>,
+    queues: HashMap<CallerId, VecDeque<oneshot::Sender<()>>>,
+    turns: VecDeque<CallerId>,
 }
 
 impl Callers {
-    fn push(&mut self, client: Client, waiter: oneshot::Sender<()>) {
+    fn push(&mut self, client: CallerId, waiter: oneshot::Sender<()>) {
         let queue = self.queues.entry(client).or_default();
         if queue.is_empty() {
             self.turns.push_back(client);
@@ -514,7 +514,7 @@ mod tests {
         let held = limits.slot("r", Lane::Caller).await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let client =
-            |port| Client::of_peer(Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))));
+            |port| CallerId::of_peer(Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))));
         // One client's burst, then another client's single call, then the first's again.
         for (port, tag) in [(1, "a1"), (1, "a2"), (1, "a3"), (2, "b1"), (1, "a4")] {
             let (limits, tx) = (Arc::clone(&limits), tx.clone());

@@ -2,12 +2,12 @@
 //! from one reference to another, over oci-client. The only module that speaks the OCI
 //! distribution protocol.
 
+mod anonymous;
+mod attempts;
 mod coalesce;
 mod error;
 mod known;
 mod limits;
-mod once;
-mod open;
 mod retry;
 mod steps;
 
@@ -29,11 +29,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use attempts::{copy_blob, lookup_once, resolve_once};
 use coalesce::{Coalescer, Question};
 pub use error::Error;
 use limits::DEFAULT_PER_HOST;
 use limits::HostLimits;
-use once::{copy_blob, lookup_once, resolve_once};
 use retry::Resource;
 pub use retry::RetryPolicy;
 
@@ -69,9 +69,9 @@ pub struct Registry {
     /// Requests in flight per host and lane.
     limits: HostLimits,
     /// Registries that need no credentials.
-    open_hosts: open::OpenHosts,
+    open_hosts: anonymous::OpenHosts,
     /// Manifests by digest and repositories' blobs, seen lately.
-    known: known::Known,
+    known: known::KnownContent,
     /// References parsed lately: parsing is a regular-expression match that cost a cache hit
     /// about a sixth of its CPU, and the same few references come back all the time.
     parsed: quick_cache::sync::Cache<String, Reference>,
@@ -162,8 +162,8 @@ impl Registry {
             resolutions: Coalescer::default(),
             blob_copies: Coalescer::default(),
             limits: HostLimits::new(DEFAULT_PER_HOST),
-            open_hosts: open::OpenHosts::default(),
-            known: known::Known::default(),
+            open_hosts: anonymous::OpenHosts::default(),
+            known: known::KnownContent::default(),
             parsed: quick_cache::sync::Cache::new(PARSED_REFERENCES),
         }
     }
@@ -215,7 +215,7 @@ impl Registry {
                     credential: ANONYMOUS,
                 };
                 if openness.open {
-                    open::skip_challenge(&session, image).await;
+                    anonymous::skip_challenge(&session, image).await;
                 }
                 session
             }
@@ -433,7 +433,7 @@ impl Registry {
                 all.push(blob);
             }
         }
-        let ends = Ends {
+        let ends = CopyEnds {
             source: &source,
             reader: &reader,
             target: &target,
@@ -533,7 +533,7 @@ impl Registry {
     /// the repository holds each one copied or found.
     async fn copy_blobs(
         &self,
-        ends: &Ends<'_>,
+        ends: &CopyEnds<'_>,
         blobs: &[(usize, &OciDescriptor)],
         of: usize,
         progress: &dyn Progress,
@@ -605,7 +605,7 @@ struct Session {
 }
 
 /// Both ends of a copy.
-struct Ends<'a> {
+struct CopyEnds<'a> {
     source: &'a Reference,
     reader: &'a Session,
     target: &'a Reference,

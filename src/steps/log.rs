@@ -7,52 +7,13 @@ use async_trait::async_trait;
 use image_builder_state::BuilderProgress;
 use parking_lot::Mutex;
 
-use super::StepError;
+use super::{Lane, StepError};
 
 /// Output lines a [`Tail`] keeps for error messages.
 const TAIL_LINES: usize = 6;
 
 /// Longest line a [`Tail`] keeps, in characters.
 const TAIL_LINE_CHARS: usize = 512;
-
-/// Whose work a step does: a caller of the API waiting for its answer, or a build. Shared
-/// resources (a registry host's requests) queue each lane on its own, so the work of many
-/// builds never delays an answer a caller waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Lane {
-    /// An API call waits for the answer (a cache check before `running`, ResolveBaseImage).
-    Caller,
-    /// A build's step.
-    Build,
-}
-
-/// Which client an API call's work is for: a caller's requests to a shared resource (a
-/// registry host) queue per client and are served in turn, so one client's burst of calls
-/// cannot hold up another client's answer. A client is one connection (its peer address);
-/// work outside any call, or over a connection without one, is the unnamed client.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Client(Option<std::net::SocketAddr>);
-
-tokio::task_local! {
-    static CLIENT: Client;
-}
-
-impl Client {
-    /// The client at the other end of a connection.
-    pub fn of_peer(peer: Option<std::net::SocketAddr>) -> Self {
-        Self(peer)
-    }
-
-    /// Runs `work` (an API call's handling) on this client's behalf.
-    pub async fn serve<F: std::future::Future>(self, work: F) -> F::Output {
-        CLIENT.scope(self, work).await
-    }
-
-    /// The client the running API call serves (the unnamed one outside any).
-    pub fn current() -> Self {
-        CLIENT.try_with(|client| *client).unwrap_or_default()
-    }
-}
 
 /// Where a step reports what it does, one line at a time.
 #[async_trait]

@@ -10,6 +10,7 @@
 //! it again.
 
 mod error;
+mod lane;
 mod log;
 
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use async_trait::async_trait;
 use image_builder_state::{BuildId, BuildView, DockerfileSource};
 
 pub use error::{Class, StepError, StepErrorKind};
-pub use log::{Client, Lane, Progress, StepLog, StepOutput, Tail, Untracked};
+pub use lane::{CallerId, Lane};
+pub use log::{Progress, StepLog, StepOutput, Tail, Untracked};
 
 use crate::credentials::{BuildSecrets, GitCredentials, Keychain};
 

@@ -93,6 +93,56 @@ pub struct DockerfileSource {
     pub git_auth: bool,
 }
 
+impl DockerfileSource {
+    /// The first path of the request that leaves the checkout on its face (absolute, or
+    /// climbing out with `..`); symlinks that leave it can only be seen in the checkout.
+    pub fn path_escape(&self) -> Option<PathEscape> {
+        for (field, path) in [
+            ("dockerfile_path", &self.dockerfile_path),
+            ("context_path", &self.context_path),
+        ] {
+            let p = std::path::Path::new(path);
+            let why = if p.is_absolute() {
+                "it is absolute"
+            } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+                "it climbs out with .."
+            } else {
+                continue;
+            };
+            return Some(PathEscape {
+                field,
+                path: path.clone(),
+                why,
+            });
+        }
+        None
+    }
+
+    /// Whether the remote names a repository on the service's own machine (a path or a
+    /// `file://` URL), which only `allowLocalRepositories` permits.
+    pub fn remote_is_local(&self) -> bool {
+        is_local_remote(&self.remote_uri)
+    }
+}
+
+/// Whether a git remote names a repository on the service's own machine (a path or a
+/// `file://` URL).
+pub fn is_local_remote(uri: &str) -> bool {
+    uri.starts_with("file://") || uri.starts_with('/')
+}
+
+/// A path of a request that leaves the repository; see [`DockerfileSource::path_escape`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {path:?} leaves the repository ({why}); give a path inside it")]
+pub struct PathEscape {
+    /// The request field.
+    pub field: &'static str,
+    /// The path given.
+    pub path: String,
+    /// How it leaves.
+    pub why: &'static str,
+}
+
 /// How the clone target of a Dockerfile build is read (mk3's `CloneTargetMode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CloneTargetMode {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use image_builder::client::Connector;
 use image_builder::proto::ops as pb;
 
-use super::{connect, status_error};
+use super::{connect, get_build, status_error};
 
 /// Prints a build's log from the journal; with `follow`, reconnects after a broken stream
 /// (a restarting service) from the next record, so nothing is lost or repeated.
@@ -17,13 +17,7 @@ pub(super) async fn run(
     follow: bool,
 ) -> anyhow::Result<()> {
     let mut client = connect(connector, address).await?;
-    let build = client
-        .get_build(pb::GetBuildRequest {
-            build_id: build_id.into(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let build = get_build(&mut client, build_id).await?;
     // Without --follow, stop at what the build held when asked: its records and log bytes.
     let stop_at = (!follow).then_some((build.records, build.log_bytes));
     // Where to resume after a break: a log record may have been cut between its pieces, so

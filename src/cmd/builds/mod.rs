@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use image_builder::client::{ClientOptions, Connector, OpsClient};
+use image_builder::proto::ops as pb;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -98,6 +99,17 @@ pub(super) async fn connect(connector: &Connector, address: &str) -> anyhow::Res
         .ops(address)
         .await
         .map_err(|e| anyhow::anyhow!("{e} (set --address or IMAGE_BUILDER_ADDRESS)"))
+}
+
+/// One build as the ops service shows it.
+pub(super) async fn get_build(client: &mut OpsClient, build_id: &str) -> anyhow::Result<pb::Build> {
+    Ok(client
+        .get_build(pb::GetBuildRequest {
+            build_id: build_id.into(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
 }
 
 /// A refusal of the service, for the operator.

@@ -3,7 +3,7 @@
 use image_builder::client::OpsClient;
 use image_builder::proto::ops as pb;
 
-use super::{status_error, time};
+use super::{get_build, time};
 
 /// Prints one build, for people or as JSON.
 pub(super) async fn run(
@@ -11,11 +11,7 @@ pub(super) async fn run(
     build_id: String,
     json: bool,
 ) -> anyhow::Result<()> {
-    let b = client
-        .get_build(pb::GetBuildRequest { build_id })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let b = get_build(client, &build_id).await?;
     if json {
         println!("{}", build_json(&b));
     } else {

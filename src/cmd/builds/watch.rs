@@ -5,17 +5,11 @@ use std::io::Write;
 use image_builder::client::OpsClient;
 use image_builder::proto::ops as pb;
 
-use super::status_error;
+use super::{get_build, status_error};
 
 /// Prints the build's state, elapsed time and last log line on one line until it ends.
 pub(super) async fn run(client: &mut OpsClient, build_id: &str) -> anyhow::Result<()> {
-    let build = client
-        .get_build(pb::GetBuildRequest {
-            build_id: build_id.into(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let build = get_build(client, build_id).await?;
     let mut stream = client
         .journal(pb::JournalRequest {
             build_id: build_id.into(),
@@ -43,13 +37,7 @@ pub(super) async fn run(client: &mut OpsClient, build_id: &str) -> anyhow::Resul
         out.flush()?;
     }
     writeln!(out)?;
-    let end = client
-        .get_build(pb::GetBuildRequest {
-            build_id: build_id.into(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let end = get_build(client, build_id).await?;
     println!(
         "build {} ended {}{}",
         end.build_id,

@@ -315,7 +315,7 @@ fn clone_security() -> SecurityContext {
 }
 
 /// Capabilities the builder keeps, each for one step of making the nested user namespace
-/// buildah runs in (see [`BUILD_SCRIPT`]); the push step holds the same; everything else is
+/// buildah runs in (see `BUILD_SCRIPT`); the push step holds the same; everything else is
 /// dropped:
 /// - `SETUID`, `SETGID`: `newuidmap`/`newgidmap` write the namespace's id maps, and the
 ///   builder becomes root of it;

@@ -46,7 +46,7 @@ impl ServiceProcess for ControlledService {
         env.push(("FAILPOINTS", failpoints));
         self.service.set_env(&env);
         self.service
-            .restart()
+            .kill_and_restart()
             .map_err(|e| format!("restart: {e}"))?;
         Ok(self.service.grpc_url())
     }

@@ -220,8 +220,9 @@ impl Service {
         child.wait().ok()
     }
 
-    /// Starts the service again on the same config and data directory (new ports).
-    pub fn restart(&mut self) -> Result<()> {
+    /// SIGKILLs the service (see [`Service::kill`]) and starts it again on the same config
+    /// and data directory (new ports): a crash and a restart, never a clean stop.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
         self.kill();
         self.launch()
     }

@@ -1,4 +1,4 @@
-//! [`SledStore`]: the [`Store`] on sled and log segment files; this folder is the only place
+//! [`SledStore`]: the [`Store`](super::Store) on sled and log segment files; this folder is the only place
 //! that names sled (`checkpoint.rs`: the write-ahead log's replay and checkpoints, and the
 //! live write path through the log and the pending overlay).
 
@@ -40,7 +40,7 @@ impl From<sled::Error> for Error {
     }
 }
 
-/// [`Store`] on sled: tree `journal.v1` keyed by build id and big-endian sequence number, tree
+/// [`Store`](super::Store) on sled: tree `journal.v1` keyed by build id and big-endian sequence number, tree
 /// `summary.v1` keyed by build id. Build ids are UUIDv7, so key order is creation order. Log
 /// segments are files `logs/<build id>.log` beside sled's own files, written at the offsets
 /// the journal gives (bytes past the durable length, left by a crash, are overwritten by the

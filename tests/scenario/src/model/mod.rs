@@ -273,4 +273,21 @@ steps:
             assert!(err.contains(&format!("line {line}")), "{bad}: {err}");
         }
     }
+
+    /// A renamed step keeps its old name readable: `advance` is `wait_for_point`.
+    #[test]
+    fn the_old_name_of_wait_for_point_still_reads() {
+        for name in ["wait_for_point", "advance"] {
+            let text = GOOD.replace(
+                "  - wait: {build: b, status: done_success}",
+                &format!("  - {name}: {{point: transition.resolved.after}}"),
+            );
+            let scenario = parse(&text).unwrap();
+            assert!(
+                matches!(&scenario.steps[1], Step::WaitForPoint { point } if point == "transition.resolved.after"),
+                "{name}: {:?}",
+                scenario.steps[1]
+            );
+        }
+    }
 }

@@ -63,8 +63,10 @@ pub enum Step {
     Fault(Fault),
     /// Remove every fault rule.
     ClearFaults {},
-    /// Wait until the service reaches a named failpoint (configured with `pause`).
-    Advance {
+    /// Wait until the service reaches a named failpoint (configured with `pause`). Spelt
+    /// `advance` before (still read).
+    #[serde(alias = "advance")]
+    WaitForPoint {
         /// The failpoint, e.g. `transition.resolved.after`.
         point: String,
     },
@@ -253,7 +255,7 @@ impl Step {
             Step::Kill { .. } => "kill",
             Step::Fault(_) => "fault",
             Step::ClearFaults {} => "clear_faults",
-            Step::Advance { .. } => "advance",
+            Step::WaitForPoint { .. } => "wait_for_point",
             Step::ExpectStatus { .. } => "expect_status",
             Step::ExpectLog { .. } => "expect_log",
             Step::ExpectListeners { .. } => "expect_listeners",
@@ -286,7 +288,7 @@ impl Step {
                 | Step::Kill { .. }
                 | Step::Fault(_)
                 | Step::ClearFaults {}
-                | Step::Advance { .. }
+                | Step::WaitForPoint { .. }
                 | Step::ExpectConcurrency { .. }
                 | Step::ExpectFaultsServed { .. }
                 | Step::ExpectServiceLog { .. }

@@ -3,7 +3,7 @@
 use super::logs::drain;
 use super::*;
 
-impl World {
+impl Playback {
     /// Plays one of this module's steps.
     pub(super) async fn build_step(&mut self, step: &Step) -> Check {
         match step {

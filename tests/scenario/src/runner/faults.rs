@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl World {
+impl Playback {
     /// Plays one of this module's steps.
     pub(super) async fn fault_step(&mut self, step: &Step) -> Check {
         match step {

@@ -89,7 +89,7 @@ struct Listener {
     reader: Option<JoinHandle<Result<Vec<u8>, tonic::Status>>>,
 }
 
-struct World {
+struct Playback {
     env: Environment,
     /// Running `builds logs --follow` commands by name, with their build.
     followers: HashMap<String, (String, tokio::process::Child)>,
@@ -126,7 +126,7 @@ pub async fn run(scenario: Scenario, setup: &dyn Setup) -> Report {
         setup_error: None,
     };
     let mut world = match setup.set_up(&scenario.environment).await {
-        Ok(env) => World {
+        Ok(env) => Playback {
             env,
             followers: HashMap::new(),
             builds: HashMap::new(),
@@ -187,7 +187,7 @@ fn last_lines(text: &str, n: usize) -> String {
     lines.join("\n")
 }
 
-impl World {
+impl Playback {
     async fn ops(&self) -> Result<image_builder_proto::client::OpsClient, String> {
         let connector = self.env.client.connector().map_err(|e| e.to_string())?;
         connector
@@ -222,7 +222,7 @@ impl World {
             | Step::ExpectFollowed { .. } => self.log_step(step).await,
             Step::Restart { .. }
             | Step::Kill { .. }
-            | Step::Advance { .. }
+            | Step::WaitForPoint { .. }
             | Step::ExpectMetric { .. }
             | Step::ExpectServiceLog { .. }
             | Step::ExpectConcurrency { .. }

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl World {
+impl Playback {
     /// Plays one of this module's steps.
     pub(super) async fn process_step(&mut self, step: &Step) -> Check {
         match step {
@@ -14,7 +14,7 @@ impl World {
                 self.service()?.kill();
                 self.start_again(failpoints)
             }
-            Step::Advance { point } => {
+            Step::WaitForPoint { point } => {
                 let needle = format!("failpoint reached failpoint={point}");
                 let service = self.service()?;
                 for _ in 0..1200 {

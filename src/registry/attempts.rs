@@ -61,13 +61,13 @@ pub(super) async fn lookup_once(
 }
 
 pub(super) async fn copy_blob(
-    ends: &Ends<'_>,
+    ends: &CopyEnds<'_>,
     blob: &OciDescriptor,
     same_registry: bool,
     (n, of): (usize, usize),
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    let Ends {
+    let CopyEnds {
         source,
         reader,
         target,
