@@ -2,9 +2,8 @@
 //! finished builds by the time they ended): reading one whole, completing one written before
 //! it existed, and the batches that change them.
 
-use super::keys::{INDEX_COMPLETE, UNFINISHED_TREE, finished_key, id_key, split_finished_key};
-use super::{Ended, Error, SledStore};
-use crate::build::BuildId;
+use super::Error;
+use super::keys::INDEX_COMPLETE;
 
 /// Reads an index (a tree of keys alone, holding [`INDEX_COMPLETE`] once it names every
 /// build it should) below `end`, with the `pending` puts (`true`) and removals over it, in
@@ -75,48 +74,12 @@ pub(super) fn index_batch<K: AsRef<[u8]>>(
     batch
 }
 
-/// The indexes as the store's roles answer them (`StoreRead`, `StoreWrite`).
-impl SledStore {
-    /// See `StoreRead::unfinished`.
-    pub(super) fn unfinished_index(&self) -> Result<Option<Vec<BuildId>>, Error> {
-        // Pending first: a checkpoint between the two reads writes the same flags to sled.
-        let pending = self.pending.lock().unfinished();
-        read_index(
-            &self.unfinished,
-            None,
-            |key| id_key(UNFINISHED_TREE, key),
-            pending,
-        )
-    }
-
-    /// See `StoreWrite::complete_unfinished_index`.
-    pub(super) fn complete_unfinished(&self, ids: &[BuildId]) -> Result<(), Error> {
-        complete_index(&self.unfinished, ids.iter().map(|id| *id.as_bytes()))
-    }
-
-    /// See `StoreRead::finished_before`.
-    pub(super) fn finished_index_before(
-        &self,
-        cutoff_ms: i64,
-    ) -> Result<Option<Vec<Ended>>, Error> {
-        // Pending first: a checkpoint between the two reads writes the same entries to sled.
-        let pending = self.pending.lock().finished_before(cutoff_ms);
-        let end = finished_key((cutoff_ms, BuildId::from_bytes([0; 16])));
-        read_index(&self.finished, Some(&end), split_finished_key, pending)
-    }
-
-    /// See `StoreWrite::complete_finished_index`.
-    pub(super) fn complete_finished(&self, entries: &[Ended]) -> Result<(), Error> {
-        complete_index(&self.finished, entries.iter().map(|&e| finished_key(e)))
-    }
-}
-
 /// Removes an index tree from the store in `dir` (closed), as a store written before the
 /// index existed has none: for tests of the journal's way of completing it. Whether there was
 /// one.
 #[cfg(test)]
 pub(crate) fn drop_index_tree(dir: &std::path::Path, unfinished: bool) -> Result<bool, Error> {
-    use super::keys::FINISHED_TREE;
+    use super::keys::{FINISHED_TREE, UNFINISHED_TREE};
     let db = sled::open(dir)?;
     let dropped = db.drop_tree(if unfinished {
         UNFINISHED_TREE

@@ -22,7 +22,7 @@ use super::{
     WriteBatch, ensure_room,
 };
 use crate::build::BuildId;
-use index::{index_batch, set_index_key};
+use index::{complete_index, index_batch, set_index_key};
 use keys::{
     DAMAGE_TREE, FINISHED_TREE, JOURNAL_TREE, LOGS_DIR, RUN_BYTES, RUN_RECORDS, SUMMARY_TREE,
     UNFINISHED_TREE, encode_run, finished_key, record_key, run_key, split_record_key,
@@ -287,11 +287,11 @@ impl StoreWrite for SledStore {
     }
 
     fn complete_unfinished_index(&self, ids: &[BuildId]) -> Result<(), Error> {
-        self.complete_unfinished(ids)
+        complete_index(&self.unfinished, ids.iter().map(|id| *id.as_bytes()))
     }
 
     fn complete_finished_index(&self, entries: &[Ended]) -> Result<(), Error> {
-        self.complete_finished(entries)
+        complete_index(&self.finished, entries.iter().map(|&e| finished_key(e)))
     }
 }
 

@@ -1,8 +1,10 @@
 //! Reading [`SledStore`]: what is durable, from the pending layer first and sled after it
 //! (see `pending.rs`), and log bytes from the builds' segments.
 
+use super::index::read_index;
 use super::keys::{
-    DAMAGE_TREE, SUMMARY_TREE, id_key, record_key, run_key, split_record_key, stored_records,
+    DAMAGE_TREE, SUMMARY_TREE, UNFINISHED_TREE, finished_key, id_key, record_key, run_key,
+    split_finished_key, split_record_key, stored_records,
 };
 use super::{Ended, Error, SledStore, StoreRead};
 use crate::build::BuildId;
@@ -126,10 +128,20 @@ impl StoreRead for SledStore {
     }
 
     fn unfinished(&self) -> Result<Option<Vec<BuildId>>, Error> {
-        self.unfinished_index()
+        // Pending first: a checkpoint between the two reads writes the same flags to sled.
+        let pending = self.pending.lock().unfinished();
+        read_index(
+            &self.unfinished,
+            None,
+            |key| id_key(UNFINISHED_TREE, key),
+            pending,
+        )
     }
 
     fn finished_before(&self, cutoff_ms: i64) -> Result<Option<Vec<Ended>>, Error> {
-        self.finished_index_before(cutoff_ms)
+        // Pending first: a checkpoint between the two reads writes the same entries to sled.
+        let pending = self.pending.lock().finished_before(cutoff_ms);
+        let end = finished_key((cutoff_ms, BuildId::from_bytes([0; 16])));
+        read_index(&self.finished, Some(&end), split_finished_key, pending)
     }
 }
