@@ -80,7 +80,7 @@ fn main() {
     let (registry, base, data) = (&bench.registry, bench.base.clone(), &bench.data);
     let config = |key: &str| {
         let mut config = bench.config("bench-layers");
-        config["baseImageKey"] = key.into();
+        config["builds"]["baseImageKey"] = key.into();
         config
     };
     let binary = Path::new(env!("CARGO_BIN_EXE_image-builder"));

@@ -51,7 +51,7 @@ fn main() {
     let bench = DockerfileBench::start(Path::new(env!("CARGO_TARGET_TMPDIR"))).unwrap();
     let (registry, base, data) = (&bench.registry, bench.base.clone(), &bench.data);
     let mut config = bench.config("bench-logs");
-    config["maxLogBytes"] = (64u64 << 20).into();
+    config["builds"]["maxLogBytes"] = (64u64 << 20).into();
     let service = Service::start(Path::new(env!("CARGO_BIN_EXE_image-builder")), config).unwrap();
     let pid = service.pid().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -11,8 +11,8 @@
 //!   between the same repositories with as many copies at once (BENCH_SKOPEO copies).
 //!
 //! `cargo bench --bench scale` (needs skopeo, umoci and docker-registry: `scripts/setup.sh`).
-//! The service runs with `maxConcurrentBuilds` = BENCH_CLIENTS, so both sides copy as many
-//! images at once, and `registryRequestsPerHost` = BENCH_PER_HOST (the service's default
+//! The service runs with `builds.maxConcurrent` = BENCH_CLIENTS, so both sides copy as many
+//! images at once, and `registry.requestsPerHost` = BENCH_PER_HOST (the service's default
 //! unless set).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
@@ -134,8 +134,8 @@ fn main() {
     let (copy_refs, skopeo_refs) = rest.split_at(copies);
 
     let mut config = service_config(registry.addr(), "bench");
-    config["maxConcurrentBuilds"] = clients.into();
-    config["registryRequestsPerHost"] = env_or(
+    config["builds"]["maxConcurrent"] = clients.into();
+    config["registry"]["requestsPerHost"] = env_or(
         "BENCH_PER_HOST",
         image_builder::config::DEFAULT_REGISTRY_REQUESTS_PER_HOST,
     )

@@ -1,6 +1,6 @@
 //! Image references as mk3 computes them, bit for bit, so registries filled by mk3 stay cache
 //! hits: the workspace ref of a base ref, and the base ref of a Dockerfile source; and the
-//! content-addressed base ref (`baseImageKey: content`), which adds what the source holds.
+//! content-addressed base ref (`builds.baseImageKey: content`), which adds what the source holds.
 
 use sha2::{Digest, Sha256};
 

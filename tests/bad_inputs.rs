@@ -329,7 +329,7 @@ async fn repositories_on_the_service_machine_are_refused_unless_the_config_allow
     )])
     .unwrap();
     let mut config = config(shared.registry.addr(), "bad-inputs-local");
-    config
+    config["builds"]
         .as_object_mut()
         .unwrap()
         .remove("allowLocalRepositories");
@@ -341,7 +341,7 @@ async fn repositories_on_the_service_machine_are_refused_unless_the_config_allow
         assert_refused(
             &refusal,
             Code::InvalidArgument,
-            "allowLocalRepositories",
+            "builds.allowLocalRepositories",
             &uri,
         );
     }

@@ -166,8 +166,8 @@ async fn killed_in_pushing_mid_upload() {
     let config = serde_json::json!({
         "baseImageRepository": format!("{}/crash-push/base", source.addr()),
         "workspaceImageRepository": format!("{}/crash-push/workspace", target.addr()),
-        "insecureRegistries": [source.addr(), target.addr()],
-        "allowLocalRepositories": true,
+        "registry": {"insecure": [source.addr(), target.addr()]},
+        "builds": {"allowLocalRepositories": true},
     });
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();

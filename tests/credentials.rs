@@ -247,7 +247,7 @@ async fn a_dockerfile_build_pulls_and_pushes_a_private_registry_with_no_credenti
     }});
     std::fs::write(&secret_file, file.to_string()).unwrap();
     let mut config = config(installation.addr(), "private-dockerfile");
-    config["insecureRegistries"] = serde_json::json!([host, installation.addr()]);
+    config["registry"]["insecure"] = serde_json::json!([host, installation.addr()]);
     config["pullSecretFile"] = secret_file.display().to_string().into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();

@@ -272,7 +272,7 @@ async fn a_build_past_its_time_limit_fails_and_its_builder_is_stopped() {
     ])
     .unwrap();
     let mut config = config(shared.registry.addr(), "timeout");
-    config["buildTimeout"] = "4s".into();
+    config["builds"]["timeout"] = "4s".into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let responses = build_all(&mut client, head_build(&repo.uri()))
@@ -306,7 +306,7 @@ async fn a_long_log_is_truncated_with_a_marker_and_the_build_goes_on() {
     ])
     .unwrap();
     let mut config = config(shared.registry.addr(), "logcap");
-    config["maxLogBytes"] = 4096.into();
+    config["builds"]["maxLogBytes"] = 4096.into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let responses = build_all(&mut client, head_build(&repo.uri()))
@@ -346,7 +346,7 @@ async fn the_concurrency_limit_queues_builds_in_order() {
         })
         .collect();
     let mut config = config(shared.registry.addr(), "queue");
-    config["maxConcurrentBuilds"] = 1.into();
+    config["builds"]["maxConcurrent"] = 1.into();
     let mut service = Service::start(binary(), config).unwrap();
     let mut ids = Vec::new();
     let mut calls = Vec::new();
@@ -605,7 +605,7 @@ async fn the_layer_cache_keeps_to_its_size_and_builds_go_on() {
     let limit: u64 = 12 << 20;
     let mut config = config(shared.registry.addr(), "layer-cache");
     // A size as a person writes it, parsed by the service.
-    config["layerCacheSize"] = "12 MiB".into();
+    config["executor"] = serde_json::json!({"kind": "local", "layerCacheSize": "12 MiB"});
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let repo = GitRepo::new(&[("Dockerfile", "FROM scratch\n")]).unwrap();
@@ -683,7 +683,7 @@ async fn content_keys_read_a_private_repository_with_the_requests_credentials_on
     .unwrap();
     let remote = testkit::GitHttpServer::start(&repo, "builder", password).unwrap();
     let mut config = config(shared.registry.addr(), "content-keys");
-    config["baseImageKey"] = "content".into();
+    config["builds"]["baseImageKey"] = "content".into();
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let with_password = remote

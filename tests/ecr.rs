@@ -35,7 +35,7 @@ async fn an_ecr_token_from_moto_is_used_and_renewed_when_refused_mid_push() {
 
     let mut config = config(&ecr, "ecr");
     config["enableAdditionalECRAuth"] = true.into();
-    config["ecrEndpoint"] = moto.endpoint().into();
+    config["registry"]["ecrEndpoint"] = moto.endpoint().into();
     let service = Service::start_with_env(
         binary(),
         config,

@@ -121,8 +121,8 @@ async fn mtls_admits_only_valid_client_certificates_and_operators_by_name() {
     config["tls"] = serde_json::json!({
         "certFile": server.cert, "keyFile": server.key, "clientCAFile": ca.ca(),
     });
-    config["operators"] = serde_json::json!(["alice"]);
-    config["viewers"] = serde_json::json!(["alice", "bob.example.com"]);
+    config["access"]["operators"] = serde_json::json!(["alice"]);
+    config["access"]["viewers"] = serde_json::json!(["alice", "bob.example.com"]);
     let service = Service::start(binary(), config).unwrap();
     let address = service.grpc_address().to_owned();
     assert!(
@@ -149,7 +149,7 @@ async fn mtls_admits_only_valid_client_certificates_and_operators_by_name() {
     );
     wait_for_service_log(&service, "TLS handshake refused").await;
 
-    // Admitted: mk3's service is open to every admitted client; ops reads follow `viewers`.
+    // Admitted: mk3's service is open to every admitted client; ops reads follow `access.viewers`.
     mk3_call(&with_cert(&ca.ca(), &alice), &address)
         .await
         .unwrap();
@@ -201,7 +201,7 @@ async fn mtls_admits_only_valid_client_certificates_and_operators_by_name() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     assert!(
-        denied.message().contains("`operators`") && denied.message().contains("\"bob\""),
+        denied.message().contains("`access.operators`") && denied.message().contains("\"bob\""),
         "{}",
         denied.message()
     );
@@ -292,7 +292,7 @@ async fn the_operator_token_opens_the_ops_api_is_reread_and_never_written_anywhe
 
     let mut config = config(shared().registry.addr(), "edge-token");
     config["tls"] = serde_json::json!({"certFile": server.cert, "keyFile": server.key});
-    config["operatorTokenFile"] = token_file.display().to_string().into();
+    config["access"]["operatorTokenFile"] = token_file.display().to_string().into();
     let service = Service::start(binary(), config).unwrap();
     let address = service.grpc_address().to_owned();
 
@@ -399,7 +399,7 @@ async fn a_network_address_needs_tls_or_allow_insecure_and_ops_need_an_operator(
 
     config["allowInsecure"] = true.into();
     // No operator and no token: nobody may use the ops API.
-    config["operators"] = serde_json::json!([]);
+    config["access"]["operators"] = serde_json::json!([]);
     config.as_object_mut().unwrap().remove("dataDir");
     let service = Service::start(binary(), config).unwrap();
     assert!(
@@ -426,7 +426,7 @@ async fn a_network_address_needs_tls_or_allow_insecure_and_ops_need_an_operator(
     assert!(
         refused
             .message()
-            .contains("names no viewers and no operatorTokenFile"),
+            .contains("names no access.viewers and no access.operatorTokenFile"),
         "{}",
         refused.message()
     );

@@ -31,19 +31,47 @@ proptest! {
     #[test]
     fn a_bad_config_value_is_refused_naming_its_key(
         key in prop_oneof![
-            Just("buildTimeout"), Just("maxConcurrentBuilds"), Just("grpcAddress"),
-            Just("maxLogBytes"), Just("retention"), Just("allowLocalRepositories"),
+            Just("/builds/timeout"), Just("/builds/maxConcurrent"), Just("/grpcAddress"),
+            Just("/builds/maxLogBytes"), Just("/builds/retention"),
+            Just("/builds/allowLocalRepositories"), Just("/registry/timeout"),
+            Just("/registry/insecure"), Just("/access/operators"), Just("/tracing/sampleRatio"),
         ],
         value in prop_oneof![Just(serde_json::json!("nope")), Just(serde_json::json!(-1)), Just(serde_json::json!([1]))],
     ) {
         let mut config = serde_json::json!({
             "baseImageRepository": "r/b",
             "workspaceImageRepository": "r/w",
+            "tracing": {"otlpEndpoint": "http://127.0.0.1:4318"},
         });
-        config[key] = value;
+        set(&mut config, key, value);
+        let dotted = key.trim_start_matches('/').replace('/', ".");
         match Config::parse(&config.to_string()) {
-            Ok(_) => prop_assert!(false, "{key} = {} was accepted", config[key]),
-            Err(e) => prop_assert!(e.to_string().contains(key), "{e}"),
+            Ok(_) => prop_assert!(false, "{dotted} = {} was accepted", config.pointer(key).unwrap()),
+            Err(e) => prop_assert!(e.to_string().contains(&dotted), "{e}"),
+        }
+    }
+
+    /// Valid documents with hostile values at any key the configuration reads, flat keys of
+    /// the old layout among them: parsing never panics, and a refusal names a key.
+    #[test]
+    fn config_documents_with_hostile_values_never_panic(
+        entries in proptest::collection::vec((config_key(), hostile_value()), 0..6),
+        executor in prop_oneof![Just("local"), Just("kubernetes"), Just("docker")],
+    ) {
+        let mut config = serde_json::json!({
+            "baseImageRepository": "127.0.0.1:5000/base",
+            "workspaceImageRepository": "127.0.0.1:5000/ws",
+            "executor": {"kind": executor, "namespace": "ns", "builderImage": "r/b:1"},
+        });
+        if executor == "local" {
+            config["executor"] = serde_json::json!({"kind": "local"});
+        }
+        for (key, value) in entries {
+            set(&mut config, key, value);
+        }
+        if let Err(e) = Config::parse(&config.to_string()) {
+            let message = e.to_string();
+            prop_assert!(message.starts_with("config key `"), "{message}");
         }
     }
 
@@ -124,4 +152,98 @@ proptest! {
             prop_assert!(status.message().len() <= 1100, "{} bytes", status.message().len());
         }
     }
+}
+
+/// Sets the JSON pointer `key` of `document`, making the objects on its way.
+fn set(document: &mut serde_json::Value, key: &str, value: serde_json::Value) {
+    let mut at = document;
+    for part in key.trim_start_matches('/').split('/') {
+        if !at.is_object() {
+            *at = serde_json::json!({});
+        }
+        at = &mut at[part];
+    }
+    *at = value;
+}
+
+/// Every key the configuration reads, as a JSON pointer, and the flat layout's keys.
+fn config_key() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "/baseImageRepository",
+        "/workspaceImageRepository",
+        "/pullSecretFile",
+        "/enableAdditionalECRAuth",
+        "/grpcAddress",
+        "/metricsAddress",
+        "/dataDir",
+        "/tls",
+        "/tls/certFile",
+        "/tls/clientCAFile",
+        "/allowInsecure",
+        "/builds",
+        "/builds/timeout",
+        "/builds/maxConcurrent",
+        "/builds/maxLogBytes",
+        "/builds/retention",
+        "/builds/baseImageKey",
+        "/registry",
+        "/registry/insecure",
+        "/registry/timeout",
+        "/registry/retryBudget",
+        "/registry/requestsPerHost",
+        "/registry/ecrEndpoint",
+        "/access/operators",
+        "/access/viewers",
+        "/access/operatorTokenFile",
+        "/tracing",
+        "/tracing/otlpEndpoint",
+        "/tracing/sampleRatio",
+        "/executor/kind",
+        "/executor/layerCacheSize",
+        "/executor/namespace",
+        "/executor/builderImage",
+        "/executor/podTimeout",
+        "/executor/seccompProfile",
+        "/executor/tolerations",
+        "/executor/resources",
+        "/executor/layerCacheRepository",
+        "/buildTimeout",
+        "/maxConcurrentBuilds",
+        "/insecureRegistries",
+        "/registryTimeout",
+        "/operators",
+        "/layerCacheSize",
+        "/retention",
+        "/unknownKey",
+    ])
+}
+
+/// Values of every JSON type, at the edges of what each key takes.
+fn hostile_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::json;
+    prop_oneof![
+        prop::sample::select(vec![
+            json!(null),
+            json!(true),
+            json!(0),
+            json!(-1),
+            json!(u64::MAX),
+            json!(1e308),
+            json!(f64::MIN_POSITIVE),
+            json!(""),
+            json!("0s"),
+            json!("18446744073709551615s"),
+            json!("99999999999 GiB"),
+            json!("../../etc/passwd"),
+            json!("http://"),
+            json!("127.0.0.1:99999"),
+            json!("*"),
+            json!([]),
+            json!([""]),
+            json!({}),
+            json!({"kind": "kubernetes"}),
+            json!([{"key": 1}]),
+        ]),
+        "[\\PC\\x00-\\x1f]{0,40}".prop_map(serde_json::Value::from),
+    ]
 }

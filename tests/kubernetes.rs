@@ -545,10 +545,10 @@ async fn the_deployed_service_runs_a_build_through_its_jobs() {
         "keyFile": "/etc/image-builder/tls/tls.key",
         "clientCAFile": "/etc/image-builder/tls/ca.crt",
     });
-    config["operators"] = serde_json::json!(["image-builder-operator"]);
+    config["access"]["operators"] = serde_json::json!(["image-builder-operator"]);
     config["metricsAddress"] = format!("0.0.0.0:{metrics}").into();
     config["dataDir"] = "/data".into();
-    config["allowLocalRepositories"] = false.into();
+    config["builds"]["allowLocalRepositories"] = false.into();
     let kubeconfig = std::fs::read_to_string(&rig.cluster.kubeconfig).unwrap();
     let api_port = kubeconfig
         .split("https://127.0.0.1:")
@@ -760,7 +760,7 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
     .unwrap();
     let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let mut config = rig.config("k8s-fifty");
-    config["maxConcurrentBuilds"] = LIMIT.into();
+    config["builds"]["maxConcurrent"] = LIMIT.into();
     let service = rig.start(config, &[]);
     let pid = service.pid().unwrap();
     let mut client = service.client().await.unwrap();
@@ -878,7 +878,7 @@ async fn a_build_past_its_time_limit_fails_and_its_job_is_deleted() {
     let (repo, _) = repository(300);
     let server = GitHttpServer::start_for_pods(&repo, None).unwrap();
     let mut config = rig.config("k8s-timeout");
-    config["buildTimeout"] = "15s".into();
+    config["builds"]["timeout"] = "15s".into();
     let service = rig.start(config, &[]);
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, head_build(&server.uri())).await;
@@ -941,7 +941,7 @@ async fn under_content_keys_a_builder_pod_checks_out_the_commit_its_key_names() 
     let rig = Rig::new("content").await;
     let (repo, server) = repository(0);
     let mut config = rig.config("k8s-content");
-    config["baseImageKey"] = "content".into();
+    config["builds"]["baseImageKey"] = "content".into();
     let service = rig.start(config, &[]);
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, request(&server)).await;

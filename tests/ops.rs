@@ -173,7 +173,7 @@ async fn a_build_that_failed_on_a_transient_fault_succeeds_when_retried() {
     let via = format!("{}/base/busybox:1", proxy.addr());
     let _ = base;
     let mut config = config(proxy.addr(), "ops-retry");
-    config["registryRetryBudget"] = "2s".into();
+    config["registry"]["retryBudget"] = "2s".into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     proxy.inject(Fault {
@@ -314,7 +314,7 @@ async fn logs_follow_survives_a_restart_and_the_store_reads_offline() {
 async fn retention_removes_old_builds_while_new_ones_run() {
     let shared = shared();
     let mut config = config(shared.registry.addr(), "ops-retention");
-    config["retention"] = "2s".into();
+    config["builds"]["retention"] = "2s".into();
     let service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let old = build_all(&mut client, ref_build(&shared.base))

@@ -201,7 +201,7 @@ async fn copy_within_a_registry_mounts_and_is_safe_to_repeat() {
     };
     assert!(*attempts >= 3, "{err}");
     assert!(err.root().is_transient(), "{err}");
-    assert!(err.to_string().contains("registryRetryBudget"), "{err}");
+    assert!(err.to_string().contains("registry.retryBudget"), "{err}");
     let retries = lines.0.lock().unwrap().clone();
     assert_eq!(
         retries.len() as u32,

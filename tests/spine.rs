@@ -246,7 +246,7 @@ async fn sigkill_in_the_middle_of_a_copy_resumes_under_the_same_build_id() {
     let base = testkit::push_image(&big, source.addr(), "big/busybox:1").unwrap();
     let target = LocalRegistry::start().unwrap();
     let mut config = config(target.addr(), "resume");
-    config["insecureRegistries"] = serde_json::json!([source.addr(), target.addr()]);
+    config["registry"]["insecure"] = serde_json::json!([source.addr(), target.addr()]);
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
 
@@ -314,7 +314,7 @@ async fn a_client_reconnecting_after_a_restart_joins_the_resumed_build() {
     let base = testkit::push_image(&big, source.addr(), "big/busybox:2").unwrap();
     let target = LocalRegistry::start().unwrap();
     let mut config = config(target.addr(), "rejoin");
-    config["insecureRegistries"] = serde_json::json!([source.addr(), target.addr()]);
+    config["registry"]["insecure"] = serde_json::json!([source.addr(), target.addr()]);
     let mut service = Service::start(binary(), config).unwrap();
     let mut client = service.client().await.unwrap();
     let (_stream, id) = start_build(&mut client, ref_build(&base)).await;

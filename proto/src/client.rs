@@ -35,7 +35,7 @@ pub struct ClientOptions {
         global = true
     )]
     pub tls_key: Option<PathBuf>,
-    /// File holding the operator token (the service's operatorTokenFile), sent as
+    /// File holding the operator token (the service's access.operatorTokenFile), sent as
     /// `authorization: Bearer …` on ops calls.
     #[arg(
         long,

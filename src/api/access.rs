@@ -4,7 +4,7 @@
 //!
 //! A caller is known by its client certificate (under mTLS: the subject's common name and
 //! every DNS, e-mail, URI and IP subject alternative name) or by the bearer token of
-//! `operatorTokenFile` (`authorization: Bearer …`, compared in constant time, never logged).
+//! `access.operatorTokenFile` (`authorization: Bearer …`, compared in constant time, never logged).
 //! A certificate is authorized when one of its names is in the role's list (`operators`,
 //! `viewers`), or the list holds `*` (any client the transport admits); the token is an
 //! operator's, so it may do everything.
@@ -15,7 +15,7 @@ use tonic::{Code, Request, Status};
 
 use super::status::refuse;
 
-use crate::config::Config;
+use crate::config::AccessConfig;
 use crate::reload::{ReadError, Reloading};
 
 /// The list entry that admits every client the transport admits.
@@ -41,8 +41,8 @@ pub enum Role {
 impl Role {
     fn list_key(self) -> &'static str {
         match self {
-            Role::Viewer => "viewers",
-            Role::Operator => "operators",
+            Role::Viewer => "access.viewers",
+            Role::Operator => "access.operators",
         }
     }
 }
@@ -51,11 +51,11 @@ impl Role {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// It cannot be read.
-    #[error("operatorTokenFile: {0}")]
+    #[error("access.operatorTokenFile: {0}")]
     Read(#[from] ReadError),
     /// It holds no usable token.
     #[error(
-        "operatorTokenFile {path}: must hold one token of at least {MIN_TOKEN_BYTES} printable characters, without spaces"
+        "access.operatorTokenFile {path}: must hold one token of at least {MIN_TOKEN_BYTES} printable characters, without spaces"
     )]
     Token {
         /// The file.
@@ -100,8 +100,8 @@ fn digest(token: &[u8]) -> [u8; 32] {
 }
 
 impl Access {
-    /// The rules `config` sets; fails when `operatorTokenFile` cannot be used.
-    pub fn from_config(config: &Config) -> Result<Self, Error> {
+    /// The rules `config` sets; fails when `access.operatorTokenFile` cannot be used.
+    pub fn from_config(config: &AccessConfig) -> Result<Self, Error> {
         let token = match &config.operator_token_file {
             None => None,
             Some(path) => {
@@ -114,10 +114,7 @@ impl Access {
         };
         Ok(Self {
             operators: config.operators.clone(),
-            viewers: config
-                .viewers
-                .clone()
-                .unwrap_or_else(|| config.operators.clone()),
+            viewers: config.viewers().to_vec(),
             token,
         })
     }
@@ -153,7 +150,7 @@ impl Access {
             return Err(refuse(
                 Code::PermissionDenied,
                 format!(
-                    "{call} is refused: this service names no {key} and no operatorTokenFile; \
+                    "{call} is refused: this service names no {key} and no access.operatorTokenFile; \
                  its operator must configure one of them"
                 ),
             ));
@@ -178,7 +175,7 @@ impl Access {
             return Err(refuse(
                 Code::Unauthenticated,
                 format!(
-                    "{call}: bearer tokens are not accepted here (no operatorTokenFile is configured)"
+                    "{call}: bearer tokens are not accepted here (no access.operatorTokenFile is configured)"
                 ),
             ));
         };

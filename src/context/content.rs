@@ -1,4 +1,4 @@
-//! Content keys of Dockerfile sources (`baseImageKey: content`): what a build of a source would
+//! Content keys of Dockerfile sources (`builds.baseImageKey: content`): what a build of a source would
 //! see, named by git's own hashes, read without a checkout.
 //!
 //! Each remote has a bare repository under `dataDir/keys`, kept between requests; a request

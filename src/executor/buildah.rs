@@ -86,7 +86,7 @@ impl Buildah {
         buildah.prepare_dirs()?;
         let conf = buildah.registries_conf();
         let mut text = String::from(
-            "# Written by image-builder at start from insecureRegistries.\n\
+            "# Written by image-builder at start from registry.insecure.\n\
              unqualified-search-registries = [\"docker.io\"]\n\
              short-name-mode = \"permissive\"\n",
         );

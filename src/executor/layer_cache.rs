@@ -1,6 +1,6 @@
 //! The local executor's layer cache: buildah's storage under the data dir, where `bud
 //! --layers` keeps the result of every step of every build (and the base images it pulled),
-//! bounded in size by `layerCacheSize`.
+//! bounded in size by `executor.layerCacheSize`.
 //!
 //! Builds share the storage; trimming it has it to itself. Removing an image while another
 //! build commits on top of its layers, or has just chosen it as a cached step, fails that

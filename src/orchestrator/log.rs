@@ -1,7 +1,7 @@
 //! A build's log as the steps write it, on its way to the journal.
 //!
 //! Writers (a step's lines, a builder process's output) redact what they write and count it
-//! against `maxLogBytes`, then hand it to the build's one log writer task through a bounded
+//! against `builds.maxLogBytes`, then hand it to the build's one log writer task through a bounded
 //! queue. The writer cuts the stream into chunks, closed at [`CHUNK_BYTES`] or [`CHUNK_AGE`]
 //! after their first byte, whichever comes first, and journals each chunk while the next one
 //! fills. So a builder never waits on an fsync, unless the journal falls behind by the whole
@@ -26,7 +26,7 @@ use crate::credentials::{Redactions, StreamRedactor};
 use crate::steps::{Progress, StepError, StepErrorKind, StepLog, StepOutput, Tail};
 
 /// The line written once when a build's log reaches its size limit.
-pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached maxLogBytes; later output is dropped, the build goes on\n";
+pub const TRUNCATION_MARKER: &str = "[image-builder] log truncated here: the build log reached builds.maxLogBytes; later output is dropped, the build goes on\n";
 
 /// A chunk is journaled once it holds this many bytes...
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -156,7 +156,7 @@ impl BuildLog {
         }
     }
 
-    /// What of `bytes` fits under `maxLogBytes`: all of it, or the lines that fit and the
+    /// What of `bytes` fits under `builds.maxLogBytes`: all of it, or the lines that fit and the
     /// truncation marker once, or nothing after that.
     fn admit(&self, mut bytes: Vec<u8>) -> Option<Vec<u8>> {
         let mut budget = self.shared.budget.lock();
@@ -489,7 +489,7 @@ mod tests {
         out.write(b"2-secret ok\n").await;
         log.flush().await.unwrap();
         assert_eq!(consumed(), Some(131));
-        // Past maxLogBytes the bytes are dropped, but the output is consumed all the same.
+        // Past builds.maxLogBytes the bytes are dropped, but the output is consumed all the same.
         out.write(&[b'x'; 100]).await;
         out.write(b"\n").await;
         out.finish().await;

@@ -140,7 +140,7 @@ impl Orchestrator {
             && !self.inner.limits.allow_local_repositories
         {
             return Err(Error::InvalidRequest(
-                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets allowLocalRepositories".into(),
+                "source.file.source.git.remote_uri names a repository on the service's own machine; those are refused unless the configuration sets builds.allowLocalRepositories".into(),
             ));
         }
         Ok(())

@@ -152,7 +152,7 @@ async fn run(inner: Arc<Inner>, mut view: BuildView, start: Start, cancel: Cance
                 () = cancel.cancelled() => continue,
                 () = tokio::time::sleep(deadline) => Event::Failed {
                     reason: format!(
-                        "the build exceeded its time limit of {} (buildTimeout) while {}",
+                        "the build exceeded its time limit of {} (builds.timeout) while {}",
                         humantime_serde::re::humantime::format_duration(inner.limits.build_timeout),
                         phase_action(view.phase())
                     ),

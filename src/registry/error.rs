@@ -44,7 +44,7 @@ pub enum Error {
         what: String,
     },
     /// Transient faults went on past the retry budget.
-    #[error("gave up after {attempts} attempts within the registry retry budget of {} (registryRetryBudget); last fault: {last}", humantime_serde::re::humantime::format_duration(*budget))]
+    #[error("gave up after {attempts} attempts within the registry retry budget of {} (registry.retryBudget); last fault: {last}", humantime_serde::re::humantime::format_duration(*budget))]
     RetriesExhausted {
         /// Attempts made.
         attempts: u32,

@@ -19,7 +19,7 @@ use super::{Error, Progress, Registry};
 /// How transient faults are retried.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
-    /// Total time one step may spend retrying (`registryRetryBudget`).
+    /// Total time one step may spend retrying (`registry.retryBudget`).
     pub budget: Duration,
     /// The first wait.
     pub initial_interval: Duration,

@@ -23,7 +23,7 @@ pub(super) fn start(
     tokio::spawn(signal_shutdown(shutdown.clone()));
     tokio::spawn(retention(
         orchestrator.clone(),
-        config.retention,
+        config.builds.retention,
         shutdown.clone(),
     ));
     if let Some(executor) = kubernetes {

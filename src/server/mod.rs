@@ -32,16 +32,19 @@ pub const WORK_DIR: &str = "work";
 /// The subdirectory of `dataDir` that holds buildah's storage and registries configuration.
 pub const BUILDAH_DIR: &str = "buildah";
 
-/// Where content keys' bare repositories live, under the data dir (`baseImageKey: content`).
+/// Where content keys' bare repositories live, under the data dir (`builds.baseImageKey: content`).
 pub const KEYS_DIR: &str = "keys";
 
 /// Runs the service until a shutdown signal: checks the files it needs, opens the store,
 /// makes the adapters and the orchestrator, opens the API once unfinished builds are resumed,
 /// and drains on the way out.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    for key in &config.legacy_keys {
+        tracing::warn!(%key, "the config file uses a key of the flat layout");
+    }
     // Files that must be usable are checked before anything else starts.
     let tls = load_tls(&config)?;
-    let access = Arc::new(Access::from_config(&config)?);
+    let access = Arc::new(Access::from_config(&config.access)?);
     let metrics = Arc::new(Metrics::new());
     let (journal, store_open_ms) = wiring::open_journal(&config)?;
     journal.observe_commits(Arc::clone(&metrics) as _);

@@ -49,16 +49,16 @@ impl Adapters {
     pub(super) async fn make(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Self> {
         let credentials = Arc::new(credentials(config)?);
         let retry = RetryPolicy {
-            budget: config.registry_retry_budget,
+            budget: config.registry.retry_budget,
             ..RetryPolicy::default()
         };
         let registry = Arc::new(
-            Registry::with_policy(&config.insecure_registries, retry, config.registry_timeout)
-                .with_requests_per_host(config.registry_requests_per_host)
+            Registry::with_policy(&config.registry.insecure, retry, config.registry.timeout)
+                .with_requests_per_host(config.registry.requests_per_host)
                 .with_metrics(Arc::clone(metrics)),
         );
         let (builder, kubernetes) = executor(config, &credentials, metrics).await?;
-        let content = match config.base_image_key {
+        let content = match config.builds.base_image_key {
             BaseImageKey::Mk3 => None,
             BaseImageKey::Content => {
                 let keys = config.data_dir.join(KEYS_DIR);
@@ -90,7 +90,7 @@ fn credentials(config: &Config) -> anyhow::Result<Credentials> {
     )
     .context("cannot use pullSecretFile")?;
     Ok(if config.enable_additional_ecr_auth {
-        credentials.with_ecr(config.ecr_endpoint.clone())
+        credentials.with_ecr(config.registry.ecr_endpoint.clone())
     } else {
         credentials
     })
@@ -104,17 +104,17 @@ async fn executor(
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Arc<dyn BuildBase>, Option<Arc<KubernetesExecutor>>)> {
     match &config.executor {
-        ExecutorConfig::Local => {
+        ExecutorConfig::Local(local) => {
             let namespace = UserNamespace::of_current_user()
                 .context("the local executor cannot run builds in a user namespace")?;
             let buildah = Buildah::new(
                 config.data_dir.join(BUILDAH_DIR),
-                &config.insecure_registries,
+                &config.registry.insecure,
                 namespace,
             )?;
             let cache = Arc::new(LayerCache::new(
                 buildah,
-                config.layer_cache_size.as_u64(),
+                local.layer_cache_size.as_u64(),
                 Some(Arc::clone(metrics)),
             ));
             let checkouts = GitCheckouts::new(config.data_dir.join(WORK_DIR));
@@ -127,7 +127,7 @@ async fn executor(
                     (**k8s).clone(),
                     installation_key(config),
                     Arc::clone(credentials),
-                    config.insecure_registries.clone(),
+                    config.registry.insecure.clone(),
                 )
                 .await
                 .context("cannot use the Kubernetes executor")?,
@@ -151,10 +151,10 @@ pub(super) fn orchestrator(
     metrics: &Arc<Metrics>,
 ) -> Orchestrator {
     let limits = Limits {
-        build_timeout: config.build_timeout,
-        max_concurrent_builds: config.max_concurrent_builds,
-        max_log_bytes: config.max_log_bytes,
-        allow_local_repositories: config.allow_local_repositories,
+        build_timeout: config.builds.timeout,
+        max_concurrent_builds: config.builds.max_concurrent,
+        max_log_bytes: config.builds.max_log_bytes,
+        allow_local_repositories: config.builds.allow_local_repositories,
     };
     let repos = Repositories {
         base: config.base_image_repository.clone(),

@@ -91,7 +91,7 @@ pub trait Push: Send + Sync {
 }
 
 /// What a Dockerfile source holds right now, named by git's own hashes: the content a build
-/// of it would see (`baseImageKey: content`).
+/// of it would see (`builds.baseImageKey: content`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceContent {
     /// The commit the source's target names now.

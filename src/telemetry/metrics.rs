@@ -175,7 +175,7 @@ impl Metrics {
             layer_cache_evicted_images: registered(
                 &mut registry,
                 "image_builder_layer_cache_evicted_images",
-                "Images (build steps, base images) removed from the layer cache to keep it under layerCacheSize",
+                "Images (build steps, base images) removed from the layer cache to keep it under executor.layerCacheSize",
                 Counter::default(),
             ),
             layer_cache_evicted_bytes: registered(
@@ -193,7 +193,7 @@ impl Metrics {
             queue_depth: registered(
                 &mut registry,
                 "image_builder_queue_depth",
-                "Builds waiting for a build slot (maxConcurrentBuilds)",
+                "Builds waiting for a build slot (builds.maxConcurrent)",
                 Gauge::default(),
             ),
             state_duration: registered(

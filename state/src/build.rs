@@ -119,7 +119,7 @@ impl DockerfileSource {
     }
 
     /// Whether the remote names a repository on the service's own machine (a path or a
-    /// `file://` URL), which only `allowLocalRepositories` permits.
+    /// `file://` URL), which only `builds.allowLocalRepositories` permits.
     pub fn remote_is_local(&self) -> bool {
         is_local_remote(&self.remote_uri)
     }

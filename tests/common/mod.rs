@@ -38,8 +38,8 @@ pub fn config(registry: &str, name: &str) -> serde_json::Value {
     serde_json::json!({
         "baseImageRepository": format!("{registry}/{name}/base"),
         "workspaceImageRepository": format!("{registry}/{name}/workspace"),
-        "insecureRegistries": [registry],
-        "allowLocalRepositories": true,
+        "registry": {"insecure": [registry]},
+        "builds": {"allowLocalRepositories": true},
     })
 }
 

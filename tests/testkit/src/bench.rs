@@ -28,7 +28,7 @@ pub fn service_config(registry: &str, prefix: &str) -> serde_json::Value {
     serde_json::json!({
         "baseImageRepository": format!("{registry}/{prefix}/base"),
         "workspaceImageRepository": format!("{registry}/{prefix}/workspace"),
-        "insecureRegistries": [registry],
+        "registry": {"insecure": [registry]},
     })
 }
 
@@ -65,7 +65,7 @@ impl DockerfileBench {
     pub fn config(&self, prefix: &str) -> serde_json::Value {
         let mut config = service_config(self.registry.addr(), prefix);
         config["dataDir"] = self.data.path().display().to_string().into();
-        config["allowLocalRepositories"] = true.into();
+        config["builds"]["allowLocalRepositories"] = true.into();
         config
     }
 }

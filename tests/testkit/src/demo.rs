@@ -105,9 +105,9 @@ pub async fn run(binary: &std::path::Path, keep: bool) -> anyhow::Result<()> {
     let config = serde_json::json!({
         "baseImageRepository": format!("{addr}/base-images"),
         "workspaceImageRepository": format!("{addr}/workspace-images"),
-        "insecureRegistries": [addr],
+        "registry": {"insecure": [addr]},
         // The demo's build context is a git repository it makes on this machine.
-        "allowLocalRepositories": true,
+        "builds": {"allowLocalRepositories": true},
     });
     println!("== starting image-builder run --config (config: {config})");
     let service = Service::start(binary, config)?;

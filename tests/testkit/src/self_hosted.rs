@@ -167,12 +167,12 @@ impl Setup for SelfHosted {
         let mut config = serde_json::json!({
             "baseImageRepository": format!("{via_workspace}/base-images"),
             "workspaceImageRepository": format!("{via_workspace}/workspace"),
-            "insecureRegistries": [registry_addr, proxy_addr],
+            "registry": {"insecure": [registry_addr, proxy_addr]},
             // The environment's git repositories live on this machine.
-            "allowLocalRepositories": true,
+            "builds": {"allowLocalRepositories": true},
         });
         if proxy_addr.is_empty() {
-            config["insecureRegistries"] = serde_json::json!([registry_addr]);
+            config["registry"]["insecure"] = serde_json::json!([registry_addr]);
         }
         let hosts = vec![registry_addr.clone(), proxy_addr.clone()];
         let pull_secret = match &env.pull_secret {
@@ -193,7 +193,7 @@ impl Setup for SelfHosted {
         let mut kubeconfig: Option<String> = None;
         if let Some(moto) = &moto {
             config["enableAdditionalECRAuth"] = true.into();
-            config["ecrEndpoint"] = moto.endpoint().into();
+            config["registry"]["ecrEndpoint"] = moto.endpoint().into();
             base_env.extend([
                 ("AWS_ACCESS_KEY_ID", "testing"),
                 ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -230,9 +230,9 @@ impl Setup for SelfHosted {
         if let Some(kubeconfig) = &kubeconfig {
             base_env.push(("KUBECONFIG", kubeconfig.as_str()));
         }
-        for (key, value) in &env.config {
-            config[key] = value.clone();
-        }
+        // The scenario's keys are merged in (RFC 7386): a group it names keeps the keys it
+        // does not.
+        json_patch::merge(&mut config, &serde_json::Value::Object(env.config.clone()));
         let mut first_env = base_env.clone();
         first_env.push(("FAILPOINTS", env.failpoints.as_str()));
         // A fixed port, so that clients such as `builds logs --follow` find the service again

@@ -45,10 +45,14 @@ impl Service {
             map.entry("metricsAddress")
                 .or_insert_with(|| "127.0.0.1:0".into());
             // The ops API needs an operator: the test kit's clients hold this token.
-            if !map.contains_key("operatorTokenFile") && !map.contains_key("operators") {
+            let access = map.entry("access").or_insert_with(|| serde_json::json!({}));
+            if let Some(access) = access.as_object_mut()
+                && !access.contains_key("operatorTokenFile")
+                && !access.contains_key("operators")
+            {
                 let path = dir.path().join("operator-token");
                 std::fs::write(&path, random_hex()?)?;
-                map.insert(
+                access.insert(
                     "operatorTokenFile".into(),
                     path.display().to_string().into(),
                 );
@@ -146,7 +150,9 @@ impl Service {
     pub fn operator_token_file(&self) -> Option<PathBuf> {
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.config_path()).ok()?).ok()?;
-        config["operatorTokenFile"].as_str().map(PathBuf::from)
+        config["access"]["operatorTokenFile"]
+            .as_str()
+            .map(PathBuf::from)
     }
 
     /// How the product's own clients (CLI, scenario runner) reach this service: with its

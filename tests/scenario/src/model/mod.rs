@@ -65,7 +65,8 @@ pub struct Environment {
     /// Where the fault proxy sits.
     #[serde(default)]
     pub proxy: ProxyMode,
-    /// Service config keys set on top of the scenario's defaults.
+    /// Service config merged over the scenario's defaults (RFC 7386: a group it names
+    /// keeps the keys it does not).
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
     /// `FAILPOINTS` for the service's first start.
