@@ -1,7 +1,17 @@
 //! Single attempts at the wire: resolve a reference, look one up, copy one blob. `retry.rs`
 //! decides whether to try again.
 
-use super::*;
+use futures::TryStreamExt;
+use oci_client::Reference;
+use oci_client::client::linux_amd64_resolver;
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OciDescriptor,
+};
+
+use super::copy::CopyEnds;
+use super::session::Session;
+use super::{Error, ManifestKind, RESOLVE_MEDIA_TYPES, Registry, fail, pinned};
+use crate::steps::Progress;
 
 /// Resolves `image` to its pinned form; a manifest read on the way (not an index) is kept in
 /// `registry` for the copy that may follow.
