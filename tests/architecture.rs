@@ -189,3 +189,34 @@ fn only_the_status_module_makes_a_status() {
         found.join("\n")
     );
 }
+
+/// Most lines a source file of the service or the state crate keeps before its tests: a file
+/// longer than this holds more than one concept.
+const MAX_LINES_BEFORE_TESTS: usize = 400;
+
+/// No file in `src/` or `state/src/` keeps more than [`MAX_LINES_BEFORE_TESTS`] lines before
+/// its first `#[cfg(test)]` (a file that is a test module, `tests.rs`, is all tests).
+#[test]
+fn no_source_file_holds_more_than_one_concept_by_length() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut long = Vec::new();
+    for file in rust_files(&root.join("src"))
+        .into_iter()
+        .chain(rust_files(&root.join("state").join("src")))
+        .filter(|f| !f.ends_with("tests.rs"))
+    {
+        let text = std::fs::read_to_string(&file).expect("a readable source file");
+        let before_tests = text
+            .lines()
+            .take_while(|line| line.trim() != "#[cfg(test)]")
+            .count();
+        if before_tests > MAX_LINES_BEFORE_TESTS {
+            long.push(format!("{} ({before_tests} lines)", file.display()));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "files over {MAX_LINES_BEFORE_TESTS} lines before their tests (split them by concept):\n{}",
+        long.join("\n")
+    );
+}

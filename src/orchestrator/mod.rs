@@ -10,6 +10,7 @@
 mod flight;
 mod lifecycle;
 mod log;
+mod phases;
 mod queries;
 mod submit;
 mod task;

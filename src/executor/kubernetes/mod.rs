@@ -19,6 +19,7 @@
 
 mod follow;
 pub mod manifest;
+mod scripts;
 mod sweep;
 
 use std::sync::Arc;
