@@ -53,34 +53,40 @@ impl Playback {
                 let log = String::from_utf8_lossy(&self.full_log(build).await?).into_owned();
                 for text in contains {
                     let text = expand(&self.env.vars, text);
-                    ensure!(log.contains(&text), "{build}'s log lacks {text:?}:\n{log}");
+                    ensure!(
+                        log.contains(&text),
+                        "{build}'s log lacks {text:?}; it ends:\n{}",
+                        tail(&log)
+                    );
                 }
                 for text in not_contains {
                     let text = expand(&self.env.vars, text);
                     ensure!(
                         !log.contains(&text),
-                        "{build}'s log contains {text:?}:\n{log}"
+                        "{build}'s log contains {text:?}; it ends:\n{}",
+                        tail(&log)
                     );
                 }
                 for (text, n) in count {
                     let found = log.matches(text.as_str()).count();
                     ensure!(
                         found == *n,
-                        "{build}'s log has {text:?} {found} times, expected {n}:\n{log}"
+                        "{build}'s log has {text:?} {found} times, expected {n}; it ends:\n{}",
+                        tail(&log)
                     );
                 }
                 if let Some(seq) = sequence {
-                    let got: Vec<&str> =
-                        log.lines().filter(|l| l.starts_with(&seq.prefix)).collect();
-                    let want: Vec<String> = (1..=seq.count)
-                        .map(|i| format!("{}{i}", seq.prefix))
-                        .collect();
-                    ensure!(
-                        got == want,
-                        "{build}'s {}N lines are not 1..{} once each in order: {got:?}",
-                        seq.prefix,
-                        seq.count
-                    );
+                    let mut got = log.lines().filter(|l| l.starts_with(&seq.prefix));
+                    for i in 1..=seq.count + 1 {
+                        let want = (i <= seq.count).then(|| format!("{}{i}", seq.prefix));
+                        let line = got.next();
+                        ensure!(
+                            line == want.as_deref(),
+                            "{build}'s {}N lines are not 1..{} once each in order: line {i} is {line:?}",
+                            seq.prefix,
+                            seq.count
+                        );
+                    }
                 }
                 Ok(())
             }
@@ -201,4 +207,14 @@ pub(super) async fn drain(
         all.extend(chunk.content);
     }
     Ok(all)
+}
+
+/// The end of a log, for a failure's message: a log may be tens of megabytes.
+fn tail(log: &str) -> &str {
+    const SHOWN: usize = 4096;
+    let mut start = log.len().saturating_sub(SHOWN);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
 }
