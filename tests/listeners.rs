@@ -119,7 +119,11 @@ async fn every_listener_gets_the_same_bytes() {
     let ticks = text.lines().filter(|l| l.starts_with("tick-"));
     let mut expected = (1..=TICKS).map(|i| format!("tick-{i}"));
     for (n, tick) in ticks.enumerate() {
-        assert_eq!(Some(tick), expected.next().as_deref(), "line {n}: every line once, in order");
+        assert_eq!(
+            Some(tick),
+            expected.next().as_deref(),
+            "line {n}: every line once, in order"
+        );
     }
     assert_eq!(expected.next(), None, "every line is in the log");
     for (name, got) in [

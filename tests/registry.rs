@@ -558,4 +558,26 @@ async fn a_shared_blob_copy_that_fails_leaves_the_others_to_try_their_own() {
         .unwrap()
         .expect("the copy from s2 does not take s1's failure for its own");
     assert_eq!(digest_of(&format!("{addr}/ws/busybox:b")), digest);
+    // s2's copy of the layer joined s1's and asked nothing of its own until s1's had failed:
+    // its first request for the layer comes after s1's last.
+    let requests = proxy.requests();
+    let for_layer_from = |source: &str| {
+        let (mount, read) = (
+            format!("{hex}&from={source}"),
+            format!("/v2/{source}/busybox/blobs/{layer}"),
+        );
+        move |r: &&String| r.contains(&mount) || r.contains(&read)
+    };
+    let last_from_s1 = requests
+        .iter()
+        .rposition(|r| for_layer_from("s1")(&r))
+        .expect("s1's copy asked for the layer");
+    let first_from_s2 = requests
+        .iter()
+        .position(|r| for_layer_from("s2")(&r))
+        .expect("s2's copy asked for the layer once s1's failed");
+    assert!(
+        first_from_s2 > last_from_s1,
+        "s2's copy asked for the layer (request {first_from_s2}) before s1's shared copy ended (request {last_from_s1}): it did not join it\n{requests:#?}"
+    );
 }

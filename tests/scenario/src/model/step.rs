@@ -136,11 +136,16 @@ pub enum Step {
         /// The number.
         count: usize,
     },
-    /// Assert no more than this many builds ran at once (read from the journal; the service
-    /// is stopped for the read and started again).
+    /// Assert no more than this many builds ran at once, and at least `at_least` at some
+    /// moment (read from the journal's admission and end times of finished builds; the
+    /// service is stopped for the read and started again). Fails when no build finished.
     ExpectConcurrency {
         /// The limit.
         at_most: usize,
+        /// Builds that must have run side by side at some moment, so that the limit was
+        /// exercised. Default: 1.
+        #[serde(default)]
+        at_least: Option<usize>,
     },
     /// Assert the gRPC status code of a call.
     ExpectCall {

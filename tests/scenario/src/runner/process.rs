@@ -54,7 +54,10 @@ impl Playback {
                 );
                 Ok(())
             }
-            Step::ExpectConcurrency { at_most } => self.expect_concurrency(*at_most).await,
+            Step::ExpectConcurrency { at_most, at_least } => {
+                self.expect_concurrency(*at_most, at_least.unwrap_or(1))
+                    .await
+            }
             Step::ExpectNoLeak { values } => self.expect_no_leak(values).await,
             other => Err(format!("{} is not played here", other.kind())),
         }
@@ -109,7 +112,7 @@ impl Playback {
         Ok(())
     }
 
-    pub(super) async fn expect_concurrency(&mut self, at_most: usize) -> Check {
+    pub(super) async fn expect_concurrency(&mut self, at_most: usize, at_least: usize) -> Check {
         let service = self.service()?;
         service.stop();
         let store = service.data_dir().join(image_builder_state::STORE_DIR);
@@ -130,6 +133,10 @@ impl Playback {
             spans
         };
         self.start_again("")?;
+        ensure!(
+            !spans.is_empty(),
+            "no build ran to its end: nothing to measure"
+        );
         let most = spans
             .iter()
             .map(|(start, _)| {
@@ -141,8 +148,8 @@ impl Playback {
             .max()
             .unwrap_or(0);
         ensure!(
-            most <= at_most,
-            "{most} builds ran at once, expected at most {at_most}: {spans:?}"
+            (at_least..=at_most).contains(&most),
+            "{most} builds ran at once, expected at least {at_least} and at most {at_most}: {spans:?}"
         );
         Ok(())
     }
