@@ -741,13 +741,23 @@ fn rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Fifty distinct Dockerfile builds under `maxConcurrentBuilds: 10`: all end right, no more
-/// than ten Jobs exist at once, they are admitted in the order they came, and the service's
-/// memory does not grow with the builds it follows (each one's log and watch are bounded).
+/// Fifty distinct Dockerfile builds under `builds.maxConcurrent: 10`, ten and then forty at
+/// once: all end right, no more than ten Jobs exist at once, and the service's heap at rest
+/// does not grow with the builds it followed (each one's log, watches and kept registry
+/// answers are bounded or go with it). The heap in use (`image_builder_heap_bytes`), not the
+/// resident size, which also counts what the allocator keeps free and moves by megabytes with
+/// the machine's load. The order of admission is the orchestrator's, checked
+/// exactly in its own tests (`builds_are_admitted_in_order_within_the_limit`): here the
+/// journal's admission times, taken by each build's task, may interleave by scheduling.
 #[tokio::test(flavor = "multi_thread")]
-async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
-    const BUILDS: usize = 50;
+async fn fifty_builds_run_as_jobs_within_the_limit_with_flat_memory() {
+    const FIRST: usize = 10;
+    const THEN: usize = 40;
     const LIMIT: usize = 10;
+    /// The most the service's heap at rest may grow over the forty builds after the first
+    /// ten: measured 1.5 MiB (the store's bounded page cache filling). A kept registry answer
+    /// that held its connection's read buffer grew the resident size 9.7 MiB.
+    const GROWTH: u64 = 4 << 20;
     let rig = Rig::new("fifty").await;
     let repo = GitRepo::new(&[(
         "Dockerfile",
@@ -764,60 +774,63 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
     let service = rig.start(config, &[]);
     let pid = service.pid().unwrap();
     let mut client = service.client().await.unwrap();
-    let before = rss(pid);
+    let before = (rest_heap(&service).await, rss(pid));
 
     let mut ids = Vec::new();
-    let mut streams = Vec::new();
-    for i in 0..BUILDS {
-        let mut request = head_build(&server.uri());
-        if let Some(pb::build_source::From::File(file)) =
-            request.source.as_mut().and_then(|s| s.from.as_mut())
-        {
-            file.dockerfile_version = format!("v{i}");
-        }
-        let (stream, id) = start_build(&mut client, request).await;
-        ids.push(id);
-        streams.push(stream);
-    }
-
     let mut most_jobs = 0;
-    let mut peak = before;
-    // RSS once the first LIMIT builds have ended: the service has run LIMIT at once by then.
-    let mut warm = None;
-    let mut ended = 0;
-    while ended < BUILDS {
-        let jobs = rig.jobs().list(&ListParams::default()).await.unwrap();
-        let live = jobs
-            .items
-            .iter()
-            .filter(|j| j.metadata.deletion_timestamp.is_none())
-            .count();
-        most_jobs = most_jobs.max(live);
-        peak = peak.max(rss(pid));
-        let mut ops = ops_client(&service).await;
-        let list = ops
-            .list_builds(image_builder::proto::ops::ListBuildsRequest {
-                page_size: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        ended = list
-            .builds
-            .iter()
-            .filter(|b| matches!(b.state.as_str(), "done" | "failed" | "cancelled"))
-            .count();
-        if ended >= LIMIT && warm.is_none() {
-            warm = Some(rss(pid));
+    let mut at_rest = Vec::new();
+    for batch in [0..FIRST, FIRST..FIRST + THEN] {
+        let mut streams = Vec::new();
+        for i in batch {
+            let mut request = head_build(&server.uri());
+            if let Some(pb::build_source::From::File(file)) =
+                request.source.as_mut().and_then(|s| s.from.as_mut())
+            {
+                file.dockerfile_version = format!("v{i}");
+            }
+            let (stream, id) = start_build(&mut client, request).await;
+            ids.push(id);
+            streams.push(stream);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Until every build of the batch has ended, and its Jobs are gone.
+        let waiting_since = std::time::Instant::now();
+        loop {
+            assert!(
+                waiting_since.elapsed() < Duration::from_secs(900),
+                "the builds did not end, or their Jobs stayed, for 15 minutes\n{}",
+                rig.cluster.report(&rig.namespace)
+            );
+            let jobs = rig.jobs().list(&ListParams::default()).await.unwrap();
+            let live = jobs
+                .items
+                .iter()
+                .filter(|j| j.metadata.deletion_timestamp.is_none())
+                .count();
+            most_jobs = most_jobs.max(live);
+            let mut ops = ops_client(&service).await;
+            let list = ops
+                .list_builds(image_builder::proto::ops::ListBuildsRequest {
+                    page_size: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let ended = list
+                .builds
+                .iter()
+                .filter(|b| matches!(b.state.as_str(), "done" | "failed" | "cancelled"))
+                .count();
+            if ended == ids.len() && jobs.items.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        drop(streams);
+        at_rest.push((rest_heap(&service).await, rss(pid)));
     }
-    let warm = warm.unwrap_or(before);
-    let after = rss(pid);
 
     let mut ops = ops_client(&service).await;
-    let mut admitted = Vec::new();
     for id in &ids {
         let build = ops
             .get_build(image_builder::proto::ops::GetBuildRequest {
@@ -833,43 +846,43 @@ async fn fifty_builds_run_as_jobs_within_the_limit_in_order_with_flat_memory() {
             build.failure,
             rig.cluster.report(&rig.namespace)
         );
-        let resolving = build
-            .phases
-            .iter()
-            .find(|p| p.phase == "resolving")
-            .unwrap()
-            .entered_at_ms;
-        admitted.push(resolving);
     }
-    // Slots go out in the order the builds came; each build's task journals its own
-    // admission, so builds let in at the same moment may record it a few ms apart.
-    let overtaken = admitted
-        .iter()
-        .enumerate()
-        .any(|(i, at)| admitted[i + 1..].iter().any(|later| *later + 250 < *at));
-    assert!(!overtaken, "admitted in the order they came: {admitted:?}");
     assert!(most_jobs <= LIMIT, "{most_jobs} jobs at once");
     assert!(
         most_jobs >= 2,
         "builds ran side by side: at most {most_jobs} jobs at once"
     );
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let ((warm, warm_rss), (after, after_rss)) = (at_rest[0], at_rest[1]);
     eprintln!(
-        "service RSS: {:.1} MiB before, {:.1} MiB after the first {LIMIT} builds, {:.1} MiB peak with {BUILDS} builds ({most_jobs} jobs at once), {:.1} MiB after",
-        mib(before),
+        "service heap at rest (resident size): {:.1} ({:.1}) MiB before, {:.1} ({:.1}) MiB after {FIRST} builds, {:.1} ({:.1}) MiB after {THEN} more ({most_jobs} jobs at once)",
+        mib(before.0),
+        mib(before.1),
         mib(warm),
-        mib(peak),
+        mib(warm_rss),
+        mib(after),
+        mib(after_rss)
+    );
+    assert!(
+        after.saturating_sub(warm) < GROWTH,
+        "the heap at rest grew from {:.1} MiB after {FIRST} builds to {:.1} MiB after {THEN} more",
+        mib(warm),
         mib(after)
     );
-    // Flat: once LIMIT builds have run side by side, the next forty change nothing (each
-    // build's log queue and watches are bounded and go with it).
-    assert!(
-        peak.saturating_sub(warm) < 8 << 20,
-        "RSS grew from {:.1} MiB after {LIMIT} builds to {:.1} MiB over {BUILDS}",
-        mib(warm),
-        mib(peak)
-    );
-    drop(streams);
+}
+
+/// The service's heap in use at rest: the least of a few scrapes over two seconds, so a
+/// moment's buffers (a watch event, the scrape itself) do not count.
+async fn rest_heap(service: &Service) -> u64 {
+    let mut least = u64::MAX;
+    for _ in 0..10 {
+        let heap = metric(service, "image_builder_heap_bytes")
+            .await
+            .expect("the service exports image_builder_heap_bytes");
+        least = least.min(heap as u64);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    least
 }
 
 #[tokio::test(flavor = "multi_thread")]

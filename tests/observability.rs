@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use base64::Engine;
 use common::*;
 use image_builder::proto::builder as pb;
@@ -133,6 +131,8 @@ async fn prometheus_scrapes_every_metric_a_dashboard_needs() {
         (r#"image_builder_log_bytes_total"#, 1.0),
         (r#"image_builder_log_listeners"#, 1.0),
         (r#"image_builder_cache_hits_total"#, 1.0),
+        // The heap in use: at least what the service's own structures take.
+        (r#"image_builder_heap_bytes"#, 1_048_576.0),
         // gRPC server metrics, with the status each call ended with.
         (
             r#"image_builder_grpc_server_handled_total{grpc_service="builder.ImageBuilder",grpc_method="Build",grpc_code="Ok"}"#,
@@ -380,8 +380,12 @@ async fn jaeger_shows_one_trace_per_attempt_with_a_span_per_state_resumed_runs_i
         .into_inner();
     let resumed_id = build_id(&stream.message().await.unwrap().unwrap());
     wait_for_log(&mut client, &resumed_id, "traced-resumable\n").await;
-    // Let the finished state spans leave before the kill (they are sent every second).
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The first run's finished states reach Jaeger before the kill (spans are sent every
+    // second): the resumed run's must hang with them under the journaled root.
+    trace(&jaeger, &resumed_trace, |spans| {
+        !named(spans, "Resolving").is_empty() && !named(spans, "CheckingCache").is_empty()
+    })
+    .await;
     drop(stream);
     service.kill();
     service.kill_and_restart().unwrap();

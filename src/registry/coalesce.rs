@@ -200,33 +200,32 @@ mod tests {
     async fn when_the_asker_goes_away_a_waiting_caller_asks_again() {
         let coalescer = Arc::new(Coalescer::<String>::default());
         let question = Question::new("lookup", "r/a:1", None, Lane::Build);
+        let (asking, asked) = tokio::sync::oneshot::channel();
         let asker = {
             let coalescer = Arc::clone(&coalescer);
             let question = question.clone();
             tokio::spawn(async move {
                 coalescer
                     .answer(question, || async {
+                        asking.send(()).unwrap();
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         Ok("never".to_owned())
                     })
                     .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let waiter = {
-            let coalescer = Arc::clone(&coalescer);
-            tokio::spawn(async move {
-                coalescer
-                    .answer(question, || async { Ok("asked again".to_owned()) })
-                    .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        asked.await.expect("the first caller asks");
+        // Polled by hand: pending means it waits on the asker's answer.
+        let waiter = coalescer.answer(question, || async { Ok("asked again".to_owned()) });
+        tokio::pin!(waiter);
+        assert!(
+            futures::poll!(&mut waiter).is_pending(),
+            "the second caller waits on the first's question"
+        );
         asker.abort();
         let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
-            .expect("the waiting caller is not left hanging")
-            .unwrap();
+            .expect("the waiting caller is not left hanging");
         assert_eq!(answer.unwrap(), "asked again");
     }
 }

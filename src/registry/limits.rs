@@ -445,12 +445,13 @@ mod tests {
         for _ in 0..6 {
             builds.push(limits.slot("r", Lane::Build).await);
         }
-        let seventh = tokio::spawn({
-            let limits = Arc::clone(&limits);
-            async move { limits.slot("r", Lane::Build).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!seventh.is_finished(), "a build took a caller's reserve");
+        // Polled by hand: pending means it waits, with no time allowed for it to get there.
+        let seventh = limits.slot("r", Lane::Build);
+        tokio::pin!(seventh);
+        assert!(
+            futures::poll!(&mut seventh).is_pending(),
+            "a build took a caller's reserve"
+        );
         // Callers' requests slow down (the registry queues): the limit falls below the
         // builds in flight, yet a caller still gets a slot at once, from the reserve.
         {
@@ -467,14 +468,15 @@ mod tests {
         // Builds' requests end; the seventh goes only once fewer than the limit are in
         // flight (three builds and the caller are not fewer than four).
         drop(builds.drain(..3));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!seventh.is_finished(), "past the shrunk limit");
+        assert!(
+            futures::poll!(&mut seventh).is_pending(),
+            "past the shrunk limit"
+        );
         drop(builds.pop());
         drop(
             tokio::time::timeout(Duration::from_secs(1), seventh)
                 .await
-                .expect("the seventh build never went")
-                .unwrap(),
+                .expect("the seventh build never went"),
         );
         drop(caller);
     }

@@ -119,6 +119,7 @@ pub struct Metrics {
     registry_hosts: Bounded,
     log_bytes: Counter,
     log_listeners: Gauge,
+    heap_bytes: Gauge,
     grpc_handled: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily<GrpcMethodLabels>,
     grpc_methods: Bounded,
@@ -236,6 +237,12 @@ impl Metrics {
                 &mut registry,
                 "image_builder_log_listeners",
                 "Log and journal streams open right now (mk3 Logs, ops Journal)",
+                Gauge::default(),
+            ),
+            heap_bytes: registered(
+                &mut registry,
+                "image_builder_heap_bytes",
+                "Bytes the allocator has handed out and not had back, read at each scrape (glibc's mallinfo2; the resident size also counts what it keeps free)",
                 Gauge::default(),
             ),
             grpc_handled: registered(
@@ -360,11 +367,28 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Some(bytes) = heap_in_use() {
+            self.heap_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Bytes in use on the heap: glibc's small blocks handed out plus its mmapped large ones.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<u64> {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    let info = unsafe { libc::mallinfo2() };
+    Some((info.uordblks + info.hblkhd) as u64)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<u64> {
+    None
 }
 
 impl image_builder_state::journal::CommitObserver for Metrics {
