@@ -80,14 +80,38 @@ proptest! {
         let _ = image_builder_scenario::model::parse(&input);
     }
 
+    /// Whole scenario documents (JSON is YAML): an environment and steps of every kind, with
+    /// fields every step takes and hostile values, so that parsing goes past the document's
+    /// shape into each step's fields.
     #[test]
-    fn scenario_yaml_shapes_never_panic(
-        name in "[a-z ]{0,12}",
-        step in prop_oneof![Just("build"), Just("wait"), Just("expect_log"), Just("kill"), Just("nonsense")],
-        body in "[a-z{}:, 0-9\\[\\]]{0,40}",
+    fn scenario_documents_with_hostile_fields_never_panic(
+        name in text(),
+        environment in proptest::collection::vec((scenario_field(), hostile_value()), 0..4),
+        steps in proptest::collection::vec(
+            (scenario_step(), proptest::collection::vec((scenario_field(), hostile_value()), 0..4)),
+            0..6,
+        ),
     ) {
-        let yaml = format!("name: {name}\nsteps:\n  - {step}: {body}\n");
-        let _ = image_builder_scenario::model::parse(&yaml);
+        let environment: serde_json::Map<String, serde_json::Value> = environment
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let steps: Vec<serde_json::Value> = steps
+            .into_iter()
+            .map(|(step, fields)| {
+                let body: serde_json::Map<String, serde_json::Value> =
+                    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                serde_json::json!({ step: body })
+            })
+            .collect();
+        let document = serde_json::json!({
+            "name": name,
+            "environment": environment,
+            "steps": steps,
+        });
+        if let Err(e) = image_builder_scenario::model::parse(&document.to_string()) {
+            prop_assert!(!e.to_string().is_empty());
+        }
     }
 
     #[test]
@@ -246,4 +270,102 @@ fn hostile_value() -> impl Strategy<Value = serde_json::Value> {
         ]),
         "[\\PC\\x00-\\x1f]{0,40}".prop_map(serde_json::Value::from),
     ]
+}
+
+/// Every step a scenario names, and one it does not.
+fn scenario_step() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "build",
+        "wait",
+        "wait_log",
+        "listen",
+        "detach",
+        "restart",
+        "kill",
+        "fault",
+        "clear_faults",
+        "wait_for_point",
+        "advance",
+        "expect_status",
+        "expect_log",
+        "expect_listeners",
+        "expect_image",
+        "expect_top_layer",
+        "expect_same_build",
+        "expect_builds",
+        "expect_concurrency",
+        "expect_call",
+        "expect_metric",
+        "expect_faults_served",
+        "expect_service_log",
+        "rotate_pull_secret",
+        "commit",
+        "cancel",
+        "follow_logs",
+        "expect_followed",
+        "retry",
+        "expect_state",
+        "expect_no_leak",
+        "nonsense",
+    ])
+}
+
+/// The fields scenario steps and environments take.
+fn scenario_field() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "as",
+        "build",
+        "dockerfile",
+        "repo",
+        "ref",
+        "status",
+        "timeout_s",
+        "count",
+        "distinct",
+        "point",
+        "listener",
+        "slow",
+        "contains",
+        "not_contains",
+        "sequence",
+        "prefix",
+        "at_most",
+        "at_least",
+        "code",
+        "call",
+        "message_contains",
+        "path",
+        "value",
+        "values",
+        "kind",
+        "times",
+        "files",
+        "force_rebuild",
+        "auth",
+        "any_of",
+        "state",
+        "reason",
+        "same_as",
+        "differs_from",
+        "attempt",
+        "follower",
+        "file",
+        "content",
+        "context",
+        "version",
+        "config",
+        "base_images",
+        "git",
+        "proxy",
+        "registry_users",
+        "pull_secret",
+        "ecr",
+        "executor",
+        "failpoints",
+        "payload_mb",
+        "user",
+        "password",
+        "mode",
+        "target",
+    ])
 }
