@@ -1,7 +1,10 @@
 //! Journal appends per second with durability (one writer; 64 concurrent builds, without and
 //! with 1000 idle builds listened to, as queued builds' Build streams are), beside the
 //! raw fsync rate of the same file system measured in the same run (appending, the goal's
-//! peer, and overwriting a file written beforehand, as the write-ahead log does); and one build's output
+//! peer, and overwriting a file written beforehand, as the write-ahead log does); the 64
+//! builds also beside a raw group commit (64 threads whose appends one committer writes and
+//! `fdatasync`s together, as the journal batches: the best the file system allows that
+//! concurrency), in turn with them; and one build's output
 //! throughput through its log writer (chunked, pipelined, durable at the flush) beside raw
 //! `write` + `fdatasync` of 64 KiB chunks.
 //!
@@ -60,6 +63,89 @@ fn fsync_overwrite_loop(dir: &std::path::Path, phase: Duration) -> (u64, f64) {
         n += 1;
     }
     (n, start.elapsed().as_secs_f64())
+}
+
+/// A raw group commit for `phase`: `writers` threads each append a [`CHUNK`]-byte record and
+/// wait until it is durable; one committer takes every record waiting, writes them with one
+/// `pwrite` over a file written beforehand (as the write-ahead log does) and one `fdatasync`,
+/// and wakes their writers: (appends, seconds taken, syncs).
+fn group_commit_loop(dir: &std::path::Path, writers: usize, phase: Duration) -> (u64, f64, u64) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::{Arc, Condvar, Mutex};
+    const FILE: usize = 64 << 20;
+    #[derive(Default)]
+    struct Shared {
+        pending: Vec<u8>,
+        queued: u64,
+        durable: u64,
+        stop: bool,
+    }
+    /// The state, the committer's wake-up (records wait) and the writers' (records durable).
+    type Sync = (Mutex<Shared>, Condvar, Condvar);
+    let shared: Arc<Sync> = Arc::new((
+        Mutex::new(Shared::default()),
+        Condvar::new(),
+        Condvar::new(),
+    ));
+    let file = std::fs::File::create(dir.join("group-commit-probe")).unwrap();
+    file.write_all_at(&vec![0xff; FILE], 0).unwrap();
+    file.sync_all().unwrap();
+    let start = Instant::now();
+    let committer = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let (lock, work, done) = &*shared;
+            let (mut syncs, mut at) = (0u64, 0usize);
+            loop {
+                let (batch, upto) = {
+                    let mut state = lock.lock().unwrap();
+                    while state.pending.is_empty() && !state.stop {
+                        state = work.wait(state).unwrap();
+                    }
+                    if state.pending.is_empty() {
+                        return syncs;
+                    }
+                    (std::mem::take(&mut state.pending), state.queued)
+                };
+                if at + batch.len() > FILE {
+                    at = 0;
+                }
+                file.write_all_at(&batch, at as u64).unwrap();
+                file.sync_data().unwrap();
+                at += batch.len();
+                syncs += 1;
+                lock.lock().unwrap().durable = upto;
+                done.notify_all();
+            }
+        })
+    };
+    let threads: Vec<_> = (0..writers)
+        .map(|_| {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                let (lock, work, done) = &*shared;
+                let mut n = 0u64;
+                while start.elapsed() < phase {
+                    let mut state = lock.lock().unwrap();
+                    state.pending.extend_from_slice(&[b'x'; CHUNK]);
+                    state.queued += 1;
+                    let mine = state.queued;
+                    work.notify_one();
+                    while state.durable < mine {
+                        state = done.wait(state).unwrap();
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let appends: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let seconds = start.elapsed().as_secs_f64();
+    shared.0.lock().unwrap().stop = true;
+    shared.1.notify_all();
+    let syncs = committer.join().unwrap();
+    (appends, seconds, syncs)
 }
 
 /// Counts and seconds pooled over rounds.
@@ -221,6 +307,7 @@ fn main() {
     let (mut raw, mut single, mut many) = (Pooled::default(), Pooled::default(), Pooled::default());
     let mut overwrite = Pooled::default();
     let mut listened = Pooled::default();
+    let mut grouped = Pooled::default();
     for _ in 0..rounds {
         // One writer and the raw loop compare two `fdatasync`-bound rates, so they take turns
         // in slices: a disk whose speed drifts within a second moves both alike.
@@ -233,6 +320,7 @@ fn main() {
             overwrite.add((n, seconds, n));
         }
         many.add(runtime.block_on(appends(&journal, 64, phase)));
+        grouped.add(group_commit_loop(dir.path(), 64, phase));
         listened.add(runtime.block_on(appends_beside_listeners(&journal, &idle, phase)));
     }
     let fsync = raw.rate();
@@ -261,6 +349,18 @@ fn main() {
         "| journal append, 64 concurrent builds, durable, {IDLE_LISTENED} idle builds listened to | {:.0} | {:.2} |",
         listened.rate(),
         listened.rate() / fsync
+    );
+    println!(
+        "| raw group commit, 64 threads, one pwrite + fdatasync per batch over a file written beforehand | {:.0} | {:.2} |",
+        grouped.rate(),
+        grouped.rate() / fsync
+    );
+    println!();
+    println!(
+        "64 concurrent builds / the raw group commit: {:.2}x (with {IDLE_LISTENED} idle builds listened to: {:.2}x); raw group commit {:.1} appends/sync",
+        many.rate() / grouped.rate(),
+        listened.rate() / grouped.rate(),
+        grouped.per_commit()
     );
     println!();
     println!(

@@ -189,6 +189,52 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// CPU time (user and system) process `pid` has used so far; zero if it cannot be read.
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The fields after the command (which may hold spaces) and its closing parenthesis:
+    // utime and stime are the 12th and 13th of them, in clock ticks.
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf only reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
+/// CPU time of several processes, taken together so that their deltas cover one span.
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<Duration>,
+}
+
+impl CpuMeter {
+    /// Starts counting for `pids` (`std::process::id()` for the bench itself).
+    pub fn start(pids: &[u32]) -> Self {
+        Self {
+            pids: pids.to_vec(),
+            start: pids.iter().map(|pid| cpu_time(*pid)).collect(),
+        }
+    }
+
+    /// CPU each process used since the start, divided by `calls`, in milliseconds.
+    pub fn per_call_ms(&self, calls: usize) -> Vec<f64> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(pid, start)| ms(cpu_time(*pid).saturating_sub(*start)) / calls.max(1) as f64)
+            .collect()
+    }
+}
+
 /// KiB as MiB, for printing.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0

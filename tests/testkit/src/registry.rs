@@ -94,6 +94,12 @@ impl LocalRegistry {
     }
 
     /// `HOST:PORT`.
+    /// The registry's process id (to read its CPU time, for one).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `host:port` of the registry.
     pub fn addr(&self) -> &str {
         &self.addr
     }
