@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder_testkit::bench::{
-    distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
+    CpuMeter, distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
     service_config, status_kib,
 };
 use image_builder_testkit::{LocalRegistry, Service};
@@ -342,8 +342,12 @@ fn main() {
     // in rounds taken in turn with the same registry requests made by hand.
     let (mut service_copies, mut peer_copies) = (Duration::ZERO, Duration::ZERO);
     let (mut service_made, mut peer_made) = (0.0, 0);
+    // CPU spent by the service, the registry and this process (the clients) during each side's
+    // rounds: what says whether the two cores bound the rate.
+    let (mut service_cpu, mut peer_cpu) = (vec![0.0; 3], vec![0.0; 2]);
     let per_round = copies.div_ceil(rounds);
     for (ours, theirs) in copy_refs.chunks(per_round).zip(peer_refs.chunks(per_round)) {
+        let meter = CpuMeter::start(&[pid, registry.pid(), std::process::id()]);
         let (took, made) = runtime.block_on(async {
             let client = service.client().await.unwrap();
             let before = service_requests(&service).await;
@@ -369,14 +373,21 @@ fn main() {
             let took = start.elapsed();
             (took, service_requests(&service).await - before)
         });
+        for (total, used) in service_cpu.iter_mut().zip(meter.per_call_ms(copies)) {
+            *total += used;
+        }
         service_copies += took;
         service_made += made;
+        let meter = CpuMeter::start(&[registry.pid(), std::process::id()]);
         let (took, made) = runtime.block_on(registry_copies(
             registry.addr(),
             theirs,
             "bench/peer-target",
             clients,
         ));
+        for (total, used) in peer_cpu.iter_mut().zip(meter.per_call_ms(copies)) {
+            *total += used;
+        }
         peer_copies += took;
         peer_made += made;
     }
@@ -443,5 +454,23 @@ fn main() {
         "image-builder / the same registry requests by hand: {:.2}x (against skopeo copy: {:.2}x)",
         ours / floor,
         ours / theirs
+    );
+    println!();
+    println!("| CPU per build, {clients} at once | service ms | registry ms | clients ms | sum ms | 2 cores' ms per build at that rate |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| image-builder | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        service_cpu[0],
+        service_cpu[1],
+        service_cpu[2],
+        service_cpu.iter().sum::<f64>(),
+        2000.0 / ours
+    );
+    println!(
+        "| the same registry requests by hand | - | {:.2} | {:.2} | {:.2} | {:.2} |",
+        peer_cpu[0],
+        peer_cpu[1],
+        peer_cpu.iter().sum::<f64>(),
+        2000.0 / floor
     );
 }
