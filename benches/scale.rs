@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use image_builder::proto::builder as pb;
 use image_builder_testkit::bench::{
-    CpuMeter, distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile, reference_build,
-    service_config, status_kib,
+    CpuMeter, distinct_images, env_or, head_manifest, manifest_url, mib, ms, percentile,
+    reference_build, service_config, status_kib,
 };
 use image_builder_testkit::{LocalRegistry, Service};
 use tonic::transport::Channel;
@@ -456,7 +456,9 @@ fn main() {
         ours / theirs
     );
     println!();
-    println!("| CPU per build, {clients} at once | service ms | registry ms | clients ms | sum ms | 2 cores' ms per build at that rate |");
+    println!(
+        "| CPU per build, {clients} at once | service ms | registry ms | clients ms | sum ms | 2 cores' ms per build at that rate |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
         "| image-builder | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",

@@ -238,6 +238,16 @@ mod tests {
 
     const MINIMAL: &str = r#"{"baseImageRepository": "127.0.0.1:5000/base", "workspaceImageRepository": "127.0.0.1:5000/ws"}"#;
 
+    /// [`MINIMAL`] with `members` (`"key": value, ...`) added.
+    fn with(members: &str) -> String {
+        MINIMAL.replace('}', &format!(", {members}}}"))
+    }
+
+    /// Why `text` is refused.
+    fn refusal(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn defaults_fill_what_is_not_given() {
         let c = Config::parse(MINIMAL).unwrap();
@@ -247,15 +257,15 @@ mod tests {
         assert_eq!(c.builds.timeout, Duration::from_secs(3600));
         assert!(matches!(c.executor, ExecutorConfig::Local(_)));
         assert!(c.legacy_keys.is_empty());
-        let c = Config::parse(&MINIMAL.replace('}', r#", "builds": {"timeout": "90s"}}"#)).unwrap();
+        let c = Config::parse(&with(r#""builds": {"timeout": "90s"}"#)).unwrap();
         assert_eq!(c.builds.timeout, Duration::from_secs(90));
         assert_eq!(c.builds.max_concurrent, 4);
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let text = MINIMAL.replace('}', r#", "grpcAdress": "127.0.0.1:1"}"#);
-        let err = Config::parse(&text).unwrap_err().to_string();
+        let text = with(r#""grpcAdress": "127.0.0.1:1""#);
+        let err = refusal(&text);
         assert!(err.contains("grpcAdress"), "{err}");
     }
 
@@ -284,13 +294,13 @@ mod tests {
             ),
         ];
         for (pair, key) in cases {
-            let text = MINIMAL.replace('}', &format!(", {pair}}}"));
-            let err = Config::parse(&text).unwrap_err().to_string();
+            let text = with(pair);
+            let err = refusal(&text);
             assert!(err.contains(key), "{pair}: {err}");
         }
         let tagged =
             r#"{"baseImageRepository": "r/base:latest", "workspaceImageRepository": "r/ws"}"#;
-        let err = Config::parse(tagged).unwrap_err().to_string();
+        let err = refusal(tagged);
         assert!(err.contains("baseImageRepository"), "{err}");
     }
 
@@ -337,15 +347,15 @@ mod tests {
                 "executor.seccompProfile",
             ),
         ] {
-            let err = Config::parse(&with(executor)).unwrap_err().to_string();
+            let err = refusal(&with(executor));
             assert!(err.contains(key), "{executor}: {err}");
         }
     }
 
     #[test]
     fn a_network_address_without_tls_needs_allow_insecure() {
-        let open = MINIMAL.replace('}', r#", "grpcAddress": "0.0.0.0:8080"}"#);
-        let err = Config::parse(&open).unwrap_err().to_string();
+        let open = with(r#""grpcAddress": "0.0.0.0:8080""#);
+        let err = refusal(&open);
         assert!(
             err.contains("grpcAddress") && err.contains("allowInsecure"),
             "{err}"
@@ -357,15 +367,14 @@ mod tests {
         );
         let c = Config::parse(&tls).unwrap();
         assert!(c.tls.unwrap().client_ca_file.is_some());
-        let bad = MINIMAL.replace('}', r#", "tls": {"certFile": "c.pem"}}"#);
-        let err = Config::parse(&bad).unwrap_err().to_string();
+        let bad = with(r#""tls": {"certFile": "c.pem"}"#);
+        let err = refusal(&bad);
         assert!(err.contains("keyFile"), "{err}");
     }
 
     #[test]
     fn identities_and_tracing_are_checked() {
-        let c = Config::parse(&MINIMAL.replace('}', r#", "access": {"operators": ["alice"]}}"#))
-            .unwrap();
+        let c = Config::parse(&with(r#""access": {"operators": ["alice"]}"#)).unwrap();
         assert_eq!(c.access.operators, ["alice"]);
         assert_eq!(c.access.viewers(), ["alice"]);
         for (pair, key) in [
@@ -383,27 +392,24 @@ mod tests {
                 "tracing.otlpEndpoint",
             ),
         ] {
-            let text = MINIMAL.replace('}', &format!(", {pair}}}"));
-            let err = Config::parse(&text).unwrap_err().to_string();
+            let text = with(pair);
+            let err = refusal(&text);
             assert!(err.contains(key), "{pair}: {err}");
         }
     }
 
     #[test]
     fn missing_required_key_is_named() {
-        let err = Config::parse(r#"{"baseImageRepository": "r/base"}"#)
-            .unwrap_err()
-            .to_string();
+        let err = refusal(r#"{"baseImageRepository": "r/base"}"#);
         assert!(err.contains("workspaceImageRepository"), "{err}");
     }
 
     #[test]
     fn keys_of_the_flat_layout_are_read_into_their_groups_and_named() {
-        let flat = MINIMAL.replace(
-            '}',
-            r#", "insecureRegistries": ["127.0.0.1:5000"], "maxConcurrentBuilds": 2,
+        let flat = with(
+            r#""insecureRegistries": ["127.0.0.1:5000"], "maxConcurrentBuilds": 2,
                 "registryRetryBudget": "5s", "operators": ["alice"], "layerCacheSize": "1 GiB",
-                "allowLocalRepositories": true}"#,
+                "allowLocalRepositories": true"#,
         );
         let c = Config::parse(&flat).unwrap();
         assert_eq!(c.registry.insecure, ["127.0.0.1:5000"]);
@@ -430,43 +436,34 @@ mod tests {
             "{warnings:?}"
         );
         // An old key beside a group: both are read.
-        let mixed = MINIMAL.replace(
-            '}',
-            r#", "builds": {"timeout": "5m"}, "maxLogBytes": 4096}"#,
-        );
+        let mixed = with(r#""builds": {"timeout": "5m"}, "maxLogBytes": 4096"#);
         let c = Config::parse(&mixed).unwrap();
         assert_eq!(
             (c.builds.timeout, c.builds.max_log_bytes),
             (Duration::from_secs(300), 4096)
         );
         // A flat key's value is checked under its new name.
-        let err = Config::parse(&MINIMAL.replace('}', r#", "maxConcurrentBuilds": 0}"#))
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&with(r#""maxConcurrentBuilds": 0"#));
         assert!(err.contains("builds.maxConcurrent"), "{err}");
     }
 
     #[test]
     fn a_key_set_under_both_names_is_refused() {
-        let both = MINIMAL.replace(
-            '}',
-            r#", "registry": {"timeout": "5s"}, "registryTimeout": "9s"}"#,
-        );
-        let err = Config::parse(&both).unwrap_err().to_string();
+        let both = with(r#""registry": {"timeout": "5s"}, "registryTimeout": "9s""#);
+        let err = refusal(&both);
         assert!(
             err.contains("registryTimeout") && err.contains("registry.timeout"),
             "{err}"
         );
-        let not_a_group = MINIMAL.replace('}', r#", "registry": 5, "registryTimeout": "9s"}"#);
-        let err = Config::parse(&not_a_group).unwrap_err().to_string();
+        let not_a_group = with(r#""registry": 5, "registryTimeout": "9s""#);
+        let err = refusal(&not_a_group);
         assert!(err.contains("`registry`"), "{err}");
     }
 
     #[test]
     fn the_local_cache_size_beside_the_kubernetes_executor_is_ignored_with_a_warning() {
-        let text = MINIMAL.replace(
-            '}',
-            r#", "layerCacheSize": "1 GiB", "executor": {"kind": "kubernetes", "namespace": "ns", "builderImage": "r/b:1"}}"#,
+        let text = with(
+            r#""layerCacheSize": "1 GiB", "executor": {"kind": "kubernetes", "namespace": "ns", "builderImage": "r/b:1"}"#,
         );
         let c = Config::parse(&text).unwrap();
         assert!(matches!(c.executor, ExecutorConfig::Kubernetes(_)));
