@@ -2,75 +2,20 @@
 //! come from clients (registry hosts, gRPC methods) are bounded: past [`MAX_LABEL_VALUES`]
 //! distinct values, new ones are counted as `other`, so no client can grow the exposition.
 
-use std::collections::HashSet;
+mod labels;
+
 use std::time::Duration;
 
-use parking_lot::Mutex;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Distinct values one client-driven label takes at most before `other`.
-pub const MAX_LABEL_VALUES: usize = 64;
-
-/// The `state` label: a build state (`resolving`, `building`, ...).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    /// The state, as the ops API names it.
-    pub state: String,
-}
-
-/// The labels of registry requests.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RegistryLabels {
-    /// The registry host (or `other`).
-    pub host: String,
-    /// `ok`, `transient_error` (retried if the budget allows) or `error`.
-    pub outcome: String,
-    /// "true" when the request repeated a failed one.
-    pub retry: String,
-}
-
-/// The labels of handled gRPC calls.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcLabels {
-    /// `builder.ImageBuilder`, ... (or `other`).
-    pub grpc_service: String,
-    /// The method (or `other`).
-    pub grpc_method: String,
-    /// The status code's name (`OK`, `NotFound`, ...).
-    pub grpc_code: String,
-}
-
-/// The labels of gRPC call durations.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcMethodLabels {
-    /// As in [`GrpcLabels`].
-    pub grpc_service: String,
-    /// As in [`GrpcLabels`].
-    pub grpc_method: String,
-}
-
-/// Values of one label, admitted until there are [`MAX_LABEL_VALUES`] of them.
-#[derive(Default)]
-struct Bounded(Mutex<HashSet<String>>);
-
-impl Bounded {
-    fn admit(&self, value: &str) -> String {
-        let mut seen = self.0.lock();
-        if seen.contains(value) {
-            return value.to_owned();
-        }
-        if seen.len() < MAX_LABEL_VALUES && value.len() <= 128 {
-            seen.insert(value.to_owned());
-            return value.to_owned();
-        }
-        "other".to_owned()
-    }
-}
+use labels::Bounded;
+pub use labels::{
+    DoneLabels, GrpcLabels, GrpcMethodLabels, MAX_LABEL_VALUES, RegistryLabels, StateLabels,
+};
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -89,13 +34,6 @@ fn state_durations() -> Histogram {
 
 fn call_durations() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 18))
-}
-
-/// The `success` label of finished builds.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DoneLabels {
-    /// "true" or "false", as mk3 writes it.
-    pub success: String,
 }
 
 /// The service's metrics and the registry that renders them.
