@@ -742,22 +742,18 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// Fifty distinct Dockerfile builds under `builds.maxConcurrent: 10`, ten and then forty at
-/// once: all end right, no more than ten Jobs exist at once, and the service's heap at rest
-/// does not grow with the builds it followed (each one's log, watches and kept registry
-/// answers are bounded or go with it). The heap in use (`image_builder_heap_bytes`), not the
-/// resident size, which also counts what the allocator keeps free and moves by megabytes with
-/// the machine's load. The order of admission is the orchestrator's, checked
-/// exactly in its own tests (`builds_are_admitted_in_order_within_the_limit`): here the
-/// journal's admission times, taken by each build's task, may interleave by scheduling.
+/// once: all end right, and no more than ten Jobs exist at once while builds wait their turn.
+/// The service's heap at rest after each batch is printed, not asserted: it grew 1.5 MiB over
+/// the forty when the test ran alone and 19 MiB beside the other Kubernetes tests, so no bound
+/// separates a leak of the size once found (kept registry answers holding their connection's
+/// read buffer, 9.7 MiB here) from the machine's load; that defect has an exact test of its
+/// own (`registry::known::tests::a_kept_manifest_does_not_hold_the_buffer_it_was_read_into`),
+/// and the order of admission is the orchestrator's (`builds_are_admitted_in_order_within_the_limit`).
 #[tokio::test(flavor = "multi_thread")]
-async fn fifty_builds_run_as_jobs_within_the_limit_with_flat_memory() {
+async fn fifty_builds_run_as_jobs_within_the_limit() {
     const FIRST: usize = 10;
     const THEN: usize = 40;
     const LIMIT: usize = 10;
-    /// The most the service's heap at rest may grow over the forty builds after the first
-    /// ten: measured 1.5 MiB (the store's bounded page cache filling). A kept registry answer
-    /// that held its connection's read buffer grew the resident size 9.7 MiB.
-    const GROWTH: u64 = 4 << 20;
     let rig = Rig::new("fifty").await;
     let repo = GitRepo::new(&[(
         "Dockerfile",
@@ -862,12 +858,6 @@ async fn fifty_builds_run_as_jobs_within_the_limit_with_flat_memory() {
         mib(warm_rss),
         mib(after),
         mib(after_rss)
-    );
-    assert!(
-        after.saturating_sub(warm) < GROWTH,
-        "the heap at rest grew from {:.1} MiB after {FIRST} builds to {:.1} MiB after {THEN} more",
-        mib(warm),
-        mib(after)
     );
 }
 
